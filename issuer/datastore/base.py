@@ -1,0 +1,127 @@
+"""The one DataStore interface; SQLite (default) and PostgreSQL implement it.
+
+Every mutating call takes `events`: they are written to the outbox in the same
+transaction as the act, so an act is never recorded without its event or vice versa.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from issuer.events.model import Event, OutboxRow
+from meshid.entry import Entry
+from meshid.selector import Selector
+from meshid.spiffe_id import SpiffeId
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    agent_id: SpiffeId
+    attestor: str
+    selectors: tuple[Selector, ...]
+    serial: str = ""  # hex serial of the agent's current SVID
+    expires_at: int = 0
+    banned: bool = False
+    can_reattest: bool = True
+    created_at: int = 0
+    updated_at: int = 0
+
+
+@dataclass(frozen=True)
+class CaKeyRecord:
+    """One CA signing key (X509 CA or JWT key) and its slot.
+
+    `sealed_key` is the private key encrypted at rest (AES-256-GCM), or an HSM handle
+    reference for PKCS#11 keys; the datastore never sees a plaintext key.
+    """
+
+    key_id: str
+    kind: str  # "x509" | "jwt"
+    state: str  # "prepared" | "active" | "old"
+    sealed_key: bytes
+    public_key_der: bytes  # SubjectPublicKeyInfo DER
+    not_before: int
+    not_after: int
+    cert_chain_der: tuple[bytes, ...] = ()  # x509: CA cert first, then the upstream chain
+    tainted: bool = False
+    server_id: str = ""  # replica that owns an x509 CA key
+    max_signed_not_after: int = 0  # latest notAfter of anything this key signed
+    created_at: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class DataStore(Protocol):
+    async def open(self) -> None:
+        """Connect and apply pending schema migrations."""
+
+    async def close(self) -> None: ...
+
+    # --- registration entries -------------------------------------------------
+    async def create_entry(self, entry: Entry, events: Sequence[Event] = ()) -> Entry:
+        """Assign id (if empty), created_at and revision 0. AlreadyExistsError when an entry
+        with the same spiffe_id, parent_id and selector set exists (carries that entry)."""
+
+    async def update_entry(self, entry: Entry, events: Sequence[Event] = ()) -> Entry:
+        """Replace by id, bump revision_number. NotFoundError if absent."""
+
+    async def delete_entry(self, entry_id: str, events: Sequence[Event] = ()) -> Entry:
+        """NotFoundError if absent; returns the deleted entry."""
+
+    async def get_entry(self, entry_id: str) -> Entry | None: ...
+
+    async def list_entries(self) -> list[Entry]: ...
+
+    async def entries_by_parents(self, parents: Collection[SpiffeId]) -> list[Entry]: ...
+
+    async def entries_by_spiffe_id(self, spiffe_id: SpiffeId) -> list[Entry]: ...
+
+    # --- agents ---------------------------------------------------------------
+    async def get_agent(self, agent_id: SpiffeId) -> AgentRecord | None: ...
+
+    async def put_agent(self, record: AgentRecord, events: Sequence[Event] = ()) -> None:
+        """Insert or replace."""
+
+    async def list_agents(self) -> list[AgentRecord]: ...
+
+    async def delete_agent(self, agent_id: SpiffeId, events: Sequence[Event] = ()) -> None: ...
+
+    # --- join tokens (stored hashed, single use) -------------------------------
+    async def create_join_token(self, token_hash: str, token_id: str, expires_at: int) -> None: ...
+
+    async def consume_join_token(self, token_hash: str, now: int) -> str | None:
+        """Atomically delete the token and return its token_id if it existed and had not
+        expired; None otherwise. Two concurrent callers: exactly one wins."""
+
+    # --- CA keys ----------------------------------------------------------------
+    async def put_ca_key(self, record: CaKeyRecord, events: Sequence[Event] = ()) -> None:
+        """Insert or replace by key_id."""
+
+    async def list_ca_keys(self, kind: str | None = None) -> list[CaKeyRecord]: ...
+
+    async def delete_ca_key(self, key_id: str, events: Sequence[Event] = ()) -> None: ...
+
+    async def raise_max_signed(self, key_id: str, not_after: int) -> None:
+        """max_signed_not_after = max(current, not_after)."""
+
+    # --- small key/value metadata (bundle sequence, server id, ...) ----------------
+    async def get_meta(self, key: str) -> str | None: ...
+
+    async def set_meta(self, key: str, value: str) -> None: ...
+
+    async def increment_meta(self, key: str) -> int:
+        """Atomically add one to an integer value (missing = 0) and return the new value."""
+
+    # --- outbox -------------------------------------------------------------------
+    async def append_events(self, events: Sequence[Event]) -> None: ...
+
+    async def fetch_outbox(self, after_seq: int, limit: int) -> list[OutboxRow]:
+        """Undelivered rows with seq > after_seq, in seq order."""
+
+    async def mark_delivered(self, seqs: Sequence[int], now: float) -> None: ...
+
+    async def prune_outbox(self, delivered_before: float) -> int: ...
+
+    async def outbox_backlog(self) -> int:
+        """Number of undelivered rows."""
