@@ -12,6 +12,7 @@ from typing import Protocol
 
 from issuer.events.model import Event, OutboxRow
 from meshid.entry import Entry
+from meshid.errors import AlreadyExistsError
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId
 
@@ -52,6 +53,17 @@ class CaKeyRecord:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+class EntryAlreadyExistsError(AlreadyExistsError):
+    """create_entry/update_entry hit an entry with the same natural key; `existing` is it
+    (SPIRE's BatchCreateEntry returns that entry alongside the AlreadyExists status)."""
+
+    def __init__(self, existing: Entry) -> None:
+        super().__init__(
+            f"an entry with the same SPIFFE ID, parent ID and selectors already exists: {existing.id}"
+        )
+        self.existing = existing
+
+
 class DataStore(Protocol):
     async def open(self) -> None:
         """Connect and apply pending schema migrations."""
@@ -60,11 +72,14 @@ class DataStore(Protocol):
 
     # --- registration entries -------------------------------------------------
     async def create_entry(self, entry: Entry, events: Sequence[Event] = ()) -> Entry:
-        """Assign id (if empty), created_at and revision 0. AlreadyExistsError when an entry
-        with the same spiffe_id, parent_id and selector set exists (carries that entry)."""
+        """Assign id (if empty), created_at (if 0) and revision 0. EntryAlreadyExistsError
+        (an AlreadyExistsError) when an entry with the same spiffe_id, parent_id and
+        selector set exists, carrying that entry; plain AlreadyExistsError when the id is
+        taken. Returned entries have their selectors sorted."""
 
     async def update_entry(self, entry: Entry, events: Sequence[Event] = ()) -> Entry:
-        """Replace by id, bump revision_number. NotFoundError if absent."""
+        """Replace by id, bump revision_number (created_at is kept). NotFoundError if
+        absent; EntryAlreadyExistsError if the change collides with another entry."""
 
     async def delete_entry(self, entry_id: str, events: Sequence[Event] = ()) -> Entry:
         """NotFoundError if absent; returns the deleted entry."""
@@ -85,14 +100,17 @@ class DataStore(Protocol):
 
     async def list_agents(self) -> list[AgentRecord]: ...
 
-    async def delete_agent(self, agent_id: SpiffeId, events: Sequence[Event] = ()) -> None: ...
+    async def delete_agent(self, agent_id: SpiffeId, events: Sequence[Event] = ()) -> None:
+        """NotFoundError if absent (and then no events are written)."""
 
     # --- join tokens (stored hashed, single use) -------------------------------
-    async def create_join_token(self, token_hash: str, token_id: str, expires_at: int) -> None: ...
+    async def create_join_token(self, token_hash: str, token_id: str, expires_at: int) -> None:
+        """AlreadyExistsError if the hash is already stored."""
 
     async def consume_join_token(self, token_hash: str, now: int) -> str | None:
         """Atomically delete the token and return its token_id if it existed and had not
-        expired; None otherwise. Two concurrent callers: exactly one wins."""
+        expired (now < expires_at); None otherwise. Two concurrent callers: exactly one
+        wins. An expired token is deleted too."""
 
     # --- CA keys ----------------------------------------------------------------
     async def put_ca_key(self, record: CaKeyRecord, events: Sequence[Event] = ()) -> None:
@@ -100,10 +118,11 @@ class DataStore(Protocol):
 
     async def list_ca_keys(self, kind: str | None = None) -> list[CaKeyRecord]: ...
 
-    async def delete_ca_key(self, key_id: str, events: Sequence[Event] = ()) -> None: ...
+    async def delete_ca_key(self, key_id: str, events: Sequence[Event] = ()) -> None:
+        """NotFoundError if absent (and then no events are written)."""
 
     async def raise_max_signed(self, key_id: str, not_after: int) -> None:
-        """max_signed_not_after = max(current, not_after)."""
+        """max_signed_not_after = max(current, not_after). NotFoundError if absent."""
 
     # --- small key/value metadata (bundle sequence, server id, ...) ----------------
     async def get_meta(self, key: str) -> str | None: ...
@@ -117,11 +136,27 @@ class DataStore(Protocol):
     async def append_events(self, events: Sequence[Event]) -> None: ...
 
     async def fetch_outbox(self, after_seq: int, limit: int) -> list[OutboxRow]:
-        """Undelivered rows with seq > after_seq, in seq order."""
+        """Undelivered rows with seq > after_seq, in seq order.
+
+        On PostgreSQL seq is allocated at insert, not at commit, so a row can become
+        visible after rows with a higher seq. A relay that keeps an after_seq cursor
+        must rescan from 0 now and then; claim_outbox has no cursor and no such gap."""
+
+    async def claim_outbox(self, owner: str, limit: int, lease_seconds: float, now: float) -> list[OutboxRow]:
+        """Lease up to `limit` undelivered rows to `owner` until now + lease_seconds, in
+        seq order, so relays on several replicas never publish the same row twice.
+
+        Claimable: unleased rows, rows whose lease expired (their owner died) and rows
+        already leased to `owner` (its retry after a failed publish gets them back and
+        renews the lease). A row is not claimable while an earlier undelivered row with
+        the same partition_key is leased to someone else, which keeps one subject's
+        events in order across relays. mark_delivered ends the lease."""
 
     async def mark_delivered(self, seqs: Sequence[int], now: float) -> None: ...
 
-    async def prune_outbox(self, delivered_before: float) -> int: ...
+    async def prune_outbox(self, delivered_before: float) -> int:
+        """Delete delivered rows with delivered_at < delivered_before; return how many.
+        Undelivered rows are never pruned."""
 
     async def outbox_backlog(self) -> int:
         """Number of undelivered rows."""

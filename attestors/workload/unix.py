@@ -1,0 +1,235 @@
+"""The `unix` workload attestor: selectors from the caller's process credentials and binary.
+
+Selector spelling and semantics follow SPIRE's unix plugin so existing registration
+entries keep working: uid/gid are the *effective* ids (second column of the Uid:/Gid:
+lines in /proc/<pid>/status, what SPIRE takes from gopsutil), supplementary groups come
+from the Groups: line, and names that do not resolve are simply omitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import hashlib
+import logging
+import os
+import pwd
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from attestors.workload.base import Caller
+from meshid.errors import AttestationError
+from meshid.selector import Selector
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKLOAD_SIZE_LIMIT = 64 * 1024 * 1024
+_HASH_CACHE_SIZE = 1024
+_CHUNK = 1024 * 1024
+
+# (st_dev, st_ino, st_mtime_ns, st_size): a binary rewritten in place gets a new mtime/size.
+FileKey = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessCredentials:
+    """The parts of /proc/<pid>/status the attestor uses."""
+
+    uid: int
+    gid: int
+    supplementary_gids: tuple[int, ...]
+
+
+def parse_status(text: str) -> ProcessCredentials:
+    """Effective uid/gid and supplementary gids from /proc/<pid>/status text."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip().lower()] = value.strip()
+    try:
+        uids = [int(v) for v in fields["uid"].split()]
+        gids = [int(v) for v in fields["gid"].split()]
+        groups = tuple(int(v) for v in fields.get("groups", "").split())
+    except (KeyError, ValueError) as exc:
+        raise ValueError("malformed /proc/<pid>/status") from exc
+    if not uids or not gids:
+        raise ValueError("malformed /proc/<pid>/status: empty Uid/Gid")
+    # Same rule as SPIRE: real, effective, saved, fs -> take effective when present.
+    uid = uids[1] if len(uids) > 1 else uids[0]
+    gid = gids[1] if len(gids) > 1 else gids[0]
+    return ProcessCredentials(uid=uid, gid=gid, supplementary_gids=groups)
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def _group_name(gid: int) -> str | None:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return None
+
+
+class _DigestCache:
+    """Bounded LRU of sha256 digests; touched from executor threads, hence the lock."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[FileKey, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: FileKey) -> str | None:
+        with self._lock:
+            digest = self._items.get(key)
+            if digest is not None:
+                self._items.move_to_end(key)
+            return digest
+
+    def put(self, key: FileKey, digest: str) -> None:
+        with self._lock:
+            self._items[key] = digest
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+class UnixAttestor:
+    """Selectors `unix:uid|user|gid|group|supplementary_gid|supplementary_group`, and with
+    `discover_workload_path` also `unix:path` and `unix:sha256`.
+
+    `workload_size_limit`: binaries larger than this get no sha256 selector (0 = no limit,
+    negative = never hash), so a huge binary costs nothing and can still match entries that
+    do not ask for a digest. `proc_root` lets an agent read a host /proc mounted elsewhere.
+    """
+
+    name = "unix"
+
+    def __init__(
+        self,
+        discover_workload_path: bool = False,
+        workload_size_limit: int = DEFAULT_WORKLOAD_SIZE_LIMIT,
+        *,
+        proc_root: str = "/proc",
+    ) -> None:
+        self.discover_workload_path = discover_workload_path
+        self.workload_size_limit = workload_size_limit
+        self._proc_root = proc_root.rstrip("/") or "/"
+        self._digests = _DigestCache(_HASH_CACHE_SIZE)
+
+    def _proc(self, pid: int, leaf: str) -> str:
+        return f"{self._proc_root}/{pid}/{leaf}"
+
+    async def attest(self, caller: Caller) -> list[Selector]:
+        pid = caller.pid
+        if pid <= 0:
+            raise AttestationError(f"invalid workload pid {pid}")
+        try:
+            # A few hundred bytes from a pseudo-file: cheap enough to read on the loop.
+            with open(self._proc(pid, "status"), encoding="utf-8", errors="surrogateescape") as f:
+                creds = parse_status(f.read())
+        except (FileNotFoundError, ProcessLookupError) as exc:
+            raise AttestationError(f"workload process {pid} not found") from exc
+        except (OSError, ValueError) as exc:
+            raise AttestationError(f"cannot read credentials of workload process {pid}: {exc}") from exc
+
+        path: str | None = None
+        if self.discover_workload_path:
+            path = self._exe_path(pid)
+
+        loop = asyncio.get_running_loop()
+        # NSS lookups may go to LDAP/sssd and hashing reads up to the size limit: off the loop.
+        names = await loop.run_in_executor(None, self._resolve_names, creds)
+        selectors = [Selector("unix", value) for value in names]
+        if path is not None:
+            selectors.append(Selector("unix", f"path:{path}"))
+            digest = await self._sha256(pid)
+            if digest is not None:
+                selectors.append(Selector("unix", f"sha256:{digest}"))
+        return selectors
+
+    @staticmethod
+    def _resolve_names(creds: ProcessCredentials) -> list[str]:
+        values = [f"uid:{creds.uid}"]
+        if (user := _user_name(creds.uid)) is not None:
+            values.append(f"user:{user}")
+        values.append(f"gid:{creds.gid}")
+        if (group := _group_name(creds.gid)) is not None:
+            values.append(f"group:{group}")
+        for sgid in creds.supplementary_gids:
+            values.append(f"supplementary_gid:{sgid}")
+            if (sgroup := _group_name(sgid)) is not None:
+                values.append(f"supplementary_group:{sgroup}")
+        return values
+
+    def _exe_path(self, pid: int) -> str:
+        try:
+            return os.readlink(self._proc(pid, "exe"))
+        except (FileNotFoundError, ProcessLookupError) as exc:
+            raise AttestationError(f"workload process {pid} not found") from exc
+        except OSError as exc:
+            # Kernel threads have no exe; EACCES means the agent lacks ptrace-read rights.
+            raise AttestationError(f"cannot discover the binary of workload process {pid}: {exc}") from exc
+
+    async def _sha256(self, pid: int) -> str | None:
+        limit = self.workload_size_limit
+        if limit < 0:
+            return None
+        exe = self._proc(pid, "exe")
+        try:
+            # /proc/<pid>/exe opens the inode the process runs, even if deleted or in another
+            # mount namespace; stat is one syscall, so the cache check stays on the loop.
+            st = os.stat(exe)
+        except (FileNotFoundError, ProcessLookupError) as exc:
+            raise AttestationError(f"workload process {pid} not found") from exc
+        except OSError as exc:
+            raise AttestationError(f"cannot stat the binary of workload process {pid}: {exc}") from exc
+        cached = self._digests.get((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+        if cached is not None:
+            return cached
+        if limit and st.st_size > limit:
+            log.warning("workload %d binary is %d bytes, over the %d-byte limit: no sha256 selector",
+                        pid, st.st_size, limit)
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            key, digest = await loop.run_in_executor(None, _hash_file, exe, limit)
+        except _TooLarge as exc:
+            log.warning("workload %d binary is %d bytes, over the %d-byte limit: no sha256 selector",
+                        pid, exc.size, limit)
+            return None
+        except (FileNotFoundError, ProcessLookupError) as exc:
+            raise AttestationError(f"workload process {pid} not found") from exc
+        except OSError as exc:
+            raise AttestationError(f"cannot hash the binary of workload process {pid}: {exc}") from exc
+        # Keyed by what was actually opened, in case the exe changed between stat and open.
+        self._digests.put(key, digest)
+        return digest
+
+
+def _hash_file(path: str, limit: int) -> tuple[FileKey, str]:
+    """sha256 of the file at `path` and its identity key; runs in an executor thread."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if limit and st.st_size > limit:
+            raise _TooLarge(st.st_size)
+        h = hashlib.sha256()
+        read = 0
+        while chunk := f.read(_CHUNK):
+            read += len(chunk)
+            # Guards against a file that grows while being read.
+            if limit and read > limit:
+                raise _TooLarge(read)
+            h.update(chunk)
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size), h.hexdigest()

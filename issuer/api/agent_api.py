@@ -1,0 +1,204 @@
+"""The agent API: aiohttp over mutual TLS 1.3 (client certificate optional only so that an
+agent without an SVID can call /v1/agent/attest; every other route requires an agent SVID).
+
+Wire format (JSON bodies, binary fields base64):
+  POST /v1/agent/attest          {attestor, payload, csr}          → {svid:[der..], agent_id, bundle}
+                                 or, for challenge attestors,      → {session, challenge}
+  POST /v1/agent/attest/answer   {session, response}               → {svid, agent_id, bundle}
+  POST /v1/agent/renew           {csr}                             → {svid}
+  POST /v1/agent/sync            {known:{entry_id: revision}, bundle_sequence}
+                                 → {entries:[...changed], removed:[ids], bundle?, bundle_sequence, tainted_keys}
+  POST /v1/agent/sign/x509       {requests:[{entry_id, csr, rotation_reason?, scheduled_rotation_at?}]}
+                                 → {results:[{entry_id, svid}|{entry_id, error:{code,message}}]}
+  POST /v1/agent/sign/jwt        {entry_id, audience:[..]}         → {token, expires_at}
+  POST /v1/agent/report          {workload_attestation_failures:[...]} → {}
+  GET  /v1/bundle                                                  → SPIFFE bundle JSON
+Overload: 429 with Retry-After and {"retry_after": seconds}.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+
+from attestors.node.base import AttestationRequest
+from issuer.api.errors import error_middleware, read_json
+from issuer.ca.slots import CaManager
+from issuer.datastore.base import AgentRecord
+from issuer.node_attestation import AgentService, IssuedAgentSvid
+from issuer.signing import MAX_BATCH, SigningService, X509Request
+from meshid.errors import UnauthenticatedError
+from meshid.tls import peer_certificate, spiffe_id_of_cert
+
+MAX_CSR_BYTES = 16 * 1024
+MAX_KNOWN = 100_000
+
+AGENT_KEY = web.AppKey("agent", AgentRecord)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(value: Any, name: str, limit: int = MAX_CSR_BYTES) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty base64 string")
+    if len(value) > limit * 4 // 3 + 4:
+        raise ValueError(f"{name} is larger than {limit} bytes")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{name} is not valid base64") from None
+
+
+def _chain_json(chain: list[Any]) -> list[str]:
+    return [b64(c.public_bytes(serialization.Encoding.DER)) for c in chain]
+
+
+class AgentApi:
+    def __init__(
+        self, agents: AgentService, signing: SigningService, ca: CaManager, reporter: Any = None
+    ) -> None:
+        self.agents = agents
+        self.signing = signing
+        self.ca = ca
+        self.reporter = reporter
+
+    def app(self, max_body: int) -> web.Application:
+        app = web.Application(client_max_size=max_body, middlewares=[error_middleware, self._auth])
+        app.router.add_post("/v1/agent/attest", self.attest)
+        app.router.add_post("/v1/agent/attest/answer", self.answer)
+        app.router.add_post("/v1/agent/renew", self.renew)
+        app.router.add_post("/v1/agent/sync", self.sync)
+        app.router.add_post("/v1/agent/sign/x509", self.sign_x509)
+        app.router.add_post("/v1/agent/sign/jwt", self.sign_jwt)
+        app.router.add_post("/v1/agent/report", self.report)
+        app.router.add_get("/v1/bundle", self.bundle)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path in ("/v1/agent/attest", "/v1/agent/attest/answer", "/v1/bundle"):
+            return await handler(request)
+        transport = request.transport
+        cert = peer_certificate(transport.get_extra_info("ssl_object") if transport else None)
+        if cert is None:
+            raise UnauthenticatedError("this call requires the agent's X509-SVID as client certificate")
+        agent_id = spiffe_id_of_cert(cert)
+        request[AGENT_KEY] = await self.agents.authenticate(agent_id, cert.serial_number)
+        return await handler(request)
+
+    @staticmethod
+    def _source(request: web.Request) -> str:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+
+    def _issued(self, issued: IssuedAgentSvid) -> web.Response:
+        return web.json_response({
+            "svid": _chain_json(issued.chain),
+            "agent_id": str(issued.agent.agent_id),
+            "bundle": self.ca.bundle.to_spiffe_json(),
+        })
+
+    async def attest(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        attestor = body.get("attestor")
+        payload = body.get("payload", {})
+        if not isinstance(attestor, str) or not attestor:
+            raise ValueError("attestor must be a non-empty string")
+        if not isinstance(payload, dict):
+            raise ValueError("payload must be an object")
+        csr = unb64(body.get("csr"), "csr")
+        req = AttestationRequest(attestor, payload, self._source(request))
+        outcome = await self.agents.begin(req, csr)
+        if isinstance(outcome, IssuedAgentSvid):
+            return self._issued(outcome)
+        session, nonce = outcome
+        return web.json_response({"session": session, "challenge": b64(nonce)})
+
+    async def answer(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        session = body.get("session")
+        if not isinstance(session, str) or not session or len(session) > 128:
+            raise ValueError("session must be the string returned by /v1/agent/attest")
+        response = unb64(body.get("response"), "response", 4096)
+        return self._issued(await self.agents.answer(session, response, self._source(request)))
+
+    async def renew(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        issued = await self.agents.renew(request[AGENT_KEY], unb64(body.get("csr"), "csr"))
+        return web.json_response({"svid": _chain_json(issued.chain)})
+
+    async def sync(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        agent = request[AGENT_KEY]
+        known = body.get("known", {})
+        if not isinstance(known, dict) or len(known) > MAX_KNOWN:
+            raise ValueError("known must be an object of entry id → revision")
+        seq = body.get("bundle_sequence", -1)
+        index = await self.signing.entries.index()
+        allowed = index.authorized(agent.agent_id, agent.selectors)
+        changed = [e.to_json() for eid, e in allowed.items() if known.get(eid) != e.revision_number]
+        removed = [eid for eid in known if eid not in allowed]
+        bundle = self.ca.bundle
+        out: dict[str, Any] = {
+            "entries": changed,
+            "removed": removed,
+            "bundle_sequence": bundle.sequence,
+            "tainted_keys": self.ca.tainted_key_ids(),
+            "taint_window": getattr(self.signing, "taint_window", 600),
+        }
+        if seq != bundle.sequence:
+            out["bundle"] = bundle.to_spiffe_json()
+        return web.json_response(out)
+
+    async def sign_x509(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        raw = body.get("requests")
+        if not isinstance(raw, list) or not raw:
+            raise ValueError("requests must be a non-empty list")
+        if len(raw) > MAX_BATCH:
+            raise ValueError(f"at most {MAX_BATCH} CSRs per call")
+        reqs: list[X509Request] = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, dict) or not isinstance(item.get("entry_id"), str):
+                raise ValueError(f"requests[{i}] needs entry_id and csr")
+            sched = item.get("scheduled_rotation_at")
+            reqs.append(X509Request(
+                item["entry_id"], unb64(item.get("csr"), f"requests[{i}].csr"),
+                str(item.get("rotation_reason", "initial")),
+                float(sched) if isinstance(sched, (int, float)) else None,
+            ))
+        results = await self.signing.sign_x509(request[AGENT_KEY], reqs)
+        out = []
+        for r in results:
+            if r.chain is not None:
+                out.append({"entry_id": r.entry_id, "svid": _chain_json(r.chain)})
+            else:
+                out.append({"entry_id": r.entry_id, "error": {"code": r.error_code, "message": r.error}})
+        return web.json_response({"results": out})
+
+    async def sign_jwt(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        entry_id = body.get("entry_id")
+        audience = body.get("audience")
+        if not isinstance(entry_id, str) or not isinstance(audience, list):
+            raise ValueError("entry_id (string) and audience (list) are required")
+        token, expires = await self.signing.sign_jwt(request[AGENT_KEY], entry_id, audience)
+        return web.json_response({"token": token, "expires_at": expires})
+
+    async def report(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        failures = body.get("workload_attestation_failures", [])
+        if not isinstance(failures, list) or len(failures) > 1000:
+            raise ValueError("workload_attestation_failures must be a list of at most 1000 items")
+        if self.reporter is not None:
+            await self.reporter(request[AGENT_KEY], failures)
+        return web.json_response({})
+
+    async def bundle(self, request: web.Request) -> web.Response:
+        return web.json_response(self.ca.bundle.to_spiffe_json())

@@ -1,0 +1,72 @@
+"""Named errors → HTTP status, in one place for every aiohttp API of the server."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from meshid.errors import (
+    AlreadyExistsError,
+    AttestationError,
+    MeshidError,
+    NotFoundError,
+    OverloadedError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
+
+log = logging.getLogger("meshid.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except OverloadedError as exc:
+        retry = max(0.05, exc.retry_after)
+        return web.json_response(
+            {"error": {"code": "resource_exhausted", "message": str(exc)}, "retry_after": retry},
+            status=429,
+            headers={"Retry-After": str(max(1, round(retry)))},
+        )
+    except AttestationError as exc:
+        return error_response(401, "attestation_failed", str(exc))
+    except UnauthenticatedError as exc:
+        return error_response(401, "unauthenticated", str(exc))
+    except PermissionDeniedError as exc:
+        return error_response(403, "permission_denied", str(exc))
+    except NotFoundError as exc:
+        return error_response(404, "not_found", str(exc))
+    except AlreadyExistsError as exc:
+        return error_response(409, "already_exists", str(exc))
+    except (MeshidError, ValueError) as exc:
+        return error_response(400, "invalid_argument", str(exc))
+    except Exception:
+        log.exception("internal error serving %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error")
+
+
+async def read_json(request: web.Request) -> dict[str, object]:
+    """Parse a JSON object body; size is bounded by the app's client_max_size."""
+    if request.content_type != "application/json":
+        raise ValueError("request body must be application/json")
+    try:
+        body = await request.json(loads=json.loads)
+    except web.HTTPRequestEntityTooLarge:
+        raise
+    except ValueError as exc:
+        raise ValueError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError("request body must be a JSON object")
+    return body

@@ -1,0 +1,52 @@
+"""Which entries an agent may obtain SVIDs for: the pure policy, no I/O.
+
+As in SPIRE: an agent is authorized for entries whose parent is the agent ID or one of
+its node aliases (node entries, parented to the server, whose selectors are all among
+the agent's node selectors), and, transitively, for entries parented to any SPIFFE ID
+it is authorized for (nested/downstream workloads). Never anything else.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from meshid.entry import Entry
+from meshid.selector import Selector, matches_all
+from meshid.spiffe_id import SpiffeId
+
+
+class EntryIndex:
+    """An immutable snapshot of all entries, indexed for authorization queries."""
+
+    def __init__(self, entries: Iterable[Entry], server_id: SpiffeId, revision: int = 0) -> None:
+        self.revision = revision
+        self.server_id = server_id
+        self.by_id: dict[str, Entry] = {}
+        self.by_parent: dict[SpiffeId, list[Entry]] = defaultdict(list)
+        self.node_entries: list[Entry] = []
+        for e in entries:
+            self.by_id[e.id] = e
+            self.by_parent[e.parent_id].append(e)
+            if e.parent_id == server_id:
+                self.node_entries.append(e)
+
+    def node_aliases(self, node_selectors: Iterable[Selector]) -> list[SpiffeId]:
+        have = frozenset(node_selectors)
+        return sorted({e.spiffe_id for e in self.node_entries if matches_all(e.selectors, have)})
+
+    def authorized(self, agent_id: SpiffeId, node_selectors: Iterable[Selector]) -> dict[str, Entry]:
+        """Every entry the agent may sign, by entry id (breadth-first, cycle-safe)."""
+        frontier = [agent_id, *self.node_aliases(node_selectors)]
+        seen_parents: set[SpiffeId] = set()
+        out: dict[str, Entry] = {}
+        while frontier:
+            parent = frontier.pop()
+            if parent in seen_parents:
+                continue
+            seen_parents.add(parent)
+            for e in self.by_parent.get(parent, ()):
+                if e.id not in out:
+                    out[e.id] = e
+                    frontier.append(e.spiffe_id)
+        return out

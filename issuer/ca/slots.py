@@ -1,0 +1,376 @@
+"""CA key slots: prepared → active → old, for the X509 CA and the JWT signing key.
+
+Timings as in SPIRE: prepare a new key when half of the active key's lifetime is left,
+activate it when one sixth is left; an old key stays in the bundle until everything it
+signed has expired. A prepared key is published in the bundle before it signs anything.
+After a compromise: prepare, activate, taint the old key (never the active one), agents
+re-issue, then revoke removes it from the bundle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
+
+from issuer.ca import keys as keymod
+from issuer.ca import minting
+from issuer.ca.upstream import UpstreamAuthority
+from issuer.datastore.base import CaKeyRecord, DataStore
+from issuer.events import ocsf
+from issuer.events.model import Event
+from meshid.bundle import Bundle
+from meshid.errors import MeshidError, NotFoundError
+from meshid.spiffe_id import TrustDomain
+
+log = logging.getLogger("meshid.ca")
+
+X509 = "x509"
+JWT = "jwt"
+PREPARED, ACTIVE, OLD = "prepared", "active", "old"
+
+
+class CaOperationError(MeshidError):
+    """A CA lifecycle operation is not allowed in the current state."""
+
+
+@dataclass
+class LoadedKey:
+    record: CaKeyRecord
+    key: PrivateKeyTypes
+    cert: x509.Certificate | None = None  # x509 only
+    chain: list[x509.Certificate] = field(default_factory=list)  # upstream chain, no roots
+    roots: list[x509.Certificate] = field(default_factory=list)
+    minter: minting.X509Minter | None = None
+
+    @property
+    def key_id(self) -> str:
+        return self.record.key_id
+
+    @property
+    def public_key(self) -> PublicKeyTypes:
+        return self.key.public_key()
+
+
+class CaManager:
+    def __init__(
+        self,
+        ds: DataStore,
+        key_manager: keymod.KeyManager,
+        upstream: UpstreamAuthority | None,
+        trust_domain: TrustDomain,
+        ca_ttl: float,
+        x509_key_type: str = "ec-p256",
+        jwt_key_type: str = "ec-p256",
+        server_id: str = "",
+        clock: Callable[[], float] = time.time,
+        on_change: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.ds = ds
+        self.key_manager = key_manager
+        self.upstream = upstream
+        self.td = trust_domain
+        self.ca_ttl = ca_ttl
+        self.key_types = {X509: keymod.KeyType.parse(x509_key_type), JWT: keymod.KeyType.parse(jwt_key_type)}
+        self.server_id = server_id
+        self.clock = clock
+        self.on_change = on_change
+        self._keys: dict[str, LoadedKey] = {}
+        self._bundle: Bundle | None = None
+        self._lock = asyncio.Lock()
+        self._max_signed: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ loading
+    async def load(self) -> None:
+        """Load keys from the datastore (decrypting them) and make sure both kinds have an active key."""
+        async with self._lock:
+            for rec in await self.ds.list_ca_keys():
+                if rec.kind == X509 and rec.server_id and rec.server_id != self.server_id:
+                    continue  # another replica's CA key; it reaches us through the bundle
+                self._keys[rec.key_id] = await self._load_record(rec)
+            for kind in (X509, JWT):
+                if self.active(kind) is None:
+                    prepared = self._in_state(kind, PREPARED)
+                    if not prepared:
+                        await self._prepare(kind)
+                    await self._activate(kind)
+            await self._rebuild_bundle(bump=self._bundle is None)
+
+    async def _load_record(self, rec: CaKeyRecord) -> LoadedKey:
+        key = await self.key_manager.load(rec.key_id, rec.sealed_key)
+        lk = LoadedKey(rec, key)
+        if rec.kind == X509:
+            certs = [x509.load_der_x509_certificate(d) for d in rec.cert_chain_der]
+            lk.cert = certs[0]
+            n_roots = int(rec.extra.get("roots", "0"))
+            lk.chain = certs[1 : len(certs) - n_roots] if n_roots else certs[1:]
+            lk.roots = certs[len(certs) - n_roots :] if n_roots else []
+            if not lk.roots:
+                lk.roots = [lk.cert]  # self-signed: the CA is its own root
+            lk.minter = minting.X509Minter(key, lk.cert, lk.chain)
+        return lk
+
+    # ------------------------------------------------------------------ queries
+    def _in_state(self, kind: str, state: str) -> list[LoadedKey]:
+        return sorted(
+            (k for k in self._keys.values() if k.record.kind == kind and k.record.state == state),
+            key=lambda k: k.record.not_before,
+        )
+
+    def active(self, kind: str) -> LoadedKey | None:
+        found = self._in_state(kind, ACTIVE)
+        return found[-1] if found else None
+
+    @property
+    def x509_active(self) -> LoadedKey:
+        k = self.active(X509)
+        if k is None:
+            raise CaOperationError("no active X509 CA (server not started?)")
+        return k
+
+    @property
+    def jwt_active(self) -> LoadedKey:
+        k = self.active(JWT)
+        if k is None:
+            raise CaOperationError("no active JWT key (server not started?)")
+        return k
+
+    def keys(self) -> list[LoadedKey]:
+        return sorted(self._keys.values(), key=lambda k: (k.record.kind, k.record.not_before))
+
+    def get(self, key_id: str) -> LoadedKey:
+        k = self._keys.get(key_id)
+        if k is None:
+            raise NotFoundError(f"no CA key with id {key_id!r}")
+        return k
+
+    def tainted_key_ids(self) -> list[str]:
+        return sorted(k.key_id for k in self._keys.values() if k.record.tainted)
+
+    @property
+    def bundle(self) -> Bundle:
+        if self._bundle is None:
+            raise CaOperationError("CA not loaded")
+        return self._bundle
+
+    # ------------------------------------------------------------------ lifecycle
+    async def prepare(self, kind: str) -> LoadedKey:
+        async with self._lock:
+            lk = await self._prepare(kind)
+            await self._rebuild_bundle()
+        return lk
+
+    async def activate(self, kind: str) -> LoadedKey:
+        async with self._lock:
+            lk = await self._activate(kind)
+            await self._rebuild_bundle()
+        return lk
+
+    async def _prepare(self, kind: str) -> LoadedKey:
+        for existing in self._in_state(kind, PREPARED):
+            return existing  # one prepared key at a time
+        now = self.clock()
+        key_type = self.key_types[kind]
+        key_id_tmp = f"{kind}-{int(now * 1000)}"
+        priv, _ = await self.key_manager.generate(key_id_tmp, key_type)
+        key_id = f"{kind}-{keymod.key_id_for(priv.public_key())}"
+        sealed = await self._seal(key_id, priv)
+        not_before = int(now)
+        not_after = int(now + self.ca_ttl)
+        extra: dict[str, str] = {}
+        chain_der: tuple[bytes, ...] = ()
+        lk = LoadedKey(
+            CaKeyRecord(key_id, kind, PREPARED, sealed, _spki(priv.public_key()), not_before, not_after), priv
+        )
+        if kind == X509:
+            cert, chain, roots = await self._mint_ca_cert(priv, now)
+            not_before = int(cert.not_valid_before_utc.timestamp())
+            not_after = int(cert.not_valid_after_utc.timestamp())
+            chain_der = tuple(c.public_bytes(serialization.Encoding.DER) for c in [cert, *chain, *roots])
+            extra["roots"] = str(len(roots))
+            lk.cert, lk.chain, lk.roots = cert, chain, roots or [cert]
+            lk.minter = minting.X509Minter(priv, cert, chain)
+        lk.record = CaKeyRecord(
+            key_id=key_id,
+            kind=kind,
+            state=PREPARED,
+            sealed_key=sealed,
+            public_key_der=_spki(priv.public_key()),
+            not_before=not_before,
+            not_after=not_after,
+            cert_chain_der=chain_der,
+            server_id=self.server_id if kind == X509 else "",
+            created_at=int(now),
+            extra=extra,
+        )
+        await self.ds.put_ca_key(lk.record, [ocsf.ca_prepared(self.td, lk.record, now)])
+        self._keys[key_id] = lk
+        log.info("prepared %s key %s (not after %s)", kind, key_id, _iso(not_after))
+        return lk
+
+    async def _seal(self, key_id: str, priv: PrivateKeyTypes) -> bytes:
+        return await self.key_manager.seal(key_id, priv)
+
+    async def _mint_ca_cert(
+        self, priv: PrivateKeyTypes, now: float
+    ) -> tuple[x509.Certificate, list[x509.Certificate], list[x509.Certificate]]:
+        when = dt.datetime.fromtimestamp(now, dt.UTC)
+        if self.upstream is None:
+            cert = minting.self_signed_ca(priv, self.td, int(self.ca_ttl), when)
+            return cert, [], []
+        csr = minting.build_ca_csr(priv, self.td)
+        result = await self.upstream.mint_x509_ca(csr, int(self.ca_ttl), when)
+        return result.ca_cert, list(result.upstream_chain), list(result.roots)
+
+    async def _activate(self, kind: str) -> LoadedKey:
+        prepared = self._in_state(kind, PREPARED)
+        if not prepared:
+            raise CaOperationError(f"no prepared {kind} key to activate; run `meshid ca prepare` first")
+        new = prepared[0]
+        now = self.clock()
+        changes: list[tuple[LoadedKey, CaKeyRecord, list[Event]]] = []
+        for old in self._in_state(kind, ACTIVE):
+            changes.append((old, replace(old.record, state=OLD), []))
+        changes.append((new, replace(new.record, state=ACTIVE), [ocsf.ca_activated(self.td, new.record, now)]))
+        for lk, rec, events in changes:
+            await self.ds.put_ca_key(rec, events)
+            lk.record = rec
+        log.info("activated %s key %s", kind, new.key_id)
+        return new
+
+    async def taint(self, key_id: str) -> LoadedKey:
+        async with self._lock:
+            lk = self.get(key_id)
+            if lk.record.state == ACTIVE:
+                raise CaOperationError(
+                    f"{key_id} is the active {lk.record.kind} key and cannot be tainted; "
+                    "prepare and activate a new key first"
+                )
+            if lk.record.state == PREPARED:
+                raise CaOperationError(f"{key_id} is only prepared; nothing it signed needs re-issuing")
+            if lk.record.tainted:
+                raise CaOperationError(f"{key_id} is already tainted")
+            rec = replace(lk.record, tainted=True)
+            await self.ds.put_ca_key(rec, [ocsf.ca_tainted(self.td, rec, self.clock())])
+            lk.record = rec
+            await self._rebuild_bundle()
+            log.warning("tainted %s key %s: agents re-issue what it signed", lk.record.kind, key_id)
+        return lk
+
+    async def revoke(self, key_id: str, force: bool = False) -> None:
+        async with self._lock:
+            lk = self.get(key_id)
+            if lk.record.state != OLD:
+                raise CaOperationError(f"{key_id} is {lk.record.state}; only an old key can be revoked")
+            if not lk.record.tainted and not force:
+                raise CaOperationError(f"{key_id} is not tainted; taint it first (or --force)")
+            in_use_until = max(lk.record.max_signed_not_after, self._max_signed.get(key_id, 0))
+            if in_use_until > self.clock() and not force:
+                raise CaOperationError(
+                    f"SVIDs signed by {key_id} are valid until {_iso(in_use_until)}; wait for agents "
+                    "to re-issue them or use --force"
+                )
+            await self.ds.delete_ca_key(key_id, [ocsf.ca_revoked(self.td, lk.record, self.clock())])
+            del self._keys[key_id]
+            await self._rebuild_bundle()
+            log.warning("revoked %s key %s: removed from the bundle", lk.record.kind, key_id)
+
+    async def tick(self) -> bool:
+        """Apply the rotation schedule; returns True when anything changed."""
+        changed = False
+        async with self._lock:
+            await self._flush_max_signed()
+            now = self.clock()
+            for kind in (X509, JWT):
+                active = self.active(kind)
+                if active is None:
+                    continue
+                lifetime = active.record.not_after - active.record.not_before
+                left = active.record.not_after - now
+                if left <= lifetime / 2 and not self._in_state(kind, PREPARED):
+                    await self._prepare(kind)
+                    changed = True
+                if left <= lifetime / 6 and self._in_state(kind, PREPARED):
+                    await self._activate(kind)
+                    changed = True
+            for lk in list(self._keys.values()):
+                if lk.record.state != OLD:
+                    continue
+                used_until = max(lk.record.max_signed_not_after, self._max_signed.get(lk.key_id, 0))
+                if now >= used_until and (now >= lk.record.not_after or used_until > 0 or lk.record.tainted):
+                    await self.ds.delete_ca_key(lk.key_id)
+                    del self._keys[lk.key_id]
+                    changed = True
+            if changed:
+                await self._rebuild_bundle()
+        return changed
+
+    # ------------------------------------------------------------------ bookkeeping
+    def note_signed(self, key_id: str, not_after: int) -> None:
+        if not_after > self._max_signed.get(key_id, 0):
+            self._max_signed[key_id] = not_after
+
+    async def _flush_max_signed(self) -> None:
+        pending, self._max_signed = self._max_signed, {}
+        for key_id, not_after in pending.items():
+            lk = self._keys.get(key_id)
+            if lk is None or not_after <= lk.record.max_signed_not_after:
+                continue
+            await self.ds.raise_max_signed(key_id, not_after)
+            lk.record = replace(lk.record, max_signed_not_after=not_after)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            await self._flush_max_signed()
+
+    async def _rebuild_bundle(self, bump: bool = True) -> None:
+        roots: dict[bytes, x509.Certificate] = {}
+        jwt_keys: dict[str, PublicKeyTypes] = {}
+        for rec in await self.ds.list_ca_keys():
+            if rec.kind == X509:
+                certs = [x509.load_der_x509_certificate(d) for d in rec.cert_chain_der]
+                n_roots = int(rec.extra.get("roots", "0"))
+                for c in certs[len(certs) - n_roots :] if n_roots else certs[:1]:
+                    roots[c.fingerprint(_SHA256)] = c
+            else:
+                jwt_keys[rec.extra.get("kid", rec.key_id)] = serialization.load_der_public_key(rec.public_key_der)
+        seq = await self.ds.increment_meta("bundle_sequence") if bump else int(
+            await self.ds.get_meta("bundle_sequence") or 0
+        )
+        self._bundle = Bundle(self.td, tuple(roots.values()), jwt_keys, seq)
+        if self.on_change is not None:
+            await self.on_change()
+
+    async def refresh_from_datastore(self) -> None:
+        """Pick up keys other replicas published (shared bundle)."""
+        async with self._lock:
+            await self._rebuild_bundle(bump=False)
+
+
+def jwt_kid(lk: LoadedKey) -> str:
+    return lk.record.extra.get("kid", lk.key_id)
+
+
+def _spki(pub: PublicKeyTypes) -> bytes:
+    return pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
+
+
+from cryptography.hazmat.primitives import hashes  # noqa: E402
+
+_SHA256 = hashes.SHA256()
+
+
+def svid_chain(lk: LoadedKey, leaf: x509.Certificate) -> Sequence[x509.Certificate]:
+    assert lk.cert is not None
+    return [leaf, lk.cert, *lk.chain]

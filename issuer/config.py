@@ -1,0 +1,203 @@
+"""Server configuration: built once from TOML (+ env overrides) and validated up front."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshid.configload import Duration, build, doc, load_file
+from meshid.errors import ConfigError
+from meshid.spiffe_id import SpiffeId, TrustDomain
+
+KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
+
+
+@dataclass
+class DatastoreConfig:
+    dsn: str = doc("sqlite:///path, a plain path, or postgresql://...; default <data_dir>/datastore.sqlite3",
+                   default="")
+
+
+@dataclass
+class ListenConfig:
+    bind_address: str = doc("address of the TLS listeners (agent API, gRPC)", default="0.0.0.0")
+    agent_api_port: int = doc("mutual-TLS agent API port (TLS 1.3); 0 = any free port", default=8443)
+    grpc_port: int = doc("mutual-TLS gRPC port for the SPIRE Entry API (Cilium's default 8081); 0 = any free port",
+                         default=8081)
+    grpc_enabled: bool = doc("serve the SPIRE-compatible Entry API over gRPC", default=True)
+    health_address: str = doc("plain-HTTP health/metrics listener address (loopback by default)",
+                              default="127.0.0.1")
+    health_port: int = doc("plain-HTTP /live, /ready, /metrics port; 0 = any free port", default=8088)
+    health_enabled: bool = doc("serve /live, /ready and /metrics", default=True)
+    bundle_endpoint_port: int = doc("TLS 1.3 server-auth bundle endpoint / OIDC port; 0 = off", default=0)
+    admin_socket_path: str = doc("admin Unix socket (mode 0600); default <data_dir>/admin.sock", default="")
+    admin_ids: list[str] = doc("SPIFFE IDs allowed to manage entries over the gRPC Entry API",
+                               default_factory=list)
+    master_secret_file: str = doc("file holding the master secret that encrypts CA keys at rest",
+                                  default="")
+    master_secret_env: str = doc("environment variable holding the master secret (used if set)",
+                                 default="MESHID_MASTER_SECRET")
+    server_id: str = doc("this replica's id; default: generated once and kept in data_dir", default="")
+    max_request_bytes: int = doc("largest JSON body the agent API accepts", default=4 * 1024 * 1024)
+    attest_rate_per_minute: int = doc("node attestation attempts allowed per source address per minute",
+                                      default=30)
+
+
+@dataclass
+class CaConfig:
+    key_type: str = doc("X509 CA key type: ec-p256, ec-p384, rsa-2048, rsa-3072", default="ec-p256")
+    jwt_key_type: str = doc("JWT signing key type", default="ec-p256")
+    ca_ttl: Duration = doc("lifetime of each X509 CA / JWT key", default=Duration(24 * 3600))
+    x509_svid_ttl: Duration = doc("default X509-SVID lifetime", default=Duration(3600))
+    jwt_svid_ttl: Duration = doc("default JWT-SVID lifetime", default=Duration(300))
+    agent_svid_ttl: Duration = doc("agent SVID lifetime", default=Duration(3600))
+    jwt_issuer: str = doc("`iss` claim of JWT-SVIDs (and OIDC issuer); empty = omit", default="")
+    taint_rotation_window: Duration = doc("agents spread re-issuance after a taint over this window",
+                                          default=Duration(600))
+
+    def validate(self) -> None:
+        for name in ("key_type", "jwt_key_type"):
+            if getattr(self, name) not in KEY_TYPES:
+                raise ConfigError(f"ca.{name}: must be one of {', '.join(KEY_TYPES)}")
+        if self.ca_ttl < 120:
+            raise ConfigError("ca.ca_ttl: must be at least 2m")
+        for name in ("x509_svid_ttl", "jwt_svid_ttl", "agent_svid_ttl"):
+            ttl = getattr(self, name)
+            if ttl < 10:
+                raise ConfigError(f"ca.{name}: must be at least 10s")
+            if ttl > self.ca_ttl:
+                raise ConfigError(f"ca.{name}: must not exceed ca.ca_ttl ({int(self.ca_ttl)}s)")
+
+
+@dataclass
+class DiskUpstreamConfig:
+    cert_file: str = doc("upstream intermediate certificate first, then any chain up to the root", default="")
+    key_file: str = doc("private key of the upstream intermediate (PEM)", default="")
+    bundle_file: str = doc("upstream root certificates (PEM): the trust bundle", default="")
+
+    def validate(self) -> None:
+        missing = [k for k in ("cert_file", "key_file", "bundle_file") if not getattr(self, k)]
+        if missing and len(missing) < 3:
+            raise ConfigError(f"upstream.disk: {', '.join(missing)} must be set as well")
+
+
+@dataclass
+class UpstreamConfig:
+    disk: DiskUpstreamConfig = field(default_factory=DiskUpstreamConfig)
+
+
+@dataclass
+class JoinTokenConfig:
+    default_ttl: Duration = doc("lifetime of tokens made by `meshid token create`", default=Duration(3600))
+
+
+@dataclass
+class X509PopConfig:
+    ca_bundle_path: str = doc("PEM CAs that node certificates must chain to; empty = x509pop off",
+                              default="")
+    agent_path_template: str = doc("agent ID path: fingerprint (SHA-1 of the leaf) or subject_cn",
+                                   default="fingerprint")
+
+
+@dataclass
+class NodeAttestorsConfig:
+    join_token: JoinTokenConfig = field(default_factory=JoinTokenConfig)
+    x509pop: X509PopConfig = field(default_factory=X509PopConfig)
+    k8s_psat: dict[str, Any] = doc("k8s_psat attestor settings (see docs/kubernetes.md)",
+                                   default_factory=dict)
+
+
+@dataclass
+class AdmissionConfig:
+    max_concurrent_signing: int = doc("signing batches processed at once", default=4)
+    agent_rate: float = doc("signing requests (CSRs) per second per agent, sustained", default=200.0)
+    agent_burst: int = doc("token bucket size per agent", default=1000)
+    global_rate: float = doc("signing requests per second for the whole server", default=5000.0)
+    global_burst: int = doc("global token bucket size", default=20000)
+    max_queue: int = doc("batches allowed to wait for a signing slot before refusing", default=16)
+
+
+@dataclass
+class KafkaSection:
+    bootstrap_servers: list[str] = doc("Kafka bootstrap servers host:port; empty = outbox only",
+                                       default_factory=list)
+    topic: str = doc("events topic", default="meshid.events")
+    enable_idempotence: bool = doc("idempotent producer (turn off for brokers refusing InitProducerId)",
+                                   default=True)
+    mode: str = doc("CloudEvents mode: structured or binary", default="structured")
+    auto_create_topics: bool = doc("create the topic when missing", default=False)
+    security_protocol: str = doc("PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL", default="PLAINTEXT")
+    ssl_cafile: str = doc("CA file for TLS to the broker", default="")
+    ssl_certfile: str = doc("client certificate for TLS to the broker", default="")
+    ssl_keyfile: str = doc("client key for TLS to the broker", default="")
+    sasl_mechanism: str = doc("PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512", default="")
+    sasl_username: str = doc("SASL user", default="")
+    sasl_password_env: str = doc("environment variable holding the SASL password", default="")
+    retention: Duration = doc("keep delivered outbox rows this long", default=Duration(24 * 3600))
+
+    def validate(self) -> None:
+        if self.mode not in ("structured", "binary"):
+            raise ConfigError("events.kafka.mode: must be 'structured' or 'binary'")
+
+
+@dataclass
+class EventsConfig:
+    kafka: KafkaSection = field(default_factory=KafkaSection)
+
+
+@dataclass
+class ServerConfig:
+    trust_domain: str = doc("trust domain name, e.g. example.org", default="")
+    data_dir: str = doc("directory for the SQLite datastore, server id and admin socket", default="")
+    log_level: str = doc("debug, info, warning, error", default="info")
+    datastore: DatastoreConfig = field(default_factory=DatastoreConfig)
+    server: ListenConfig = field(default_factory=ListenConfig)
+    ca: CaConfig = field(default_factory=CaConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    node_attestors: NodeAttestorsConfig = field(default_factory=NodeAttestorsConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+
+    def validate(self) -> None:
+        if not self.trust_domain:
+            raise ConfigError("trust_domain: required")
+        try:
+            TrustDomain.parse(self.trust_domain)
+        except ValueError as exc:
+            raise ConfigError(f"trust_domain: {exc}") from None
+        if not self.data_dir:
+            raise ConfigError("data_dir: required")
+        for i, sid in enumerate(self.server.admin_ids):
+            try:
+                SpiffeId.parse(sid)
+            except ValueError as exc:
+                raise ConfigError(f"server.admin_ids[{i}]: {exc}") from None
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError("log_level: must be debug, info, warning or error")
+
+    # Derived values, so callers never re-derive defaults.
+    @property
+    def td(self) -> TrustDomain:
+        return TrustDomain.parse(self.trust_domain)
+
+    @property
+    def dsn(self) -> str:
+        return self.datastore.dsn or str(Path(self.data_dir) / "datastore.sqlite3")
+
+    @property
+    def admin_socket_path(self) -> str:
+        return self.server.admin_socket_path or str(Path(self.data_dir) / "admin.sock")
+
+    @property
+    def server_spiffe_id(self) -> SpiffeId:
+        return SpiffeId(self.td, "/meshid/server")
+
+
+def load_server_config(path: str | Path, env: dict[str, str] | None = None) -> ServerConfig:
+    return build(ServerConfig, load_file(path), str(path), env)
+
+
+def server_config_from_dict(data: dict[str, Any], source: str = "<config>",
+                            env: dict[str, str] | None = None) -> ServerConfig:
+    return build(ServerConfig, data, source, env if env is not None else {})

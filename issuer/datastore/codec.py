@@ -1,0 +1,213 @@
+"""Row <-> record conversion shared by the SQLite and PostgreSQL datastores.
+
+Both backends store the same columns (see migrations/); values that have no common
+SQL type (selector lists, certificate chains, free-form maps, event data) are JSON
+text, which SQLite keeps as TEXT and PostgreSQL as JSONB. Rows are read by column
+name, which sqlite3.Row and asyncpg.Record both support.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+from issuer.datastore.base import AgentRecord, CaKeyRecord
+from issuer.events.model import Event, OutboxRow
+from meshid.entry import Entry
+from meshid.selector import Selector
+from meshid.spiffe_id import SpiffeId
+
+
+class Row(Protocol):
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def dumps(value: Any) -> str:
+    # allow_nan=False: PostgreSQL's JSONB rejects NaN, so SQLite must too, or the two
+    # backends would disagree about which events can be stored.
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
+def loads(text: str | bytes) -> Any:
+    return json.loads(text)
+
+
+def upsert_sql(table: str, columns: Sequence[str], key: str, param: Callable[[int], str]) -> str:
+    """INSERT ... ON CONFLICT (key) DO UPDATE, valid in both dialects; `param(i)` renders
+    the i-th (1-based) placeholder: `?` for SQLite, `$i` for PostgreSQL."""
+    values = ", ".join(param(i) for i in range(1, len(columns) + 1))
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != key)
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({values}) "
+        f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
+    )
+
+
+# --- entries -------------------------------------------------------------------------
+ENTRY_COLUMNS = (
+    "id",
+    "spiffe_id",
+    "parent_id",
+    "natural_key",
+    "revision_number",
+    "created_at",
+    "expires_at",
+    "body",
+)
+
+
+def natural_key(spiffe_id: SpiffeId, parent_id: SpiffeId, selectors: Iterable[Selector]) -> str:
+    """SPIRE's entry identity (spiffe_id, parent_id, selector set) as a fixed-size,
+    order-independent string that a UNIQUE column can enforce."""
+    canonical = [str(spiffe_id), str(parent_id), sorted({str(s) for s in selectors})]
+    return hashlib.sha256(dumps(canonical).encode()).hexdigest()
+
+
+def entry_params(entry: Entry) -> tuple[Any, ...]:
+    """Values for ENTRY_COLUMNS."""
+    body = entry.to_json()
+    body["extra"] = entry.extra  # not part of to_json, but callers expect it back
+    return (
+        entry.id,
+        str(entry.spiffe_id),
+        str(entry.parent_id),
+        natural_key(entry.spiffe_id, entry.parent_id, entry.selectors),
+        entry.revision_number,
+        entry.created_at,
+        entry.expires_at,
+        dumps(body),
+    )
+
+
+def selector_params(entry: Entry) -> list[tuple[str, str, str]]:
+    """(entry_id, type, value) rows for the entry_selectors table."""
+    return [(entry.id, s.type, s.value) for s in sorted(set(entry.selectors))]
+
+
+def entry_from_body(body: str | bytes) -> Entry:
+    data = loads(body)
+    extra = data.pop("extra", None) or {}
+    # from_json sorts selectors, so stored entries come back in canonical order.
+    return Entry.from_json(data).replace(extra=extra)
+
+
+# --- agents --------------------------------------------------------------------------
+AGENT_COLUMNS = (
+    "agent_id",
+    "attestor",
+    "selectors",
+    "serial",
+    "expires_at",
+    "banned",
+    "can_reattest",
+    "created_at",
+    "updated_at",
+)
+
+
+def agent_params(record: AgentRecord) -> tuple[Any, ...]:
+    return (
+        str(record.agent_id),
+        record.attestor,
+        dumps([str(s) for s in record.selectors]),
+        record.serial,
+        record.expires_at,
+        record.banned,
+        record.can_reattest,
+        record.created_at,
+        record.updated_at,
+    )
+
+
+def agent_from_row(row: Row) -> AgentRecord:
+    return AgentRecord(
+        agent_id=SpiffeId.parse(row["agent_id"]),
+        attestor=row["attestor"],
+        # Keep the stored order (not parse_selectors, which sorts and dedups): an
+        # agent's selectors are whatever its attestor reported.
+        selectors=tuple(Selector.parse(s) for s in loads(row["selectors"])),
+        serial=row["serial"],
+        expires_at=int(row["expires_at"]),
+        banned=bool(row["banned"]),
+        can_reattest=bool(row["can_reattest"]),
+        created_at=int(row["created_at"]),
+        updated_at=int(row["updated_at"]),
+    )
+
+
+# --- CA keys -------------------------------------------------------------------------
+CA_KEY_COLUMNS = (
+    "key_id",
+    "kind",
+    "state",
+    "sealed_key",
+    "public_key_der",
+    "not_before",
+    "not_after",
+    "cert_chain",
+    "tainted",
+    "server_id",
+    "max_signed_not_after",
+    "created_at",
+    "extra",
+)
+
+
+def ca_key_params(record: CaKeyRecord) -> tuple[Any, ...]:
+    return (
+        record.key_id,
+        record.kind,
+        record.state,
+        bytes(record.sealed_key),
+        bytes(record.public_key_der),
+        record.not_before,
+        record.not_after,
+        dumps([base64.b64encode(der).decode("ascii") for der in record.cert_chain_der]),
+        record.tainted,
+        record.server_id,
+        record.max_signed_not_after,
+        record.created_at,
+        dumps(record.extra),
+    )
+
+
+def ca_key_from_row(row: Row) -> CaKeyRecord:
+    return CaKeyRecord(
+        key_id=row["key_id"],
+        kind=row["kind"],
+        state=row["state"],
+        sealed_key=bytes(row["sealed_key"]),
+        public_key_der=bytes(row["public_key_der"]),
+        not_before=int(row["not_before"]),
+        not_after=int(row["not_after"]),
+        cert_chain_der=tuple(base64.b64decode(der) for der in loads(row["cert_chain"])),
+        tainted=bool(row["tainted"]),
+        server_id=row["server_id"],
+        max_signed_not_after=int(row["max_signed_not_after"]),
+        created_at=int(row["created_at"]),
+        extra=dict(loads(row["extra"])),
+    )
+
+
+# --- outbox --------------------------------------------------------------------------
+EVENT_COLUMNS = ("type", "subject", "partition_key", "time", "data")
+
+
+def event_params(event: Event) -> tuple[Any, ...]:
+    return (event.type, event.subject, event.partition_key, float(event.time), dumps(event.data))
+
+
+def outbox_row_from_row(row: Row) -> OutboxRow:
+    return OutboxRow(
+        seq=int(row["seq"]),
+        event=Event(
+            type=row["type"],
+            subject=row["subject"],
+            partition_key=row["partition_key"],
+            time=float(row["time"]),
+            data=loads(row["data"]),
+        ),
+    )

@@ -1,0 +1,97 @@
+"""Registration entry management: validation, datastore writes with their events, and the
+in-memory index the signing path authorizes against."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+
+from issuer.authorization import EntryIndex
+from issuer.datastore.base import DataStore
+from issuer.events import ocsf
+from meshid.entry import Entry
+from meshid.errors import NotFoundError
+from meshid.spiffe_id import SpiffeId, TrustDomain
+
+ENTRIES_REVISION = "entries_revision"
+
+
+class EntryService:
+    def __init__(
+        self, ds: DataStore, trust_domain: TrustDomain, server_id: SpiffeId, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.ds = ds
+        self.td = trust_domain
+        self.server_id = server_id
+        self.clock = clock
+        self._index: EntryIndex | None = None
+        self._lock = asyncio.Lock()
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, cb: Callable[[], None]) -> None:
+        self._listeners.append(cb)
+
+    def _check(self, entry: Entry) -> None:
+        if entry.spiffe_id.trust_domain != self.td:
+            raise ValueError(f"spiffe_id {entry.spiffe_id} is not in trust domain {self.td}")
+        if entry.parent_id.trust_domain != self.td:
+            raise ValueError(f"parent_id {entry.parent_id} is not in trust domain {self.td}")
+        if entry.spiffe_id == self.server_id:
+            raise ValueError("the server's own SPIFFE ID cannot be registered")
+
+    async def create(self, entry: Entry) -> Entry:
+        self._check(entry)
+        now = self.clock()
+        if not entry.id:
+            entry = entry.replace(id=str(uuid.uuid4()))
+        entry = entry.replace(created_at=int(now), revision_number=0)
+        created = await self.ds.create_entry(entry, [ocsf.entry_created(entry, now)])
+        await self._changed()
+        return created
+
+    async def update(self, entry: Entry) -> Entry:
+        self._check(entry)
+        current = await self.ds.get_entry(entry.id)
+        if current is None:
+            raise NotFoundError(f"no entry with id {entry.id!r}")
+        now = self.clock()
+        entry = entry.replace(created_at=current.created_at, revision_number=current.revision_number + 1)
+        updated = await self.ds.update_entry(entry, [ocsf.entry_updated(entry, now)])
+        await self._changed()
+        return updated
+
+    async def delete(self, entry_id: str) -> Entry:
+        current = await self.ds.get_entry(entry_id)
+        if current is None:
+            raise NotFoundError(f"no entry with id {entry_id!r}")
+        deleted = await self.ds.delete_entry(entry_id, [ocsf.entry_deleted(current, self.clock())])
+        await self._changed()
+        return deleted
+
+    async def get(self, entry_id: str) -> Entry:
+        e = await self.ds.get_entry(entry_id)
+        if e is None:
+            raise NotFoundError(f"no entry with id {entry_id!r}")
+        return e
+
+    async def list(self) -> list[Entry]:
+        return await self.ds.list_entries()
+
+    async def _changed(self) -> None:
+        await self.ds.increment_meta(ENTRIES_REVISION)
+        self._index = None
+        for cb in self._listeners:
+            cb()
+
+    async def index(self) -> EntryIndex:
+        """The current entry index; rebuilt when this or another replica changed entries."""
+        revision = int(await self.ds.get_meta(ENTRIES_REVISION) or 0)
+        idx = self._index
+        if idx is not None and idx.revision == revision:
+            return idx
+        async with self._lock:
+            if self._index is None or self._index.revision != revision:
+                self._index = EntryIndex(await self.ds.list_entries(), self.server_id, revision)
+            return self._index

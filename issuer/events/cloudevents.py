@@ -1,0 +1,166 @@
+"""CloudEvents 1.0 envelope for outbox events, and its two Kafka encodings.
+
+Structured mode (the default) puts the whole event as JSON in the record value with
+`content-type: application/cloudevents+json; charset=UTF-8`; binary mode puts the
+attributes in `ce_*` headers and only `data` in the value (CloudEvents Kafka binding).
+
+The `id` is a UUIDv5 of the source and the outbox sequence, so a row re-sent after a
+broker error carries the same id and consumers can deduplicate on `source` + `id`.
+Serialisation is canonical (sorted keys, no spaces) so a re-sent row is byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from issuer.events.model import OutboxRow
+
+SPECVERSION = "1.0"
+STRUCTURED_CONTENT_TYPE = "application/cloudevents+json; charset=UTF-8"
+DATA_CONTENT_TYPE = "application/json"
+# Fixed namespace: ids must stay stable across releases, so never change this value.
+ID_NAMESPACE = uuid.UUID("5b0c2d8e-6f1a-5d4e-9a53-6d657368696f")
+
+Mode = Literal["structured", "binary"]
+Headers = list[tuple[str, bytes]]
+
+_ATTRS = ("specversion", "id", "source", "type", "subject", "time", "partitionkey", "datacontenttype")
+
+
+class CloudEventError(ValueError):
+    """A Kafka record or JSON document is not a CloudEvent this code can read."""
+
+
+def server_source(trust_domain: str, server_id: str) -> str:
+    return f"meshid://{trust_domain}/server/{server_id}"
+
+
+def event_id(source: str, seq: int) -> str:
+    return str(uuid.uuid5(ID_NAMESPACE, f"{source}#{seq}"))
+
+
+def rfc3339(ts: float) -> str:
+    """UTC with microseconds and a `Z`, e.g. 2025-01-02T03:04:05.123456Z."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_rfc3339(text: str) -> float:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00")).timestamp()
+    except (ValueError, AttributeError) as exc:
+        raise CloudEventError(f"not an RFC 3339 time: {text!r}") from exc
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class CloudEvent:
+    id: str
+    source: str
+    type: str
+    subject: str
+    time: str  # RFC 3339, when the act happened
+    partitionkey: str
+    data: dict[str, Any] = field(default_factory=dict)
+    datacontenttype: str = DATA_CONTENT_TYPE
+    specversion: str = SPECVERSION
+
+    @property
+    def timestamp(self) -> float:
+        return parse_rfc3339(self.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {a: getattr(self, a) for a in _ATTRS}
+        out["data"] = self.data
+        return out
+
+    def to_json(self) -> bytes:
+        return canonical_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> CloudEvent:
+        if not isinstance(doc, dict):
+            raise CloudEventError("a CloudEvent must be a JSON object")
+        if doc.get("specversion") != SPECVERSION:
+            raise CloudEventError(f"unsupported specversion {doc.get('specversion')!r}")
+        missing = [a for a in ("id", "source", "type") if not isinstance(doc.get(a), str) or not doc[a]]
+        if missing:
+            raise CloudEventError(f"CloudEvent lacks {', '.join(missing)}")
+        data = doc.get("data", {})
+        if not isinstance(data, dict):
+            raise CloudEventError("CloudEvent data must be a JSON object")
+        return cls(
+            id=doc["id"],
+            source=doc["source"],
+            type=doc["type"],
+            subject=str(doc.get("subject", "")),
+            time=str(doc.get("time", "")),
+            partitionkey=str(doc.get("partitionkey", "")),
+            data=data,
+            datacontenttype=str(doc.get("datacontenttype", DATA_CONTENT_TYPE)),
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> CloudEvent:
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CloudEventError(f"not JSON: {exc}") from exc
+        return cls.from_dict(doc)
+
+
+def from_outbox(row: OutboxRow, source: str) -> CloudEvent:
+    ev = row.event
+    return CloudEvent(
+        id=event_id(source, row.seq),
+        source=source,
+        type=ev.type,
+        subject=ev.subject,
+        time=rfc3339(ev.time),
+        partitionkey=ev.partition_key,
+        data=ev.data,
+    )
+
+
+def to_kafka(ce: CloudEvent, mode: Mode = "structured") -> tuple[bytes, bytes, Headers]:
+    """(record key, record value, headers) for one event."""
+    key = ce.partitionkey.encode()
+    if mode == "structured":
+        return key, ce.to_json(), [("content-type", STRUCTURED_CONTENT_TYPE.encode())]
+    if mode != "binary":
+        raise ValueError(f"unknown CloudEvents mode {mode!r}")
+    headers: Headers = [("content-type", ce.datacontenttype.encode())]
+    for attr in _ATTRS:
+        if attr == "datacontenttype":
+            continue  # carried by content-type in binary mode
+        value = getattr(ce, attr)
+        if value:
+            headers.append((f"ce_{attr}", value.encode()))
+    return key, canonical_json(ce.data), headers
+
+
+def from_kafka(value: bytes | None, headers: Sequence[tuple[str, bytes]]) -> CloudEvent:
+    """Decode a record in either mode (chosen by its headers, as the binding says)."""
+    hdr = {k.lower(): v for k, v in headers}
+    if "ce_specversion" not in hdr:
+        if value is None:
+            raise CloudEventError("empty record")
+        return CloudEvent.from_json(value)
+    doc: dict[str, Any] = {}
+    for name, raw in hdr.items():
+        if name.startswith("ce_"):
+            doc[name[3:]] = raw.decode(errors="replace")
+    if "content-type" in hdr:
+        doc["datacontenttype"] = hdr["content-type"].decode(errors="replace")
+    try:
+        doc["data"] = json.loads(value) if value else {}
+    except ValueError as exc:
+        raise CloudEventError(f"binary-mode data is not JSON: {exc}") from exc
+    return CloudEvent.from_dict(doc)

@@ -1,0 +1,219 @@
+"""Node attestation and the agent registry: attest → agent SVID, renew, evict, ban.
+
+Attempts are rate-limited per source address; failures are logged with their reason
+(attestors never put secrets in reasons) and recorded as events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from cryptography import x509
+
+from attestors.node.base import AttestationRequest, Challenge, NodeAttestor
+from issuer.admission import TokenBucket
+from issuer.ca.slots import CaManager, svid_chain
+from issuer.datastore.base import AgentRecord, DataStore
+from issuer.events import ocsf
+from meshid.errors import AttestationError, NotFoundError, OverloadedError, PermissionDeniedError
+from meshid.spiffe_id import SpiffeId, TrustDomain
+
+log = logging.getLogger("meshid.attestation")
+
+CHALLENGE_TTL = 60.0
+MAX_SESSIONS = 10_000
+MAX_SOURCES = 100_000
+
+
+@dataclass
+class _Session:
+    attestor: str
+    request: AttestationRequest
+    challenge: Challenge
+    csr: bytes
+    expires: float
+
+
+@dataclass(frozen=True)
+class IssuedAgentSvid:
+    agent: AgentRecord
+    chain: list[x509.Certificate]
+
+
+class AgentService:
+    def __init__(
+        self,
+        ds: DataStore,
+        ca: CaManager,
+        trust_domain: TrustDomain,
+        attestors: dict[str, NodeAttestor],
+        agent_svid_ttl: float,
+        attest_rate_per_minute: int = 30,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ds = ds
+        self.ca = ca
+        self.td = trust_domain
+        self.attestors = attestors
+        self.agent_svid_ttl = agent_svid_ttl
+        self.clock = clock
+        self._rate = attest_rate_per_minute
+        self._sources: dict[str, TokenBucket] = {}
+        self._sessions: dict[str, _Session] = {}
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ attestation
+    def _limit(self, source: str) -> None:
+        bucket = self._sources.get(source)
+        if bucket is None:
+            if len(self._sources) >= MAX_SOURCES:
+                self._sources.clear()
+            bucket = self._sources[source] = TokenBucket(self._rate / 60.0, max(1, self._rate))
+        wait = bucket.try_take(1)
+        if wait > 0:
+            raise OverloadedError("too many attestation attempts from this address", retry_after=wait)
+
+    def _attestor(self, name: str) -> NodeAttestor:
+        attestor = self.attestors.get(name)
+        if attestor is None:
+            raise AttestationError(f"node attestor {name!r} is not enabled on this server")
+        return attestor
+
+    async def begin(self, request: AttestationRequest, csr: bytes) -> tuple[str, bytes] | IssuedAgentSvid:
+        """First step: either a challenge (session id, nonce) or, without one, the agent SVID."""
+        self._limit(request.source)
+        attestor = self._attestor(request.attestor)
+        try:
+            challenge = await attestor.challenge(request)
+        except AttestationError as exc:
+            await self._failed(request, str(exc))
+            raise
+        if challenge is None:
+            return await self._complete(attestor, request, None, csr)
+        self._expire_sessions()
+        if len(self._sessions) >= MAX_SESSIONS:
+            raise OverloadedError("too many attestations in progress", retry_after=1.0)
+        sid = secrets.token_urlsafe(24)
+        self._sessions[sid] = _Session(request.attestor, request, challenge, csr, self.clock() + CHALLENGE_TTL)
+        return sid, challenge.nonce
+
+    async def answer(self, session_id: str, response: bytes, source: str) -> IssuedAgentSvid:
+        self._limit(source)
+        self._expire_sessions()
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise AttestationError("attestation session unknown or expired")
+        request = replace(session.request, challenge_response=response)
+        return await self._complete(self._attestor(session.attestor), request, session.challenge, session.csr)
+
+    def _expire_sessions(self) -> None:
+        now = self.clock()
+        for sid in [s for s, v in self._sessions.items() if v.expires < now]:
+            del self._sessions[sid]
+
+    async def _complete(
+        self, attestor: NodeAttestor, request: AttestationRequest, challenge: Challenge | None, csr: bytes
+    ) -> IssuedAgentSvid:
+        try:
+            result = await attestor.attest(request, self.td, challenge)
+        except AttestationError as exc:
+            await self._failed(request, str(exc))
+            raise
+        except ValueError as exc:  # e.g. an attestor-derived agent ID that is not a valid SPIFFE ID
+            await self._failed(request, f"attestation produced an invalid identity: {exc}")
+            raise AttestationError("attestation produced an invalid identity") from None
+        now = self.clock()
+        async with self._lock:
+            existing = await self.ds.get_agent(result.agent_id)
+            if existing is not None and existing.banned:
+                await self._failed(request, f"agent {result.agent_id} is banned")
+                raise AttestationError(f"agent {result.agent_id} is banned")
+            if existing is not None and not existing.can_reattest:
+                await self._failed(request, f"agent {result.agent_id} already attested and may not re-attest")
+                raise AttestationError("this agent has already attested")
+            chain = await self._mint(result.agent_id, csr)
+            record = AgentRecord(
+                agent_id=result.agent_id,
+                attestor=request.attestor,
+                selectors=result.selectors,
+                serial=f"{chain[0].serial_number:x}",
+                expires_at=int(chain[0].not_valid_after_utc.timestamp()),
+                can_reattest=result.can_reattest,
+                created_at=existing.created_at if existing else int(now),
+                updated_at=int(now),
+            )
+            await self.ds.put_agent(
+                record,
+                [
+                    ocsf.node_attested(record, request.source, now),
+                    ocsf.x509_issued(
+                        chain[0], spiffe_id=str(record.agent_id), entry_id="", entry_revision=0,
+                        parent_id=str(SpiffeId(self.td, "/meshid/server")), agent_id=str(record.agent_id),
+                        selectors=[str(s) for s in record.selectors], ca_key_id=self.ca.x509_active.key_id,
+                        rotation_reason="initial", scheduled_rotation_at=None, now=now, renew=False,
+                    ),
+                ],
+            )
+        log.info("attested node %s via %s from %s", record.agent_id, request.attestor, request.source or "?")
+        return IssuedAgentSvid(record, chain)
+
+    async def _failed(self, request: AttestationRequest, reason: str) -> None:
+        log.warning("node attestation via %s from %s failed: %s", request.attestor, request.source or "?", reason)
+        await self.ds.append_events([ocsf.node_attestation_failed(request.attestor, request.source, reason,
+                                                                  self.clock())])
+
+    async def _mint(self, agent_id: SpiffeId, csr: bytes) -> list[x509.Certificate]:
+        active = self.ca.x509_active
+        assert active.minter is not None
+        now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
+        leaf = active.minter.mint_from_csr(csr, agent_id, [], int(self.agent_svid_ttl), now)
+        self.ca.note_signed(active.key_id, int(leaf.not_valid_after_utc.timestamp()))
+        return list(svid_chain(active, leaf))
+
+    # ------------------------------------------------------------------ authenticated agents
+    async def authenticate(self, agent_id: SpiffeId, serial: int) -> AgentRecord:
+        """Check an mTLS peer is a current, non-banned agent presenting its latest SVID."""
+        record = await self.ds.get_agent(agent_id)
+        if record is None:
+            raise PermissionDeniedError(f"{agent_id} is not an attested agent (evicted?); re-attest")
+        if record.banned:
+            raise PermissionDeniedError(f"agent {agent_id} is banned")
+        if record.serial != f"{serial:x}":
+            raise PermissionDeniedError("agent SVID has been superseded; use the latest one")
+        return record
+
+    async def renew(self, agent: AgentRecord, csr: bytes) -> IssuedAgentSvid:
+        chain = await self._mint(agent.agent_id, csr)
+        now = self.clock()
+        record = replace(
+            agent, serial=f"{chain[0].serial_number:x}", expires_at=int(chain[0].not_valid_after_utc.timestamp()),
+            updated_at=int(now),
+        )
+        await self.ds.put_agent(record, [ocsf.x509_issued(
+            chain[0], spiffe_id=str(agent.agent_id), entry_id="", entry_revision=0,
+            parent_id=str(SpiffeId(self.td, "/meshid/server")), agent_id=str(agent.agent_id),
+            selectors=[str(s) for s in agent.selectors], ca_key_id=self.ca.x509_active.key_id,
+            rotation_reason="scheduled", scheduled_rotation_at=None, now=now, renew=True,
+        )])
+        return IssuedAgentSvid(record, chain)
+
+    async def evict(self, agent_id: SpiffeId) -> None:
+        if await self.ds.get_agent(agent_id) is None:
+            raise NotFoundError(f"no agent {agent_id}")
+        await self.ds.delete_agent(agent_id, [ocsf.agent_evicted(str(agent_id), self.clock())])
+
+    async def ban(self, agent_id: SpiffeId) -> None:
+        record = await self.ds.get_agent(agent_id)
+        if record is None:
+            raise NotFoundError(f"no agent {agent_id}")
+        await self.ds.put_agent(replace(record, banned=True, serial=""),
+                                [ocsf.agent_banned(str(agent_id), self.clock())])
+
+    async def list(self) -> list[AgentRecord]:
+        return await self.ds.list_agents()

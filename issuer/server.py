@@ -1,0 +1,275 @@
+"""The meshid server: owns the datastore, CA, services, listeners and background tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from attestors.node.base import NodeAttestor
+from attestors.node.join_token import JoinTokenAttestor
+from attestors.node.x509pop import X509PopAttestor
+from issuer.admission import Admission
+from issuer.api.admin_api import AdminApi
+from issuer.api.agent_api import AgentApi
+from issuer.ca.keys import DiskKeyManager
+from issuer.ca.sealing import KeySealer, load_master_secret
+from issuer.ca.slots import CaManager, svid_chain
+from issuer.ca.upstream import DiskUpstreamAuthority, UpstreamAuthority
+from issuer.config import ServerConfig
+from issuer.datastore.base import DataStore
+from issuer.datastore.factory import open_datastore
+from issuer.entries import EntryService
+from issuer.node_attestation import AgentService
+from issuer.signing import SigningService
+from meshid import telemetry
+from meshid.listeners import Listener, health_app, plain_listener, tls_listener, unix_listener
+from meshid.tasks import TaskOwner, every
+from meshid.tls import SwappableServerContext, server_context
+
+log = logging.getLogger("meshid.server")
+
+TICK_SECONDS = 5.0
+
+
+class ServerIdentity:
+    """The server's own X509-SVID (spiffe://<td>/meshid/server), renewed at half-life."""
+
+    def __init__(self) -> None:
+        self.key: PrivateKeyTypes = ec.generate_private_key(ec.SECP256R1())
+        self.chain: list[x509.Certificate] = []
+        self.renew_at = 0.0
+
+
+class Server:
+    def __init__(self, config: ServerConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.td = config.td
+        self.tasks = TaskOwner("server")
+        self.listeners: dict[str, Listener] = {}
+        self.identity = ServerIdentity()
+        self._agent_ctx: SwappableServerContext | None = None
+        self._extra_ctx: list[tuple[SwappableServerContext, str, tuple[str, ...]]] = []
+        self.ds: DataStore | None = None
+        self.relay: Any = None
+        self.grpc: Any = None
+        self._started = False
+
+    # ------------------------------------------------------------------ start / stop
+    async def start(self) -> None:
+        cfg = self.config
+        data_dir = Path(cfg.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        secret = load_master_secret(cfg.server.master_secret_file or None, cfg.server.master_secret_env or None)
+        self.sealer = KeySealer(secret)
+        self.key_manager = DiskKeyManager(self.sealer)
+        self.server_id = cfg.server.server_id or _persistent_id(data_dir / "server_id")
+        self.ds = ds = open_datastore(cfg.dsn)
+        await ds.open()
+        try:
+            await self._start_services(ds)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start_services(self, ds: DataStore) -> None:
+        cfg = self.config
+        upstream: UpstreamAuthority | None = None
+        d = cfg.upstream.disk
+        if d.cert_file:
+            upstream = DiskUpstreamAuthority(d.cert_file, d.key_file, d.bundle_file)
+        self.ca = CaManager(
+            ds, self.key_manager, upstream, self.td, cfg.ca.ca_ttl, cfg.ca.key_type, cfg.ca.jwt_key_type,
+            self.server_id, self.clock, on_change=self._bundle_changed,
+        )
+        await self.ca.load()
+        self.entries = EntryService(ds, self.td, cfg.server_spiffe_id, self.clock)
+        attestors: dict[str, NodeAttestor] = {"join_token": JoinTokenAttestor(ds.consume_join_token, self.clock)}
+        if cfg.node_attestors.x509pop.ca_bundle_path:
+            attestors["x509pop"] = X509PopAttestor(
+                cfg.node_attestors.x509pop.ca_bundle_path, cfg.node_attestors.x509pop.agent_path_template,
+                self.clock,
+            )
+        if cfg.node_attestors.k8s_psat:
+            from attestors.node.k8s_psat import K8sPsatAttestor
+
+            attestors["k8s_psat"] = K8sPsatAttestor.from_config(cfg.node_attestors.k8s_psat)
+        self.agents = AgentService(
+            ds, self.ca, self.td, attestors, cfg.ca.agent_svid_ttl, cfg.server.attest_rate_per_minute, self.clock
+        )
+        a = cfg.admission
+        self.admission = Admission(a.max_concurrent_signing, a.agent_rate, a.agent_burst, a.global_rate,
+                                   a.global_burst, a.max_queue)
+        self.signing = SigningService(
+            ds, self.ca, self.entries, self.admission, cfg.ca.x509_svid_ttl, cfg.ca.jwt_svid_ttl,
+            cfg.ca.jwt_issuer, self.clock,
+        )
+        self.signing.taint_window = cfg.ca.taint_rotation_window  # type: ignore[attr-defined]
+        await self._renew_identity()
+        await self._start_relay(ds)
+        await self._start_listeners()
+        self.tasks.spawn("ca-tick", every(TICK_SECONDS, self.tick, "CA rotation"))
+        self._started = True
+        log.info("meshid server for %s started (server id %s)", self.td, self.server_id)
+
+    async def _start_relay(self, ds: DataStore) -> None:
+        k = self.config.events.kafka
+        if not k.bootstrap_servers:
+            return
+        from issuer.events.relay import OutboxRelay, relay_config_from
+
+        self.relay = OutboxRelay(ds, relay_config_from(k), source=f"meshid://{self.td}/server/{self.server_id}")
+        await self.relay.start()
+
+    async def _start_listeners(self) -> None:
+        cfg = self.config.server
+        self._agent_ctx = SwappableServerContext(self._agent_api_context())
+        api = AgentApi(self.agents, self.signing, self.ca, reporter=self._report)
+        self.listeners["agent_api"] = await tls_listener(
+            api.app(cfg.max_request_bytes), cfg.bind_address, cfg.agent_api_port, self._agent_ctx.outer
+        )
+        admin = AdminApi(self.ds, self.entries, self.agents, self.ca,  # type: ignore[arg-type]
+                         self.config.node_attestors.join_token.default_ttl, self.td.name)
+        self.listeners["admin"] = await unix_listener(admin.app(), self.config.admin_socket_path, 0o600)
+        if cfg.health_enabled:
+            self.listeners["health"] = await plain_listener(
+                health_app(self.ready, telemetry.metrics_handler), cfg.health_address, cfg.health_port
+            )
+        if cfg.grpc_enabled:
+            await self._start_grpc()
+
+    async def _start_grpc(self) -> None:
+        try:
+            from issuer.grpc_api import start_entry_api
+        except ImportError:
+            return
+        self.grpc = await start_entry_api(self)
+
+    def _agent_api_context(self) -> Any:
+        return server_context(self.identity.chain, self.identity.key, self.ca.bundle.x509_authorities,
+                              client_cert="optional")
+
+    def tls_context(self, client_cert: str = "required", alpn: tuple[str, ...] = ()) -> SwappableServerContext:
+        """A swappable TLS 1.3 context with the server SVID, kept current on rotation."""
+        roots = self.ca.bundle.x509_authorities if client_cert != "none" else None
+        ctx = SwappableServerContext(server_context(self.identity.chain, self.identity.key, roots, client_cert,
+                                                    alpn or None))
+        self._extra_ctx.append((ctx, client_cert, alpn))
+        return ctx
+
+    def _refresh_contexts(self) -> None:
+        if self._agent_ctx is not None:
+            self._agent_ctx.replace(self._agent_api_context())
+        for ctx, client_cert, alpn in self._extra_ctx:
+            roots = self.ca.bundle.x509_authorities if client_cert != "none" else None
+            ctx.replace(server_context(self.identity.chain, self.identity.key, roots, client_cert, alpn or None))
+
+    async def stop(self) -> None:
+        await self.tasks.stop()
+        if self.grpc is not None:
+            self.grpc.close()
+            await self.grpc.wait_closed()
+            self.grpc = None
+        for name in list(self.listeners):
+            await self.listeners.pop(name).stop()
+        if self.relay is not None:
+            await self.relay.stop()
+            self.relay = None
+        if self.ds is not None:
+            if self._started:
+                try:
+                    await self.ca.flush()
+                except Exception:
+                    log.exception("could not persist CA usage on shutdown")
+            await self.ds.close()
+            self.ds = None
+        self._started = False
+
+    # ------------------------------------------------------------------ periodic work
+    async def tick(self) -> None:
+        await self.ca.tick()
+        if self.clock() >= self.identity.renew_at:
+            await self._renew_identity()
+            self._refresh_contexts()
+
+    async def _renew_identity(self) -> None:
+        active = self.ca.x509_active
+        assert active.minter is not None
+        now = self.clock()
+        leaf = active.minter.mint_from_public_key(
+            self.identity.key.public_key(), self.config.server_spiffe_id, [], int(self.config.ca.agent_svid_ttl),
+            dt.datetime.fromtimestamp(now, dt.UTC),
+        )
+        self.identity.chain = list(svid_chain(active, leaf))
+        not_after = leaf.not_valid_after_utc.timestamp()
+        self.identity.renew_at = now + (not_after - now) / 2
+        self.ca.note_signed(active.key_id, int(not_after))
+
+    async def _bundle_changed(self) -> None:
+        if self.identity.chain:
+            # The active CA may have changed: re-issue our SVID from it, then swap contexts.
+            await self._renew_identity()
+        self._refresh_contexts()
+
+    async def _report(self, agent: Any, failures: list[Any]) -> None:
+        from issuer.events import workload_failures
+
+        await workload_failures.record(self, agent, failures)
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        detail: dict[str, Any] = {"trust_domain": self.td.name}
+        ok = self._started
+        if self.relay is not None:
+            detail["events"] = self.relay.status()
+        return ok, detail
+
+    @property
+    def agent_api_port(self) -> int:
+        return self.listeners["agent_api"].port
+
+    @property
+    def health_port(self) -> int:
+        return self.listeners["health"].port if "health" in self.listeners else 0
+
+    async def serve_forever(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+
+
+def _persistent_id(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        sid = str(uuid.uuid4())
+        path.write_text(sid + "\n")
+        path.chmod(0o600)
+        return sid
+
+
+async def rewrap(config: ServerConfig, new_secret: bytes) -> int:
+    """Re-encrypt every CA key under a new master secret; returns the number of keys."""
+    from dataclasses import replace
+
+    old = KeySealer(load_master_secret(config.server.master_secret_file or None,
+                                       config.server.master_secret_env or None))
+    new = KeySealer(new_secret)
+    ds = open_datastore(config.dsn)
+    await ds.open()
+    try:
+        records = await ds.list_ca_keys()
+        # Decrypt everything first so a wrong old secret changes nothing.
+        plain = [(r, old.unseal(r.sealed_key, r.key_id.encode())) for r in records]
+        for r, pt in plain:
+            await ds.put_ca_key(replace(r, sealed_key=new.seal(pt, r.key_id.encode())))
+        return len(plain)
+    finally:
+        await ds.close()

@@ -1,0 +1,171 @@
+"""Signing for agents: X509-SVID batches and JWT-SVIDs, strictly within what entries allow.
+
+The CA work of large batches runs in an executor so health checks and other agents are
+not starved; each batch's issuance events are written to the outbox in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+
+from issuer.admission import Admission
+from issuer.ca import minting
+from issuer.ca.slots import CaManager, LoadedKey, jwt_kid, svid_chain
+from issuer.datastore.base import AgentRecord, DataStore
+from issuer.entries import EntryService
+from issuer.events import ocsf
+from issuer.events.model import Event
+from meshid import telemetry
+from meshid.errors import MeshidError, PermissionDeniedError
+
+log = logging.getLogger("meshid.signing")
+
+MAX_BATCH = 500
+EXECUTOR_THRESHOLD = 8
+ROTATION_REASONS = ("initial", "scheduled", "forced", "tainted", "expired", "entry_changed")
+MAX_AUDIENCES = 32
+
+
+@dataclass(frozen=True)
+class X509Request:
+    entry_id: str
+    csr: bytes
+    rotation_reason: str = "initial"
+    scheduled_rotation_at: float | None = None
+
+
+@dataclass(frozen=True)
+class X509Result:
+    entry_id: str
+    chain: list[x509.Certificate] | None = None
+    error_code: str = ""
+    error: str = ""
+
+
+class SigningService:
+    def __init__(
+        self,
+        ds: DataStore,
+        ca: CaManager,
+        entries: EntryService,
+        admission: Admission,
+        default_x509_ttl: float,
+        default_jwt_ttl: float,
+        jwt_issuer: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ds = ds
+        self.ca = ca
+        self.entries = entries
+        self.admission = admission
+        self.default_x509_ttl = default_x509_ttl
+        self.default_jwt_ttl = default_jwt_ttl
+        self.jwt_issuer = jwt_issuer or None
+        self.clock = clock
+
+    async def sign_x509(self, agent: AgentRecord, requests: list[X509Request]) -> list[X509Result]:
+        if len(requests) > MAX_BATCH:
+            raise ValueError(f"at most {MAX_BATCH} CSRs per call")
+        async with self.admission.admit(str(agent.agent_id), len(requests)):
+            index = await self.entries.index()
+            allowed = index.authorized(agent.agent_id, agent.selectors)
+            active = self.ca.x509_active
+            now = self.clock()
+            jobs: list[tuple[int, X509Request, Any]] = []
+            results: list[X509Result | None] = [None] * len(requests)
+            refusals: list[Event] = []
+            for i, req in enumerate(requests):
+                entry = allowed.get(req.entry_id)
+                if entry is None:
+                    results[i] = X509Result(req.entry_id, error_code="permission_denied",
+                                            error="entry is not authorized for this agent")
+                    refusals.append(ocsf.svid_refused(str(agent.agent_id), req.entry_id,
+                                                      "entry not authorized for agent", now))
+                    continue
+                jobs.append((i, req, entry))
+            minted = await self._mint_all(active, jobs, now)
+            events: list[Event] = list(refusals)
+            max_not_after = 0
+            for (i, req, entry), outcome in zip(jobs, minted, strict=True):
+                if isinstance(outcome, MeshidError | ValueError):
+                    results[i] = X509Result(req.entry_id, error_code="invalid_argument", error=str(outcome))
+                    events.append(ocsf.svid_refused(str(agent.agent_id), req.entry_id, str(outcome), now))
+                    continue
+                leaf = outcome
+                results[i] = X509Result(req.entry_id, chain=list(svid_chain(active, leaf)))
+                not_after = int(leaf.not_valid_after_utc.timestamp())
+                max_not_after = max(max_not_after, not_after)
+                reason = req.rotation_reason if req.rotation_reason in ROTATION_REASONS else "scheduled"
+                events.append(ocsf.x509_issued(
+                    leaf, spiffe_id=str(entry.spiffe_id), entry_id=entry.id, entry_revision=entry.revision_number,
+                    parent_id=str(entry.parent_id), agent_id=str(agent.agent_id),
+                    selectors=[str(s) for s in entry.selectors], ca_key_id=active.key_id,
+                    rotation_reason=reason, scheduled_rotation_at=req.scheduled_rotation_at, now=now,
+                    renew=reason != "initial",
+                ))
+            if max_not_after:
+                self.ca.note_signed(active.key_id, max_not_after)
+            if events:
+                await self.ds.append_events(events)
+            issued = sum(1 for r in results if r is not None and r.chain is not None)
+            telemetry.count("meshid.svid.issued", issued, {"kind": "x509"})
+            telemetry.count("meshid.svid.refused", len(requests) - issued, {"kind": "x509"})
+            return [r for r in results if r is not None]
+
+    async def _mint_all(
+        self, active: LoadedKey, jobs: list[tuple[int, X509Request, Any]], now: float
+    ) -> list[x509.Certificate | Exception]:
+        minter = active.minter
+        assert minter is not None
+        when = dt.datetime.fromtimestamp(now, dt.UTC)
+
+        def run() -> list[x509.Certificate | Exception]:
+            out: list[x509.Certificate | Exception] = []
+            for _, req, entry in jobs:
+                ttl = entry.x509_svid_ttl or self.default_x509_ttl
+                try:
+                    out.append(minter.mint_from_csr(req.csr, entry.spiffe_id, list(entry.dns_names), int(ttl), when))
+                except (MeshidError, ValueError) as exc:
+                    out.append(exc)
+            return out
+
+        if len(jobs) >= EXECUTOR_THRESHOLD:
+            return await asyncio.get_running_loop().run_in_executor(None, run)
+        return run()
+
+    async def sign_jwt(
+        self, agent: AgentRecord, entry_id: str, audience: list[str]
+    ) -> tuple[str, int]:
+        if not audience or not all(isinstance(a, str) and a for a in audience) or len(audience) > MAX_AUDIENCES:
+            raise ValueError("audience must be a non-empty list of non-empty strings")
+        async with self.admission.admit(str(agent.agent_id), 1):
+            index = await self.entries.index()
+            entry = index.authorized(agent.agent_id, agent.selectors).get(entry_id)
+            now = self.clock()
+            if entry is None:
+                await self.ds.append_events([ocsf.svid_refused(str(agent.agent_id), entry_id,
+                                                               "entry not authorized for agent", now)])
+                telemetry.count("meshid.svid.refused", 1, {"kind": "jwt"})
+                raise PermissionDeniedError("entry is not authorized for this agent")
+            active = self.ca.jwt_active
+            ttl = entry.jwt_svid_ttl or self.default_jwt_ttl
+            expires = min(int(now + ttl), active.record.not_after)
+            token = minting.mint_jwt_svid(
+                active.key, jwt_kid(active), entry.spiffe_id, audience, int(expires - now),
+                dt.datetime.fromtimestamp(now, dt.UTC), issuer=self.jwt_issuer,
+            )
+            self.ca.note_signed(active.key_id, expires)
+            await self.ds.append_events([ocsf.jwt_issued(
+                spiffe_id=str(entry.spiffe_id), audience=audience, entry_id=entry.id, agent_id=str(agent.agent_id),
+                ca_key_id=active.key_id, issued_at=now, expires_at=expires, now=now,
+            )])
+            telemetry.count("meshid.svid.issued", 1, {"kind": "jwt"})
+            return token, expires

@@ -1,0 +1,104 @@
+"""The three kinds of listener meshid opens (and no others) plus Unix sockets.
+
+mTLS / server-auth TLS listeners always get a TLS 1.3-only context from meshid.tls;
+plain HTTP is only for health and metrics and binds loopback unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+
+class Listener:
+    """One aiohttp site; owns its runner and closes it on stop."""
+
+    def __init__(self, runner: web.AppRunner, site: web.BaseSite, address: Any) -> None:
+        self.runner = runner
+        self.site = site
+        self.address = address
+
+    @property
+    def port(self) -> int:
+        return int(self.address[1]) if isinstance(self.address, tuple) else 0
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def _runner(app: web.Application) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    return runner
+
+
+async def tls_listener(app: web.Application, host: str, port: int, ctx: ssl.SSLContext) -> Listener:
+    if ctx.minimum_version != ssl.TLSVersion.TLSv1_3:
+        raise ValueError("TLS listeners must be TLS 1.3 only")
+    runner = await _runner(app)
+    site = web.TCPSite(runner, host, port, ssl_context=ctx, reuse_address=True)
+    await site.start()
+    return Listener(runner, site, runner.addresses[0])
+
+
+async def plain_listener(app: web.Application, host: str, port: int) -> Listener:
+    runner = await _runner(app)
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    return Listener(runner, site, runner.addresses[0])
+
+
+def prepare_socket_path(path: str | Path, dir_mode: int = 0o755) -> Path:
+    """Create the socket's directory (not group/world writable, so nobody else can replace
+    the socket) and remove a stale socket file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True, mode=dir_mode)
+    if p.is_socket() or p.exists():
+        if not p.is_socket():
+            raise ValueError(f"{p} exists and is not a socket")
+        p.unlink()
+    return p
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Any:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+async def unix_listener(app: web.Application, path: str | Path, mode: int) -> Listener:
+    p = prepare_socket_path(path)
+    runner = await _runner(app)
+    site = web.UnixSite(runner, str(p))
+    # The umask closes the window between bind() and chmod().
+    with umask(0o777 & ~mode):
+        await site.start()
+    os.chmod(p, mode)
+    return Listener(runner, site, str(p))
+
+
+def health_app(ready: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
+               metrics: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None) -> web.Application:
+    app = web.Application(client_max_size=1024)
+
+    async def live(_: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def ready_handler(_: web.Request) -> web.Response:
+        ok, detail = await ready()
+        return web.json_response({"ready": ok, **detail}, status=200 if ok else 503)
+
+    app.router.add_get("/live", live)
+    app.router.add_get("/ready", ready_handler)
+    if metrics is not None:
+        app.router.add_get("/metrics", metrics)
+    return app

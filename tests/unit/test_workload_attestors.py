@@ -1,0 +1,235 @@
+"""unix and systemd workload attestors against real processes and a table of cgroup files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from attestors.workload import unix as unix_mod
+from attestors.workload.base import Caller, WorkloadAttestor
+from attestors.workload.systemd import SystemdAttestor, systemd_cgroup_path, unit_from_cgroup_path
+from attestors.workload.unix import UnixAttestor, parse_status
+from meshid.errors import AttestationError
+from meshid.selector import Selector
+
+SLEEP = "/usr/bin/sleep"  # readable by nobody, unlike an interpreter under /root
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start processes as nobody")
+
+
+def sel(text: str) -> Selector:
+    return Selector.parse(text)
+
+
+def caller(pid: int) -> Caller:
+    return Caller(pid=pid, uid=0, gid=0)
+
+
+def _gone_pid() -> int:
+    # Above pid_max no process can exist.
+    return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+
+
+@pytest.fixture
+def nobody() -> pwd.struct_passwd:
+    return pwd.getpwnam("nobody")
+
+
+@pytest.fixture
+def sleeper_as_nobody(nobody: pwd.struct_passwd) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [SLEEP, "60"], user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[nobody.pw_gid, 4242]
+    )
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_attestors_satisfy_protocol() -> None:
+    attestors: list[WorkloadAttestor] = [UnixAttestor(), SystemdAttestor()]
+    assert [a.name for a in attestors] == ["unix", "systemd"]
+
+
+# ---- unix -------------------------------------------------------------------------------
+
+
+async def test_unix_current_process() -> None:
+    got = set(await UnixAttestor().attest(caller(os.getpid())))
+    assert sel(f"unix:uid:{os.geteuid()}") in got
+    assert sel(f"unix:gid:{os.getegid()}") in got
+    assert sel(f"unix:user:{pwd.getpwuid(os.geteuid()).pw_name}") in got
+    for sgid in os.getgroups():
+        assert sel(f"unix:supplementary_gid:{sgid}") in got
+    # Path selectors only on request.
+    assert not any(s.value.startswith(("path:", "sha256:")) for s in got)
+
+
+@needs_root
+async def test_unix_subprocess_as_nobody(sleeper_as_nobody: subprocess.Popen[bytes], nobody: pwd.struct_passwd) -> None:
+    got = set(await UnixAttestor().attest(caller(sleeper_as_nobody.pid)))
+    expected = {
+        sel(f"unix:uid:{nobody.pw_uid}"),
+        sel("unix:user:nobody"),
+        sel(f"unix:gid:{nobody.pw_gid}"),
+        sel(f"unix:supplementary_gid:{nobody.pw_gid}"),
+        # 4242 has no name: the gid selector stays, the name selector is omitted.
+        sel("unix:supplementary_gid:4242"),
+    }
+    assert expected <= got
+    group = {s for s in got if s.value.startswith("group:")}
+    assert len(group) <= 1
+    assert not any(s.value.startswith("supplementary_group:") and "4242" in s.value for s in got)
+    assert sel("unix:uid:0") not in got
+
+
+@needs_root
+async def test_unix_uses_effective_ids(nobody: pwd.struct_passwd) -> None:
+    # Real uid root, effective nobody: SPIRE (and we) attest the effective uid.
+    proc = subprocess.Popen(
+        [SLEEP, "60"],
+        preexec_fn=lambda: (os.setresgid(0, nobody.pw_gid, 0), os.setresuid(0, nobody.pw_uid, 0)),
+    )
+    try:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        assert f"Uid:\t0\t{nobody.pw_uid}\t0" in status
+        got = set(await UnixAttestor().attest(caller(proc.pid)))
+        assert sel(f"unix:uid:{nobody.pw_uid}") in got
+        assert sel(f"unix:gid:{nobody.pw_gid}") in got
+        assert sel("unix:uid:0") not in got
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@needs_root
+async def test_unix_path_and_sha256(sleeper_as_nobody: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    pid = sleeper_as_nobody.pid
+    exe = os.readlink(f"/proc/{pid}/exe")
+    digest = hashlib.sha256(Path(exe).read_bytes()).hexdigest()
+    calls = []
+    real_hash = unix_mod._hash_file
+
+    def counting_hash(path: str, limit: int) -> tuple[unix_mod.FileKey, str]:
+        calls.append(path)
+        return real_hash(path, limit)
+
+    monkeypatch.setattr(unix_mod, "_hash_file", counting_hash)
+    attestor = UnixAttestor(discover_workload_path=True)
+    got = set(await attestor.attest(caller(pid)))
+    assert sel(f"unix:path:{exe}") in got
+    assert sel(f"unix:sha256:{digest}") in got
+    # Same binary again (another process even): served from the cache.
+    again = set(await attestor.attest(caller(pid)))
+    assert sel(f"unix:sha256:{digest}") in again
+    assert len(calls) == 1
+
+
+@needs_root
+@pytest.mark.parametrize("limit", [1, -1])
+async def test_unix_size_limit_omits_digest(sleeper_as_nobody: subprocess.Popen[bytes], limit: int) -> None:
+    got = await UnixAttestor(discover_workload_path=True, workload_size_limit=limit).attest(
+        caller(sleeper_as_nobody.pid)
+    )
+    assert any(s.value.startswith("path:") for s in got)
+    assert not any(s.value.startswith("sha256:") for s in got)
+
+
+@pytest.mark.parametrize("discover", [False, True])
+async def test_unix_missing_process(discover: bool) -> None:
+    with pytest.raises(AttestationError):
+        await UnixAttestor(discover_workload_path=discover).attest(caller(_gone_pid()))
+    with pytest.raises(AttestationError):
+        await UnixAttestor().attest(caller(0))
+
+
+async def test_unix_exited_process() -> None:
+    proc = subprocess.Popen([SLEEP, "0"])
+    proc.wait()
+    with pytest.raises(AttestationError):
+        await UnixAttestor(discover_workload_path=True).attest(caller(proc.pid))
+
+
+def test_parse_status() -> None:
+    text = "Name:\tx\nUid:\t1000\t1001\t1002\t1003\nGid:\t50\t51\t52\t53\nGroups:\t4 24 27 \n"
+    creds = parse_status(text)
+    assert (creds.uid, creds.gid, creds.supplementary_gids) == (1001, 51, (4, 24, 27))
+    assert parse_status("Uid:\t7\nGid:\t8\nGroups:\n").supplementary_gids == ()
+    with pytest.raises(ValueError):
+        parse_status("Name:\tx\n")
+
+
+# ---- systemd ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "unit"),
+    [
+        ("0::/system.slice/nginx.service\n", "nginx.service"),
+        ("0::/system.slice/system-getty.slice/getty@tty1.service\n", "getty@tty1.service"),
+        ("0::/init.scope\n", "init.scope"),
+        ("0::/user.slice/user-1000.slice/session-3.scope\n", "session-3.scope"),
+        # A user unit attests as the user manager, as the system manager (and SPIRE) sees it.
+        ("0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-foo.scope\n", "user@1000.service"),
+        # Delegated subtree: the service named its sub-cgroup like a unit; still the service.
+        ("0::/system.slice/ci-runner.service/payload/admin.service\n", "ci-runner.service"),
+        ("0::/system.slice/docker-0123abcd.scope\n", "docker-0123abcd.scope"),
+        (
+            "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice/"
+            "cri-containerd-5678.scope\n",
+            "cri-containerd-5678.scope",
+        ),
+        ("0::/system.slice/foo\\x2dbar.service\n", "foo\\x2dbar.service"),
+        # cgroup v1
+        (
+            "12:pids:/system.slice/sshd.service\n4:memory:/system.slice/sshd.service\n"
+            "1:name=systemd:/system.slice/sshd.service\n0::/\n",
+            "sshd.service",
+        ),
+        ("1:name=systemd:/system.slice/cron.service\n", "cron.service"),
+        # hybrid: both agree
+        ("1:name=systemd:/system.slice/a.service\n0::/system.slice/a.service\n", "a.service"),
+        # not in a unit
+        ("0::/\n", None),
+        ("0::/system.slice\n", None),
+        ("0::/system.slice/some-cgroup\n", None),
+        ("0::/../../system.slice/x.service\n", None),
+        ("9:name=systemd:/\n4:memory:/process_api/abc\n0::/\n", None),
+        ("", None),
+        ("garbage\n", None),
+        ("5:cpu:/system.slice/x.service\n", None),
+    ],
+)
+def test_systemd_unit_table(cgroup: str, unit: str | None) -> None:
+    path = systemd_cgroup_path(cgroup)
+    assert (unit_from_cgroup_path(path) if path is not None else None) == unit
+
+
+def test_cgroup_path_may_contain_colon() -> None:
+    assert systemd_cgroup_path("0::/system.slice/a:b.service\n") == "/system.slice/a:b.service"
+    assert unit_from_cgroup_path("/system.slice/a:b.service") == "a:b.service"
+
+
+async def test_systemd_attest_from_proc_table(tmp_path: Path) -> None:
+    (tmp_path / "321").mkdir()
+    (tmp_path / "321" / "cgroup").write_text("0::/system.slice/nginx.service\n")
+    (tmp_path / "322").mkdir()
+    (tmp_path / "322" / "cgroup").write_text("0::/\n")
+    attestor = SystemdAttestor(proc_root=str(tmp_path))
+    assert await attestor.attest(caller(321)) == [sel("systemd:id:nginx.service")]
+    assert await attestor.attest(caller(322)) == []
+    with pytest.raises(AttestationError):
+        await attestor.attest(caller(323))
+
+
+async def test_systemd_real_process() -> None:
+    got = await SystemdAttestor().attest(caller(os.getpid()))
+    assert all(s.type == "systemd" and s.value.startswith("id:") for s in got)
+    with pytest.raises(AttestationError):
+        await SystemdAttestor().attest(caller(_gone_pid()))
