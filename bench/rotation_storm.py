@@ -49,7 +49,7 @@ def half_life(issued_at: float, expires_at: float, rng: random.Random, first: bo
 
 
 def drawn_once(lo: float, hi: float) -> NextRenewal:
-    """Istio (0.5 ± 0.01) and kubelet (70–90 %): a fraction of lifetime drawn once per SVID."""
+    """Istio (0.5 ± 0.01) and kubelet (70-90 %): a fraction of lifetime drawn once per SVID."""
 
     def next_renewal(issued_at: float, expires_at: float, rng: random.Random, first: bool) -> float:
         return issued_at + rng.uniform(lo, hi) * (expires_at - issued_at)
@@ -74,7 +74,9 @@ def spire_mean_interval(lifetime: float) -> float:
     mean, survive, k = 0.0, 1.0, 1
     while survive > 1e-15:
         remaining = lifetime - k * SPIRE_CHECK
-        p_fire = min(1.0, max(0.0, (SPIRE_HIGH * lifetime - remaining) / ((SPIRE_HIGH - SPIRE_LOW) * lifetime)))
+        p_fire = min(
+            1.0, max(0.0, (SPIRE_HIGH * lifetime - remaining) / ((SPIRE_HIGH - SPIRE_LOW) * lifetime))
+        )
         mean += k * SPIRE_CHECK * survive * p_fire
         survive *= 1.0 - p_fire
         k += 1
@@ -133,7 +135,9 @@ def poisson_floor(n: int, mean_interval: float, buckets: int, seed: int) -> floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("n", nargs="?", type=int, default=10_000, help="number of SVIDs (default 10000)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
@@ -143,31 +147,43 @@ def main(argv: list[str] | None = None) -> int:
 
     policy = RotationPolicy()
     policies: list[tuple[str, NextRenewal, float, str]] = [
-        ("meshid", meshid_policy(policy), policy.mean_fraction * LIFETIME,
-         f"analytic (a+b)/2·L, [a,b]=[{policy.a},{policy.b}], first draw stationary"),
+        (
+            "meshid",
+            meshid_policy(policy),
+            policy.mean_fraction * LIFETIME,
+            f"analytic (a+b)/2·L, [a,b]=[{policy.a},{policy.b}], first draw stationary",
+        ),
         ("half_life", half_life, 0.5 * LIFETIME, "analytic 0.5·L"),
         ("spire", spire, spire_mean_interval(LIFETIME), "analytic, exact sum over 5 s checks"),
         ("istio", drawn_once(0.49, 0.51), 0.5 * LIFETIME, "analytic 0.5·L, U(0.49,0.51) drawn once"),
         ("kubelet", drawn_once(0.70, 0.90), 0.8 * LIFETIME, "analytic 0.8·L, U(0.70,0.90) drawn once"),
     ]
     started = time.perf_counter()
-    print(f"N={n} lifetime={LIFETIME:.0f}s horizon={LIFETIMES} lifetimes "
-          f"buckets={int(HORIZON // BUCKET)}x{BUCKET:.0f}s seed={args.seed}")
+    print(
+        f"N={n} lifetime={LIFETIME:.0f}s horizon={LIFETIMES} lifetimes "
+        f"buckets={int(HORIZON // BUCKET)}x{BUCKET:.0f}s seed={args.seed}"
+    )
     results: dict[str, float] = {}
     for i, (name, fn, mean_interval, how) in enumerate(policies):
         counts, empirical = simulate(n, fn, random.Random(args.seed * 7919 + i))
         value = pmr(counts, n, mean_interval)
         results[name] = value
         peak_bucket = counts.index(max(counts))
-        print(f"{name:<9} pmr={value:6.2f} peak={max(counts):6d} at t={peak_bucket * BUCKET:7.0f}s "
-              f"mean/bucket={n * BUCKET / mean_interval:8.1f} P={mean_interval:7.1f}s ({how}; "
-              f"empirical {empirical:.1f}s) issuances={sum(counts)}")
+        print(
+            f"{name:<9} pmr={value:6.2f} peak={max(counts):6d} at t={peak_bucket * BUCKET:7.0f}s "
+            f"mean/bucket={n * BUCKET / mean_interval:8.1f} P={mean_interval:7.1f}s ({how}; "
+            f"empirical {empirical:.1f}s) issuances={sum(counts)}"
+        )
     floor = poisson_floor(n, policies[0][2], int(HORIZON // BUCKET), args.seed)
-    print(f"floor     pmr={floor:6.2f} (Poisson at rate N/P_meshid, {int(HORIZON // BUCKET)} buckets, "
-          f"mean of {FLOOR_SEEDS} seeds) elapsed={time.perf_counter() - started:.1f}s")
-    print(f"pmr meshid={results['meshid']:.2f} half_life={results['half_life']:.2f} "
-          f"spire={results['spire']:.2f} istio={results['istio']:.2f} "
-          f"kubelet={results['kubelet']:.2f} floor={floor:.2f}")
+    print(
+        f"floor     pmr={floor:6.2f} (Poisson at rate N/P_meshid, {int(HORIZON // BUCKET)} buckets, "
+        f"mean of {FLOOR_SEEDS} seeds) elapsed={time.perf_counter() - started:.1f}s"
+    )
+    print(
+        f"pmr meshid={results['meshid']:.2f} half_life={results['half_life']:.2f} "
+        f"spire={results['spire']:.2f} istio={results['istio']:.2f} "
+        f"kubelet={results['kubelet']:.2f} floor={floor:.2f}"
+    )
     return 0
 
 

@@ -21,6 +21,7 @@ from issuer.admission import TokenBucket
 from issuer.ca.slots import CaManager, svid_chain
 from issuer.datastore.base import AgentRecord, DataStore
 from issuer.events import ocsf
+from meshid import telemetry
 from meshid.errors import AttestationError, NotFoundError, OverloadedError, PermissionDeniedError
 from meshid.spiffe_id import SpiffeId, TrustDomain
 
@@ -151,7 +152,8 @@ class AgentService:
             await self.ds.put_agent(
                 record,
                 [
-                    ocsf.node_attested(record, request.source, now),
+                    ocsf.node_attested(record.agent_id, request.attestor, record.selectors, now, cert=chain[0],
+                                       src_ip=request.source, reattest=existing is not None),
                     ocsf.x509_issued(
                         chain[0], spiffe_id=str(record.agent_id), entry_id="", entry_revision=0,
                         parent_id=str(SpiffeId(self.td, "/meshid/server")), agent_id=str(record.agent_id),
@@ -160,13 +162,16 @@ class AgentService:
                     ),
                 ],
             )
+        telemetry.default_telemetry().record_attestation("node", request.attestor, True)
         log.info("attested node %s via %s from %s", record.agent_id, request.attestor, request.source or "?")
         return IssuedAgentSvid(record, chain)
 
     async def _failed(self, request: AttestationRequest, reason: str) -> None:
         log.warning("node attestation via %s from %s failed: %s", request.attestor, request.source or "?", reason)
-        await self.ds.append_events([ocsf.node_attestation_failed(request.attestor, request.source, reason,
-                                                                  self.clock())])
+        telemetry.default_telemetry().record_attestation("node", request.attestor, False)
+        await self.ds.append_events([ocsf.node_attestation_failed(request.attestor, reason, self.clock(),
+                                                                  trust_domain=self.td.name,
+                                                                  src_ip=request.source)])
 
     async def _mint(self, agent_id: SpiffeId, csr: bytes) -> list[x509.Certificate]:
         active = self.ca.x509_active

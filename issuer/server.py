@@ -63,6 +63,7 @@ class Server:
         self.ds: DataStore | None = None
         self.relay: Any = None
         self.grpc: Any = None
+        self.grpc_port_bound = 0  # set by issuer.grpc_api once the Entry API listens
         self._started = False
 
     # ------------------------------------------------------------------ start / stop
@@ -74,8 +75,7 @@ class Server:
         self.sealer = KeySealer(secret)
         self.key_manager = DiskKeyManager(self.sealer)
         self.server_id = cfg.server.server_id or _persistent_id(data_dir / "server_id")
-        self.ds = ds = open_datastore(cfg.dsn)
-        await ds.open()
+        self.ds = ds = await open_datastore(cfg.dsn)
         try:
             await self._start_services(ds)
         except BaseException:
@@ -114,7 +114,7 @@ class Server:
             ds, self.ca, self.entries, self.admission, cfg.ca.x509_svid_ttl, cfg.ca.jwt_svid_ttl,
             cfg.ca.jwt_issuer, self.clock,
         )
-        self.signing.taint_window = cfg.ca.taint_rotation_window  # type: ignore[attr-defined]
+        self.signing.taint_window = cfg.ca.taint_rotation_window
         await self._renew_identity()
         await self._start_relay(ds)
         await self._start_listeners()
@@ -262,8 +262,7 @@ async def rewrap(config: ServerConfig, new_secret: bytes) -> int:
     old = KeySealer(load_master_secret(config.server.master_secret_file or None,
                                        config.server.master_secret_env or None))
     new = KeySealer(new_secret)
-    ds = open_datastore(config.dsn)
-    await ds.open()
+    ds = await open_datastore(config.dsn)
     try:
         records = await ds.list_ca_keys()
         # Decrypt everything first so a wrong old secret changes nothing.

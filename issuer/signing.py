@@ -70,6 +70,7 @@ class SigningService:
         self.default_jwt_ttl = default_jwt_ttl
         self.jwt_issuer = jwt_issuer or None
         self.clock = clock
+        self.taint_window = 600.0
 
     async def sign_x509(self, agent: AgentRecord, requests: list[X509Request]) -> list[X509Result]:
         if len(requests) > MAX_BATCH:
@@ -87,8 +88,8 @@ class SigningService:
                 if entry is None:
                     results[i] = X509Result(req.entry_id, error_code="permission_denied",
                                             error="entry is not authorized for this agent")
-                    refusals.append(ocsf.svid_refused(str(agent.agent_id), req.entry_id,
-                                                      "entry not authorized for agent", now))
+                    refusals.append(ocsf.svid_refused("entry not authorized for agent", agent.agent_id, now,
+                                                      entry_id=req.entry_id))
                     continue
                 jobs.append((i, req, entry))
             minted = await self._mint_all(active, jobs, now)
@@ -97,7 +98,8 @@ class SigningService:
             for (i, req, entry), outcome in zip(jobs, minted, strict=True):
                 if isinstance(outcome, MeshidError | ValueError):
                     results[i] = X509Result(req.entry_id, error_code="invalid_argument", error=str(outcome))
-                    events.append(ocsf.svid_refused(str(agent.agent_id), req.entry_id, str(outcome), now))
+                    events.append(ocsf.svid_refused("invalid CSR", agent.agent_id, now, spiffe_id=entry.spiffe_id,
+                                                    entry_id=req.entry_id, detail=str(outcome)))
                     continue
                 leaf = outcome
                 results[i] = X509Result(req.entry_id, chain=list(svid_chain(active, leaf)))
@@ -116,8 +118,10 @@ class SigningService:
             if events:
                 await self.ds.append_events(events)
             issued = sum(1 for r in results if r is not None and r.chain is not None)
-            telemetry.count("meshid.svid.issued", issued, {"kind": "x509"})
-            telemetry.count("meshid.svid.refused", len(requests) - issued, {"kind": "x509"})
+            tel = telemetry.default_telemetry()
+            tel.record_issued("x509", n=issued)
+            if issued < len(requests):
+                tel.record_refused("x509", "not_authorized_or_invalid", len(requests) - issued)
             return [r for r in results if r is not None]
 
     async def _mint_all(
@@ -151,9 +155,9 @@ class SigningService:
             entry = index.authorized(agent.agent_id, agent.selectors).get(entry_id)
             now = self.clock()
             if entry is None:
-                await self.ds.append_events([ocsf.svid_refused(str(agent.agent_id), entry_id,
-                                                               "entry not authorized for agent", now)])
-                telemetry.count("meshid.svid.refused", 1, {"kind": "jwt"})
+                await self.ds.append_events([ocsf.svid_refused("entry not authorized for agent", agent.agent_id,
+                                                               now, kind="jwt", entry_id=entry_id)])
+                telemetry.default_telemetry().record_refused("jwt", "not_authorized")
                 raise PermissionDeniedError("entry is not authorized for this agent")
             active = self.ca.jwt_active
             ttl = entry.jwt_svid_ttl or self.default_jwt_ttl
@@ -164,8 +168,8 @@ class SigningService:
             )
             self.ca.note_signed(active.key_id, expires)
             await self.ds.append_events([ocsf.jwt_issued(
-                spiffe_id=str(entry.spiffe_id), audience=audience, entry_id=entry.id, agent_id=str(agent.agent_id),
-                ca_key_id=active.key_id, issued_at=now, expires_at=expires, now=now,
+                entry.spiffe_id, audience, entry.id, entry.revision_number, entry.parent_id, agent.agent_id,
+                entry.selectors, jwt_kid(active), now, expires, now,
             )])
-            telemetry.count("meshid.svid.issued", 1, {"kind": "jwt"})
+            telemetry.default_telemetry().record_issued("jwt")
             return token, expires

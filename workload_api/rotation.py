@@ -86,7 +86,7 @@ class RotationPolicy:
 
         A renewal process with intervals X ~ U[a, b]·L, observed at a random moment, is
         inside an interval whose length is length-biased (density ∝ x) and at a uniform
-        point V within it; the time left is (1 − V)·X, which has the same law as V·X.
+        point V within it; the time left is (1 - V)·X, which has the same law as V·X.
         Every SVID in the burst was issued at `issued_at`, so that residual is measured
         from `issued_at`: the fleet's renewals then form a stationary process with
         constant rate 1/E[X] from the start. The mean first wait is E[X²]/(2E[X]) (≈ 0.33·L
@@ -94,7 +94,7 @@ class RotationPolicy:
         """
         lifetime = _lifetime(issued_at, expires_at)
         a, b = self.a, self.b
-        # Inverse CDF of density ∝ x on [a, b]: F(x) = (x² − a²) / (b² − a²).
+        # Inverse CDF of density ∝ x on [a, b]: F(x) = (x² - a²) / (b² - a²).
         x = math.sqrt(a * a + rng.random() * (b * b - a * a))
         v = rng.random()
         return issued_at + v * x * lifetime

@@ -40,16 +40,21 @@ class SecretDiscoveryServiceBase(abc.ABC):
 
     @abc.abstractmethod
     async def StreamSecrets(
-        self, stream: grpclib.server.Stream[DiscoveryRequest, DiscoveryResponse]
+        self, stream: grpclib.server.Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse]
     ) -> None:
         """Bidirectional stream (state-of-the-world xDS)."""
 
     @abc.abstractmethod
-    async def FetchSecrets(self, stream: grpclib.server.Stream[DiscoveryRequest, DiscoveryResponse]) -> None:
+    async def FetchSecrets(
+        self, stream: grpclib.server.Stream[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse]
+    ) -> None:
         """Unary fetch."""
 
     async def DeltaSecrets(
-        self, stream: grpclib.server.Stream[DeltaDiscoveryRequest, DeltaDiscoveryResponse]
+        self,
+        stream: grpclib.server.Stream[
+            discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse
+        ],
     ) -> None:
         """Incremental xDS: not supported (SPEC-PROTOCOLS.md §4)."""
         raise GRPCError(grpclib.const.Status.UNIMPLEMENTED, "DeltaSecrets is not implemented")

@@ -410,5 +410,6 @@ class K8sPsatAgentPlugin:
         section.done()
         return plugin
 
-    async def payload(self) -> dict[str, Any]:
+    def payload(self) -> dict[str, Any]:
+        # Synchronous on purpose: one small file read, called once per (re-)attestation.
         return {"cluster": self.cluster, "token": read_token_file(self.token_path)}

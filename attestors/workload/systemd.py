@@ -77,15 +77,16 @@ class SystemdAttestor:
         if pid <= 0:
             raise AttestationError(f"invalid workload pid {pid}")
         try:
-            # Small pseudo-file: read inline.
-            with open(f"{self._proc_root}/{pid}/cgroup", encoding="utf-8", errors="surrogateescape") as f:
+            # A small pseudo-file: a thread hop would cost more than the read.
+            path = f"{self._proc_root}/{pid}/cgroup"
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:  # noqa: ASYNC230
                 text = f.read()
         except (FileNotFoundError, ProcessLookupError) as exc:
             raise AttestationError(f"workload process {pid} not found") from exc
         except OSError as exc:
             raise AttestationError(f"cannot read the cgroup of workload process {pid}: {exc}") from exc
-        path = systemd_cgroup_path(text)
-        unit = unit_from_cgroup_path(path) if path is not None else None
+        cgroup = systemd_cgroup_path(text)
+        unit = unit_from_cgroup_path(cgroup) if cgroup is not None else None
         if unit is None:
             return []
         return [Selector("systemd", f"id:{unit}")]

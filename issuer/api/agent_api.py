@@ -148,9 +148,10 @@ class AgentApi:
         out: dict[str, Any] = {
             "entries": changed,
             "removed": removed,
+            "workload_parents": [str(agent.agent_id), *map(str, index.node_aliases(agent.selectors))],
             "bundle_sequence": bundle.sequence,
-            "tainted_keys": self.ca.tainted_key_ids(),
-            "taint_window": getattr(self.signing, "taint_window", 600),
+            "tainted_authorities": self.ca.tainted_authority_key_ids(),
+            "taint_window": self.signing.taint_window,
         }
         if seq != bundle.sequence:
             out["bundle"] = bundle.to_spiffe_json()

@@ -154,6 +154,17 @@ class CaManager:
     def tainted_key_ids(self) -> list[str]:
         return sorted(k.key_id for k in self._keys.values() if k.record.tainted)
 
+    def tainted_authority_key_ids(self) -> list[str]:
+        """Subject key identifiers (hex) of tainted X509 CAs: agents match them to their SVIDs' AKI."""
+        out = []
+        for k in self._keys.values():
+            if k.record.tainted and k.cert is not None:
+                try:
+                    out.append(k.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex())
+                except x509.ExtensionNotFound:
+                    continue
+        return sorted(out)
+
     @property
     def bundle(self) -> Bundle:
         if self._bundle is None:
@@ -210,7 +221,7 @@ class CaManager:
             created_at=int(now),
             extra=extra,
         )
-        await self.ds.put_ca_key(lk.record, [ocsf.ca_prepared(self.td, lk.record, now)])
+        await self.ds.put_ca_key(lk.record, [_ca_event(ocsf.ca_prepared, self.td, lk, now, self.upstream is not None)])
         self._keys[key_id] = lk
         log.info("prepared %s key %s (not after %s)", kind, key_id, _iso(not_after))
         return lk
@@ -238,7 +249,8 @@ class CaManager:
         changes: list[tuple[LoadedKey, CaKeyRecord, list[Event]]] = []
         for old in self._in_state(kind, ACTIVE):
             changes.append((old, replace(old.record, state=OLD), []))
-        changes.append((new, replace(new.record, state=ACTIVE), [ocsf.ca_activated(self.td, new.record, now)]))
+        changes.append((new, replace(new.record, state=ACTIVE),
+                        [_ca_event(ocsf.ca_activated, self.td, new, now, self.upstream is not None)]))
         for lk, rec, events in changes:
             await self.ds.put_ca_key(rec, events)
             lk.record = rec
@@ -257,9 +269,9 @@ class CaManager:
                 raise CaOperationError(f"{key_id} is only prepared; nothing it signed needs re-issuing")
             if lk.record.tainted:
                 raise CaOperationError(f"{key_id} is already tainted")
-            rec = replace(lk.record, tainted=True)
-            await self.ds.put_ca_key(rec, [ocsf.ca_tainted(self.td, rec, self.clock())])
-            lk.record = rec
+            lk.record = rec = replace(lk.record, tainted=True)
+            await self.ds.put_ca_key(rec, [_ca_event(ocsf.ca_tainted, self.td, lk, self.clock(),
+                                                     self.upstream is not None)])
             await self._rebuild_bundle()
             log.warning("tainted %s key %s: agents re-issue what it signed", lk.record.kind, key_id)
         return lk
@@ -277,7 +289,8 @@ class CaManager:
                     f"SVIDs signed by {key_id} are valid until {_iso(in_use_until)}; wait for agents "
                     "to re-issue them or use --force"
                 )
-            await self.ds.delete_ca_key(key_id, [ocsf.ca_revoked(self.td, lk.record, self.clock())])
+            await self.ds.delete_ca_key(key_id, [_ca_event(ocsf.ca_revoked, self.td, lk, self.clock(),
+                                                            self.upstream is not None)])
             del self._keys[key_id]
             await self._rebuild_bundle()
             log.warning("revoked %s key %s: removed from the bundle", lk.record.kind, key_id)
@@ -352,6 +365,12 @@ class CaManager:
         """Pick up keys other replicas published (shared bundle)."""
         async with self._lock:
             await self._rebuild_bundle(bump=False)
+
+
+def _ca_event(builder: Callable[..., Event], td: TrustDomain, lk: LoadedKey, now: float, upstream: bool) -> Event:
+    r = lk.record
+    return builder(r.key_id, r.kind, now, td.name, cert=lk.cert, not_before=r.not_before, not_after=r.not_after,
+                   upstream=upstream and r.kind == X509, server_id=r.server_id)
 
 
 def jwt_kid(lk: LoadedKey) -> str:

@@ -66,6 +66,11 @@ def natural_key(spiffe_id: SpiffeId, parent_id: SpiffeId, selectors: Iterable[Se
     return hashlib.sha256(dumps(canonical).encode()).hexdigest()
 
 
+def canonical_entry(entry: Entry) -> Entry:
+    """The entry as it reads back from either backend: selectors sorted, no duplicates."""
+    return entry.replace(selectors=tuple(sorted(set(entry.selectors))))
+
+
 def entry_params(entry: Entry) -> tuple[Any, ...]:
     """Values for ENTRY_COLUMNS."""
     body = entry.to_json()

@@ -79,9 +79,15 @@ def test_jittered_custom_spread() -> None:
     assert v == 10.0
 
 
-@pytest.mark.parametrize("kwargs", [{"retry_after": math.nan}, {"retry_after": math.inf},
-                                    {"retry_after": 1.0, "spread": -1.0},
-                                    {"retry_after": 1.0, "min_window": math.nan}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"retry_after": math.nan},
+        {"retry_after": math.inf},
+        {"retry_after": 1.0, "spread": -1.0},
+        {"retry_after": 1.0, "min_window": math.nan},
+    ],
+)
 def test_jittered_invalid(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         jittered(rng=random.Random(8), **kwargs)

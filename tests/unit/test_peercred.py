@@ -52,7 +52,9 @@ def test_parse_stat_start_time(stat: str, expected: int) -> None:
     assert parse_stat_start_time(stat) == expected
 
 
-@pytest.mark.parametrize("stat", ["garbage", "1 (x) S 1 2 3", "1 (x) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 zz 1"])
+@pytest.mark.parametrize(
+    "stat", ["garbage", "1 (x) S 1 2 3", "1 (x) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 zz 1"]
+)
 def test_parse_stat_start_time_malformed(stat: str) -> None:
     with pytest.raises(ValueError):
         parse_stat_start_time(stat)
@@ -142,8 +144,36 @@ def test_real_subprocess_peer(listener: tuple[socket.socket, str]) -> None:
 
 def test_peer_gone_before_identification(listener: tuple[socket.socket, str]) -> None:
     srv, path = listener
-    child = subprocess.Popen([sys.executable, "-c", CHILD, path], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, path], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+    )
     child.wait(10)  # connected, then exited on stdin EOF, and reaped
     conn, _ = srv.accept()
+    with conn, pytest.raises(AttestationError):
+        peer_credentials(conn)
+
+
+def test_pidfd_catches_pid_reuse_at_accept(
+    listener: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peer died and (simulated) its pid now names another process: /proc looks fine,
+    but the peer's pidfd says it is gone, so the borrowed start time is not recorded."""
+    srv, path = listener
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, path], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+    )
+    child.wait(10)
+    conn, _ = srv.accept()
+    probe = socket.socketpair()
+    try:
+        supported = peercred._peer_pidfd(probe[0])
+    finally:
+        probe[0].close()
+        probe[1].close()
+    if supported is None:
+        conn.close()
+        pytest.skip("kernel has no SO_PEERPIDFD")
+    os.close(supported)
+    monkeypatch.setattr(peercred, "process_start_time", lambda pid: 12345)  # a pid successor
     with conn, pytest.raises(AttestationError):
         peer_credentials(conn)

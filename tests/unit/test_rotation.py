@@ -20,8 +20,18 @@ def test_defaults() -> None:
 
 @pytest.mark.parametrize(
     ("a", "b"),
-    [(0.0, 0.8), (-0.1, 0.5), (0.5, 1.0), (0.5, 1.2), (0.8, 0.5), (math.nan, 0.8), (0.5, math.nan),
-     (0.5, math.inf), (True, 0.8), ("0.5", 0.8)],
+    [
+        (0.0, 0.8),
+        (-0.1, 0.5),
+        (0.5, 1.0),
+        (0.5, 1.2),
+        (0.8, 0.5),
+        (math.nan, 0.8),
+        (0.5, math.nan),
+        (0.5, math.inf),
+        (True, 0.8),
+        ("0.5", 0.8),
+    ],
 )
 def test_invalid_window_is_rejected(a: object, b: object) -> None:
     with pytest.raises(ValueError, match="a"):
@@ -91,9 +101,9 @@ def test_stationary_residual_distribution() -> None:
     # Mean residual life of the renewal process: E[X²] / (2 E[X]) for X ~ U[a, b].
     ex, ex2 = (a + b) / 2, (a * a + a * b + b * b) / 3
     assert sum(residual) / n == pytest.approx(ex2 / (2 * ex), abs=0.003)
-    # Residual density is (1 − F(r)) / E[X]: flat at 1/E[X] below a, so P(R < a) = a / E[X].
+    # Residual density is (1 - F(r)) / E[X]: flat at 1/E[X] below a, so P(R < a) = a / E[X].
     assert sum(r < a for r in residual) / n == pytest.approx(a / ex, abs=0.005)
-    # ... and P(R < (a+b)/2) = (a + ∫_a^m (b−x)/(b−a) dx) / E[X].
+    # ... and P(R < (a+b)/2) = (a + ∫_a^m (b-x)/(b-a) dx) / E[X].
     m = (a + b) / 2
     expected = (a + ((b - a) ** 2 - (b - m) ** 2) / (2 * (b - a))) / ex
     assert sum(r < m for r in residual) / n == pytest.approx(expected, abs=0.005)

@@ -72,7 +72,9 @@ async def test_unix_current_process() -> None:
 
 
 @needs_root
-async def test_unix_subprocess_as_nobody(sleeper_as_nobody: subprocess.Popen[bytes], nobody: pwd.struct_passwd) -> None:
+async def test_unix_subprocess_as_nobody(
+    sleeper_as_nobody: subprocess.Popen[bytes], nobody: pwd.struct_passwd
+) -> None:
     got = set(await UnixAttestor().attest(caller(sleeper_as_nobody.pid)))
     expected = {
         sel(f"unix:uid:{nobody.pw_uid}"),
@@ -89,30 +91,50 @@ async def test_unix_subprocess_as_nobody(sleeper_as_nobody: subprocess.Popen[byt
     assert sel("unix:uid:0") not in got
 
 
-@needs_root
-async def test_unix_uses_effective_ids(nobody: pwd.struct_passwd) -> None:
-    # Real uid root, effective nobody: SPIRE (and we) attest the effective uid.
-    proc = subprocess.Popen(
-        [SLEEP, "60"],
-        preexec_fn=lambda: (os.setresgid(0, nobody.pw_gid, 0), os.setresuid(0, nobody.pw_uid, 0)),
-    )
+@pytest.fixture
+def sleeper_euid_nobody(nobody: pwd.struct_passwd) -> Iterator[subprocess.Popen[bytes]]:
+    def drop_effective_only() -> None:
+        os.setresgid(0, nobody.pw_gid, 0)
+        os.setresuid(0, nobody.pw_uid, 0)
+
+    proc = subprocess.Popen([SLEEP, "60"], preexec_fn=drop_effective_only)
     try:
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        assert f"Uid:\t0\t{nobody.pw_uid}\t0" in status
-        got = set(await UnixAttestor().attest(caller(proc.pid)))
-        assert sel(f"unix:uid:{nobody.pw_uid}") in got
-        assert sel(f"unix:gid:{nobody.pw_gid}") in got
-        assert sel("unix:uid:0") not in got
+        yield proc
     finally:
         proc.kill()
         proc.wait()
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _sha256_of(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 @needs_root
-async def test_unix_path_and_sha256(sleeper_as_nobody: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_unix_uses_effective_ids(
+    sleeper_euid_nobody: subprocess.Popen[bytes], nobody: pwd.struct_passwd
+) -> None:
+    # Real uid root, effective nobody: SPIRE (and we) attest the effective uid.
+    pid = sleeper_euid_nobody.pid
+    assert f"Uid:\t0\t{nobody.pw_uid}\t" in _read(f"/proc/{pid}/status")
+    got = set(await UnixAttestor().attest(caller(pid)))
+    assert sel(f"unix:uid:{nobody.pw_uid}") in got
+    assert sel(f"unix:gid:{nobody.pw_gid}") in got
+    assert sel("unix:uid:0") not in got
+
+
+@needs_root
+async def test_unix_path_and_sha256(
+    sleeper_as_nobody: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
     pid = sleeper_as_nobody.pid
     exe = os.readlink(f"/proc/{pid}/exe")
-    digest = hashlib.sha256(Path(exe).read_bytes()).hexdigest()
+    digest = _sha256_of(exe)
     calls = []
     real_hash = unix_mod._hash_file
 
@@ -149,11 +171,18 @@ async def test_unix_missing_process(discover: bool) -> None:
         await UnixAttestor().attest(caller(0))
 
 
-async def test_unix_exited_process() -> None:
+@pytest.fixture
+def exited_pid() -> int:
     proc = subprocess.Popen([SLEEP, "0"])
     proc.wait()
+    return proc.pid
+
+
+async def test_unix_and_systemd_exited_process(exited_pid: int) -> None:
     with pytest.raises(AttestationError):
-        await UnixAttestor(discover_workload_path=True).attest(caller(proc.pid))
+        await UnixAttestor(discover_workload_path=True).attest(caller(exited_pid))
+    with pytest.raises(AttestationError):
+        await SystemdAttestor().attest(caller(exited_pid))
 
 
 def test_parse_status() -> None:

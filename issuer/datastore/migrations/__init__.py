@@ -79,9 +79,7 @@ def split_statements(sql: str) -> list[str]:
         if sqlite3.complete_statement(buffer):
             statements.append(buffer.strip())
             buffer = ""
-    leftover = "\n".join(
-        ln for ln in buffer.splitlines() if ln.strip() and not ln.strip().startswith("--")
-    )
+    leftover = "\n".join(ln for ln in buffer.splitlines() if ln.strip() and not ln.strip().startswith("--"))
     if leftover:
         raise RuntimeError(f"migration ends with an incomplete statement: {leftover[:80]!r}")
     return statements

@@ -1,0 +1,400 @@
+"""`meshid` command line: a thin layer that turns flags into calls of the same functions tests use."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from meshid.cli.admin_client import AdminClient, AdminError, socket_path
+from meshid.errors import MeshidError
+
+
+def _setup_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _print(data: Any) -> None:
+    if isinstance(data, bytes):
+        sys.stdout.write(data.decode())
+    else:
+        print(json.dumps(data, indent=2, sort_keys=True))
+
+
+async def run_until_signalled(start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[Any]]) -> None:
+    """Start, wait for SIGINT/SIGTERM, stop cleanly."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    try:
+        await start()
+        await done.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await stop()
+
+
+# --------------------------------------------------------------------------- server
+async def cmd_server_run(args: argparse.Namespace) -> int:
+    from issuer.config import load_server_config
+    from issuer.server import Server
+
+    config = load_server_config(args.config)
+    _setup_logging(config.log_level)
+    server = Server(config)
+    await run_until_signalled(server.start, server.stop)
+    return 0
+
+
+async def cmd_server_rewrap(args: argparse.Namespace) -> int:
+    from issuer.ca.sealing import load_master_secret
+    from issuer.config import load_server_config
+    from issuer.server import rewrap
+
+    config = load_server_config(args.config)
+    new_secret = load_master_secret(args.new_secret_file, args.new_secret_env)
+    n = await rewrap(config, new_secret)
+    print(f"re-encrypted {n} CA keys under the new master secret; update the server's secret before restart")
+    return 0
+
+
+async def cmd_server_backup(args: argparse.Namespace) -> int:
+    from issuer.config import load_server_config
+    from issuer.datastore.factory import open_datastore
+
+    config = load_server_config(args.config)
+    ds = await open_datastore(config.dsn)
+    try:
+        backup = getattr(ds, "backup", None)
+        if backup is None:
+            raise MeshidError("online backup is built in for SQLite only; for PostgreSQL use pg_dump (see README)")
+        await backup(args.output)
+    finally:
+        await ds.close()
+    print(f"backup written to {args.output} (keep the master secret with it: keys are encrypted)")
+    return 0
+
+
+async def cmd_server_restore(args: argparse.Namespace) -> int:
+    import shutil
+
+    from issuer.config import load_server_config
+
+    config = load_server_config(args.config)
+    dsn = config.dsn
+    if dsn.startswith("postgres"):
+        raise MeshidError("restore is built in for SQLite only; for PostgreSQL use pg_restore (see README)")
+    target = dsn.removeprefix("sqlite://")
+    if os.path.exists(target) and not args.force:
+        raise MeshidError(f"{target} exists; stop the server and pass --force to overwrite it")
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(target + suffix):
+            os.unlink(target + suffix)
+    shutil.copyfile(args.input, target)
+    os.chmod(target, 0o600)
+    print(f"restored {args.input} to {target}")
+    return 0
+
+
+# --------------------------------------------------------------------------- admin
+async def _admin(args: argparse.Namespace, method: str, path: str, body: Any = None,
+                 params: dict[str, str] | None = None) -> Any:
+    async with AdminClient(socket_path(args.server_socket)) as client:
+        return await client.call(method, path, body, params)
+
+
+def _entry_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for field in ("spiffe_id", "parent_id", "hint"):
+        if getattr(args, field, None) is not None:
+            body[field] = getattr(args, field)
+    if args.selector:
+        body["selectors"] = args.selector
+    if args.dns_name:
+        body["dns_names"] = args.dns_name
+    if args.federates_with:
+        body["federates_with"] = args.federates_with
+    for field in ("x509_svid_ttl", "jwt_svid_ttl"):
+        if getattr(args, field, None) is not None:
+            body[field] = getattr(args, field)
+    if args.admin:
+        body["admin"] = True
+    if args.downstream:
+        body["downstream"] = True
+    return body
+
+
+async def cmd_entry(args: argparse.Namespace) -> int:
+    op = args.entry_op
+    if op == "create":
+        _print(await _admin(args, "POST", "/v1/entries", _entry_body(args)))
+    elif op == "list":
+        params = {k: v for k, v in (("spiffe_id", args.spiffe_id), ("parent_id", args.parent_id)) if v}
+        _print(await _admin(args, "GET", "/v1/entries", params=params))
+    elif op == "show":
+        _print(await _admin(args, "GET", f"/v1/entries/{args.id}"))
+    elif op == "update":
+        _print(await _admin(args, "PUT", f"/v1/entries/{args.id}", _entry_body(args)))
+    elif op == "delete":
+        _print(await _admin(args, "DELETE", f"/v1/entries/{args.id}"))
+    return 0
+
+
+async def cmd_token_create(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.ttl:
+        body["ttl"] = args.ttl
+    out = await _admin(args, "POST", "/v1/tokens", body)
+    if args.spiffe_id:
+        # Like SPIRE: register an alias for the agent this token will attest.
+        await _admin(args, "POST", "/v1/entries", {
+            "spiffe_id": args.spiffe_id, "parent_id": out["agent_id"], "selectors": [f"meshid:agent_id:{out['agent_id']}"],
+        })
+    _print(out)
+    return 0
+
+
+async def cmd_agent_admin(args: argparse.Namespace) -> int:
+    if args.agent_op == "list":
+        _print(await _admin(args, "GET", "/v1/agents"))
+    else:
+        _print(await _admin(args, "POST", f"/v1/agents/{args.agent_op}", {"agent_id": args.agent_id}))
+    return 0
+
+
+async def cmd_bundle_show(args: argparse.Namespace) -> int:
+    _print(await _admin(args, "GET", "/v1/bundle", params={"format": args.format}))
+    return 0
+
+
+async def cmd_ca(args: argparse.Namespace) -> int:
+    op = args.ca_op
+    if op == "show":
+        _print(await _admin(args, "GET", "/v1/ca"))
+    elif op in ("prepare", "activate"):
+        _print(await _admin(args, "POST", f"/v1/ca/{op}", {"kind": args.kind}))
+    else:
+        body: dict[str, Any] = {"key_id": args.key_id}
+        if op == "revoke":
+            body["force"] = args.force
+        _print(await _admin(args, "POST", f"/v1/ca/{op}", body))
+    return 0
+
+
+# --------------------------------------------------------------------------- agent, dev, workload client
+async def cmd_agent_run(args: argparse.Namespace) -> int:
+    from workload_api.agent import Agent
+    from workload_api.config import load_agent_config
+
+    config = load_agent_config(args.config)
+    _setup_logging(config.log_level)
+    agent = Agent(config)
+    await run_until_signalled(agent.start, agent.stop)
+    return 0
+
+
+async def cmd_dev(args: argparse.Namespace) -> int:
+    from meshid.cli.dev import run_dev
+
+    _setup_logging("info")
+    return await run_dev(args)
+
+
+async def cmd_fetch(args: argparse.Namespace) -> int:
+    from meshid.cli import workload_client
+
+    return await workload_client.fetch(args)
+
+
+async def cmd_validate(args: argparse.Namespace) -> int:
+    from meshid.cli import workload_client
+
+    return await workload_client.validate(args)
+
+
+async def cmd_events_tail(args: argparse.Namespace) -> int:
+    from issuer.config import load_server_config
+    from issuer.datastore.factory import open_datastore
+    from issuer.events.relay import tail_outbox
+
+    config = load_server_config(args.config)
+    ds = await open_datastore(config.dsn)
+    try:
+        await tail_outbox(ds, follow=args.follow, source=f"meshid://{config.trust_domain}/server/")
+    finally:
+        await ds.close()
+    return 0
+
+
+async def cmd_detect(args: argparse.Namespace) -> int:
+    from issuer.events.detector import run_detector_cli
+
+    _setup_logging("info")
+    return await run_detector_cli(args)
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshid", description="SPIFFE-compatible mesh identity issuer")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def admin_parser(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--server-socket", help="admin socket (default $MESHID_SERVER_SOCKET)")
+
+    dev = sub.add_parser("dev", help="server + agent in one process on SQLite, for one machine")
+    dev.add_argument("--trust-domain", default="example.org")
+    dev.add_argument("--socket", help="Workload API socket path (default <data-dir>/agent/public/api.sock)")
+    dev.add_argument("--svid-ttl", default="1h", help="X509-SVID lifetime, e.g. 1h, 10m, 120s")
+    dev.add_argument("--data-dir", help="state directory (default ~/.local/share/meshid/dev)")
+    dev.set_defaults(func=cmd_dev)
+
+    server = sub.add_parser("server", help="run and maintain the server").add_subparsers(dest="server_op",
+                                                                                        required=True)
+    s = server.add_parser("run")
+    s.add_argument("--config", required=True)
+    s.set_defaults(func=cmd_server_run)
+    s = server.add_parser("rewrap", help="re-encrypt every CA key under a new master secret")
+    s.add_argument("--config", required=True)
+    s.add_argument("--new-secret-file")
+    s.add_argument("--new-secret-env")
+    s.set_defaults(func=cmd_server_rewrap)
+    s = server.add_parser("backup", help="online, consistent backup of the SQLite datastore")
+    s.add_argument("--config", required=True)
+    s.add_argument("--output", required=True)
+    s.set_defaults(func=cmd_server_backup)
+    s = server.add_parser("restore", help="restore a SQLite backup (server stopped)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--input", required=True)
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_server_restore)
+
+    entry = sub.add_parser("entry", help="registration entries").add_subparsers(dest="entry_op", required=True)
+    for op in ("create", "list", "show", "update", "delete"):
+        e = entry.add_parser(op)
+        admin_parser(e)
+        if op in ("show", "update", "delete"):
+            e.add_argument("id")
+        if op in ("create", "update", "list"):
+            e.add_argument("--spiffe-id", dest="spiffe_id")
+            e.add_argument("--parent-id", dest="parent_id")
+        if op in ("create", "update"):
+            e.add_argument("--selector", action="append", default=[], help="type:value (repeatable)")
+            e.add_argument("--dns-name", action="append", default=[])
+            e.add_argument("--federates-with", action="append", default=[])
+            e.add_argument("--x509-svid-ttl", type=int)
+            e.add_argument("--jwt-svid-ttl", type=int)
+            e.add_argument("--hint")
+            e.add_argument("--admin", action="store_true")
+            e.add_argument("--downstream", action="store_true")
+        e.set_defaults(func=cmd_entry)
+
+    token = sub.add_parser("token", help="join tokens").add_subparsers(dest="token_op", required=True)
+    t = token.add_parser("create")
+    admin_parser(t)
+    t.add_argument("--ttl", type=int, help="seconds (default from server config)")
+    t.add_argument("--spiffe-id", help="also register this ID as an alias of the agent")
+    t.set_defaults(func=cmd_token_create)
+
+    agent = sub.add_parser("agent", help="run the agent, or manage agents").add_subparsers(dest="agent_op",
+                                                                                          required=True)
+    a = agent.add_parser("run")
+    a.add_argument("--config", required=True)
+    a.set_defaults(func=cmd_agent_run)
+    for op in ("list", "evict", "ban"):
+        a = agent.add_parser(op)
+        admin_parser(a)
+        if op != "list":
+            a.add_argument("agent_id")
+        a.set_defaults(func=cmd_agent_admin)
+
+    bundle = sub.add_parser("bundle").add_subparsers(dest="bundle_op", required=True)
+    b = bundle.add_parser("show")
+    admin_parser(b)
+    b.add_argument("--format", choices=("pem", "spiffe"), default="pem")
+    b.set_defaults(func=cmd_bundle_show)
+
+    ca = sub.add_parser("ca", help="CA keys: show, prepare, activate, taint, revoke").add_subparsers(
+        dest="ca_op", required=True)
+    for op in ("show", "prepare", "activate", "taint", "revoke"):
+        c = ca.add_parser(op)
+        admin_parser(c)
+        if op in ("prepare", "activate"):
+            c.add_argument("--kind", choices=("x509", "jwt"), default="x509")
+        if op in ("taint", "revoke"):
+            c.add_argument("key_id")
+        if op == "revoke":
+            c.add_argument("--force", action="store_true", help="revoke even while SVIDs it signed are valid")
+        c.set_defaults(func=cmd_ca)
+
+    fetch = sub.add_parser("fetch", help="Workload API client").add_subparsers(dest="fetch_op", required=True)
+    f = fetch.add_parser("x509")
+    f.add_argument("--socket")
+    f.add_argument("--write", metavar="DIR", help="write svid.pem, svid.key, bundle.pem")
+    f.set_defaults(func=cmd_fetch)
+    f = fetch.add_parser("jwt")
+    f.add_argument("--socket")
+    f.add_argument("--audience", action="append", required=True)
+    f.add_argument("--spiffe-id")
+    f.set_defaults(func=cmd_fetch)
+    f = fetch.add_parser("bundles")
+    f.add_argument("--socket")
+    f.set_defaults(func=cmd_fetch)
+
+    validate = sub.add_parser("validate").add_subparsers(dest="validate_op", required=True)
+    v = validate.add_parser("jwt")
+    v.add_argument("--socket")
+    v.add_argument("--audience", required=True)
+    v.add_argument("--token", required=True)
+    v.set_defaults(func=cmd_validate)
+
+    events = sub.add_parser("events").add_subparsers(dest="events_op", required=True)
+    ev = events.add_parser("tail", help="read the event outbox (works without Kafka)")
+    ev.add_argument("--config", required=True)
+    ev.add_argument("--follow", action="store_true")
+    ev.set_defaults(func=cmd_events_tail)
+
+    det = sub.add_parser("detect", help="reference anomaly detector (Kafka consumer group)")
+    det.add_argument("--bootstrap", required=True, help="HOST:PORT")
+    det.add_argument("--config", help="detector TOML (thresholds)")
+    det.add_argument("--state", default="meshid-detector-state.json")
+    det.add_argument("--group", default="meshid-detector")
+    det.add_argument("--events-topic", default="meshid.events")
+    det.add_argument("--alerts-topic", default="meshid.alerts")
+    det.set_defaults(func=cmd_detect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(args.func(args))
+    except AdminError as exc:
+        print(f"meshid: {exc}", file=sys.stderr)
+        return 1
+    except MeshidError as exc:
+        print(f"meshid: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"meshid: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+_ = time

@@ -1,0 +1,86 @@
+"""JWT-SVID validation per the SPIFFE JWT-SVID spec (pure; used by ValidateJWTSVID).
+
+Accepts a missing `typ` or `JWT`/`JOSE`; refuses `none`, HMAC, unknown `kid`, bad
+signatures, expired tokens, a wrong audience and a `sub` that is not a SPIFFE ID.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jwt
+
+from meshid.bundle import Bundle
+from meshid.errors import MeshidError
+from meshid.spiffe_id import SpiffeId, TrustDomain
+
+ALLOWED_ALGS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512")
+MAX_TOKEN_BYTES = 16 * 1024
+
+
+class InvalidJwtSvidError(MeshidError, ValueError):
+    pass
+
+
+def validate_jwt_svid(
+    token: str, audience: str, bundles: Mapping[TrustDomain, Bundle], now: float | None = None
+) -> tuple[SpiffeId, dict[str, Any]]:
+    if not token or not audience:
+        raise InvalidJwtSvidError("audience and token are required")
+    if len(token) > MAX_TOKEN_BYTES:
+        raise InvalidJwtSvidError("token is too large")
+    try:
+        header = jwt.get_unverified_header(token)
+        unverified = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError as exc:
+        raise InvalidJwtSvidError(f"malformed JWT: {exc}") from None
+    alg = header.get("alg")
+    if alg not in ALLOWED_ALGS:
+        raise InvalidJwtSvidError(f"unsupported token signature algorithm {alg!r}")
+    typ = header.get("typ")
+    if typ is not None and typ not in ("JWT", "JOSE"):
+        raise InvalidJwtSvidError(f"token header type {typ!r} is not JWT or JOSE")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise InvalidJwtSvidError("token header has no key id")
+    sub = unverified.get("sub")
+    if not isinstance(sub, str):
+        raise InvalidJwtSvidError("token has no subject")
+    try:
+        spiffe_id = SpiffeId.parse(sub)
+    except ValueError as exc:
+        raise InvalidJwtSvidError(f"token subject is not a SPIFFE ID: {exc}") from None
+    bundle = bundles.get(spiffe_id.trust_domain)
+    if bundle is None:
+        raise InvalidJwtSvidError(f"no bundle for trust domain {spiffe_id.trust_domain}")
+    key = bundle.jwt_authorities.get(kid)
+    if key is None:
+        raise InvalidJwtSvidError(f"key {kid!r} not found in the bundle of {spiffe_id.trust_domain}")
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token, key=key, algorithms=[alg], audience=audience,  # type: ignore[arg-type]
+            options={"require": ["sub", "aud", "exp"]},
+            leeway=0,
+        ) if now is None else _decode_at(token, key, alg, audience, now)
+    except jwt.ExpiredSignatureError:
+        raise InvalidJwtSvidError("token has expired") from None
+    except jwt.InvalidAudienceError:
+        raise InvalidJwtSvidError(f"token audience does not include {audience!r}") from None
+    except jwt.PyJWTError as exc:
+        raise InvalidJwtSvidError(f"token is invalid: {exc}") from None
+    return spiffe_id, claims
+
+
+def _decode_at(token: str, key: Any, alg: str, audience: str, now: float) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(
+        token, key=key, algorithms=[alg], audience=audience,
+        options={"require": ["sub", "aud", "exp"], "verify_exp": False},
+    )
+    if float(claims["exp"]) <= now:
+        raise jwt.ExpiredSignatureError("expired")
+    return claims
+
+
+_ = time

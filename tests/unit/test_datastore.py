@@ -1,0 +1,659 @@
+"""DataStore conformance: the same tests against SQLite and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from issuer.datastore import codec
+from issuer.datastore.base import AgentRecord, CaKeyRecord, DataStore, EntryAlreadyExistsError
+from issuer.datastore.factory import datastore_for, open_datastore
+from issuer.datastore.migrations import SchemaTooNewError, load_migrations
+from issuer.datastore.postgres import PostgresDataStore
+from issuer.datastore.sqlite import SqliteDataStore
+from issuer.events.model import Event, OutboxRow
+from meshid.entry import Entry
+from meshid.errors import AlreadyExistsError, ConfigError, NotFoundError
+from meshid.selector import Selector, parse_selectors
+from meshid.spiffe_id import SpiffeId, TrustDomain
+
+# tests/ holds shared fixtures (pg.py) but is not a package; a tests/conftest.py doing
+# `from pg import ...` would make this line unnecessary.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pg import PostgresCluster, postgres_cluster, postgres_db, postgres_dsn  # noqa: F401
+
+
+def _conforms(a: SqliteDataStore, b: PostgresDataStore) -> list[DataStore]:
+    """mypy checks here that both backends implement the Protocol."""
+    return [a, b]
+
+
+# --- fixtures and helpers ---------------------------------------------------------------
+_TABLES = "entries, entry_selectors, agents, join_tokens, ca_keys, meta, outbox"
+
+
+@pytest.fixture(scope="session")
+def shared_pg_db(postgres_cluster: PostgresCluster) -> str:  # noqa: F811 (fixture)
+    # One database for the suite, emptied before each test: creating and migrating a
+    # database per test would cost ~0.3 s each.
+    return postgres_cluster.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def fresh_dsn(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database no store has opened yet."""
+    if backend == "sqlite":
+        return f"sqlite://{tmp_path}/meshid.db"
+    return str(request.getfixturevalue("postgres_db"))
+
+
+@pytest.fixture
+def dsn(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database for one test (on PostgreSQL: migrated already, emptied by `store`)."""
+    if backend == "sqlite":
+        return f"sqlite://{tmp_path}/meshid.db"
+    return str(request.getfixturevalue("shared_pg_db"))
+
+
+@pytest.fixture
+async def store(dsn: str) -> AsyncIterator[DataStore]:
+    s = await open_datastore(dsn)
+    try:
+        if isinstance(s, PostgresDataStore):
+            conn = await asyncpg.connect(dsn)
+            try:
+                await conn.execute(f"TRUNCATE {_TABLES}")
+            finally:
+                await conn.close()
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def twin(store: DataStore, dsn: str) -> AsyncIterator[DataStore]:
+    """A second store on the same database: another process or server replica."""
+    s = await open_datastore(dsn)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def sid(path: str) -> SpiffeId:
+    return SpiffeId.parse(f"spiffe://example.org{path}")
+
+
+def make_entry(
+    path: str = "/web",
+    parent: str = "/agent/n1",
+    selectors: tuple[str, ...] = ("unix:uid:1000",),
+    **kw: Any,
+) -> Entry:
+    return Entry(
+        id="", spiffe_id=sid(path), parent_id=sid(parent), selectors=parse_selectors(selectors), **kw
+    )
+
+
+def ev(n: int, key: str = "k") -> Event:
+    return Event(
+        type="io.meshid.test.happened",
+        subject=f"spiffe://example.org/s{n}",
+        partition_key=key,
+        time=1_700_000_000.25 + n,
+        data={"n": n, "unmapped": {"spiffe_id": f"s{n}", "list": [1, 2.5, "é"]}},
+    )
+
+
+async def all_rows(store: DataStore) -> list[OutboxRow]:
+    return await store.fetch_outbox(0, 100_000)
+
+
+async def outbox_events(store: DataStore) -> list[Event]:
+    return [r.event for r in await all_rows(store)]
+
+
+def agent(path: str = "/agent/n1", **kw: Any) -> AgentRecord:
+    base: dict[str, Any] = {
+        "agent_id": sid(path),
+        "attestor": "join_token",
+        "selectors": (Selector("jt", "b"), Selector("jt", "a")),
+        "serial": "0a1b",
+        "expires_at": 2_000,
+        "created_at": 100,
+        "updated_at": 200,
+    }
+    base.update(kw)
+    return AgentRecord(**base)
+
+
+def ca_key(key_id: str = "k1", kind: str = "x509", **kw: Any) -> CaKeyRecord:
+    base: dict[str, Any] = {
+        "key_id": key_id,
+        "kind": kind,
+        "state": "prepared",
+        "sealed_key": b"\x00sealed\xff",
+        "public_key_der": b"\x30\x59spki",
+        "not_before": 1_000,
+        "not_after": 90_000,
+        "cert_chain_der": (b"\x30ca", b"\x30upstream"),
+        "server_id": "server-a",
+        "extra": {"upstream": "files"},
+    }
+    base.update(kw)
+    return CaKeyRecord(**base)
+
+
+def dialect(store: DataStore) -> str:
+    return "sqlite" if isinstance(store, SqliteDataStore) else "postgres"
+
+
+async def sql(store: DataStore, dsn: str, query: str) -> list[tuple[object, ...]]:
+    """Run raw SQL beside the store (for schema checks)."""
+    if isinstance(store, SqliteDataStore):
+
+        def run() -> list[tuple[object, ...]]:
+            with sqlite3.connect(store.path) as conn:
+                return [tuple(r) for r in conn.execute(query).fetchall()]
+
+        return await asyncio.to_thread(run)
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [tuple(r) for r in await conn.fetch(query)]
+    finally:
+        await conn.close()
+
+
+# --- migrations -------------------------------------------------------------------------------
+def test_both_dialects_share_migration_numbers() -> None:
+    lite, pg = load_migrations("sqlite"), load_migrations("postgres")
+    assert [(m.version, m.name) for m in lite] == [(m.version, m.name) for m in pg]
+    assert lite[0].version == 1
+
+
+async def test_migrations_are_idempotent_on_reopen(store: DataStore, dsn: str) -> None:
+    created = await store.create_entry(make_entry())
+    await store.close()
+    for _ in range(2):
+        await store.open()
+        await store.close()
+    await store.open()
+    assert await store.get_entry(created.id) == created
+    versions = await sql(store, dsn, "SELECT version FROM schema_migrations ORDER BY version")
+    assert [v[0] for v in versions] == [m.version for m in load_migrations(dialect(store))]
+
+
+async def test_concurrent_first_open_migrates_once(fresh_dsn: str) -> None:
+    stores = [datastore_for(fresh_dsn) for _ in range(3)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        await stores[0].create_entry(make_entry())
+        assert len(await stores[2].list_entries()) == 1
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_refuses_schema_from_newer_meshid(fresh_dsn: str) -> None:
+    store = await open_datastore(fresh_dsn)
+    await sql(
+        store, fresh_dsn, "INSERT INTO schema_migrations (version, name, applied_at) VALUES (9999, 'x', 0)"
+    )
+    await store.close()
+    with pytest.raises(SchemaTooNewError):
+        await store.open()
+
+
+async def test_entry_lookups_are_indexed(store: DataStore, dsn: str) -> None:
+    if isinstance(store, SqliteDataStore):
+        names = await sql(store, dsn, "SELECT name FROM sqlite_master WHERE type = 'index'")
+        plan = await sql(
+            store,
+            dsn,
+            "EXPLAIN QUERY PLAN SELECT body FROM entries WHERE parent_id IN "
+            '(SELECT value FROM json_each(\'["a","b"]\')) ORDER BY id',
+        )
+        assert any("entries_by_parent_id" in str(row) for row in plan), plan
+    else:
+        names = await sql(store, dsn, "SELECT indexname FROM pg_indexes WHERE tablename = 'entries'")
+    found = {str(n[0]) for n in names}
+    assert {"entries_by_spiffe_id", "entries_by_parent_id"} <= found
+
+
+# --- entries ------------------------------------------------------------------------------------
+async def test_create_assigns_id_created_at_and_revision(store: DataStore) -> None:
+    created = await store.create_entry(make_entry(revision_number=7))
+    assert created.id and created.created_at > 0 and created.revision_number == 0
+    assert await store.get_entry(created.id) == created
+    assert await store.list_entries() == [created]
+    assert await store.get_entry("nope") is None
+
+
+async def test_create_keeps_given_id_and_round_trips_every_field(store: DataStore) -> None:
+    entry = make_entry(
+        selectors=("k8s:ns:prod", "k8s:sa:web", "unix:uid:0"),
+        x509_svid_ttl=3600,
+        jwt_svid_ttl=300,
+        dns_names=("web.example.org", "*.web.example.org"),
+        federates_with=(TrustDomain("partner.org"),),
+        admin=True,
+        downstream=True,
+        hint="external",
+        created_at=12345,
+        expires_at=99999,
+        store_svid=True,
+        extra={"disable_x509_svid_prefetch": True, "n": [1, 2]},
+    ).replace(id="entry-1")
+    created = await store.create_entry(entry)
+    got = await store.get_entry("entry-1")
+    assert got == created == entry
+    assert got is not None and got.extra == {"disable_x509_svid_prefetch": True, "n": [1, 2]}
+    assert got.created_at == 12345
+
+
+async def test_same_natural_key_is_already_exists_carrying_the_entry(store: DataStore) -> None:
+    first = await store.create_entry(make_entry(selectors=("a:1", "b:2")), [ev(1)])
+    with pytest.raises(EntryAlreadyExistsError) as info:
+        await store.create_entry(make_entry(selectors=("b:2", "a:1"), hint="other"), [ev(2)])
+    assert isinstance(info.value, AlreadyExistsError)
+    assert info.value.existing == first
+    # A different selector set, parent or SPIFFE ID is a different entry.
+    await store.create_entry(make_entry(selectors=("a:1",)))
+    await store.create_entry(make_entry(selectors=("a:1", "b:2"), parent="/agent/n2"))
+    await store.create_entry(make_entry(path="/api", selectors=("a:1", "b:2")))
+    assert len(await store.list_entries()) == 4
+    assert [e.subject for e in await outbox_events(store)] == [ev(1).subject]
+
+
+async def test_taken_id_is_already_exists(store: DataStore) -> None:
+    await store.create_entry(make_entry().replace(id="same"))
+    with pytest.raises(AlreadyExistsError) as info:
+        await store.create_entry(make_entry(path="/other").replace(id="same"))
+    assert not isinstance(info.value, EntryAlreadyExistsError)
+
+
+async def test_update_bumps_revision_and_keeps_created_at(store: DataStore) -> None:
+    created = await store.create_entry(make_entry(created_at=500))
+    changed = created.replace(selectors=parse_selectors(["unix:uid:2000", "unix:gid:10"]), x509_svid_ttl=60)
+    updated = await store.update_entry(changed.replace(created_at=1, revision_number=0), [ev(1)])
+    assert updated.revision_number == 1 and updated.created_at == 500
+    assert await store.get_entry(created.id) == updated == changed.replace(revision_number=1)
+    again = await store.update_entry(updated.replace(hint="h"))
+    assert again.revision_number == 2
+    assert [e.subject for e in await outbox_events(store)] == [ev(1).subject]
+
+
+async def test_update_missing_or_clashing_changes_nothing(store: DataStore) -> None:
+    a = await store.create_entry(make_entry(selectors=("a:1",)))
+    b = await store.create_entry(make_entry(selectors=("b:1",)))
+    with pytest.raises(NotFoundError):
+        await store.update_entry(make_entry(path="/x").replace(id="missing"), [ev(1)])
+    with pytest.raises(EntryAlreadyExistsError) as info:
+        await store.update_entry(b.replace(selectors=a.selectors), [ev(2)])
+    assert info.value.existing == a
+    assert await store.get_entry(b.id) == b
+    assert await outbox_events(store) == []
+
+
+async def test_delete_returns_the_entry(store: DataStore) -> None:
+    created = await store.create_entry(make_entry())
+    assert await store.delete_entry(created.id, [ev(1)]) == created
+    assert await store.get_entry(created.id) is None
+    with pytest.raises(NotFoundError):
+        await store.delete_entry(created.id, [ev(2)])
+    assert [e.subject for e in await outbox_events(store)] == [ev(1).subject]
+    # The natural key is free again.
+    await store.create_entry(make_entry())
+
+
+async def test_entries_by_parents_and_by_spiffe_id(store: DataStore) -> None:
+    e1 = await store.create_entry(make_entry("/a", "/agent/n1"))
+    e2 = await store.create_entry(make_entry("/b", "/agent/n2"))
+    e3 = await store.create_entry(make_entry("/a", "/agent/n3"))
+    await store.create_entry(make_entry("/c", "/agent/n4"))
+    got = await store.entries_by_parents(
+        [sid("/agent/n1"), sid("/agent/n2"), sid("/agent/n3"), sid("/nobody")]
+    )
+    assert sorted(e.id for e in got) == sorted([e1.id, e2.id, e3.id])
+    assert await store.entries_by_parents([]) == []
+    assert sorted(e.id for e in await store.entries_by_spiffe_id(sid("/a"))) == sorted([e1.id, e3.id])
+    assert await store.entries_by_spiffe_id(sid("/none")) == []
+
+
+async def test_many_parents_in_one_lookup(store: DataStore) -> None:
+    await store.create_entry(make_entry("/a", "/agent/n7"))
+    parents = [sid(f"/agent/n{i}") for i in range(33_000)]  # past SQLite's bound-variable limit
+    assert [e.spiffe_id for e in await store.entries_by_parents(parents)] == [sid("/a")]
+
+
+# --- atomicity of act + events ------------------------------------------------------------------
+async def test_act_and_events_are_written_together(store: DataStore) -> None:
+    entry = await store.create_entry(make_entry(), [ev(1), ev(2)])
+    await store.put_agent(agent(), [ev(3)])
+    await store.put_ca_key(ca_key(), [ev(4)])
+    await store.delete_entry(entry.id, [ev(5)])
+    assert await outbox_events(store) == [ev(1), ev(2), ev(3), ev(4), ev(5)]
+
+
+async def test_failing_act_writes_no_events(store: DataStore) -> None:
+    await store.create_entry(make_entry())
+    failing = [
+        store.create_entry(make_entry(), [ev(1)]),
+        store.update_entry(make_entry(path="/x").replace(id="missing"), [ev(2)]),
+        store.delete_entry("missing", [ev(3)]),
+        store.delete_agent(sid("/agent/missing"), [ev(4)]),
+        store.delete_ca_key("missing", [ev(5)]),
+    ]
+    for call in failing:
+        with pytest.raises((AlreadyExistsError, NotFoundError)):
+            await call
+    assert await outbox_events(store) == []
+    assert await store.outbox_backlog() == 0
+
+
+async def test_event_that_cannot_be_stored_cancels_the_act(store: DataStore) -> None:
+    bad = Event("io.meshid.test", "s", "k", 1.0, {"x": float("nan")})
+    with pytest.raises(ValueError):
+        await store.create_entry(make_entry(), [ev(1), bad])
+    with pytest.raises(ValueError):
+        await store.put_agent(agent(), [bad])
+    assert await store.list_entries() == []
+    assert await store.list_agents() == []
+    assert await outbox_events(store) == []
+
+
+# --- agents ---------------------------------------------------------------------------------------
+async def test_agents_put_get_list_delete(store: DataStore) -> None:
+    a1 = agent("/agent/n1")
+    a2 = agent("/agent/n2", banned=True, can_reattest=False, selectors=(Selector("x509pop", "cn:n2"),))
+    await store.put_agent(a1)
+    await store.put_agent(a2)
+    assert await store.get_agent(sid("/agent/n1")) == a1  # selector order kept
+    assert await store.list_agents() == [a1, a2]
+    renewed = agent("/agent/n1", serial="ff", expires_at=9_000, updated_at=300)
+    await store.put_agent(renewed, [ev(1)])
+    assert await store.get_agent(sid("/agent/n1")) == renewed
+    await store.delete_agent(sid("/agent/n1"), [ev(2)])
+    assert await store.get_agent(sid("/agent/n1")) is None
+    with pytest.raises(NotFoundError):
+        await store.delete_agent(sid("/agent/n1"))
+    assert await store.list_agents() == [a2]
+    assert [e.subject for e in await outbox_events(store)] == [ev(1).subject, ev(2).subject]
+
+
+# --- join tokens ------------------------------------------------------------------------------------
+async def test_join_token_is_single_use(store: DataStore) -> None:
+    await store.create_join_token("h1", "tok-1", expires_at=1_000)
+    with pytest.raises(AlreadyExistsError):
+        await store.create_join_token("h1", "tok-2", expires_at=1_000)
+    assert await store.consume_join_token("h1", now=999) == "tok-1"
+    assert await store.consume_join_token("h1", now=999) is None
+    assert await store.consume_join_token("unknown", now=0) is None
+
+
+async def test_expired_join_token_is_refused_and_removed(store: DataStore) -> None:
+    await store.create_join_token("h2", "tok-2", expires_at=1_000)
+    assert await store.consume_join_token("h2", now=1_000) is None
+    await store.create_join_token("h2", "tok-3", expires_at=5_000)  # the hash is free again
+    assert await store.consume_join_token("h2", now=1_000) == "tok-3"
+
+
+async def test_concurrent_consume_has_exactly_one_winner(store: DataStore, twin: DataStore) -> None:
+    await store.create_join_token("race", "tok-race", expires_at=10_000)
+    results = await asyncio.gather(
+        *(s.consume_join_token("race", now=1) for s in [store, twin] * 10)  # 20 tasks, two "replicas"
+    )
+    assert results.count("tok-race") == 1 and results.count(None) == 19
+
+
+# --- CA keys ---------------------------------------------------------------------------------------
+async def test_ca_keys_put_list_delete(store: DataStore) -> None:
+    x1 = ca_key("x1", not_before=10)
+    x2 = ca_key("x2", not_before=20, state="active", tainted=True)
+    j1 = ca_key("j1", kind="jwt", cert_chain_der=(), extra={})
+    for k in (x2, j1, x1):
+        await store.put_ca_key(k)
+    assert await store.list_ca_keys() == [x1, x2, j1]  # by not_before, then key_id
+    assert await store.list_ca_keys("x509") == [x1, x2]
+    assert await store.list_ca_keys("jwt") == [j1]
+    activated = ca_key("x1", not_before=10, state="active")
+    await store.put_ca_key(activated, [ev(1)])
+    assert await store.list_ca_keys("x509") == [activated, x2]
+    await store.delete_ca_key("x2", [ev(2)])
+    with pytest.raises(NotFoundError):
+        await store.delete_ca_key("x2")
+    assert await store.list_ca_keys("x509") == [activated]
+    assert len(await outbox_events(store)) == 2
+
+
+async def test_raise_max_signed_only_raises(store: DataStore) -> None:
+    await store.put_ca_key(ca_key("x1"))
+    await store.raise_max_signed("x1", 5_000)
+    await store.raise_max_signed("x1", 4_000)
+    assert (await store.list_ca_keys())[0].max_signed_not_after == 5_000
+    await asyncio.gather(*(store.raise_max_signed("x1", n) for n in range(6_000, 6_050)))
+    assert (await store.list_ca_keys())[0].max_signed_not_after == 6_049
+    with pytest.raises(NotFoundError):
+        await store.raise_max_signed("missing", 1)
+
+
+# --- meta ---------------------------------------------------------------------------------------------
+async def test_meta_get_set(store: DataStore) -> None:
+    assert await store.get_meta("server_id") is None
+    await store.set_meta("server_id", "a")
+    await store.set_meta("server_id", "b")
+    assert await store.get_meta("server_id") == "b"
+
+
+async def test_increment_meta_is_atomic(store: DataStore, twin: DataStore) -> None:
+    assert await store.increment_meta("bundle_seq") == 1
+    values = await asyncio.gather(*(s.increment_meta("bundle_seq") for s in [store, twin] * 15))
+    assert sorted(values) == list(range(2, 32))
+    assert await store.get_meta("bundle_seq") == "31"
+    await store.set_meta("word", "abc")
+    with pytest.raises(ValueError):
+        await store.increment_meta("word")
+
+
+# --- outbox --------------------------------------------------------------------------------------------
+async def test_outbox_keeps_order_and_content(store: DataStore) -> None:
+    await store.append_events([ev(1), ev(2)])
+    await store.create_entry(make_entry(), [ev(3)])
+    await store.append_events([])
+    await store.append_events([ev(4), ev(5), ev(6)])
+    rows = await all_rows(store)
+    assert [r.event for r in rows] == [ev(n) for n in range(1, 7)]
+    seqs = [r.seq for r in rows]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 6
+    assert await store.fetch_outbox(seqs[1], 2) == rows[2:4]
+    assert await store.outbox_backlog() == 6
+
+
+async def test_delivery_backlog_and_prune(store: DataStore) -> None:
+    await store.append_events([ev(n) for n in range(1, 7)])
+    seqs = [r.seq for r in await all_rows(store)]
+    await store.mark_delivered(seqs[:2], now=100.0)
+    await store.mark_delivered(seqs[2:4], now=200.0)
+    await store.mark_delivered([], now=300.0)
+    assert [r.seq for r in await all_rows(store)] == seqs[4:]
+    assert await store.outbox_backlog() == 2
+    assert await store.prune_outbox(delivered_before=100.0) == 0
+    assert await store.prune_outbox(delivered_before=150.0) == 2
+    assert await store.prune_outbox(delivered_before=1e12) == 2  # undelivered rows stay
+    assert [r.seq for r in await all_rows(store)] == seqs[4:]
+    # A delivered row is not delivered again by a late duplicate mark.
+    await store.mark_delivered(seqs[:4], now=999.0)
+    assert await store.outbox_backlog() == 2
+
+
+async def test_sequence_numbers_are_never_reused(store: DataStore) -> None:
+    await store.append_events([ev(1), ev(2)])
+    old = [r.seq for r in await all_rows(store)]
+    await store.mark_delivered(old, now=1.0)
+    assert await store.prune_outbox(delivered_before=2.0) == 2
+    await store.close()
+    await store.open()
+    await store.append_events([ev(3)])
+    assert (await all_rows(store))[0].seq > max(old)
+
+
+# --- outbox claims ---------------------------------------------------------------------------------------
+async def test_claim_leases_rows_to_one_owner(store: DataStore) -> None:
+    await store.append_events([ev(n, key=f"k{n}") for n in range(1, 6)])
+    seqs = [r.seq for r in await all_rows(store)]
+    a = await store.claim_outbox("a", limit=2, lease_seconds=30, now=1_000)
+    assert [r.seq for r in a] == seqs[:2] and a[0].event == ev(1, "k1")
+    b = await store.claim_outbox("b", limit=10, lease_seconds=30, now=1_000)
+    assert [r.seq for r in b] == seqs[2:]
+    assert await store.claim_outbox("c", limit=10, lease_seconds=30, now=1_010) == []
+    # The owner gets its own rows back (a retry after a failed publish).
+    assert [r.seq for r in await store.claim_outbox("a", limit=10, lease_seconds=30, now=1_010)] == seqs[:2]
+    await store.mark_delivered(seqs[:1], now=1_011)
+    # When a lease lapses (its relay died), another relay takes the rows over:
+    # b's lease ended at 1030, a's renewed one ends at 1040.
+    taken = await store.claim_outbox("c", limit=10, lease_seconds=30, now=1_035)
+    assert [r.seq for r in taken] == seqs[2:]
+    taken = await store.claim_outbox("d", limit=10, lease_seconds=30, now=1_041)
+    assert [r.seq for r in taken] == seqs[1:2]
+
+
+async def test_claim_keeps_one_subject_with_one_relay(store: DataStore) -> None:
+    await store.append_events([ev(1, "k1"), ev(2, "k2"), ev(3, "k1"), ev(4, "k2"), ev(5, "k3")])
+    seqs = [r.seq for r in await all_rows(store)]
+    a = await store.claim_outbox("a", limit=1, lease_seconds=30, now=0)
+    assert [r.seq for r in a] == seqs[:1]
+    # k1's later row must wait for a's delivery, or k1 could be published out of order.
+    b = await store.claim_outbox("b", limit=10, lease_seconds=30, now=0)
+    assert [r.seq for r in b] == [seqs[1], seqs[3], seqs[4]]
+    await store.mark_delivered(seqs[:1], now=1)
+    assert [r.seq for r in await store.claim_outbox("b", limit=10, lease_seconds=30, now=1)] == [
+        seqs[1],
+        seqs[2],
+        seqs[3],
+        seqs[4],
+    ]
+
+
+async def test_concurrent_claimers_never_share_a_row(store: DataStore, twin: DataStore) -> None:
+    await store.append_events([ev(n, key=f"k{n % 13}") for n in range(200)])
+    expected = {r.seq for r in await all_rows(store)}
+    claimed: dict[str, list[int]] = {}
+
+    async def relay(s: DataStore, owner: str) -> None:
+        got = claimed.setdefault(owner, [])
+        while True:
+            rows = await s.claim_outbox(owner, limit=5, lease_seconds=300, now=0)
+            if not rows:
+                if await s.outbox_backlog() == 0:
+                    return
+                await asyncio.sleep(0.001)  # the rest is leased to a peer: wait for it
+                continue
+            got.extend(r.seq for r in rows)
+            await s.mark_delivered([r.seq for r in rows], now=1)
+
+    await asyncio.gather(relay(store, "r1"), relay(twin, "r2"), relay(store, "r3"), relay(twin, "r4"))
+    everything = [seq for seqs in claimed.values() for seq in seqs]
+    assert len(everything) == len(set(everything)) == len(expected)
+    assert set(everything) == expected
+    assert sum(1 for seqs in claimed.values() if seqs) >= 2  # really concurrent
+
+
+# --- SQLite specifics -------------------------------------------------------------------------------------
+async def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
+    store = SqliteDataStore(tmp_path / "sub" / "meshid.db")
+    await store.open()
+    try:
+        assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
+        with sqlite3.connect(store.path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        await store.close()
+
+
+async def test_sqlite_backup_is_consistent_while_writing(tmp_path: Path) -> None:
+    store = SqliteDataStore(tmp_path / "meshid.db")
+    await store.open()
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        n = 0
+        while not stop.is_set():
+            await store.create_entry(make_entry(f"/w{n}"), [ev(n)])
+            n += 1
+
+    try:
+        await store.create_entry(make_entry("/first"), [ev(-1)])
+        task = asyncio.create_task(writer())
+        await asyncio.sleep(0.05)
+        await store.backup(tmp_path / "backup.db")
+        stop.set()
+        await task
+    finally:
+        await store.close()
+    assert stat.S_IMODE(os.stat(tmp_path / "backup.db").st_mode) == 0o600
+    copy = SqliteDataStore(tmp_path / "backup.db")
+    await copy.open()
+    try:
+        entries = await copy.list_entries()
+        assert sid("/first") in {e.spiffe_id for e in entries}
+        # Every entry in the copy has its event, and no event lacks its entry.
+        assert len(await all_rows(copy)) == len(entries)
+    finally:
+        await copy.close()
+    with sqlite3.connect(tmp_path / "backup.db") as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+async def test_sqlite_in_memory_works() -> None:
+    store = await open_datastore("sqlite::memory:")
+    try:
+        created = await store.create_entry(make_entry(), [ev(1)])
+        assert await store.list_entries() == [created]
+        assert await store.consume_join_token("x", 0) is None
+    finally:
+        await store.close()
+
+
+# --- factory ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "kind", "path"),
+    [
+        ("sqlite:///var/lib/meshid/ds.db", SqliteDataStore, "/var/lib/meshid/ds.db"),
+        ("sqlite:rel/ds.db", SqliteDataStore, "rel/ds.db"),
+        ("sqlite::memory:", SqliteDataStore, ":memory:"),
+        ("/var/lib/meshid/ds.db", SqliteDataStore, "/var/lib/meshid/ds.db"),
+        ("ds.db", SqliteDataStore, "ds.db"),
+        ("postgresql://meshid@db:5432/meshid", PostgresDataStore, None),
+        ("postgres://meshid@db/meshid?sslmode=verify-full", PostgresDataStore, None),
+    ],
+)
+def test_factory_picks_the_backend(text: str, kind: type, path: str | None) -> None:
+    store = datastore_for(text)
+    assert isinstance(store, kind)
+    if path is not None:
+        assert isinstance(store, SqliteDataStore) and store.path == path
+
+
+@pytest.mark.parametrize("text", ["", "mysql://db/x", "sqlite://host/x.db", "sqlite://", "sqlite:"])
+def test_factory_rejects_bad_dsns(text: str) -> None:
+    with pytest.raises(ConfigError):
+        datastore_for(text)
+
+
+def test_codec_natural_key_ignores_selector_order() -> None:
+    a = codec.natural_key(sid("/a"), sid("/p"), parse_selectors(["x:1", "y:2"]))
+    b = codec.natural_key(sid("/a"), sid("/p"), [Selector("y", "2"), Selector("x", "1"), Selector("x", "1")])
+    assert a == b != codec.natural_key(sid("/a"), sid("/q"), parse_selectors(["x:1", "y:2"]))

@@ -1,0 +1,153 @@
+"""The meshid agent: owns node identity, the SVID manager, the Workload API socket (with
+SDS), the optional admin socket (Delegated Identity API) and the health listener."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from attestors.workload.base import WorkloadAttestor
+from attestors.workload.systemd import SystemdAttestor
+from attestors.workload.unix import UnixAttestor
+from meshid import telemetry
+from meshid.bundle import Bundle
+from meshid.errors import ConfigError, MeshidError
+from meshid.listeners import Listener, health_app, plain_listener
+from meshid.spiffe_id import SpiffeId
+from meshid.tasks import TaskOwner
+from workload_api.attestation import WorkloadAttestation
+from workload_api.cache import SvidCache
+from workload_api.config import AgentConfig
+from workload_api.grpc_server import PeerCredServer, serve_unix
+from workload_api.manager import SvidManager
+from workload_api.node_identity import BUNDLE_FILE, NodeIdentity
+from workload_api.rotation import RotationPolicy
+from workload_api.server_client import ServerClient
+from workload_api.workload_handler import Identity, WorkloadApiHandler
+
+log = logging.getLogger("meshid.agent")
+
+WORKLOAD_SOCKET_MODE = 0o777  # any local user may connect; identity comes from SO_PEERCRED
+ADMIN_SOCKET_MODE = 0o600
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.td = config.td
+        self.tasks = TaskOwner("agent")
+        self.policy = RotationPolicy(config.rotation.window_start, config.rotation.window_end)
+        self.cache = SvidCache(self.td)
+        self.client = ServerClient(config.server_address, SpiffeId(self.td, "/meshid/server"))
+        self.node = NodeIdentity(config, self.client, self.policy, self.rng, clock)
+        self.manager = SvidManager(self.cache, self.client, self.node, self.policy, self.rng,
+                                   config.sync_interval, clock)
+        self.grpc: list[PeerCredServer] = []
+        self.health: Listener | None = None
+
+    def _attestors(self) -> list[WorkloadAttestor]:
+        wa = self.config.workload_attestors
+        out: list[WorkloadAttestor] = [UnixAttestor(wa.unix.discover_workload_path, wa.unix.workload_size_limit)]
+        if wa.systemd:
+            out.append(SystemdAttestor())
+        if wa.k8s:
+            from attestors.workload.k8s import K8sAttestor
+
+            out.append(K8sAttestor.from_config(wa.k8s))
+        if wa.docker:
+            from attestors.workload.docker import DockerAttestor
+
+            out.append(DockerAttestor.from_config(wa.docker))
+        return out
+
+    def _bootstrap_roots(self) -> list[x509.Certificate]:
+        state = self.config.state_dir / BUNDLE_FILE
+        if state.exists():
+            try:
+                bundle = Bundle.from_spiffe_json(self.td, state.read_bytes())
+                self.cache.set_bundle(bundle)
+                self.manager.bundle_sequence = bundle.sequence
+                return list(bundle.x509_authorities)
+            except MeshidError:
+                log.warning("persisted bundle unreadable; falling back to trust_bundle_path")
+        try:
+            return x509.load_pem_x509_certificates(Path(self.config.trust_bundle_path).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"trust_bundle_path: cannot load root certificates: {exc}") from None
+
+    async def start(self) -> None:
+        self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.client.set_roots(self._bootstrap_roots())
+        attestation = WorkloadAttestation(self._attestors())
+        self.node.load()
+        try:
+            # A first round in the foreground so a healthy start is ready at once; failures
+            # are left to the background loop (cached SVIDs keep being served).
+            await asyncio.wait_for(self.manager.step(), timeout=30)
+        except Exception as exc:
+            log.warning("initial sync failed (%s); retrying in the background", exc)
+        self.tasks.spawn("svid-manager", self.manager.run())
+        identity = Identity(self.cache, self.manager, attestation)
+        handlers: list[Any] = [WorkloadApiHandler(identity)]
+        sds = self._sds(identity)
+        if sds is not None:
+            handlers.append(sds)
+        self.grpc.append(await serve_unix(handlers, self.config.socket_path, WORKLOAD_SOCKET_MODE))
+        if self.config.admin_socket_path:
+            delegated = self._delegated(identity)
+            if delegated is not None:
+                self.grpc.append(await serve_unix([delegated], self.config.admin_socket_path, ADMIN_SOCKET_MODE))
+        h = self.config.health
+        if h.enabled:
+            self.health = await plain_listener(health_app(self.ready, telemetry.metrics_handler), h.address, h.port)
+        log.info("agent ready: Workload API on unix://%s", self.config.socket_path)
+
+    def _sds(self, identity: Identity) -> Any:
+        try:
+            from workload_api.sds import SdsHandler
+        except ImportError:
+            return None
+        return SdsHandler(identity)
+
+    def _delegated(self, identity: Identity) -> Any:
+        try:
+            from workload_api.delegated import DelegatedIdentityHandler
+        except ImportError:
+            return None
+        return DelegatedIdentityHandler(identity, [SpiffeId.parse(s) for s in self.config.authorized_delegates])
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        ok = self.node.valid and self.cache.bundle is not None
+        return ok, {
+            "agent_id": str(self.node.agent_id) if self.node.agent_id else None,
+            "svids": len(self.cache.svids),
+            "last_sync_ok": self.manager.last_sync_ok,
+        }
+
+    @property
+    def health_port(self) -> int:
+        return self.health.port if self.health else 0
+
+    async def stop(self) -> None:
+        await self.tasks.stop()
+        for server in self.grpc:
+            server.close()
+            await server.wait_closed()
+        self.grpc.clear()
+        for path in (self.config.socket_path, self.config.admin_socket_path):
+            if path:
+                Path(path).unlink(missing_ok=True)
+        if self.health is not None:
+            await self.health.stop()
+            self.health = None
+        await self.client.close()

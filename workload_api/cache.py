@@ -1,0 +1,135 @@
+"""The agent's SVID cache: entries, X509-SVIDs with their renewal schedules, bundles,
+and targeted change notification for Workload API streams.
+
+A stream watches the entry ids it currently matches; rotating one SVID wakes only the
+streams holding it, while entry-set and bundle changes wake everyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from meshid.bundle import Bundle
+from meshid.entry import Entry
+from meshid.selector import Selector
+from meshid.spiffe_id import SpiffeId, TrustDomain
+from workload_api.rotation import RenewalSchedule
+
+
+@dataclass(frozen=True)
+class X509Svid:
+    entry_id: str
+    spiffe_id: SpiffeId
+    chain: tuple[x509.Certificate, ...]  # leaf first, then intermediates
+    key: PrivateKeyTypes
+    schedule: RenewalSchedule
+    entry_revision: int
+    hint: str = ""
+    # DER forms, computed once per SVID rather than on every response.
+    chain_der: bytes = b""
+    key_der: bytes = b""
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+    @property
+    def issued_at(self) -> float:
+        return self.leaf.not_valid_before_utc.timestamp()
+
+    @property
+    def expires_at(self) -> float:
+        return self.leaf.not_valid_after_utc.timestamp()
+
+
+@dataclass(eq=False)  # identity hashing: watchers live in a set
+class Watcher:
+    selectors: frozenset[Selector]
+    entry_ids: set[str] = field(default_factory=set)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class SvidCache:
+    def __init__(self, trust_domain: TrustDomain) -> None:
+        self.td = trust_domain
+        self.entries: dict[str, Entry] = {}
+        self.svids: dict[str, X509Svid] = {}
+        self.bundle: Bundle | None = None
+        self.federated: dict[TrustDomain, Bundle] = {}
+        self.workload_parents: set[SpiffeId] = set()
+        self.bundle_version = 0
+        self.entries_version = 0
+        self._watchers: set[Watcher] = set()
+        self.ready = asyncio.Event()
+
+    # ------------------------------------------------------------------ queries
+    def matching_entries(self, selectors: frozenset[Selector]) -> list[Entry]:
+        """Workload entries (children of this agent or its aliases) whose selectors the caller has."""
+        out = [
+            e for e in self.entries.values()
+            if e.parent_id in self.workload_parents and all(s in selectors for s in e.selectors)
+        ]
+        return sorted(out, key=lambda e: (str(e.spiffe_id), e.id))
+
+    def svids_for(self, selectors: frozenset[Selector]) -> list[X509Svid]:
+        return [s for e in self.matching_entries(selectors) if (s := self.svids.get(e.id)) is not None]
+
+    # ------------------------------------------------------------------ updates
+    def set_entries(self, entries: Iterable[Entry], parents: Iterable[SpiffeId]) -> None:
+        self.entries = {e.id: e for e in entries}
+        self.workload_parents = set(parents)
+        for eid in [eid for eid in self.svids if eid not in self.entries]:
+            del self.svids[eid]
+        self.entries_version += 1
+        self._wake_all()
+
+    def set_bundle(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self.bundle_version += 1
+        self._wake_all()
+
+    def put_svids(self, svids: Iterable[X509Svid]) -> None:
+        touched: set[str] = set()
+        for s in svids:
+            self.svids[s.entry_id] = s
+            touched.add(s.entry_id)
+        if touched:
+            for w in self._watchers:
+                if w.entry_ids & touched:
+                    w.event.set()
+            self._maybe_ready()
+
+    def _maybe_ready(self) -> None:
+        if self.bundle is not None:
+            self.ready.set()
+
+    def drop_expired(self, now: float) -> None:
+        gone = {eid for eid, s in self.svids.items() if s.expires_at <= now}
+        for eid in gone:
+            del self.svids[eid]
+        if gone:
+            for w in self._watchers:
+                if w.entry_ids & gone:
+                    w.event.set()
+
+    # ------------------------------------------------------------------ watching
+    def watch(self, selectors: frozenset[Selector]) -> Watcher:
+        w = Watcher(selectors)
+        self._watchers.add(w)
+        return w
+
+    def unwatch(self, w: Watcher) -> None:
+        self._watchers.discard(w)
+
+    def _wake_all(self) -> None:
+        for w in self._watchers:
+            w.event.set()
+
+    @property
+    def watcher_count(self) -> int:
+        return len(self._watchers)

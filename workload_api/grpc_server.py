@@ -1,0 +1,75 @@
+"""grpclib server on a Unix socket that records each connection's SO_PEERCRED at accept
+time, so handlers know the caller (and its start time, for the PID-reuse guard)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpclib.server
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from attestors.workload.base import Caller
+from meshid.errors import AttestationError
+from meshid.listeners import prepare_socket_path, umask
+from workload_api.peercred import peer_credentials
+
+log = logging.getLogger("meshid.agent.grpc")
+
+_CALLERS: weakref.WeakKeyDictionary[Any, Caller | None] = weakref.WeakKeyDictionary()
+
+
+class PeerCredServer(grpclib.server.Server):
+    def _protocol_factory(self) -> Any:
+        proto = super()._protocol_factory()
+        original = proto.connection_made
+
+        def connection_made(transport: Any) -> None:
+            sock = transport.get_extra_info("socket")
+            try:
+                _CALLERS[transport] = peer_credentials(sock) if sock is not None else None
+            except (AttestationError, OSError) as exc:
+                log.info("could not read peer credentials: %s", exc)
+                _CALLERS[transport] = None
+            original(transport)
+
+        proto.connection_made = connection_made  # type: ignore[method-assign]
+        return proto
+
+
+def caller_of(stream: grpclib.server.Stream[Any, Any]) -> Caller:
+    # grpclib exposes the transport only privately; it is the key we stored creds under.
+    transport = stream.peer._transport
+    caller = _CALLERS.get(transport)
+    if caller is None:
+        raise GRPCError(Status.UNAVAILABLE, "could not identify the caller (peer credentials unavailable)")
+    return caller
+
+
+def bind_unix_socket(path: str | Path, mode: int, dir_mode: int = 0o755) -> socket.socket:
+    """Bind a listening Unix socket. The directory is not writable by others, so nobody but
+    the agent can replace the socket; `mode` decides who may connect."""
+    p = prepare_socket_path(path, dir_mode)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with umask(0o777 & ~mode):
+            sock.bind(str(p))
+        os.chmod(p, mode)
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_unix(handlers: Sequence[Any], path: str | Path, mode: int) -> PeerCredServer:
+    server = PeerCredServer(list(handlers))
+    sock = bind_unix_socket(path, mode)
+    await server.start(sock=sock)
+    return server

@@ -1,0 +1,267 @@
+"""The agent's sync-and-rotate loop: sync entries and bundle, decide which SVIDs are due
+(new, entry changed, scheduled renewal, tainted CA, expired), batch-sign CSRs, update the
+cache. Survives server outages: the cache keeps serving while retries back off with jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from meshid.backoff import Backoff, jittered
+from meshid.bundle import Bundle
+from meshid.entry import Entry
+from meshid.errors import OverloadedError, PermissionDeniedError, UnauthenticatedError
+from meshid.spiffe_id import SpiffeId
+from workload_api.cache import SvidCache, X509Svid
+from workload_api.keys import authority_key_id, chain_der, csr_for, new_key, pkcs8_der
+from workload_api.node_identity import BUNDLE_FILE, NodeIdentity, write_private
+from workload_api.rotation import RenewalSchedule, RotationPolicy
+from workload_api.server_client import ServerClient, ServerRejectedError, ServerUnavailableError, certs_from_json
+
+log = logging.getLogger("meshid.agent.manager")
+
+BATCH = 500
+MAX_JWT_CACHE = 10_000
+
+
+@dataclass(frozen=True)
+class JwtSvid:
+    token: str
+    spiffe_id: SpiffeId
+    expires_at: float
+    schedule: RenewalSchedule
+
+
+class SvidManager:
+    def __init__(
+        self,
+        cache: SvidCache,
+        client: ServerClient,
+        node: NodeIdentity,
+        policy: RotationPolicy,
+        rng: random.Random,
+        sync_interval: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cache = cache
+        self.client = client
+        self.node = node
+        self.policy = policy
+        self.rng = rng
+        self.sync_interval = sync_interval
+        self.clock = clock
+        self.backoff = Backoff(base=0.5, cap=30.0, rng=rng)
+        self.bundle_sequence = -1
+        self.tainted_akis: set[str] = set()
+        self.taint_window = 600.0
+        self._taint_due: dict[str, float] = {}
+        self._startup = True
+        self._jwt: dict[tuple[str, tuple[str, ...]], JwtSvid] = {}
+        self._wake = asyncio.Event()
+        self.failures: dict[tuple[str, int], int] = {}
+        self.last_sync_ok = 0.0
+        self.consecutive_failures = 0
+
+    # ------------------------------------------------------------------ loop
+    async def run(self) -> None:
+        while True:
+            delay = self.sync_interval
+            try:
+                await self.step()
+                self.backoff.reset()
+                self.consecutive_failures = 0
+                delay = min(self.sync_interval, max(0.05, self.next_due() - self.clock()))
+            except OverloadedError as exc:
+                delay = jittered(exc.retry_after, self.rng)
+                log.info("server overloaded; retrying in %.1fs", delay)
+            except (ServerUnavailableError, ServerRejectedError, OSError, TimeoutError) as exc:
+                self.consecutive_failures += 1
+                delay = self.backoff.next()
+                log.warning("server sync failed (%s); serving cache, retry in %.1fs", exc, delay)
+            except (PermissionDeniedError, UnauthenticatedError) as exc:
+                # Evicted, superseded or the SVID no longer verifies after a CA rotation.
+                log.warning("server refused the agent SVID (%s); re-attesting", exc)
+                try:
+                    await self._reattest()
+                    delay = 0.05
+                except Exception as exc2:  # keep serving the cache whatever happens
+                    delay = self.backoff.next()
+                    log.warning("re-attestation failed (%s); retry in %.1fs", exc2, delay)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                delay = self.backoff.next()
+                log.exception("unexpected error in sync loop; retry in %.1fs", delay)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def _reattest(self) -> None:
+        bundle = await self.node.attest()
+        if bundle:
+            self._apply_bundle(bundle)
+
+    async def step(self) -> None:
+        if not self.node.valid:
+            await self._reattest()
+        elif self.node.due():
+            await self.node.renew()
+        await self.sync()
+        await self.rotate()
+        await self._report()
+        self.last_sync_ok = self.clock()
+
+    # ------------------------------------------------------------------ sync
+    async def sync(self) -> None:
+        known = {eid: e.revision_number for eid, e in self.cache.entries.items()}
+        data = await self.client.sync(known, self.bundle_sequence)
+        entries = dict(self.cache.entries)
+        for eid in data.get("removed", []):
+            entries.pop(eid, None)
+        for raw in data.get("entries", []):
+            e = Entry.from_json(raw)
+            entries[e.id] = e
+        parents = [SpiffeId.parse(p) for p in data.get("workload_parents", [])]
+        if "bundle" in data:
+            self._apply_bundle(data["bundle"])
+        self.tainted_akis = set(data.get("tainted_authorities", []))
+        self.taint_window = float(data.get("taint_window", self.taint_window))
+        if data.get("entries") or data.get("removed") or set(parents) != self.cache.workload_parents:
+            self.cache.set_entries(entries.values(), parents)
+
+    def _apply_bundle(self, doc: dict[str, Any]) -> None:
+        bundle = Bundle.from_spiffe_json(self.cache.td, doc)
+        if self.cache.bundle is not None and bundle.sequence == self.cache.bundle.sequence:
+            return
+        self.bundle_sequence = bundle.sequence
+        self.client.set_roots(bundle.x509_authorities)
+        self.cache.set_bundle(bundle)
+        write_private(self.node.dir / BUNDLE_FILE, bundle.to_spiffe_bytes())
+
+    # ------------------------------------------------------------------ rotation
+    def _workload_entries(self) -> list[Entry]:
+        return [e for e in self.cache.entries.values() if e.parent_id in self.cache.workload_parents]
+
+    def due(self, now: float) -> list[tuple[Entry, str]]:
+        out: list[tuple[Entry, str]] = []
+        for entry in self._workload_entries():
+            svid = self.cache.svids.get(entry.id)
+            if svid is None:
+                out.append((entry, "initial"))
+            elif svid.expires_at <= now:
+                out.append((entry, "expired"))
+            elif svid.entry_revision != entry.revision_number:
+                out.append((entry, "entry_changed"))
+            elif authority_key_id(svid.leaf) in self.tainted_akis:
+                # Spread re-issuance uniformly over the taint window, drawn once per SVID.
+                at = self._taint_due.setdefault(entry.id, now + self.rng.uniform(0, self.taint_window))
+                if now >= at:
+                    out.append((entry, "tainted"))
+            elif now >= svid.schedule.renew_at:
+                out.append((entry, "scheduled"))
+        return out
+
+    def next_due(self) -> float:
+        times = [s.schedule.renew_at for s in self.cache.svids.values()]
+        times.extend(self._taint_due.values())
+        if self.node.schedule is not None:
+            times.append(self.node.schedule.renew_at)
+        return min(times) if times else self.clock() + self.sync_interval
+
+    async def rotate(self) -> None:
+        now = self.clock()
+        due = self.due(now)
+        if not due:
+            self._startup = False
+            self.cache.drop_expired(now)
+            if self.cache.bundle is not None:
+                self.cache.ready.set()
+            return
+        mass = self._startup or len(due) > 1 and all(r == "tainted" for _, r in due)
+        for i in range(0, len(due), BATCH):
+            await self._sign_batch(due[i : i + BATCH], mass)
+        self._startup = False
+        self.cache.drop_expired(self.clock())
+
+    async def _sign_batch(self, batch: list[tuple[Entry, str]], mass: bool) -> None:
+        keys = {entry.id: new_key() for entry, _ in batch}
+        requests = []
+        for entry, reason in batch:
+            old = self.cache.svids.get(entry.id)
+            requests.append({
+                "entry_id": entry.id, "csr": _b64(csr_for(keys[entry.id])), "rotation_reason": reason,
+                "scheduled_rotation_at": old.schedule.renew_at if old is not None else None,
+            })
+        results = await self.client.sign_x509(requests)
+        by_entry = {entry.id: (entry, reason) for entry, reason in batch}
+        fresh: list[X509Svid] = []
+        for res in results:
+            eid = res.get("entry_id")
+            if eid not in by_entry:
+                continue
+            entry, reason = by_entry[eid]
+            if "svid" not in res:
+                log.warning("server refused SVID for entry %s: %s", eid, res.get("error"))
+                continue
+            chain = tuple(certs_from_json(res["svid"]))
+            key = keys[eid]
+            if chain[0].public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
+                log.error("server returned an SVID for a different key (entry %s); discarded", eid)
+                continue
+            leaf = chain[0]
+            stationary = mass or reason in ("tainted", "forced")
+            schedule = self.policy.schedule(leaf.not_valid_before_utc.timestamp(),
+                                            leaf.not_valid_after_utc.timestamp(), self.rng, stationary=stationary)
+            self._taint_due.pop(eid, None)
+            fresh.append(X509Svid(eid, entry.spiffe_id, chain, key, schedule, entry.revision_number, entry.hint,
+                                  chain_der(chain), pkcs8_der(key)))
+        self.cache.put_svids(fresh)
+
+    # ------------------------------------------------------------------ JWT-SVIDs
+    async def jwt_svid(self, entry: Entry, audience: list[str]) -> JwtSvid:
+        key = (entry.id, tuple(sorted(set(audience))))
+        now = self.clock()
+        cached = self._jwt.get(key)
+        if cached is not None and now < cached.schedule.renew_at and now < cached.expires_at:
+            return cached
+        token, expires_at = await self.client.sign_jwt(entry.id, list(key[1]))
+        schedule = self.policy.schedule(now, max(now + 1, expires_at), self.rng)
+        svid = JwtSvid(token, entry.spiffe_id, float(expires_at), schedule)
+        if len(self._jwt) >= MAX_JWT_CACHE:
+            self._jwt = {k: v for k, v in self._jwt.items() if v.expires_at > now}
+        self._jwt[key] = svid
+        return svid
+
+    # ------------------------------------------------------------------ reporting
+    def note_workload_failure(self, reason: str, uid: int) -> None:
+        k = (reason[:200], uid)
+        if k in self.failures or len(self.failures) < 1000:  # bounded whatever callers do
+            self.failures[k] = self.failures.get(k, 0) + 1
+
+    async def _report(self) -> None:
+        if not self.failures:
+            return
+        pending, self.failures = self.failures, {}
+        try:
+            await self.client.report([{"reason": r, "uid": u, "count": c} for (r, u), c in pending.items()])
+        except Exception:
+            for k, c in pending.items():
+                self.failures[k] = self.failures.get(k, 0) + c
+            raise
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()

@@ -1,0 +1,182 @@
+"""The agent's client of the server's agent API: mutual TLS 1.3, SPIFFE-ID check of the
+server, failover across configured addresses, and error classes the agent acts on."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from meshid.errors import MeshidError, OverloadedError, PermissionDeniedError, UnauthenticatedError
+from meshid.spiffe_id import SpiffeId
+from meshid.tls import check_server_id, client_context
+
+log = logging.getLogger("meshid.agent.client")
+
+TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5)
+
+
+class ServerUnavailableError(MeshidError):
+    """No configured server answered; the agent keeps serving its cache and retries."""
+
+
+class ServerRejectedError(MeshidError):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"server refused ({status} {code}): {message}")
+        self.status = status
+        self.code = code
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def certs_from_json(items: Any) -> list[x509.Certificate]:
+    if not isinstance(items, list) or not items:
+        raise ServerRejectedError(0, "bad_response", "server response has no certificate chain")
+    return [x509.load_der_x509_certificate(base64.b64decode(c)) for c in items]
+
+
+class SpiffeConnector(aiohttp.TCPConnector):
+    """Checks the server's SPIFFE ID right after each TLS handshake, before any request
+    is sent on the connection (hostname checks do not apply to SPIFFE IDs)."""
+
+    def __init__(self, expected: SpiffeId, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._expected = expected
+
+    async def _create_direct_connection(self, req: Any, traces: Any, timeout: Any, **kwargs: Any) -> Any:
+        transport, proto = await super()._create_direct_connection(req, traces, timeout, **kwargs)
+        try:
+            check_server_id(transport.get_extra_info("ssl_object"), self._expected)
+        except UnauthenticatedError as exc:
+            transport.close()
+            raise aiohttp.ClientConnectionError(f"server identity check failed: {exc}") from None
+        return transport, proto
+
+
+class ServerClient:
+    def __init__(self, addresses: Sequence[str], server_id: SpiffeId) -> None:
+        self.addresses = list(addresses)
+        self.server_id = server_id
+        self._current = 0
+        self._roots: list[x509.Certificate] = []
+        self._identity: tuple[list[x509.Certificate], PrivateKeyTypes] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._anon_session: aiohttp.ClientSession | None = None
+        self._closing: list[aiohttp.ClientSession] = []
+
+    # ------------------------------------------------------------------ TLS material
+    def set_roots(self, roots: Sequence[x509.Certificate]) -> None:
+        if list(roots) != self._roots:
+            self._roots = list(roots)
+            self._reset()
+
+    def set_identity(self, chain: list[x509.Certificate], key: PrivateKeyTypes) -> None:
+        self._identity = (chain, key)
+        self._reset()
+
+    def clear_identity(self) -> None:
+        self._identity = None
+        self._reset()
+
+    def _reset(self) -> None:
+        # Sessions are rebuilt lazily; the old ones are closed by close() or garbage.
+        old = [s for s in (self._session, self._anon_session) if s is not None]
+        self._session = self._anon_session = None
+        for s in old:
+            self._closing.append(s)
+
+    def _ctx(self, with_identity: bool) -> ssl.SSLContext:
+        if not self._roots:
+            raise ServerUnavailableError("no trust bundle to authenticate the server with")
+        if with_identity:
+            if self._identity is None:
+                raise UnauthenticatedError("agent has no SVID yet")
+            return client_context(self._roots, *self._identity)
+        return client_context(self._roots)
+
+    async def _get_session(self, with_identity: bool) -> aiohttp.ClientSession:
+        while self._closing:
+            await self._closing.pop().close()
+        attr = "_session" if with_identity else "_anon_session"
+        s = getattr(self, attr)
+        if s is None or s.closed:
+            connector = SpiffeConnector(self.server_id, ssl=self._ctx(with_identity), limit=16)
+            s = aiohttp.ClientSession(connector=connector, timeout=TIMEOUT)
+            setattr(self, attr, s)
+        return s
+
+    async def close(self) -> None:
+        self._reset()
+        while self._closing:
+            await self._closing.pop().close()
+
+    # ------------------------------------------------------------------ requests
+    async def _post(self, path: str, body: dict[str, Any], with_identity: bool = True) -> dict[str, Any]:
+        session = await self._get_session(with_identity)
+        last: Exception | None = None
+        for attempt in range(len(self.addresses)):
+            addr = self.addresses[(self._current + attempt) % len(self.addresses)]
+            try:
+                async with session.post(f"https://{addr}{path}", json=body) as resp:
+                    data = await resp.json(content_type=None)
+                    self._current = (self._current + attempt) % len(self.addresses)
+                    return self._check(resp.status, data, resp.headers)
+            except (aiohttp.ClientConnectionError, TimeoutError, ssl.SSLError) as exc:
+                last = exc
+                log.debug("server %s unreachable: %s", addr, exc)
+                continue
+        raise ServerUnavailableError(f"no server reachable ({', '.join(self.addresses)}): {last}")
+
+    @staticmethod
+    def _check(status: int, data: Any, headers: Any) -> dict[str, Any]:
+        if status < 400 and isinstance(data, dict):
+            return data
+        err = data.get("error", {}) if isinstance(data, dict) else {}
+        code, message = str(err.get("code", "error")), str(err.get("message", ""))
+        if status == 429:
+            retry = data.get("retry_after") if isinstance(data, dict) else None
+            if not isinstance(retry, (int, float)):
+                retry = float(headers.get("Retry-After", "1"))
+            raise OverloadedError(message or "server overloaded", retry_after=float(retry))
+        if status == 403:
+            raise PermissionDeniedError(message)
+        if status == 401:
+            raise UnauthenticatedError(message)
+        raise ServerRejectedError(status, code, message)
+
+    # ------------------------------------------------------------------ API
+    async def attest(self, attestor: str, payload: dict[str, Any], csr: bytes) -> dict[str, Any]:
+        return await self._post("/v1/agent/attest", {"attestor": attestor, "payload": payload, "csr": b64(csr)},
+                                with_identity=False)
+
+    async def answer(self, session_id: str, response: bytes) -> dict[str, Any]:
+        return await self._post("/v1/agent/attest/answer", {"session": session_id, "response": b64(response)},
+                                with_identity=False)
+
+    async def renew(self, csr: bytes) -> list[x509.Certificate]:
+        return certs_from_json((await self._post("/v1/agent/renew", {"csr": b64(csr)}))["svid"])
+
+    async def sync(self, known: dict[str, int], bundle_sequence: int) -> dict[str, Any]:
+        return await self._post("/v1/agent/sync", {"known": known, "bundle_sequence": bundle_sequence})
+
+    async def sign_x509(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        data = await self._post("/v1/agent/sign/x509", {"requests": requests})
+        results = data.get("results")
+        if not isinstance(results, list):
+            raise ServerRejectedError(0, "bad_response", "sign response has no results")
+        return results
+
+    async def sign_jwt(self, entry_id: str, audience: list[str]) -> tuple[str, int]:
+        data = await self._post("/v1/agent/sign/jwt", {"entry_id": entry_id, "audience": audience})
+        return str(data["token"]), int(data["expires_at"])
+
+    async def report(self, failures: list[dict[str, Any]]) -> None:
+        await self._post("/v1/agent/report", {"workload_attestation_failures": failures})

@@ -1,0 +1,227 @@
+"""The SPIFFE Workload API (`SpiffeWorkloadAPI`, no proto package) served from the cache.
+
+Status codes per the spec: missing/invalid security header → INVALID_ARGUMENT; no
+matching entry → PERMISSION_DENIED ("no identity issued"); attestation failed or agent
+not ready → UNAVAILABLE. Streams send the complete state at once and on every change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from google.protobuf import json_format
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
+
+from meshid.errors import AttestationError
+from meshid.jwtsvid import InvalidJwtSvidError, validate_jwt_svid
+from meshid.selector import Selector
+from meshid.spiffe_id import SpiffeId
+from workload_api._gen import workload_grpc, workload_pb2
+from workload_api.attestation import WorkloadAttestation
+from workload_api.cache import SvidCache, X509Svid
+from workload_api.grpc_server import caller_of
+from workload_api.manager import SvidManager
+
+log = logging.getLogger("meshid.agent.workload_api")
+
+HEADER = "workload.spiffe.io"
+READY_TIMEOUT = 10.0
+MAX_HINT = 1024
+
+
+def check_header(stream: Stream[Any, Any]) -> None:
+    values = stream.metadata.getall(HEADER, []) if stream.metadata is not None else []
+    if len(values) != 1 or values[0] != "true":
+        raise GRPCError(Status.INVALID_ARGUMENT, "security header missing from request")
+
+
+class Identity:
+    """Resolves a stream's caller to selectors, counting failures for the server's SOC events."""
+
+    def __init__(self, cache: SvidCache, manager: SvidManager, attestation: WorkloadAttestation) -> None:
+        self.cache = cache
+        self.manager = manager
+        self.attestation = attestation
+
+    async def selectors(self, stream: Stream[Any, Any]) -> frozenset[Selector]:
+        caller = caller_of(stream)
+        try:
+            return await self.attestation.attest(caller)
+        except AttestationError as exc:
+            self.manager.note_workload_failure(str(exc), caller.uid)
+            raise GRPCError(Status.UNAVAILABLE, f"workload attestation failed: {exc}") from None
+
+    async def wait_ready(self) -> None:
+        if self.cache.ready.is_set():
+            return
+        try:
+            await asyncio.wait_for(self.cache.ready.wait(), READY_TIMEOUT)
+        except TimeoutError:
+            raise GRPCError(Status.UNAVAILABLE, "agent is not ready (no SVIDs or bundle yet)") from None
+
+
+def unique_hints(svids: list[X509Svid]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for s in svids:
+        hint = s.hint[:MAX_HINT] if s.hint not in seen else ""
+        seen.add(hint)
+        out.append(hint)
+    return out
+
+
+class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
+    def __init__(self, identity: Identity) -> None:
+        self.id = identity
+        self.cache = identity.cache
+
+    def _bundles(self) -> dict[str, bytes]:
+        assert self.cache.bundle is not None
+        out = {str(self.cache.td.id): self.cache.bundle.x509_der()}
+        for td, b in self.cache.federated.items():
+            out[str(td.id)] = b.x509_der()
+        return out
+
+    def x509_response(self, svids: list[X509Svid]) -> workload_pb2.X509SVIDResponse:
+        assert self.cache.bundle is not None
+        own = self.cache.bundle.x509_der()
+        federated: dict[str, bytes] = {}
+        for s in svids:
+            entry = self.cache.entries.get(s.entry_id)
+            for td in entry.federates_with if entry else ():
+                b = self.cache.federated.get(td)
+                if b is not None:
+                    federated[str(td.id)] = b.x509_der()
+        return workload_pb2.X509SVIDResponse(
+            svids=[
+                workload_pb2.X509SVID(spiffe_id=str(s.spiffe_id), x509_svid=s.chain_der, x509_svid_key=s.key_der,
+                                      bundle=own, hint=h)
+                for s, h in zip(svids, unique_hints(svids), strict=True)
+            ],
+            federated_bundles=federated,
+        )
+
+    async def FetchX509SVID(self, stream: Stream[workload_pb2.X509SVIDRequest, workload_pb2.X509SVIDResponse]) -> None:
+        check_header(stream)
+        await stream.recv_message()
+        selectors = await self.id.selectors(stream)
+        await self.id.wait_ready()
+        watcher = self.cache.watch(selectors)
+        try:
+            last: bytes | None = None
+            while True:
+                watcher.event.clear()
+                entries = self.cache.matching_entries(selectors)
+                if not entries:
+                    raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
+                watcher.entry_ids = {e.id for e in entries}
+                svids = [s for e in entries if (s := self.cache.svids.get(e.id)) is not None]
+                if svids:
+                    msg = self.x509_response(svids)
+                    raw = msg.SerializeToString(deterministic=True)
+                    if raw != last:
+                        await stream.send_message(msg)
+                        last = raw
+                await watcher.event.wait()
+        finally:
+            self.cache.unwatch(watcher)
+
+    async def FetchX509Bundles(
+        self, stream: Stream[workload_pb2.X509BundlesRequest, workload_pb2.X509BundlesResponse]
+    ) -> None:
+        check_header(stream)
+        await stream.recv_message()
+        selectors = await self.id.selectors(stream)
+        await self.id.wait_ready()
+        watcher = self.cache.watch(selectors)
+        try:
+            last: dict[str, bytes] | None = None
+            while True:
+                watcher.event.clear()
+                bundles = self._bundles()
+                if bundles != last:
+                    await stream.send_message(workload_pb2.X509BundlesResponse(bundles=bundles))
+                    last = bundles
+                await watcher.event.wait()
+        finally:
+            self.cache.unwatch(watcher)
+
+    async def FetchJWTSVID(self, stream: Stream[workload_pb2.JWTSVIDRequest, workload_pb2.JWTSVIDResponse]) -> None:
+        check_header(stream)
+        req = await stream.recv_message()
+        assert req is not None
+        audience = [a for a in req.audience if a]
+        if not audience:
+            raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
+        wanted: SpiffeId | None = None
+        if req.spiffe_id:
+            try:
+                wanted = SpiffeId.parse(req.spiffe_id)
+            except ValueError as exc:
+                raise GRPCError(Status.INVALID_ARGUMENT, f"invalid SPIFFE ID: {exc}") from None
+        selectors = await self.id.selectors(stream)
+        await self.id.wait_ready()
+        entries = self.cache.matching_entries(selectors)
+        if wanted is not None:
+            entries = [e for e in entries if e.spiffe_id == wanted]
+        if not entries:
+            raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
+        svids = []
+        try:
+            for e in entries:
+                j = await self.id.manager.jwt_svid(e, audience)
+                svids.append(workload_pb2.JWTSVID(spiffe_id=str(j.spiffe_id), svid=j.token, hint=e.hint))
+        except GRPCError:
+            raise
+        except Exception as exc:
+            log.warning("JWT-SVID signing failed: %s", exc)
+            raise GRPCError(Status.UNAVAILABLE, "could not obtain a JWT-SVID from the server") from None
+        await stream.send_message(workload_pb2.JWTSVIDResponse(svids=svids))
+
+    async def FetchJWTBundles(
+        self, stream: Stream[workload_pb2.JWTBundlesRequest, workload_pb2.JWTBundlesResponse]
+    ) -> None:
+        check_header(stream)
+        await stream.recv_message()
+        selectors = await self.id.selectors(stream)
+        await self.id.wait_ready()
+        watcher = self.cache.watch(selectors)
+        try:
+            last: dict[str, bytes] | None = None
+            while True:
+                watcher.event.clear()
+                assert self.cache.bundle is not None
+                bundles = {str(self.cache.td.id): self.cache.bundle.jwks_bytes()}
+                for td, b in self.cache.federated.items():
+                    bundles[str(td.id)] = b.jwks_bytes()
+                if bundles != last:
+                    await stream.send_message(workload_pb2.JWTBundlesResponse(bundles=bundles))
+                    last = bundles
+                await watcher.event.wait()
+        finally:
+            self.cache.unwatch(watcher)
+
+    async def ValidateJWTSVID(
+        self, stream: Stream[workload_pb2.ValidateJWTSVIDRequest, workload_pb2.ValidateJWTSVIDResponse]
+    ) -> None:
+        check_header(stream)
+        req = await stream.recv_message()
+        assert req is not None
+        if not req.audience:
+            raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
+        if not req.svid:
+            raise GRPCError(Status.INVALID_ARGUMENT, "svid must be specified")
+        await self.id.wait_ready()
+        assert self.cache.bundle is not None
+        bundles = {self.cache.td: self.cache.bundle, **self.cache.federated}
+        try:
+            spiffe_id, claims = validate_jwt_svid(req.svid, req.audience, bundles)
+        except InvalidJwtSvidError as exc:
+            raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
+        resp = workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(spiffe_id))
+        json_format.ParseDict(claims, resp.claims)
+        await stream.send_message(resp)
