@@ -3,8 +3,8 @@
 One mint = CSR DER in, CSR signature checked, leaf DER out (X509Minter.mint_der_from_csr).
 The floor is what no implementation can beat: 1 / (one raw ECDSA P-256 verify + one raw
 ECDSA P-256 sign), both with already-loaded keys. The three are measured in interleaved
-blocks so drifting CPU speed (turbo, noisy neighbours) hits them alike; the ratio is the
-median of per-round ratios.
+blocks of a few milliseconds, timed in thread CPU time, so drifting CPU speed (turbo, busy
+neighbours) hits them alike; the ratio is the median of the per-round ratios.
 
     python bench/mint.py [--seconds 6] [--csrs 256]
 
@@ -27,21 +27,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from issuer.ca import minting
 from meshid.spiffe_id import SpiffeId, TrustDomain
 
-BLOCK_SECONDS = 0.25
+BLOCK_OPS = 32  # ~5 ms blocks: the three cases alternate faster than the machine's speed drifts
 
 
-def _per_op_us(fn: Callable[[int], None], seconds: float) -> float:
-    """Microseconds per call of fn(i), run for about `seconds`."""
-    n = 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for i in range(n, n + 64):
-            fn(i)
-        n += 64
-        now = time.perf_counter()
-        if now >= deadline:
-            return (now - start) / n * 1e6
+def _block_us(fn: Callable[[int], None], base: int) -> float:
+    """Microseconds of thread CPU time per call over one block (CPU time: a block is not
+    charged for time the scheduler gave to other processes)."""
+    start = time.thread_time_ns()
+    for i in range(base, base + BLOCK_OPS):
+        fn(i)
+    return (time.thread_time_ns() - start) / BLOCK_OPS / 1e3
 
 
 def main() -> None:
@@ -95,17 +90,21 @@ def main() -> None:
     assert minter.fast_path
 
     for fn in cases.values():  # warm up caches and allocators
-        _per_op_us(fn, 0.1)
-    rounds = max(1, round(args.seconds / BLOCK_SECONDS))
+        for _ in range(10):
+            _block_us(fn, 0)
     samples: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(rounds):
+    deadline = time.thread_time() + args.seconds * len(cases)
+    base = 0
+    while time.thread_time() < deadline:
         for name, fn in cases.items():
-            samples[name].append(_per_op_us(fn, BLOCK_SECONDS))
+            samples[name].append(_block_us(fn, base))
+        base += BLOCK_OPS
+    rounds = len(samples["mint"])
 
     ratios = [(v + s) / m for v, s, m in zip(samples["verify"], samples["sign"], samples["mint"], strict=True)]
     med = {name: statistics.median(v) for name, v in samples.items()}
     floor_us = med["verify"] + med["sign"]
-    print(f"rounds={rounds} x {BLOCK_SECONDS}s per op, {ncsr} distinct CSRs (P-256), CA P-256")
+    print(f"{rounds} rounds of {BLOCK_OPS} ops per case, {ncsr} distinct CSRs (P-256 keys), CA P-256")
     print(f"raw_verify_us={med['verify']:.1f} raw_sign_us={med['sign']:.1f} floor_us={floor_us:.1f}")
     print(f"floor_rate={1e6 / floor_us:.0f}/s")
     print(f"mint_us={med['mint']:.1f} mint_rate={1e6 / med['mint']:.0f}/s")

@@ -12,6 +12,7 @@ import string
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
+from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
@@ -273,7 +274,10 @@ class EntryApi(entry_grpc.EntryBase):
     async def _unary(self, stream: Stream[Req, Resp], handle: Callable[[Req], Awaitable[Resp]]) -> None:
         try:
             await self.authorize(stream)
-            request = await stream.recv_message()
+            try:
+                request = await stream.recv_message()
+            except DecodeError as exc:
+                raise ValueError(f"malformed request message: {exc}") from None
             if request is None:
                 raise ValueError("missing request message")
             reply = await handle(request)

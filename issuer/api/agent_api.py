@@ -37,7 +37,7 @@ from meshid.tls import peer_certificate, spiffe_id_of_cert
 MAX_CSR_BYTES = 16 * 1024
 MAX_KNOWN = 100_000
 
-AGENT_KEY = web.AppKey("agent", AgentRecord)
+AGENT_KEY = web.RequestKey("agent", AgentRecord)
 
 
 def b64(data: bytes) -> str:

@@ -440,7 +440,7 @@ class X509Minter:
         self._ca_spki = _spki(ca_key.public_key())
         self._chain_der = tuple(c.public_bytes(_DER) for c in (ca_cert, *self.chain))
         self._san_cache: dict[tuple[str, tuple[str, ...]], bytes] = {}
-        self._validity_cache: tuple[int, int, bytes] = (0, 0, b"")
+        self._validity_cache: tuple[int, int, tuple[int, int, bytes]] = (-1, 0, (0, 0, b""))
         self._template = self._make_template() if fast_path else None
 
     @property
@@ -522,32 +522,25 @@ class X509Minter:
     ) -> bytes:
         if now is None:
             raise TypeError("now is required (minting takes its clock from the caller)")
-        sid = _as_spiffe_id(spiffe_id)
-        if sid.is_trust_domain_id:
-            raise InvalidSpiffeIdError(f"{sid} has no path: an X509-SVID needs a workload path")
-        if self.trust_domain is not None and sid.trust_domain != self.trust_domain:
-            raise InvalidSpiffeIdError(f"{sid} is not in this CA's trust domain {self.trust_domain}")
-        if not isinstance(ttl_seconds, int) or ttl_seconds <= 0:
+        if type(ttl_seconds) is not int or ttl_seconds <= 0:
             raise ValueError("ttl_seconds must be a positive integer")
+        uri = spiffe_id if isinstance(spiffe_id, str) else str(spiffe_id)
+        dns = tuple(dns_names)
+        san = self._san_cache.get((uri, dns))
+        if san is None:
+            san = self._identity(uri, dns)
         kind = _key_kind(public_key)
         if kind is _EC:
-            spki, ski = template.ec_spki_and_ski(public_key)  # type: ignore[arg-type]
+            spki, ski = template.ec_spki_and_ski(cast(ec.EllipticCurvePublicKey, public_key))
         else:
             spki, ski = template.rsa_spki_and_ski(public_key)
         if spki == self._ca_spki:
             raise SigningError("refusing to issue an SVID for the CA's own key")
-        now_ts = _epoch(now)
-        if now_ts >= self._ca_not_after:
-            raise SigningError(f"CA certificate expired at {_utc(self._ca_not_after).isoformat()}")
-        not_before = max(now_ts - BACKDATE_SECONDS, self._ca_not_before)
-        not_after = min(now_ts + ttl_seconds, self._ca_not_after)
-        uri = str(sid)
-        dns = tuple(dns_names)
+        not_before, not_after, validity = self._validity(_epoch(now), ttl_seconds)
         serial = random_serial()
         tpl = self._template
         if tpl is not None:
-            validity = self._validity(not_before, not_after)
-            tbs = tpl.tbs(serial, validity, spki, ski, self._san(uri, dns), kind is _RSA)
+            tbs = tpl.tbs(serial, validity, spki, ski, san, kind is _RSA)
             return template.certificate_der(tbs, tpl.signature_algorithm, self._sign(tbs))
         cert = build_leaf_with_builder(
             self.ca_key,
@@ -566,26 +559,35 @@ class X509Minter:
         """Leaf + CA + upstream chain as concatenated DER."""
         return chain_der(leaf, self._chain_der)
 
-    # -- caches (plain attribute/dict updates: atomic under the GIL) -------------------
+    # -- caches (single attribute/dict updates: atomic under the GIL) -------------------
 
-    def _validity(self, not_before: int, not_after: int) -> bytes:
-        nb, na, der = self._validity_cache
-        if nb != not_before or na != not_after:
-            der = template.der_validity(not_before, not_after)
-            self._validity_cache = (not_before, not_after, der)
-        return der
+    def _validity(self, now_ts: int, ttl_seconds: int) -> tuple[int, int, bytes]:
+        """(notBefore, notAfter, Validity DER) for a mint at now_ts; cached for the last second."""
+        cached = self._validity_cache
+        if cached[0] == now_ts and cached[1] == ttl_seconds:
+            return cached[2]
+        if now_ts >= self._ca_not_after:
+            raise SigningError(f"CA certificate expired at {_utc(self._ca_not_after).isoformat()}")
+        not_before = max(now_ts - BACKDATE_SECONDS, self._ca_not_before)
+        not_after = min(now_ts + ttl_seconds, self._ca_not_after)
+        result = (not_before, not_after, template.der_validity(not_before, not_after))
+        self._validity_cache = (now_ts, ttl_seconds, result)
+        return result
 
-    def _san(self, uri: str, dns: tuple[str, ...]) -> bytes:
-        key = (uri, dns)
-        ext = self._san_cache.get(key)
-        if ext is None:
-            for name in dns:
-                if not isinstance(name, str) or not name:
-                    raise ValueError("DNS names must be non-empty strings")
-            ext = template.san_extension(uri, dns)
-            if len(self._san_cache) >= _SAN_CACHE_MAX:
-                self._san_cache.clear()
-            self._san_cache[key] = ext
+    def _identity(self, uri: str, dns: tuple[str, ...]) -> bytes:
+        """Check an SVID identity once and cache its SAN extension."""
+        sid = SpiffeId.parse(uri)
+        if sid.is_trust_domain_id:
+            raise InvalidSpiffeIdError(f"{sid} has no path: an X509-SVID needs a workload path")
+        if self.trust_domain is not None and sid.trust_domain != self.trust_domain:
+            raise InvalidSpiffeIdError(f"{sid} is not in this CA's trust domain {self.trust_domain}")
+        for name in dns:
+            if not isinstance(name, str) or not name:
+                raise ValueError("DNS names must be non-empty strings")
+        ext = template.san_extension(uri, dns)
+        if len(self._san_cache) >= _SAN_CACHE_MAX:
+            self._san_cache.clear()
+        self._san_cache[(uri, dns)] = ext
         return ext
 
 

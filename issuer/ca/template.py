@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 MIN_YEAR = 1950
 MAX_YEAR = 9999
 _UTCTIME_END_YEAR = 2050
+_SERIAL_LIMIT = 1 << 159  # RFC 5280: at most 20 octets, positive
 
 
 def der_len(n: int) -> bytes:
@@ -36,6 +37,17 @@ def der_len(n: int) -> bytes:
         return bytes((n,))
     body = n.to_bytes((n.bit_length() + 7) // 8, "big")
     return bytes((0x80 | len(body),)) + body
+
+
+def der_header(tag: int, n: int) -> bytes:
+    """Tag and length octets for a value of n bytes (short forms spelled out: hot path)."""
+    if n < 0x80:
+        return bytes((tag, n))
+    if n < 0x100:
+        return bytes((tag, 0x81, n))
+    if n < 0x10000:
+        return bytes((tag, 0x82, n >> 8, n & 0xFF))
+    return bytes((tag,)) + der_len(n)
 
 
 def der_tlv(tag: int, value: bytes) -> bytes:
@@ -181,9 +193,21 @@ def rsa_spki_and_ski(pub: object) -> tuple[bytes, bytes]:
 
 
 class LeafTemplate:
-    """Precomputed pieces of leaf TBSCertificates issued by one CA."""
+    """Precomputed pieces of leaf TBSCertificates issued by one CA.
 
-    __slots__ = ("_aki_ext", "_head", "_signature_algorithm")
+    Per call only the lengths are computed and the pieces joined once: this runs between
+    two signature operations for every SVID, so it is kept to a handful of operations.
+    """
+
+    __slots__ = (
+        "_aki_ext",
+        "_fixed_ec",
+        "_fixed_ext_len",
+        "_fixed_rsa",
+        "_head",
+        "_signature_algorithm",
+        "_static_len",
+    )
 
     def __init__(
         self, issuer_name_der: bytes, signature_algorithm_der: bytes, ca_key_identifier: bytes
@@ -191,7 +215,12 @@ class LeafTemplate:
         self._signature_algorithm = signature_algorithm_der
         # Everything between the serial number and the validity never changes per CA.
         self._head = signature_algorithm_der + issuer_name_der
+        self._static_len = len(_VERSION_V3) + len(self._head) + len(_EMPTY_NAME)
         self._aki_ext = aki_extension(ca_key_identifier)
+        # Extensions up to the SKI value; both key usages encode to the same length.
+        self._fixed_ec = _EXT_BASIC_CONSTRAINTS_LEAF + _EXT_KU_EC + _EXT_EKU + _SKI_EXT_PREFIX
+        self._fixed_rsa = _EXT_BASIC_CONSTRAINTS_LEAF + _EXT_KU_RSA + _EXT_EKU + _SKI_EXT_PREFIX
+        self._fixed_ext_len = len(self._fixed_ec) + 20 + len(self._aki_ext)
 
     @property
     def signature_algorithm(self) -> bytes:
@@ -206,25 +235,44 @@ class LeafTemplate:
         san_ext_der: bytes,
         rsa_key: bool,
     ) -> bytes:
-        """TBSCertificate DER for one leaf; `validity_der` comes from der_validity()."""
-        exts = b"".join(
+        """TBSCertificate DER for one leaf.
+
+        `validity_der` comes from der_validity(), `san_ext_der` from san_extension(), `ski`
+        is the 20-byte key identifier and `spki_der` the key as cryptography encodes it.
+        """
+        if not 0 < serial < _SERIAL_LIMIT:
+            raise ValueError("serial number must be positive and at most 20 octets")
+        if len(ski) != 20:
+            raise ValueError("subject key identifier must be 20 bytes (SHA-1)")
+        sb = serial.to_bytes(serial.bit_length() // 8 + 1, "big")  # leading 0x00 when the top bit is set
+        inner = self._fixed_ext_len + len(san_ext_der)
+        seq_hdr = der_header(0x30, inner)
+        outer = len(seq_hdr) + inner
+        ctx_hdr = der_header(0xA3, outer)
+        body = self._static_len + 2 + len(sb) + len(validity_der) + len(spki_der) + len(ctx_hdr) + outer
+        return b"".join(
             (
-                _EXT_BASIC_CONSTRAINTS_LEAF,
-                _EXT_KU_RSA if rsa_key else _EXT_KU_EC,
-                _EXT_EKU,
-                _SKI_EXT_PREFIX,
+                der_header(0x30, body),
+                _VERSION_V3,
+                bytes((0x02, len(sb))),
+                sb,
+                self._head,
+                validity_der,
+                _EMPTY_NAME,
+                spki_der,
+                ctx_hdr,
+                seq_hdr,
+                self._fixed_rsa if rsa_key else self._fixed_ec,
                 ski,
                 self._aki_ext,
                 san_ext_der,
             )
         )
-        exts = der_tlv(0xA3, der_tlv(0x30, exts))
-        body = b"".join(
-            (_VERSION_V3, der_uint(serial), self._head, validity_der, _EMPTY_NAME, spki_der, exts)
-        )
-        return der_tlv(0x30, body)
 
 
 def certificate_der(tbs_der: bytes, signature_algorithm_der: bytes, signature: bytes) -> bytes:
     """Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue BIT STRING }."""
-    return der_tlv(0x30, tbs_der + signature_algorithm_der + der_tlv(0x03, b"\x00" + signature))
+    bit_len = len(signature) + 1
+    bit_hdr = der_header(0x03, bit_len)
+    total = len(tbs_der) + len(signature_algorithm_der) + len(bit_hdr) + bit_len
+    return b"".join((der_header(0x30, total), tbs_der, signature_algorithm_der, bit_hdr, b"\x00", signature))

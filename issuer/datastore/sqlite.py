@@ -36,9 +36,13 @@ def _q(_: int) -> str:
     return "?"
 
 
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
 _ENTRY_COLS = ", ".join(codec.ENTRY_COLUMNS)
 _ENTRY_INSERT = (
-    f"INSERT INTO entries ({_ENTRY_COLS}) VALUES ({', '.join('?' * len(codec.ENTRY_COLUMNS))}) "
+    f"INSERT INTO entries ({_ENTRY_COLS}) VALUES ({_marks(len(codec.ENTRY_COLUMNS))}) "
     "ON CONFLICT DO NOTHING RETURNING id"
 )
 _ENTRY_UPDATE = (
@@ -50,7 +54,9 @@ _AGENT_SELECT = f"SELECT {', '.join(codec.AGENT_COLUMNS)} FROM agents"
 _CA_KEY_UPSERT = codec.upsert_sql("ca_keys", codec.CA_KEY_COLUMNS, "key_id", _q)
 _CA_KEY_SELECT = f"SELECT {', '.join(codec.CA_KEY_COLUMNS)} FROM ca_keys"
 _META_UPSERT = codec.upsert_sql("meta", ("key", "value"), "key", _q)
-_EVENT_INSERT = f"INSERT INTO outbox ({', '.join(codec.EVENT_COLUMNS)}) VALUES (?, ?, ?, ?, ?)"
+_EVENT_INSERT = (
+    f"INSERT INTO outbox ({', '.join(codec.EVENT_COLUMNS)}) VALUES ({_marks(len(codec.EVENT_COLUMNS))})"
+)
 _OUTBOX_COLS = "seq, " + ", ".join(codec.EVENT_COLUMNS)
 _CLAIM = f"""
 UPDATE outbox SET claimed_by = :owner, lease_until = :until
@@ -133,8 +139,8 @@ class SqliteDataStore:
         migrations = await asyncio.to_thread(load_migrations, "sqlite")
         # IMMEDIATE takes the write lock up front, so two processes opening the same
         # file at once apply each migration exactly once.
-        await conn.execute("BEGIN IMMEDIATE")
         try:
+            await conn.execute("BEGIN IMMEDIATE")
             await conn.execute(CREATE_VERSION_TABLE)
             applied = {
                 int(r[0]) for r in await conn.execute_fetchall("SELECT version FROM schema_migrations")
@@ -156,8 +162,10 @@ class SqliteDataStore:
         """One write transaction; rolled back if the body raises."""
         async with self._write_lock:
             conn = self._require(self._writer)
-            await conn.execute("BEGIN IMMEDIATE")
             try:
+                # Inside the try: if we are cancelled while BEGIN waits, it still runs
+                # and must be rolled back.
+                await conn.execute("BEGIN IMMEDIATE")
                 yield conn
             except BaseException:
                 await _rollback(conn)

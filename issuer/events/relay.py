@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,7 @@ class KafkaConfig:
     max_batch_bytes: int = 1_000_000  # one record batch per partition per round
     request_timeout: float = 30.0  # seconds; an unacknowledged batch fails after this
     client_id: str = "meshid"
+    retention: float = 24 * 3600.0  # delivered outbox rows are pruned after this
 
     def validate(self) -> None:
         if not self.bootstrap_servers:
@@ -111,6 +113,30 @@ class KafkaConfig:
             kw["sasl_plain_username"] = self.sasl_username
             kw["sasl_plain_password"] = self.sasl_password
         return kw
+
+
+def relay_config_from(section: Any, env: Mapping[str, str] | None = None) -> KafkaConfig:
+    """Build from the server's `[events.kafka]` config section (issuer.config.KafkaSection);
+    the SASL password comes from the environment variable the section names."""
+    env = os.environ if env is None else env
+    password_env = getattr(section, "sasl_password_env", "")
+    cfg = KafkaConfig(
+        bootstrap_servers=tuple(section.bootstrap_servers),
+        topic=section.topic,
+        enable_idempotence=section.enable_idempotence,
+        mode=section.mode,
+        security_protocol=section.security_protocol,
+        ssl_cafile=section.ssl_cafile,
+        ssl_certfile=section.ssl_certfile,
+        ssl_keyfile=section.ssl_keyfile,
+        sasl_mechanism=section.sasl_mechanism,
+        sasl_username=section.sasl_username,
+        sasl_password=env.get(password_env, "") if password_env else "",
+        auto_create_topics=section.auto_create_topics,
+        retention=float(getattr(section, "retention", 24 * 3600.0)),
+    )
+    cfg.validate()
+    return cfg
 
 
 class RelayError(Exception):
@@ -165,8 +191,9 @@ class OutboxRelay:
         kafka: KafkaConfig | None,
         *,
         source: str,
+        owner: str = "",
         telemetry: Telemetry | None = None,
-        retention: float = 24 * 3600.0,
+        retention: float | None = None,
         prune_interval: float = 300.0,
         poll_interval: float = 0.5,
         backoff_base: float = 0.2,
@@ -179,8 +206,9 @@ class OutboxRelay:
         self._ds = ds
         self._kafka = kafka
         self._source = source
+        self._owner = owner or source
         self._telemetry = telemetry or default_telemetry()
-        self._retention = retention
+        self._retention = retention if retention is not None else (kafka.retention if kafka else 24 * 3600.0)
         self._prune_interval = prune_interval
         self._poll_interval = poll_interval
         self._backoff_base = backoff_base
@@ -322,13 +350,18 @@ class OutboxRelay:
         # After a batch was refused for size, rows go one at a time until the oversized
         # one is found (and skipped) or a whole batch's worth went through.
         isolating = self._isolate_rows > 0
-        # Always from the lowest undelivered seq: with several writers a lower seq can
-        # commit after a higher one, and a cursor would skip it.
-        rows = await self._ds.fetch_outbox(0, 1 if isolating else cfg.batch_size)
-        if not rows:
+        # A cheap read first (partial index) so an idle relay takes no write lock.
+        if not await self._ds.fetch_outbox(0, 1):
             self._oldest_pending = None
             self._isolate_rows = 0
             return 0
+        # Claiming (rather than a seq cursor) always starts from the lowest undelivered
+        # rows, which a late-committing lower seq needs, and lets relays on several
+        # replicas share the outbox without publishing a row twice or out of key order.
+        rows = await self._ds.claim_outbox(self._owner, 1 if isolating else cfg.batch_size,
+                                           2 * cfg.request_timeout + 30, self._clock())
+        if not rows:
+            return 0  # everything pending is leased by another replica
         self._oldest_pending = rows[0].event.time
         partitions = sorted(await asyncio.wait_for(producer.partitions_for(cfg.topic), cfg.request_timeout))
         builders: dict[int, Any] = {}

@@ -1,23 +1,28 @@
 """Aggregation and rate bound for agent-reported workload attestation failures.
 
 A misbehaving process can hit the Workload API thousands of times a second; one event
-per refusal would flood the outbox and the SOC. Failures are folded per agent into one
-group per (reason, caller uid) over a window; each agent yields at most
-`max_groups_per_agent` events per window plus one overflow event, and every failure is
-counted in some event, so totals stay exact while the event rate is bounded.
+per refusal would flood the outbox and the SOC. Agents already send counts per
+(reason, caller uid); the server folds them per agent into groups and emits at most
+`max_events_per_window` events per agent per window. Groups beyond that budget wait for
+the next window, and groups beyond `max_groups` are folded into one `various` group,
+so every failure is counted in some event: totals stay exact while the rate is bounded.
 
-Memory is bounded per agent (the group cap); the number of agents is bounded by the
-fleet, since only attested agents can report. Pure and clock-free: callers pass times.
+`WorkloadFailureAggregator` is pure (callers pass times); `record` and `flush` are the
+server-side edge the agent API calls.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 from issuer.events import ocsf
 from issuer.events.model import Event
+from meshid import telemetry
 
 OVERFLOW_REASON = "various"
+MAX_REASON_LENGTH = 200
 
 
 @dataclass(slots=True)
@@ -25,76 +30,164 @@ class _Group:
     count: int
     first_at: float
     last_at: float
-    pid: int | None
-    gid: int | None
+    pid: int | None = None
+    gid: int | None = None
+    folded: int = 0  # distinct (reason, uid) groups folded in (overflow group only)
 
 
 @dataclass(slots=True)
-class _AgentWindow:
-    opened_at: float
+class _Agent:
+    window_start: float = float("-inf")
+    emitted: int = 0  # events in the current window
     groups: dict[tuple[str, int | None], _Group] = field(default_factory=dict)
-    overflow_count: int = 0
-    overflow_keys: set[tuple[str, int | None]] = field(default_factory=set)
-    overflow_first: float = 0.0
-    overflow_last: float = 0.0
+    overflow: _Group | None = None
 
 
 class WorkloadFailureAggregator:
-    def __init__(self, window: float = 60.0, max_groups_per_agent: int = 8,
-                 max_overflow_keys: int = 1024) -> None:
-        if window <= 0 or max_groups_per_agent < 1:
-            raise ValueError("window must be positive and max_groups_per_agent at least 1")
+    def __init__(self, window: float = 60.0, max_events_per_window: int = 8, max_groups: int = 16) -> None:
+        if window <= 0 or max_events_per_window < 2 or max_groups < 1:
+            raise ValueError("window > 0, max_events_per_window >= 2 and max_groups >= 1 are required")
         self.window = window
-        self.max_groups_per_agent = max_groups_per_agent
-        self.max_overflow_keys = max_overflow_keys  # only for counting distinct folded groups
-        self._agents: dict[str, _AgentWindow] = {}
+        self.max_events_per_window = max_events_per_window
+        self.max_groups = max_groups
+        self._agents: dict[str, _Agent] = {}
         self.total_failures = 0
         self.total_events = 0
 
-    def add(self, agent_id: str, reason: str, at: float, *, pid: int | None = None, uid: int | None = None,
+    def add(self, agent_id: str, reason: str, at: float, *, uid: int | None = None, pid: int | None = None,
             gid: int | None = None, count: int = 1) -> None:
-        """Record `count` refusals (an agent may report an already-aggregated count)."""
+        """Record `count` refusals of callers with this uid for this reason."""
         if count <= 0:
             return
         self.total_failures += count
-        win = self._agents.get(agent_id)
-        if win is None:
-            win = self._agents[agent_id] = _AgentWindow(opened_at=at)
-        key = (reason, uid)
-        group = win.groups.get(key)
-        if group is not None:
-            group.count += count
-            group.first_at = min(group.first_at, at)
-            group.last_at = max(group.last_at, at)
-            group.pid, group.gid = pid if pid is not None else group.pid, gid if gid is not None else group.gid
-        elif len(win.groups) < self.max_groups_per_agent:
-            win.groups[key] = _Group(count, at, at, pid, gid)
-        else:
-            if win.overflow_count == 0:
-                win.overflow_first = win.overflow_last = at
-            win.overflow_count += count
-            win.overflow_first = min(win.overflow_first, at)
-            win.overflow_last = max(win.overflow_last, at)
-            if len(win.overflow_keys) < self.max_overflow_keys:
-                win.overflow_keys.add(key)
+        agent = self._agents.setdefault(agent_id, _Agent())
+        key = (reason[:MAX_REASON_LENGTH], uid)
+        group = agent.groups.get(key)
+        if group is None and len(agent.groups) >= self.max_groups:
+            # Bounded memory per agent: the rest is counted, not itemised.
+            if agent.overflow is None:
+                agent.overflow = _Group(0, at, at)
+            group = agent.overflow
+            group.folded += 1
+        elif group is None:
+            group = agent.groups[key] = _Group(0, at, at)
+        group.count += count
+        group.first_at = min(group.first_at, at)
+        group.last_at = max(group.last_at, at)
+        if pid is not None:
+            group.pid = pid
+        if gid is not None:
+            group.gid = gid
 
     def pending(self) -> int:
         """Failures recorded but not yet emitted."""
-        return sum(g.count for w in self._agents.values() for g in w.groups.values()) + sum(
-            w.overflow_count for w in self._agents.values())
+        return sum(sum(g.count for g in a.groups.values()) + (a.overflow.count if a.overflow else 0)
+                   for a in self._agents.values())
 
-    def flush(self, now: float, *, force: bool = False) -> list[Event]:
-        """Events for every agent whose window has closed (all agents when `force`)."""
+    def flush(self, now: float) -> list[Event]:
+        """Events for pending failures, within each agent's budget for its window."""
         out: list[Event] = []
-        for agent_id in [a for a, w in self._agents.items() if force or now - w.opened_at >= self.window]:
-            win = self._agents.pop(agent_id)
-            for (reason, uid), g in sorted(win.groups.items(), key=lambda kv: kv[1].first_at):
+        for agent_id in list(self._agents):
+            agent = self._agents[agent_id]
+            if now - agent.window_start >= self.window:
+                agent.window_start, agent.emitted = now, 0
+            budget = self.max_events_per_window - agent.emitted
+            if budget <= 0:
+                continue
+            items = sorted(agent.groups.items(), key=lambda kv: kv[1].first_at)
+            overflow = agent.overflow
+            slots = len(items) + (1 if overflow else 0)
+            if slots > budget:
+                # Keep the oldest groups itemised and fold the rest into one event.
+                keep, rest = items[: budget - 1], items[budget - 1:]
+                overflow = overflow or _Group(0, rest[0][1].first_at, rest[0][1].last_at)
+                for _, g in rest:
+                    overflow.count += g.count
+                    overflow.first_at = min(overflow.first_at, g.first_at)
+                    overflow.last_at = max(overflow.last_at, g.last_at)
+                    overflow.folded += 1
+                items = keep
+            for (reason, uid), g in items:
                 out.append(ocsf.workload_attestation_failed(
                     agent_id, reason, g.count, g.first_at, g.last_at, now,
                     caller_pid=g.pid, caller_uid=uid, caller_gid=g.gid))
-            if win.overflow_count:
+            if overflow is not None and overflow.count:
                 out.append(ocsf.workload_attestation_failed(
-                    agent_id, OVERFLOW_REASON, win.overflow_count, win.overflow_first, win.overflow_last,
-                    now, suppressed=len(win.overflow_keys)))
+                    agent_id, OVERFLOW_REASON, overflow.count, overflow.first_at, overflow.last_at, now,
+                    suppressed=overflow.folded))
+            agent.emitted += len(items) + (1 if overflow is not None and overflow.count else 0)
+            agent.groups.clear()
+            agent.overflow = None
+        # Forget agents with nothing pending once their window is over.
+        for agent_id in [a for a, st in self._agents.items()
+                         if not st.groups and st.overflow is None and now - st.window_start >= self.window]:
+            del self._agents[agent_id]
         self.total_events += len(out)
         return out
+
+
+# --- server edge ---------------------------------------------------------------------------
+
+_aggregators: weakref.WeakKeyDictionary[Any, WorkloadFailureAggregator] = weakref.WeakKeyDictionary()
+
+
+def aggregator_for(server: Any) -> WorkloadFailureAggregator:
+    agg = _aggregators.get(server)
+    if agg is None:
+        agg = _aggregators[server] = WorkloadFailureAggregator()
+    return agg
+
+
+def _opt_int(item: dict[str, Any], name: str) -> int | None:
+    value = item.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise ValueError(f"workload_attestation_failures[].{name} must be an integer in [0, 2^32)")
+    return value
+
+
+def parse_report(failures: list[Any]) -> list[tuple[str, int | None, int | None, int | None, int]]:
+    """Validate an agent's report: items {reason, uid?, pid?, gid?, count?}. ValueError if bad."""
+    out = []
+    for item in failures:
+        if not isinstance(item, dict):
+            raise ValueError("workload_attestation_failures items must be objects")
+        reason = item.get("reason")
+        if not isinstance(reason, str) or not reason:
+            raise ValueError("workload_attestation_failures[].reason must be a non-empty string")
+        count = item.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 10**9:
+            raise ValueError("workload_attestation_failures[].count must be an integer in [1, 10^9]")
+        out.append((reason[:MAX_REASON_LENGTH], _opt_int(item, "uid"), _opt_int(item, "pid"),
+                     _opt_int(item, "gid"), count))
+    return out
+
+
+async def record(server: Any, agent: Any, failures: list[Any]) -> None:
+    """Agent API edge: fold an agent's report in and write whatever the budget allows.
+    `server` provides `clock()`, `ds` and optionally `relay` (to wake it)."""
+    items = parse_report(failures)
+    now = server.clock()
+    agg = aggregator_for(server)
+    agent_id = str(agent.agent_id)
+    total = 0
+    for reason, uid, pid, gid, count in items:
+        agg.add(agent_id, reason, now, uid=uid, pid=pid, gid=gid, count=count)
+        total += count
+    if total:
+        telemetry.default_telemetry().record_attestation("workload", "agent", False, n=total)
+    await flush(server, now)
+
+
+async def flush(server: Any, now: float | None = None) -> int:
+    """Write pending events whose budget has come back; call it from a periodic tick so
+    held-back counts go out even if the agent stops reporting. Returns events written."""
+    agg = aggregator_for(server)
+    events = agg.flush(server.clock() if now is None else now)
+    if events:
+        await server.ds.append_events(events)
+        relay = getattr(server, "relay", None)
+        if relay is not None:
+            relay.notify()
+    return len(events)

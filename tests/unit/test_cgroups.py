@@ -116,7 +116,9 @@ REAL_WORLD: list[tuple[str, str, str | None, str | None, str | None]] = [
     ),
     (
         "v1 systemd docker under kubepods",
-        v1(f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/docker-{CID}.scope"),
+        v1(
+            f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/docker-{CID}.scope"
+        ),
         CID,
         UID,
         "docker",
@@ -234,14 +236,20 @@ GARBAGE_LINES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "text", "cid", "uid", "runtime"), REAL_WORLD, ids=[c[0] for c in REAL_WORLD])
-def test_real_world_shapes(name: str, text: str, cid: str | None, uid: str | None, runtime: str | None) -> None:
+@pytest.mark.parametrize(
+    ("name", "text", "cid", "uid", "runtime"), REAL_WORLD, ids=[c[0] for c in REAL_WORLD]
+)
+def test_real_world_shapes(
+    name: str, text: str, cid: str | None, uid: str | None, runtime: str | None
+) -> None:
     info = parse_cgroup(text)
     assert info == ContainerInfo(container_id=cid, pod_uid=uid, runtime=runtime)
     assert info.in_pod == (uid is not None)
 
 
-@pytest.mark.parametrize(("name", "text", "cid", "uid", "runtime"), REAL_WORLD, ids=[c[0] for c in REAL_WORLD])
+@pytest.mark.parametrize(
+    ("name", "text", "cid", "uid", "runtime"), REAL_WORLD, ids=[c[0] for c in REAL_WORLD]
+)
 def test_garbage_lines_do_not_change_the_result(
     name: str, text: str, cid: str | None, uid: str | None, runtime: str | None
 ) -> None:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import sqlite3
 import stat
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+
+# tests/conftest.py puts tests/ on sys.path, where the shared PostgreSQL fixtures live.
+from pg import PostgresCluster, postgres_cluster, postgres_db, postgres_dsn  # noqa: F401
 
 from issuer.datastore import codec
 from issuer.datastore.base import AgentRecord, CaKeyRecord, DataStore, EntryAlreadyExistsError
@@ -25,11 +29,6 @@ from meshid.entry import Entry
 from meshid.errors import AlreadyExistsError, ConfigError, NotFoundError
 from meshid.selector import Selector, parse_selectors
 from meshid.spiffe_id import SpiffeId, TrustDomain
-
-# tests/ holds shared fixtures (pg.py) but is not a package; a tests/conftest.py doing
-# `from pg import ...` would make this line unnecessary.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pg import PostgresCluster, postgres_cluster, postgres_db, postgres_dsn  # noqa: F401
 
 
 def _conforms(a: SqliteDataStore, b: PostgresDataStore) -> list[DataStore]:
@@ -333,9 +332,14 @@ async def test_entries_by_parents_and_by_spiffe_id(store: DataStore) -> None:
     assert await store.entries_by_spiffe_id(sid("/none")) == []
 
 
+@functools.cache
+def _many_parents() -> tuple[SpiffeId, ...]:
+    return tuple(sid(f"/agent/n{i}") for i in range(33_000))  # past SQLite's bound-variable limit
+
+
 async def test_many_parents_in_one_lookup(store: DataStore) -> None:
     await store.create_entry(make_entry("/a", "/agent/n7"))
-    parents = [sid(f"/agent/n{i}") for i in range(33_000)]  # past SQLite's bound-variable limit
+    parents = _many_parents()
     assert [e.spiffe_id for e in await store.entries_by_parents(parents)] == [sid("/a")]
 
 
@@ -375,7 +379,22 @@ async def test_event_that_cannot_be_stored_cancels_the_act(store: DataStore) -> 
     assert await outbox_events(store) == []
 
 
-# --- agents ---------------------------------------------------------------------------------------
+async def test_cancelled_calls_leave_the_store_usable(store: DataStore) -> None:
+    # Server handlers get cancelled (client gone, timeouts) in the middle of a write.
+    for i in range(40):
+        task = asyncio.create_task(store.create_entry(make_entry(f"/c{i}"), [ev(i)]))
+        for _ in range(i % 8):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await store.create_entry(make_entry("/after"), [ev(99)])
+    entries = await store.list_entries()
+    assert sid("/after") in {e.spiffe_id for e in entries}
+    assert len(await all_rows(store)) == len(entries)  # all or nothing, each time
+
+
+# --- agents -------------------------------------------------------------------------------------
 async def test_agents_put_get_list_delete(store: DataStore) -> None:
     a1 = agent("/agent/n1")
     a2 = agent("/agent/n2", banned=True, can_reattest=False, selectors=(Selector("x509pop", "cn:n2"),))

@@ -1,0 +1,43 @@
+"""Shared fixtures: short temp dirs (Unix socket paths must stay under 108 bytes), a
+master secret in the environment, and a whole meshid stack (server + agent) in-process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="mi", dir="/tmp"))
+    os.chmod(d, 0o755)  # other uids (tests drop to nobody) must traverse to sockets
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def master_secret(monkeypatch: pytest.MonkeyPatch) -> str:
+    secret = "test-master-secret-0123456789abcdef"
+    monkeypatch.setenv("MESHID_MASTER_SECRET", secret)
+    return secret
+
+
+@pytest.fixture
+async def dev_stack(short_tmp: Path) -> AsyncIterator[object]:
+    from meshid.cli.dev import start_dev
+
+    stack = await start_dev(short_tmp / "d", "example.org", str(short_tmp / "s" / "api.sock"), svid_ttl=3600)
+    try:
+        yield stack
+    finally:
+        await stack.stop()
