@@ -185,6 +185,10 @@ class Server:
         if self.relay is not None:
             await self.relay.stop()
             self.relay = None
+        for attestor in getattr(getattr(self, "agents", None), "attestors", {}).values():
+            close = getattr(attestor, "close", None)
+            if close is not None:
+                await close()
         if self.ds is not None:
             if self._started:
                 try:

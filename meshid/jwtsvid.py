@@ -76,11 +76,23 @@ def validate_jwt_svid(
 def _decode_at(token: str, key: Any, alg: str, audience: str, now: float) -> dict[str, Any]:
     claims: dict[str, Any] = jwt.decode(
         token, key=key, algorithms=[alg], audience=audience,
-        options={"require": ["sub", "aud", "exp"], "verify_exp": False},
+        # Time claims are checked against the injected `now`, not PyJWT's wall clock.
+        options={"require": ["sub", "aud", "exp"], "verify_exp": False, "verify_iat": False,
+                 "verify_nbf": False},
     )
-    if float(claims["exp"]) <= now:
+    if _numeric(claims, "exp") <= now:
         raise jwt.ExpiredSignatureError("expired")
+    for name in ("nbf", "iat"):
+        if name in claims and _numeric(claims, name) > now:
+            raise jwt.ImmatureSignatureError(f"the token is not yet valid ({name})")
     return claims
+
+
+def _numeric(claims: dict[str, Any], name: str) -> float:
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise jwt.InvalidTokenError(f"{name} claim must be a number")
+    return float(value)
 
 
 _ = time

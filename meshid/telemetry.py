@@ -37,7 +37,8 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Seconds; signing is sub-millisecond to tens of ms, relay lag ms to hours (outages).
 SIGNING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+               3600.0)
 
 _UNIT_SUFFIX = {"s": "_seconds", "ms": "_milliseconds", "By": "_bytes"}
 
@@ -56,7 +57,7 @@ class Telemetry:
         self._collect_lock = threading.Lock()
         m = self._provider.get_meter("meshid", __version__)
         self.svid_issued = m.create_counter(
-            "meshid.svid.issued", unit="1", description="SVIDs signed, by kind (x509, jwt) and rotation reason")
+            "meshid.svid.issued", unit="1", description="SVIDs signed, by kind (x509, jwt) and reason")
         self.svid_refused = m.create_counter(
             "meshid.svid.refused", unit="1", description="signing requests refused, by kind and reason")
         self.signing_duration = m.create_histogram(
@@ -70,7 +71,7 @@ class Telemetry:
         self.kafka_errors = m.create_counter(
             "meshid.events.kafka.errors", unit="1", description="Kafka errors seen by the relay, by kind")
         self.relay_lag = m.create_histogram(
-            "meshid.events.relay.lag", unit="s", description="time from the act to the broker's acknowledgement",
+            "meshid.events.relay.lag", unit="s", description="time from the act to the broker's ack",
             explicit_bucket_boundaries_advisory=LAG_BUCKETS)
         self.outbox_backlog = m.create_gauge(
             "meshid.events.outbox.backlog", unit="1", description="outbox rows not yet delivered")
@@ -89,7 +90,8 @@ class Telemetry:
         self.svid_refused.add(n, {"kind": kind, "reason": reason})
 
     def record_attestation(self, kind: str, attestor: str, ok: bool, n: int = 1) -> None:
-        self.attestations.add(n, {"kind": kind, "attestor": attestor, "outcome": "success" if ok else "failure"})
+        outcome = "success" if ok else "failure"
+        self.attestations.add(n, {"kind": kind, "attestor": attestor, "outcome": outcome})
 
     # --- exposition -----------------------------------------------------------------------
 
@@ -239,8 +241,10 @@ def configure_tracing(exporter: str = "none", *, endpoint: str = "", service_nam
     provider = TracerProvider(resource=Resource.create({"service.name": service_name,
                                                          "service.version": __version__}))
     # Memory export is for tests, which want spans visible as soon as they end.
-    processor = SimpleSpanProcessor(span_exporter) if exporter == "memory" else BatchSpanProcessor(span_exporter)
-    provider.add_span_processor(processor)
+    if exporter == "memory":
+        provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+    else:
+        provider.add_span_processor(BatchSpanProcessor(span_exporter))
     _tracer_provider = provider
     _tracer = provider.get_tracer("meshid", __version__)
     return span_exporter

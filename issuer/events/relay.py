@@ -298,11 +298,12 @@ class OutboxRelay:
                 await self._close_producer()
                 with contextlib.suppress(Exception):
                     await self._refresh_backlog(force=True)
-                await asyncio.sleep(full_jitter(self._failures, self._backoff_base, self._backoff_cap, self._rng))
+                delay = full_jitter(self._failures, self._backoff_base, self._backoff_cap, self._rng)
+                await asyncio.sleep(delay)
 
-    async def _sleep_or_wakeup(self, timeout: float) -> None:
+    async def _sleep_or_wakeup(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), timeout)
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
         self._wakeup.clear()
 
     async def _connect(self, cfg: KafkaConfig) -> AIOKafkaProducer:
@@ -381,7 +382,8 @@ class OutboxRelay:
             results = await asyncio.wait_for(
                 asyncio.gather(*(f for _, f in sent), return_exceptions=True), cfg.request_timeout + 5)
         except TimeoutError:
-            raise RelayError(f"no acknowledgement within {cfg.request_timeout + 5:.0f}s", kind="timeout") from None
+            raise RelayError(f"no acknowledgement within {cfg.request_timeout + 5:.0f}s",
+                             kind="timeout") from None
         failed = {part: r for (part, _), r in zip(sent, results, strict=True) if isinstance(r, BaseException)}
         done = [row for row, part in included if part not in failed]
         now = self._clock()

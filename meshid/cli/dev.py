@@ -13,6 +13,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from attestors.node.join_token import new_token
 from issuer.ca.devpki import ensure_dev_upstream
@@ -57,9 +58,12 @@ class DevStack:
 
 async def start_dev(
     data_dir: Path, trust_domain: str = "example.org", socket: str | None = None, svid_ttl: float = 3600,
-    uid: int | None = None,
+    uid: int | None = None, agent_overrides: dict[str, Any] | None = None,
 ) -> DevStack:
-    """Start the whole stack; the same function `meshid dev` and the tests use."""
+    """Start the whole stack; the same function `meshid dev` and the tests use.
+
+    `agent_overrides` is merged (shallowly) into the agent config, e.g. to turn on the
+    admin socket with `admin_socket_path` and `authorized_delegates`."""
     td = TrustDomain.parse(trust_domain)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     upstream = ensure_dev_upstream(data_dir / "upstream")
@@ -88,6 +92,7 @@ async def start_dev(
             "socket_path": socket_path,
             "sync_interval": 1,
             "health": {"port": 0},
+            **(agent_overrides or {}),
         }
         probe = Agent(agent_config_from_dict(agent_cfg, "meshid dev"))
         if probe.node.load():

@@ -523,6 +523,7 @@ async def test_psat_refuses_before_calling_the_api(psat: PsatEnv) -> None:
         ({"cluster": "prod", "token": "x" * 20000}, "too long"),
         ({"cluster": "prod", "token": psat.good_token(with_exp=False)}, "no expiry"),
         ({"cluster": "prod", "token": psat.good_token(ttl=-10)}, "expired"),
+        ({"cluster": "prod", "token": make_jwt({"exp": float("nan")})}, "no expiry"),
     ]
     for payload, match in cases:
         await refused(attestor, AttestationRequest("k8s_psat", payload), match)

@@ -1,0 +1,108 @@
+"""Which entries an agent may obtain SVIDs for (issuer/authorization.py EntryIndex): its own
+children, its node aliases' children, and transitively their descendants. Never anything else."""
+
+from __future__ import annotations
+
+import itertools
+
+from issuer.authorization import EntryIndex
+from meshid.entry import Entry
+from meshid.selector import Selector, parse_selectors
+from meshid.spiffe_id import SpiffeId
+
+TD = "example.org"
+SERVER = SpiffeId.parse(f"spiffe://{TD}/meshid/server")
+AGENT_A = SpiffeId.parse(f"spiffe://{TD}/meshid/agent/join_token/a")
+AGENT_B = SpiffeId.parse(f"spiffe://{TD}/meshid/agent/join_token/b")
+_ids = itertools.count(1)
+
+
+def sid(path: str) -> SpiffeId:
+    return SpiffeId.parse(f"spiffe://{TD}{path}")
+
+
+def entry(spiffe_id: SpiffeId, parent: SpiffeId, *selectors: str) -> Entry:
+    return Entry(f"e{next(_ids)}", spiffe_id, parent, parse_selectors(selectors or ("unix:uid:0",)))
+
+
+def ids(entries: dict[str, Entry]) -> set[SpiffeId]:
+    return {e.spiffe_id for e in entries.values()}
+
+
+def test_agent_gets_only_its_own_children() -> None:
+    a_web = entry(sid("/a/web"), AGENT_A)
+    b_web = entry(sid("/b/web"), AGENT_B)
+    index = EntryIndex([a_web, b_web], SERVER)
+    assert set(index.authorized(AGENT_A, ())) == {a_web.id}
+    assert set(index.authorized(AGENT_B, ())) == {b_web.id}
+    # an agent nobody registered anything under gets nothing
+    assert index.authorized(sid("/meshid/agent/join_token/c"), ()) == {}
+
+
+def test_node_alias_children_are_inherited_when_alias_selectors_are_a_subset() -> None:
+    node_sels = parse_selectors(["k8s_psat:cluster:prod", "k8s_psat:agent_ns:spire", "k8s_psat:agent_node_name:n1"])
+    alias = entry(sid("/cluster/prod"), SERVER, "k8s_psat:cluster:prod")
+    alias_child = entry(sid("/cluster/prod/web"), alias.spiffe_id, "k8s:ns:web")
+    narrow_alias = entry(sid("/node/n1"), SERVER, "k8s_psat:cluster:prod", "k8s_psat:agent_node_name:n1")
+    narrow_child = entry(sid("/node/n1/db"), narrow_alias.spiffe_id, "k8s:ns:db")
+    other_alias = entry(sid("/cluster/staging"), SERVER, "k8s_psat:cluster:staging")
+    other_child = entry(sid("/cluster/staging/web"), other_alias.spiffe_id, "k8s:ns:web")
+    # selectors only partly held by the agent: not an alias
+    partial_alias = entry(sid("/partial"), SERVER, "k8s_psat:cluster:prod", "k8s_psat:agent_node_name:n2")
+    partial_child = entry(sid("/partial/x"), partial_alias.spiffe_id, "k8s:ns:x")
+    index = EntryIndex(
+        [alias, alias_child, narrow_alias, narrow_child, other_alias, other_child, partial_alias, partial_child],
+        SERVER,
+    )
+
+    assert index.node_aliases(node_sels) == sorted([alias.spiffe_id, narrow_alias.spiffe_id])
+    got = index.authorized(AGENT_A, node_sels)
+    assert ids(got) == {alias_child.spiffe_id, narrow_child.spiffe_id}
+    # The node entries themselves are not signed for the agent: only their children.
+    assert alias.id not in got and narrow_alias.id not in got
+
+    # An agent in another cluster gets the other alias' children only.
+    staging = parse_selectors(["k8s_psat:cluster:staging"])
+    assert ids(index.authorized(AGENT_B, staging)) == {other_child.spiffe_id}
+    # An agent without node selectors inherits nothing.
+    assert index.authorized(AGENT_A, ()) == {}
+
+
+def test_selector_value_with_colons_is_matched_whole() -> None:
+    alias = entry(sid("/cluster/prod"), SERVER, "k8s_psat:cluster:prod")
+    child = entry(sid("/cluster/prod/web"), alias.spiffe_id)
+    index = EntryIndex([alias, child], SERVER)
+    assert index.authorized(AGENT_A, parse_selectors(["k8s_psat:cluster:prod-2"])) == {}
+    assert index.authorized(AGENT_A, [Selector("k8s_psat", "cluster")]) == {}
+    assert ids(index.authorized(AGENT_A, parse_selectors(["k8s_psat:cluster:prod"]))) == {child.spiffe_id}
+
+
+def test_descendants_are_authorized_transitively_and_cycles_terminate() -> None:
+    downstream = entry(sid("/downstream"), AGENT_A)
+    nested = entry(sid("/downstream/nested"), downstream.spiffe_id)
+    deeper = entry(sid("/downstream/nested/deeper"), nested.spiffe_id)
+    # a cycle: x parented to y, y parented to x, and x also under the agent
+    x = entry(sid("/x"), AGENT_A)
+    y = entry(sid("/y"), sid("/x"))
+    x_again = entry(sid("/x"), sid("/y"), "unix:uid:1")
+    unrelated = entry(sid("/unrelated"), sid("/somewhere"))
+    index = EntryIndex([downstream, nested, deeper, x, y, x_again, unrelated], SERVER)
+    got = index.authorized(AGENT_A, ())
+    assert set(got) == {downstream.id, nested.id, deeper.id, x.id, y.id, x_again.id}
+    assert unrelated.id not in got
+
+
+def test_agent_a_never_sees_agent_b_subtree() -> None:
+    b_child = entry(sid("/b/svc"), AGENT_B)
+    b_grandchild = entry(sid("/b/svc/inner"), b_child.spiffe_id)
+    a_child = entry(sid("/a/svc"), AGENT_A)
+    index = EntryIndex([b_child, b_grandchild, a_child], SERVER)
+    assert set(index.authorized(AGENT_A, ())) == {a_child.id}
+    assert set(index.authorized(AGENT_B, ())) == {b_child.id, b_grandchild.id}
+
+
+def test_entries_parented_to_the_server_are_never_signed_for_agents_directly() -> None:
+    node = entry(sid("/node"), SERVER, "k8s_psat:cluster:prod")
+    index = EntryIndex([node], SERVER)
+    # even an agent holding the node selectors gets no SVID for the node entry itself
+    assert index.authorized(AGENT_A, parse_selectors(["k8s_psat:cluster:prod"])) == {}

@@ -1,0 +1,152 @@
+"""Server configuration: mistakes fail up front naming the file, the key and the reason;
+environment variables override file values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from issuer.config import ServerConfig, load_server_config, server_config_from_dict
+from meshid.errors import ConfigError
+
+BASE = """\
+trust_domain = "example.org"
+data_dir = "/var/lib/meshid"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "server.toml"
+    p.write_text(BASE + text)
+    return p
+
+
+def load_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_server_config(path, env={})
+    return str(info.value)
+
+
+def test_minimal_file_loads_with_spire_defaults(tmp_path: Path) -> None:
+    cfg = load_server_config(write(tmp_path, ""), env={})
+    assert isinstance(cfg, ServerConfig)
+    assert cfg.td.name == "example.org"
+    assert cfg.ca.ca_ttl == 24 * 3600 and cfg.ca.x509_svid_ttl == 3600 and cfg.ca.jwt_svid_ttl == 300
+    assert cfg.server.agent_api_port == 8443
+    assert str(cfg.server_spiffe_id) == "spiffe://example.org/meshid/server"
+    assert cfg.admin_socket_path == "/var/lib/meshid/admin.sock"
+
+
+def test_durations_accept_units_and_seconds(tmp_path: Path) -> None:
+    cfg = load_server_config(write(tmp_path, '[ca]\nca_ttl = "48h"\nx509_svid_ttl = "30m"\njwt_svid_ttl = 90\n'),
+                             env={})
+    assert (cfg.ca.ca_ttl, cfg.ca.x509_svid_ttl, cfg.ca.jwt_svid_ttl) == (48 * 3600, 1800, 90)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        # unknown keys, at the top level and in a section
+        ('trust_domian = "x"\n', "trust_domian", "unknown key"),
+        ("[server]\nagent_api_prot = 9000\n", "server.agent_api_prot", "unknown key"),
+        ("[ca]\nttl = 5\n", "ca.ttl", "unknown key"),
+        ("[upstream.disk]\ncert = 'x'\n", "upstream.disk.cert", "unknown key"),
+        # wrong types
+        ('[server]\nagent_api_port = "8443"\n', "server.agent_api_port", "expected an integer"),
+        ("[server]\nagent_api_port = 8443.5\n", "server.agent_api_port", "expected an integer"),
+        ("[server]\nagent_api_port = true\n", "server.agent_api_port", "expected an integer"),
+        ('[server]\ngrpc_enabled = "yes"\n', "server.grpc_enabled", "expected true or false"),
+        ("[server]\nbind_address = 1\n", "server.bind_address", "expected a string"),
+        ('[server]\nadmin_ids = "spiffe://example.org/admin"\n', "server.admin_ids", "expected a list"),
+        ('[ca]\nca_ttl = "one day"\n', "ca.ca_ttl", "duration"),
+        ("[ca]\nca_ttl = -5\n", "ca.ca_ttl", "negative"),
+        ("server = 5\n", "server", "expected a table"),
+        # values out of range
+        ('[ca]\nkey_type = "ec-p521"\n', "ca.key_type", "must be one of"),
+        ('[server]\nadmin_ids = ["spiffe://Example.org/admin"]\n', "server.admin_ids[0]", "lowercase"),
+        ('log_level = "verbose"\n', "log_level", "must be"),
+        ('[upstream.disk]\ncert_file = "/x.pem"\n', "upstream.disk", "must be set"),
+    ],
+)
+def test_mistakes_name_file_key_and_reason(tmp_path: Path, text: str, key: str, reason: str) -> None:
+    path = write(tmp_path, text)
+    msg = load_error(path)
+    assert str(path) in msg
+    assert key in msg
+    assert reason in msg
+
+
+@pytest.mark.parametrize(
+    ("td", "reason"),
+    [
+        ("Example.org", "lowercase"),
+        ("example.org:8443", "port"),
+        ("spiffe://example.org/path", "path"),
+        ("exa mple.org", "characters"),
+        ("", "required"),
+    ],
+)
+def test_bad_trust_domain_is_refused(tmp_path: Path, td: str, reason: str) -> None:
+    p = tmp_path / "server.toml"
+    p.write_text(f'trust_domain = "{td}"\ndata_dir = "/var/lib/meshid"\n')
+    msg = load_error(p)
+    assert str(p) in msg and "trust_domain" in msg and reason in msg
+
+
+@pytest.mark.parametrize("key", ["x509_svid_ttl", "jwt_svid_ttl", "agent_svid_ttl"])
+def test_svid_ttl_longer_than_ca_ttl_is_refused(tmp_path: Path, key: str) -> None:
+    path = write(tmp_path, f'[ca]\nca_ttl = "2h"\n{key} = "3h"\n')
+    msg = load_error(path)
+    assert str(path) in msg
+    assert f"ca.{key}" in msg
+    assert "must not exceed ca.ca_ttl" in msg and "7200" in msg
+    # equal is fine
+    ok = write(tmp_path, f'[ca]\nca_ttl = "2h"\n{key} = "2h"\n')
+    assert getattr(load_server_config(ok, env={}).ca, key) == 7200
+
+
+def test_unreadable_and_invalid_toml_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    assert str(missing) in load_error(missing)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("trust_domain = \n")
+    msg = load_error(bad)
+    assert str(bad) in msg and "TOML" in msg
+
+
+def test_env_override_of_agent_api_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "[server]\nagent_api_port = 8443\n")
+    assert load_server_config(path, env={"MESHID_SERVER__AGENT_API_PORT": "9443"}).server.agent_api_port == 9443
+    # From the real process environment (env=None means os.environ), as `meshid server run` does.
+    monkeypatch.setenv("MESHID_SERVER__AGENT_API_PORT", "10443")
+    monkeypatch.setenv("MESHID_CA__X509_SVID_TTL", "10m")
+    monkeypatch.setenv("MESHID_SERVER__GRPC_ENABLED", "false")
+    monkeypatch.setenv("MESHID_TRUST_DOMAIN", "prod.example.org")
+    monkeypatch.setenv("MESHID_SOMETHING_ELSE", "ignored")  # not a config key: ignored
+    cfg = load_server_config(path)
+    assert cfg.server.agent_api_port == 10443
+    assert cfg.ca.x509_svid_ttl == 600
+    assert cfg.server.grpc_enabled is False
+    assert cfg.trust_domain == "prod.example.org"
+
+
+def test_env_override_is_validated_like_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    with pytest.raises(ConfigError) as info:
+        load_server_config(path, env={"MESHID_SERVER__AGENT_API_PORT": "nine"})
+    assert "server.agent_api_port" in str(info.value) and "expected an integer" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_server_config(path, env={"MESHID_CA__X509_SVID_TTL": "48h"})
+    assert "ca.x509_svid_ttl" in str(info.value) and "must not exceed" in str(info.value)
+
+
+def test_from_dict_names_the_given_source() -> None:
+    with pytest.raises(ConfigError) as info:
+        server_config_from_dict({"trust_domain": "example.org", "data_dir": "/d", "ca": {"bogus": 1}},
+                                source="unit-test")
+    assert str(info.value).startswith("unit-test: ca.bogus: unknown key")
+    # from_dict ignores the process environment unless given one
+    cfg = server_config_from_dict({"trust_domain": "example.org", "data_dir": "/d"},
+                                  env={"MESHID_SERVER__AGENT_API_PORT": "1234"})
+    assert cfg.server.agent_api_port == 1234
