@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from meshid.configload import Duration, build, doc, load_file
 from meshid.errors import ConfigError
@@ -30,7 +31,6 @@ class ListenConfig:
                               default="127.0.0.1")
     health_port: int = doc("plain-HTTP /live, /ready, /metrics port; 0 = any free port", default=8088)
     health_enabled: bool = doc("serve /live, /ready and /metrics", default=True)
-    bundle_endpoint_port: int = doc("TLS 1.3 server-auth bundle endpoint / OIDC port; 0 = off", default=0)
     admin_socket_path: str = doc("admin Unix socket (mode 0600); default <data_dir>/admin.sock", default="")
     admin_ids: list[str] = doc("SPIFFE IDs allowed to manage entries over the gRPC Entry API",
                                default_factory=list)
@@ -146,6 +146,109 @@ class EventsConfig:
     kafka: KafkaSection = field(default_factory=KafkaSection)
 
 
+FEDERATION_PROFILES = ("https_spiffe", "https_web")
+
+
+@dataclass
+class BundleEndpointConfig:
+    enabled: bool = doc("serve this trust domain's SPIFFE bundle at GET / (TLS 1.3 server-auth, "
+                        "no client certificate)", default=False)
+    address: str = doc("listen address of the bundle endpoint (also serves OIDC discovery)",
+                       default="0.0.0.0")
+    port: int = doc("bundle endpoint port; 0 = any free port", default=8444)
+    profile: str = doc("https_spiffe: present the server's X509-SVID; https_web: present cert_file/key_file",
+                       default="https_spiffe")
+    cert_file: str = doc("https_web: serving certificate chain (PEM), re-read when it changes", default="")
+    key_file: str = doc("https_web: private key of cert_file (PEM)", default="")
+    file_sync_interval: Duration = doc("https_web: how often cert_file/key_file are checked for changes",
+                                       default=Duration(60))
+    refresh_hint: Duration = doc("spiffe_refresh_hint advertised to federated consumers",
+                                 default=Duration(300))
+
+    def validate(self) -> None:
+        if self.profile not in FEDERATION_PROFILES:
+            raise ConfigError("federation.bundle_endpoint.profile: must be one of "
+                              + ", ".join(FEDERATION_PROFILES))
+        if self.profile == "https_web" and self.enabled and not (self.cert_file and self.key_file):
+            raise ConfigError("federation.bundle_endpoint: https_web needs cert_file and key_file")
+        if self.refresh_hint < 1:
+            raise ConfigError("federation.bundle_endpoint.refresh_hint: must be at least 1s")
+        if self.file_sync_interval < 1:
+            raise ConfigError("federation.bundle_endpoint.file_sync_interval: must be at least 1s")
+
+
+@dataclass
+class FederatedTrustDomainConfig:
+    """One `[federation.trust_domains."<td>"]` table (keys checked like every other table)."""
+
+    bundle_endpoint_url: str = doc("https URL of the foreign bundle endpoint; empty = static "
+                                   "trust_bundle_path", default="")
+    profile: str = doc("https_spiffe (authenticate the endpoint with the foreign bundle) or https_web "
+                       "(Web PKI)", default="https_spiffe")
+    endpoint_spiffe_id: str = doc("https_spiffe: SPIFFE ID the endpoint must present", default="")
+    trust_bundle_path: str = doc("initial foreign bundle (PEM roots or SPIFFE bundle JSON); used until "
+                                 "one is fetched, and always when bundle_endpoint_url is empty", default="")
+    ca_file: str = doc("https_web: PEM CAs to trust instead of the system store", default="")
+
+    def validate(self) -> None:
+        if self.profile not in FEDERATION_PROFILES:
+            raise ConfigError(f"profile: must be one of {', '.join(FEDERATION_PROFILES)}")
+        url = self.bundle_endpoint_url
+        if not url:
+            if not self.trust_bundle_path:
+                raise ConfigError("set bundle_endpoint_url, trust_bundle_path or both")
+            return
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname or parts.fragment:
+            raise ConfigError(f"bundle_endpoint_url: must be an https URL, got {url!r}")
+        if self.profile == "https_spiffe":
+            if not self.endpoint_spiffe_id:
+                raise ConfigError("endpoint_spiffe_id: required for https_spiffe")
+            try:
+                SpiffeId.parse(self.endpoint_spiffe_id)
+            except ValueError as exc:
+                raise ConfigError(f"endpoint_spiffe_id: {exc}") from None
+
+
+@dataclass
+class FederationConfig:
+    bundle_endpoint: BundleEndpointConfig = field(default_factory=BundleEndpointConfig)
+    trust_domains: dict[str, Any] = doc(
+        'foreign trust domains: [federation.trust_domains."other.org"] with bundle_endpoint_url, profile, '
+        "endpoint_spiffe_id, trust_bundle_path, ca_file", default_factory=dict)
+    min_refresh_interval: Duration = doc("poll a foreign endpoint at most this often, whatever its "
+                                         "refresh hint", default=Duration(30))
+    max_refresh_interval: Duration = doc("poll a foreign endpoint at least this often",
+                                         default=Duration(3600))
+    fetch_timeout: Duration = doc("time limit of one foreign bundle fetch", default=Duration(30))
+
+    def relationships(self) -> dict[TrustDomain, FederatedTrustDomainConfig]:
+        out: dict[TrustDomain, FederatedTrustDomainConfig] = {}
+        for name, raw in self.trust_domains.items():
+            where = f"federation.trust_domains.{name}"
+            try:
+                td = TrustDomain.parse(name)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            out[td] = build(FederatedTrustDomainConfig, raw, where, {})
+        return out
+
+    def validate(self) -> None:
+        if self.min_refresh_interval <= 0 or self.max_refresh_interval < self.min_refresh_interval:
+            raise ConfigError("federation: need 0 < min_refresh_interval <= max_refresh_interval")
+        if self.fetch_timeout <= 0:
+            raise ConfigError("federation.fetch_timeout: must be positive")
+        self.relationships()
+
+
+@dataclass
+class OidcConfig:
+    enabled: bool = doc("serve OIDC discovery (/.well-known/openid-configuration, /keys) on the bundle "
+                        "endpoint listener; the issuer is ca.jwt_issuer", default=False)
+    jwks_uri: str = doc("jwks_uri to advertise (e.g. behind a proxy); default <ca.jwt_issuer>/keys",
+                        default="")
+
+
 @dataclass
 class ServerConfig:
     trust_domain: str = doc("trust domain name, e.g. example.org", default="")
@@ -158,6 +261,8 @@ class ServerConfig:
     node_attestors: NodeAttestorsConfig = field(default_factory=NodeAttestorsConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    oidc: OidcConfig = field(default_factory=OidcConfig)
 
     def validate(self) -> None:
         if not self.trust_domain:
@@ -175,6 +280,17 @@ class ServerConfig:
                 raise ConfigError(f"server.admin_ids[{i}]: {exc}") from None
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level: must be debug, info, warning or error")
+        if self.td in self.federation.relationships():
+            raise ConfigError(f"federation.trust_domains: {self.td} is this server's own trust domain")
+        if self.oidc.enabled:
+            # OIDC relying parties match `iss` byte for byte against the discovery issuer.
+            iss = urlsplit(self.ca.jwt_issuer)
+            if iss.scheme != "https" or not iss.hostname or iss.query or iss.fragment:
+                raise ConfigError("oidc.enabled: ca.jwt_issuer must be an https URL without query or "
+                                  "fragment")
+            if not self.federation.bundle_endpoint.enabled:
+                raise ConfigError("oidc.enabled: OIDC discovery is served by federation.bundle_endpoint; "
+                                  "enable it")
 
     # Derived values, so callers never re-derive defaults.
     @property

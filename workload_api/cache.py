@@ -8,8 +8,10 @@ streams holding it, while entry-set and bundle changes wake everyone.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -19,6 +21,8 @@ from meshid.entry import Entry
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from workload_api.rotation import RenewalSchedule
+
+log = logging.getLogger("meshid.agent.cache")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class SvidCache:
         self.svids: dict[str, X509Svid] = {}
         self.bundle: Bundle | None = None
         self.federated: dict[TrustDomain, Bundle] = {}
+        self.federated_digests: dict[str, str] = {}  # "spiffe://td" → server's digest of what we hold
         self.workload_parents: set[SpiffeId] = set()
         self.bundle_version = 0
         self.entries_version = 0
@@ -69,11 +74,10 @@ class SvidCache:
 
     # ------------------------------------------------------------------ queries
     def matching_entries(self, selectors: frozenset[Selector]) -> list[Entry]:
-        """Workload entries (children of this agent or its aliases) whose selectors the caller has."""
-        out = [
-            e for e in self.entries.values()
-            if e.parent_id in self.workload_parents and all(s in selectors for s in e.selectors)
-        ]
+        """Entries whose selectors the caller has. Everything in the cache is already authorized
+        for this agent by the server (its children, its aliases' children and their descendants,
+        as in SPIRE), so nested layouts like Cilium's /cilium-operator → /identity/N work."""
+        out = [e for e in self.entries.values() if all(s in selectors for s in e.selectors)]
         return sorted(out, key=lambda e: (str(e.spiffe_id), e.id))
 
     def svids_for(self, selectors: frozenset[Selector]) -> list[X509Svid]:
@@ -92,6 +96,38 @@ class SvidCache:
         self.bundle = bundle
         self.bundle_version += 1
         self._wake_all()
+
+    def apply_federated(self, digests: Mapping[str, Any], docs: Mapping[str, Any]) -> bool:
+        """Apply a sync's federated bundles: `digests` names every trust domain we should hold,
+        `docs` carries the ones that changed. Returns whether anything changed."""
+        fresh: dict[TrustDomain, Bundle] = {}
+        kept: dict[str, str] = {}
+        for key, digest in digests.items():
+            try:
+                td = TrustDomain.parse(key)
+            except ValueError as exc:
+                log.warning("ignoring federated bundle for %r from the server: %s", key, exc)
+                continue
+            if key in docs:
+                try:
+                    fresh[td] = Bundle.from_spiffe_json(td, docs[key])
+                except ValueError as exc:
+                    log.warning("ignoring federated bundle of %s from the server: %s", td, exc)
+                    if td in self.federated:
+                        fresh[td] = self.federated[td]  # keep the old one; no digest → resent
+                    continue
+            elif td in self.federated and self.federated_digests.get(key) == digest:
+                fresh[td] = self.federated[td]
+            else:
+                continue  # not held: left unrecorded, so the server sends it next time
+            kept[key] = str(digest)
+        self.federated_digests = kept
+        if fresh.keys() == self.federated.keys() and all(fresh[td] is self.federated[td] for td in fresh):
+            return False
+        self.federated = fresh
+        self.bundle_version += 1
+        self._wake_all()
+        return True
 
     def put_svids(self, svids: Iterable[X509Svid]) -> None:
         touched: set[str] = set()

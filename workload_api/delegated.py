@@ -215,9 +215,10 @@ class DelegatedIdentityHandler(delegatedidentity_grpc.DelegatedIdentityBase):
             except Exception as exc:
                 log.warning("JWT-SVID signing for %s failed: %s", e.spiffe_id, exc)
                 raise GRPCError(Status.UNAVAILABLE, f"could not fetch JWT-SVID for {e.spiffe_id}") from None
+            iat, exp = _token_times(j.token)
             out.svids.append(jwtsvid_pb2.JWTSVID(
-                token=j.token, id=spiffe_id_proto(j.spiffe_id), expires_at=int(j.expires_at),
-                issued_at=_issued_at(j.token), hint=e.hint,
+                token=j.token, id=spiffe_id_proto(j.spiffe_id), expires_at=exp or int(j.expires_at),
+                issued_at=iat, hint=e.hint,
             ))
         await stream.send_message(out)
 
@@ -241,10 +242,15 @@ class DelegatedIdentityHandler(delegatedidentity_grpc.DelegatedIdentityBase):
             self.cache.unwatch(watcher)
 
 
-def _issued_at(token: str) -> int:
-    # Our own server just signed it; we only read `iat` back, nothing is trusted from it.
+def _token_times(token: str) -> tuple[int, int]:
+    """`iat` and `exp` as the token states them (0 when absent).
+
+    Our own server just signed it and nothing is trusted from it; the token's `exp` is
+    preferred over the expiry the server reports beside it, which can be a second later."""
     try:
-        iat = jwt.decode(token, options={"verify_signature": False}).get("iat", 0)
+        claims = jwt.decode(token, options={"verify_signature": False})
     except jwt.PyJWTError:
-        return 0
-    return int(iat) if isinstance(iat, (int, float)) else 0
+        return 0, 0
+    iat, exp = (claims.get(k) for k in ("iat", "exp"))
+    as_int = lambda v: int(v) if isinstance(v, (int, float)) else 0  # noqa: E731
+    return as_int(iat), as_int(exp)

@@ -71,5 +71,6 @@ def bind_unix_socket(path: str | Path, mode: int, dir_mode: int = 0o755) -> sock
 async def serve_unix(handlers: Sequence[Any], path: str | Path, mode: int) -> PeerCredServer:
     server = PeerCredServer(list(handlers))
     sock = bind_unix_socket(path, mode)
-    await server.start(sock=sock)
+    # grpclib re-listens on the socket; keep a deep backlog for fleets of workloads starting at once.
+    await server.start(sock=sock, backlog=4096)
     return server

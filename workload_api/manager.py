@@ -1,6 +1,24 @@
 """The agent's sync-and-rotate loop: sync entries and bundle, decide which SVIDs are due
 (new, entry changed, scheduled renewal, tainted CA, expired), batch-sign CSRs, update the
 cache. Survives server outages: the cache keeps serving while retries back off with jitter.
+
+Renewal schedules (workload_api.rotation) are drawn once per SVID and stored beside it;
+syncs never re-draw them. Workload SVIDs and their private keys are kept in memory only,
+never on disk, so after an agent restart they are all issued afresh, and because that is
+a burst their first renewals are drawn from the stationary distribution (by design: the
+fleet starts in the steady state). The agent's own SVID is persisted with its drawn
+renewal time and keeps it across restarts (workload_api.node_identity).
+
+After a CA taint every SVID signed by the tainted key, the agent's own included, is
+re-issued at a moment drawn once per SVID uniformly over the server's taint window.
+
+Recovery after a CA rotation while the agent was offline: if the server no longer
+accepts the agent SVID, the agent re-attests with its node credentials (x509pop, k8s_psat;
+a join token is single-use, so a join-token agent needs a new token). If instead the
+agent cannot verify the server any more, because the server's chain now ends at a root
+the agent never received (the new root was published and the old one revoked while the
+agent was down), nothing it holds can authenticate the server: re-bootstrap it by putting
+the new root in `trust_bundle_path` and removing `<data_dir>/bundle.json`.
 """
 
 from __future__ import annotations
@@ -16,13 +34,19 @@ from typing import Any
 from meshid.backoff import Backoff, jittered
 from meshid.bundle import Bundle
 from meshid.entry import Entry
-from meshid.errors import OverloadedError, PermissionDeniedError, UnauthenticatedError
+from meshid.errors import MeshidError, OverloadedError, PermissionDeniedError, UnauthenticatedError
 from meshid.spiffe_id import SpiffeId
 from workload_api.cache import SvidCache, X509Svid
 from workload_api.keys import authority_key_id, chain_der, csr_for, new_key, pkcs8_der
 from workload_api.node_identity import BUNDLE_FILE, NodeIdentity, write_private
-from workload_api.rotation import RenewalSchedule, RotationPolicy
-from workload_api.server_client import ServerClient, ServerRejectedError, ServerUnavailableError, certs_from_json
+from workload_api.rotation import RenewalSchedule, RotationPolicy, effective_issued_at
+from workload_api.server_client import (
+    IdentityRejectedError,
+    ServerClient,
+    ServerRejectedError,
+    ServerUnavailableError,
+    certs_from_json,
+)
 
 log = logging.getLogger("meshid.agent.manager")
 
@@ -61,6 +85,11 @@ class SvidManager:
         self.tainted_akis: set[str] = set()
         self.taint_window = 600.0
         self._taint_due: dict[str, float] = {}
+        self._agent_taint_due: float | None = None
+        # Entries the server refused: no new request before the held time (backoff per entry).
+        self._hold: dict[str, float] = {}
+        self._entry_backoff: dict[str, Backoff] = {}
+        self._reattests = 0
         self._startup = True
         self._jwt: dict[tuple[str, tuple[str, ...]], JwtSvid] = {}
         self._wake = asyncio.Event()
@@ -76,6 +105,7 @@ class SvidManager:
                 await self.step()
                 self.backoff.reset()
                 self.consecutive_failures = 0
+                self._reattests = 0
                 delay = min(self.sync_interval, max(0.05, self.next_due() - self.clock()))
             except OverloadedError as exc:
                 delay = jittered(exc.retry_after, self.rng)
@@ -87,9 +117,14 @@ class SvidManager:
             except (PermissionDeniedError, UnauthenticatedError) as exc:
                 # Evicted, superseded or the SVID no longer verifies after a CA rotation.
                 log.warning("server refused the agent SVID (%s); re-attesting", exc)
+                if isinstance(exc, IdentityRejectedError):
+                    self._adopt_probed_bundle(exc.bundle)
                 try:
                     await self._reattest()
-                    delay = 0.05
+                    self._reattests += 1
+                    # Refused again right after a fresh attestation: re-attesting is not what
+                    # helps, so back off instead of attesting in a tight loop.
+                    delay = 0.05 if self._reattests <= 1 else self.backoff.next()
                 except Exception as exc2:  # keep serving the cache whatever happens
                     delay = self.backoff.next()
                     log.warning("re-attestation failed (%s); retry in %.1fs", exc2, delay)
@@ -112,12 +147,38 @@ class SvidManager:
         if bundle:
             self._apply_bundle(bundle)
 
+    def _adopt_probed_bundle(self, doc: dict[str, Any]) -> None:
+        # Fetched over server-authenticated TLS, so as trustworthy as a synced bundle.
+        try:
+            self._apply_bundle(doc)
+        except (MeshidError, ValueError) as exc:
+            log.warning("server bundle from the probe is unusable: %s", exc)
+
+    def agent_svid_tainted_due(self, now: float) -> bool:
+        """Whether the agent's own SVID, signed by a tainted CA key, is due for re-issue.
+
+        Its moment is drawn once, uniformly over the taint window, like any workload SVID's,
+        so a fleet of agents does not renew at the same instant after a taint.
+        """
+        aki = self.node.authority_key_id
+        if not aki or aki not in self.tainted_akis:
+            self._agent_taint_due = None
+            return False
+        if self._agent_taint_due is None:
+            self._agent_taint_due = now + self.rng.uniform(0, self.taint_window)
+        return now >= self._agent_taint_due
+
     async def step(self) -> None:
         if not self.node.valid:
             await self._reattest()
         elif self.node.due():
             await self.node.renew()
+            self._agent_taint_due = None
         await self.sync()
+        # After the sync, so the slot is drawn as soon as the taint is learnt.
+        if self.node.valid and self.agent_svid_tainted_due(self.clock()):
+            await self.node.renew(stationary=True)
+            self._agent_taint_due = None
         await self.rotate()
         await self._report()
         self.last_sync_ok = self.clock()
@@ -125,7 +186,7 @@ class SvidManager:
     # ------------------------------------------------------------------ sync
     async def sync(self) -> None:
         known = {eid: e.revision_number for eid, e in self.cache.entries.items()}
-        data = await self.client.sync(known, self.bundle_sequence)
+        data = await self.client.sync(known, self.bundle_sequence, self.cache.federated_digests)
         entries = dict(self.cache.entries)
         for eid in data.get("removed", []):
             entries.pop(eid, None)
@@ -135,6 +196,8 @@ class SvidManager:
         parents = [SpiffeId.parse(p) for p in data.get("workload_parents", [])]
         if "bundle" in data:
             self._apply_bundle(data["bundle"])
+        if isinstance(data.get("federated_digests"), dict):  # absent from servers without federation
+            self.cache.apply_federated(data["federated_digests"], data.get("federated_bundles") or {})
         self.tainted_akis = set(data.get("tainted_authorities", []))
         self.taint_window = float(data.get("taint_window", self.taint_window))
         if data.get("entries") or data.get("removed") or set(parents) != self.cache.workload_parents:
@@ -151,12 +214,24 @@ class SvidManager:
 
     # ------------------------------------------------------------------ rotation
     def _workload_entries(self) -> list[Entry]:
-        return [e for e in self.cache.entries.values() if e.parent_id in self.cache.workload_parents]
+        # The server only sends entries this agent is authorized for; pre-fetch them all.
+        return list(self.cache.entries.values())
 
     def due(self, now: float) -> list[tuple[Entry, str]]:
         out: list[tuple[Entry, str]] = []
-        for entry in self._workload_entries():
+        entries = self._workload_entries()
+        present = {e.id for e in entries}
+        # Forget state of entries that are gone, so stale times never make next_due() spin.
+        for eid in [eid for eid in self._hold if eid not in present]:
+            del self._hold[eid]
+            self._entry_backoff.pop(eid, None)
+        taint_due: dict[str, float] = {}
+        for entry in entries:
             svid = self.cache.svids.get(entry.id)
+            if self._hold.get(entry.id, 0.0) > now:
+                if entry.id in self._taint_due:
+                    taint_due[entry.id] = self._taint_due[entry.id]
+                continue  # the server refused it recently; its per-entry backoff has not run out
             if svid is None:
                 out.append((entry, "initial"))
             elif svid.expires_at <= now:
@@ -164,19 +239,29 @@ class SvidManager:
             elif svid.entry_revision != entry.revision_number:
                 out.append((entry, "entry_changed"))
             elif authority_key_id(svid.leaf) in self.tainted_akis:
-                # Spread re-issuance uniformly over the taint window, drawn once per SVID.
-                at = self._taint_due.setdefault(entry.id, now + self.rng.uniform(0, self.taint_window))
-                if now >= at:
+                # Spread re-issuance uniformly over the taint window, drawn once per SVID;
+                # a scheduled renewal that falls earlier still happens at its own time.
+                at = self._taint_due.get(entry.id)
+                if at is None:
+                    at = now + self.rng.uniform(0, self.taint_window)
+                taint_due[entry.id] = at
+                if now >= at or now >= svid.schedule.renew_at:
                     out.append((entry, "tainted"))
             elif now >= svid.schedule.renew_at:
                 out.append((entry, "scheduled"))
+        # Only SVIDs still signed by a tainted key keep a taint time (the key may be revoked
+        # or un-listed before their turn comes).
+        self._taint_due = taint_due
         return out
 
     def next_due(self) -> float:
-        times = [s.schedule.renew_at for s in self.cache.svids.values()]
-        times.extend(self._taint_due.values())
+        times = [max(s.schedule.renew_at, self._hold.get(eid, 0.0)) for eid, s in self.cache.svids.items()]
+        times.extend(max(t, self._hold.get(eid, 0.0)) for eid, t in self._taint_due.items())
+        times.extend(t for eid, t in self._hold.items() if eid not in self.cache.svids)
         if self.node.schedule is not None:
             times.append(self.node.schedule.renew_at)
+        if self._agent_taint_due is not None:
+            times.append(self._agent_taint_due)
         return min(times) if times else self.clock() + self.sync_interval
 
     async def rotate(self) -> None:
@@ -188,7 +273,7 @@ class SvidManager:
             if self.cache.bundle is not None:
                 self.cache.ready.set()
             return
-        mass = self._startup or len(due) > 1 and all(r == "tainted" for _, r in due)
+        mass = self._startup or (len(due) > 1 and all(r == "tainted" for _, r in due))
         for i in range(0, len(due), BATCH):
             await self._sign_batch(due[i : i + BATCH], mass)
         self._startup = False
@@ -203,6 +288,7 @@ class SvidManager:
                 "entry_id": entry.id, "csr": _b64(csr_for(keys[entry.id])), "rotation_reason": reason,
                 "scheduled_rotation_at": old.schedule.renew_at if old is not None else None,
             })
+        sent_at = self.clock()
         results = await self.client.sign_x509(requests)
         by_entry = {entry.id: (entry, reason) for entry, reason in batch}
         fresh: list[X509Svid] = []
@@ -212,6 +298,8 @@ class SvidManager:
                 continue
             entry, reason = by_entry[eid]
             if "svid" not in res:
+                backoff = self._entry_backoff.setdefault(eid, Backoff(base=1.0, cap=300.0, rng=self.rng))
+                self._hold[eid] = self.clock() + backoff.next()
                 log.warning("server refused SVID for entry %s: %s", eid, res.get("error"))
                 continue
             chain = tuple(certs_from_json(res["svid"]))
@@ -221,11 +309,15 @@ class SvidManager:
                 continue
             leaf = chain[0]
             stationary = mass or reason in ("tainted", "forced")
-            schedule = self.policy.schedule(leaf.not_valid_before_utc.timestamp(),
-                                            leaf.not_valid_after_utc.timestamp(), self.rng, stationary=stationary)
+            issued_at = effective_issued_at(leaf.not_valid_before_utc.timestamp(),
+                                            leaf.not_valid_after_utc.timestamp(), sent_at)
+            schedule = self.policy.schedule(issued_at, leaf.not_valid_after_utc.timestamp(), self.rng,
+                                            stationary=stationary)
             self._taint_due.pop(eid, None)
-            fresh.append(X509Svid(eid, entry.spiffe_id, chain, key, schedule, entry.revision_number, entry.hint,
-                                  chain_der(chain), pkcs8_der(key)))
+            self._hold.pop(eid, None)
+            self._entry_backoff.pop(eid, None)
+            fresh.append(X509Svid(eid, entry.spiffe_id, chain, key, schedule, entry.revision_number,
+                                  entry.hint, chain_der(chain), pkcs8_der(key)))
         self.cache.put_svids(fresh)
 
     # ------------------------------------------------------------------ JWT-SVIDs

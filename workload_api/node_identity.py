@@ -1,5 +1,10 @@
 """The agent's own identity: node attestation, its X509-SVID (persisted 0600 so a restart
-re-uses it), renewal on the shared rotation policy, and re-attestation when it is refused."""
+re-uses it), renewal on the shared rotation policy, and re-attestation when it is refused.
+
+The SVID is persisted together with its drawn renewal time, so a restarted agent renews
+at the moment drawn when the SVID was issued instead of drawing again (SPEC-EVENTS
+"Rotation policy": drawn once per SVID).
+"""
 
 from __future__ import annotations
 
@@ -21,8 +26,8 @@ from meshid.errors import AttestationError, ConfigError
 from meshid.spiffe_id import SpiffeId
 from meshid.tls import pem_chain, pem_key, spiffe_id_of_cert
 from workload_api.config import AgentConfig
-from workload_api.keys import csr_for, new_key
-from workload_api.rotation import RenewalSchedule, RotationPolicy
+from workload_api.keys import authority_key_id, csr_for, new_key
+from workload_api.rotation import RenewalSchedule, RotationPolicy, effective_issued_at
 from workload_api.server_client import ServerClient, certs_from_json
 
 log = logging.getLogger("meshid.agent.node")
@@ -45,6 +50,11 @@ def write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _spki(public_key: Any) -> bytes:
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return bytes(der)
+
+
 class NodeIdentity:
     def __init__(
         self, config: AgentConfig, client: ServerClient, policy: RotationPolicy, rng: random.Random,
@@ -64,6 +74,11 @@ class NodeIdentity:
     @property
     def valid(self) -> bool:
         return bool(self.chain) and self.chain[0].not_valid_after_utc.timestamp() > self.clock()
+
+    @property
+    def authority_key_id(self) -> str:
+        """AKI (hex) of the agent SVID: which CA key signed it, to match against tainted keys."""
+        return authority_key_id(self.chain[0]) if self.chain else ""
 
     def load(self) -> bool:
         """Re-use a persisted agent SVID if it is still valid."""
@@ -93,14 +108,19 @@ class NodeIdentity:
 
     def _adopt(self, chain: list[x509.Certificate], key: PrivateKeyTypes, stationary: bool) -> None:
         leaf = chain[0]
-        schedule = self.policy.schedule(leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp(),
-                                        self.rng, stationary=stationary)
+        not_before, not_after = leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
+        issued_at = effective_issued_at(not_before, not_after, self.clock())
+        schedule = self.policy.schedule(issued_at, not_after, self.rng, stationary=stationary)
         self._set(chain, key, schedule)
         self._persist()
 
     async def attest(self) -> dict[str, Any]:
-        """Node-attest with the configured credentials; returns the server's bundle document."""
-        self.client.clear_identity()
+        """Node-attest with the configured credentials; returns the server's bundle document.
+
+        The current identity stays in place until a new one is adopted: attestation runs on
+        the anonymous session anyway, and if it fails (a used join token, say) the agent
+        keeps what it had rather than being left with no identity at all.
+        """
         key = new_key()
         csr = csr_for(key)
         kind = self.config.node_attestor.kind
@@ -109,12 +129,7 @@ class NodeIdentity:
         elif kind == "x509pop":
             from attestors.node.x509pop import payload_for, sign_challenge
 
-            cfg = self.config.node_attestor.x509pop
-            try:
-                node_chain = x509.load_pem_x509_certificates(Path(cfg.certificate_path).read_bytes())
-                node_key = serialization.load_pem_private_key(Path(cfg.private_key_path).read_bytes(), None)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"node_attestor.x509pop: cannot load certificate/key: {exc}") from None
+            node_chain, node_key = self._x509pop_credentials()
             first = await self.client.attest("x509pop", payload_for(node_chain), csr)
             nonce = base64.b64decode(first["challenge"])
             resp = await self.client.answer(first["session"], sign_challenge(node_key, nonce))
@@ -126,12 +141,22 @@ class NodeIdentity:
         else:  # pragma: no cover - config validation prevents this
             raise ConfigError(f"unknown node attestor {kind}")
         chain = certs_from_json(resp.get("svid"))
-        if chain[0].public_key().public_numbers() != key.public_key().public_numbers():
+        if _spki(chain[0].public_key()) != _spki(key.public_key()):
             raise AttestationError("server returned an SVID for a different key")
         self._adopt(chain, key, stationary=False)
         log.info("node attested as %s", self.agent_id)
         bundle = resp.get("bundle", {})
         return bundle if isinstance(bundle, dict) else {}
+
+    def _x509pop_credentials(self) -> tuple[list[x509.Certificate], PrivateKeyTypes]:
+        # Re-read on every attestation so a node certificate renewed on disk is picked up.
+        cfg = self.config.node_attestor.x509pop
+        try:
+            node_chain = x509.load_pem_x509_certificates(Path(cfg.certificate_path).read_bytes())
+            node_key = serialization.load_pem_private_key(Path(cfg.private_key_path).read_bytes(), None)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"node_attestor.x509pop: cannot load certificate/key: {exc}") from None
+        return node_chain, node_key
 
     def _join_token(self) -> str:
         cfg = self.config.node_attestor.join_token
@@ -147,8 +172,9 @@ class NodeIdentity:
     def due(self) -> bool:
         return self.schedule is not None and self.clock() >= self.schedule.renew_at
 
-    async def renew(self) -> None:
+    async def renew(self, stationary: bool = False) -> None:
+        """Renew over mTLS; `stationary` after a mass event (CA taint) so agents do not stay in step."""
         key = new_key()
         chain = await self.client.renew(csr_for(key))
-        self._adopt(chain, key, stationary=False)
+        self._adopt(chain, key, stationary=stationary)
         log.info("renewed agent SVID (expires %s)", chain[0].not_valid_after_utc.isoformat())

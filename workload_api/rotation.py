@@ -51,6 +51,18 @@ def _lifetime(issued_at: float, expires_at: float) -> float:
     return lifetime
 
 
+def effective_issued_at(not_before: float, not_after: float, received_at: float) -> float:
+    """Where an SVID's lifetime starts for scheduling: when it was obtained, not notBefore.
+
+    The server backdates notBefore for clock skew; measuring from it would put a share of
+    stationary draws (backdate / mean interval: ~12 % for a 120 s SVID with a 10 s
+    backdate) in the past, i.e. a second burst right after the first. If the caller's
+    clock says the SVID is already over, notBefore is all there is.
+    """
+    issued = max(not_before, received_at)
+    return issued if issued < not_after else not_before
+
+
 @dataclass(frozen=True, slots=True)
 class RotationPolicy:
     """Renew at a fraction of the lifetime drawn from [a, b]; 0 < a ≤ b < 1."""

@@ -238,6 +238,9 @@ class _StreamState:
     """xDS state-of-the-world bookkeeping for one StreamSecrets call."""
 
     request: DiscoveryRequest | None = None  # the last request we act on
+    # Envoy may send `node` on the first request only; the Envoy version decides the
+    # validation context format for the whole stream.
+    node: base_pb2.Node | None = None
     version: int = 0
     nonce: str = ""  # nonce of the last response sent ("" = none yet)
     sent: tuple[bytes, ...] | None = None  # resources of the last response
@@ -254,6 +257,8 @@ class _StreamState:
                         list(req.resource_names), req.error_detail.message)
         elif self.nonce and req.version_info != str(self.version):
             log.debug("SDS: client is at version %r, expected %s", req.version_info, self.version)
+        if req.HasField("node") or self.node is None:
+            self.node = req.node
         previous = self.request
         self.request = req
         # An ACK or NACK of what we sent repeats the same names: nothing new to send.
@@ -325,10 +330,10 @@ class SdsHandler(SecretDiscoveryServiceBase):
 
     async def _maybe_send(self, stream: Stream[DiscoveryRequest, DiscoveryResponse], state: _StreamState,
                           view: CallerView) -> None:
-        req = state.request
-        assert req is not None
+        req, node = state.request, state.node
+        assert req is not None and node is not None
         try:
-            found = resolve(req.resource_names, view, spiffe_validator_supported(req.node))
+            found = resolve(req.resource_names, view, spiffe_validator_supported(node))
         except NotIssuedYetError:
             return  # the SVID lands in the cache soon and wakes us
         except SdsError as exc:

@@ -1,18 +1,32 @@
 """The agent's client of the server's agent API: mutual TLS 1.3, SPIFFE-ID check of the
-server, failover across configured addresses, and error classes the agent acts on."""
+server, failover across configured addresses, and error classes the agent acts on.
+
+A server that no longer trusts the agent's SVID (its CA key was revoked, or it expired)
+aborts the TLS 1.3 handshake after the client's Finished, which the client only sees as a
+reset connection, indistinguishable from an outage. So when every address fails that way,
+the client asks the same server anonymously for its bundle: if the server answers and our
+SVID does not chain to that bundle, the fault is our certificate and the agent must
+re-attest (IdentityRejectedError), not retry forever.
+"""
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import itertools
 import logging
 import ssl
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from meshid.bundle import Bundle
 from meshid.errors import MeshidError, OverloadedError, PermissionDeniedError, UnauthenticatedError
 from meshid.spiffe_id import SpiffeId
 from meshid.tls import check_server_id, client_context
@@ -20,10 +34,22 @@ from meshid.tls import check_server_id, client_context
 log = logging.getLogger("meshid.agent.client")
 
 TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5)
+_SHA256 = hashes.SHA256()
 
 
 class ServerUnavailableError(MeshidError):
     """No configured server answered; the agent keeps serving its cache and retries."""
+
+
+class IdentityRejectedError(UnauthenticatedError):
+    """The server is up but no longer accepts the agent's SVID at the TLS layer; re-attest.
+
+    `bundle` is the server's current bundle document, fetched over server-authenticated TLS.
+    """
+
+    def __init__(self, message: str, bundle: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.bundle = bundle
 
 
 class ServerRejectedError(MeshidError):
@@ -43,6 +69,32 @@ def certs_from_json(items: Any) -> list[x509.Certificate]:
     return [x509.load_der_x509_certificate(base64.b64decode(c)) for c in items]
 
 
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def chain_verifies(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate], now: float) -> bool:
+    """Whether `chain` (leaf first) is time-valid and signed link by link up to one of `roots`.
+
+    Only used to decide whether our own SVID is the reason the server refuses us, so a
+    plain signature walk is enough; the server does the real path validation.
+    """
+    if not chain or not roots:
+        return False
+    at = dt.datetime.fromtimestamp(now, dt.UTC)
+    if any(not (c.not_valid_before_utc <= at < c.not_valid_after_utc) for c in chain):
+        return False
+    if not all(_issued_by(child, parent) for child, parent in itertools.pairwise(chain)):
+        return False
+    root_der = {r.fingerprint(_SHA256) for r in roots}
+    top = chain[-1]
+    return top.fingerprint(_SHA256) in root_der or any(_issued_by(top, r) for r in roots)
+
+
 class SpiffeConnector(aiohttp.TCPConnector):
     """Checks the server's SPIFFE ID right after each TLS handshake, before any request
     is sent on the connection (hostname checks do not apply to SPIFFE IDs)."""
@@ -51,7 +103,10 @@ class SpiffeConnector(aiohttp.TCPConnector):
         super().__init__(**kwargs)
         self._expected = expected
 
-    async def _create_direct_connection(self, req: Any, traces: Any, timeout: Any, **kwargs: Any) -> Any:
+    # aiohttp's own signature, hence the `timeout` parameter.
+    async def _create_direct_connection(
+        self, req: Any, traces: Any, timeout: Any, **kwargs: Any  # noqa: ASYNC109
+    ) -> Any:
         transport, proto = await super()._create_direct_connection(req, traces, timeout, **kwargs)
         try:
             check_server_id(transport.get_extra_info("ssl_object"), self._expected)
@@ -119,13 +174,14 @@ class ServerClient:
             await self._closing.pop().close()
 
     # ------------------------------------------------------------------ requests
-    async def _post(self, path: str, body: dict[str, Any], with_identity: bool = True) -> dict[str, Any]:
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None, with_identity: bool,
+                       ) -> dict[str, Any]:
         session = await self._get_session(with_identity)
         last: Exception | None = None
         for attempt in range(len(self.addresses)):
             addr = self.addresses[(self._current + attempt) % len(self.addresses)]
             try:
-                async with session.post(f"https://{addr}{path}", json=body) as resp:
+                async with session.request(method, f"https://{addr}{path}", json=body) as resp:
                     data = await resp.json(content_type=None)
                     self._current = (self._current + attempt) % len(self.addresses)
                     return self._check(resp.status, data, resp.headers)
@@ -133,7 +189,37 @@ class ServerClient:
                 last = exc
                 log.debug("server %s unreachable: %s", addr, exc)
                 continue
+        if isinstance(last, aiohttp.ClientConnectorCertificateError):
+            # Our roots cannot authenticate the server: say what the operator must do, since
+            # retrying alone only helps if the server goes back to a root we hold.
+            raise ServerUnavailableError(
+                f"cannot verify the server's certificate with the agent's trust bundle ({last}); if the "
+                "server moved to a new root while the agent was offline, re-bootstrap the agent: put "
+                "the new root in trust_bundle_path and remove bundle.json from its data_dir")
+        if with_identity and self._identity is not None and not isinstance(last, TimeoutError):
+            await self._check_identity_rejected(last)
         raise ServerUnavailableError(f"no server reachable ({', '.join(self.addresses)}): {last}")
+
+    async def _post(self, path: str, body: dict[str, Any], with_identity: bool = True) -> dict[str, Any]:
+        return await self._request("POST", path, body, with_identity)
+
+    async def _check_identity_rejected(self, cause: Exception | None) -> None:
+        """Raise IdentityRejectedError when the server answers anonymously and our SVID does
+        not chain to its current bundle; return (caller reports an outage) otherwise."""
+        assert self._identity is not None
+        try:
+            doc = await self.fetch_bundle()
+            bundle = Bundle.from_spiffe_json(self.server_id.trust_domain, doc)
+        except (MeshidError, ValueError) as exc:
+            log.debug("anonymous bundle probe failed too (%s): the server is unavailable", exc)
+            return
+        chain = self._identity[0]
+        if chain_verifies(chain, bundle.x509_authorities, time.time()):
+            log.warning("server refused our TLS client certificate although it verifies against the "
+                        "server's current bundle (%s); treating as unavailable", cause)
+            return
+        raise IdentityRejectedError(
+            "the server answers but no longer trusts the agent SVID (its CA was revoked or it expired)", doc)
 
     @staticmethod
     def _check(status: int, data: Any, headers: Any) -> dict[str, Any]:
@@ -153,9 +239,13 @@ class ServerClient:
         raise ServerRejectedError(status, code, message)
 
     # ------------------------------------------------------------------ API
+    async def fetch_bundle(self) -> dict[str, Any]:
+        """The server's current bundle document, over server-authenticated TLS only."""
+        return await self._request("GET", "/v1/bundle", None, with_identity=False)
+
     async def attest(self, attestor: str, payload: dict[str, Any], csr: bytes) -> dict[str, Any]:
-        return await self._post("/v1/agent/attest", {"attestor": attestor, "payload": payload, "csr": b64(csr)},
-                                with_identity=False)
+        body = {"attestor": attestor, "payload": payload, "csr": b64(csr)}
+        return await self._post("/v1/agent/attest", body, with_identity=False)
 
     async def answer(self, session_id: str, response: bytes) -> dict[str, Any]:
         return await self._post("/v1/agent/attest/answer", {"session": session_id, "response": b64(response)},
@@ -164,8 +254,11 @@ class ServerClient:
     async def renew(self, csr: bytes) -> list[x509.Certificate]:
         return certs_from_json((await self._post("/v1/agent/renew", {"csr": b64(csr)}))["svid"])
 
-    async def sync(self, known: dict[str, int], bundle_sequence: int) -> dict[str, Any]:
-        return await self._post("/v1/agent/sync", {"known": known, "bundle_sequence": bundle_sequence})
+    async def sync(self, known: dict[str, int], bundle_sequence: int,
+                   federated: dict[str, str] | None = None) -> dict[str, Any]:
+        # `federated`: digests of the federated bundles we hold, so only changed ones come back.
+        return await self._post("/v1/agent/sync", {"known": known, "bundle_sequence": bundle_sequence,
+                                                   "federated": federated or {}})
 
     async def sign_x509(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         data = await self._post("/v1/agent/sign/x509", {"requests": requests})

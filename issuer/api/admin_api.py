@@ -75,7 +75,9 @@ class AdminApi:
         self.trust_domain = trust_domain
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1024 * 1024, middlewares=[peer_uid_middleware, error_middleware])
+        # error_middleware is outermost so the uid check's refusal is answered as a 403, not a 500.
+        app = web.Application(client_max_size=1024 * 1024,
+                              middlewares=[error_middleware, peer_uid_middleware])
         r = app.router
         r.add_get("/v1/entries", self.list_entries)
         r.add_post("/v1/entries", self.create_entry)

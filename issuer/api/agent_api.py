@@ -6,8 +6,11 @@ Wire format (JSON bodies, binary fields base64):
                                  or, for challenge attestors,      → {session, challenge}
   POST /v1/agent/attest/answer   {session, response}               → {svid, agent_id, bundle}
   POST /v1/agent/renew           {csr}                             → {svid}
-  POST /v1/agent/sync            {known:{entry_id: revision}, bundle_sequence}
-                                 → {entries:[...changed], removed:[ids], bundle?, bundle_sequence, tainted_keys}
+  POST /v1/agent/sync            {known:{entry_id: revision}, bundle_sequence,
+                                  federated?:{"spiffe://td": digest}}
+                                 → {entries:[...changed], removed:[ids], bundle?, bundle_sequence,
+                                    tainted_keys, federated_digests:{"spiffe://td": digest},
+                                    federated_bundles?:{"spiffe://td": SPIFFE bundle JSON, if changed}}
   POST /v1/agent/sign/x509       {requests:[{entry_id, csr, rotation_reason?, scheduled_rotation_at?}]}
                                  → {results:[{entry_id, svid}|{entry_id, error:{code,message}}]}
   POST /v1/agent/sign/jwt        {entry_id, audience:[..]}         → {token, expires_at}
@@ -29,6 +32,7 @@ from attestors.node.base import AttestationRequest
 from issuer.api.errors import error_middleware, read_json
 from issuer.ca.slots import CaManager
 from issuer.datastore.base import AgentRecord
+from issuer.federation import FederationPoller, federated_for_agent
 from issuer.node_attestation import AgentService, IssuedAgentSvid
 from issuer.signing import MAX_BATCH, SigningService, X509Request
 from meshid.errors import UnauthenticatedError
@@ -36,6 +40,7 @@ from meshid.tls import peer_certificate, spiffe_id_of_cert
 
 MAX_CSR_BYTES = 16 * 1024
 MAX_KNOWN = 100_000
+MAX_FEDERATED = 1000
 
 AGENT_KEY = web.RequestKey("agent", AgentRecord)
 
@@ -61,12 +66,14 @@ def _chain_json(chain: list[Any]) -> list[str]:
 
 class AgentApi:
     def __init__(
-        self, agents: AgentService, signing: SigningService, ca: CaManager, reporter: Any = None
+        self, agents: AgentService, signing: SigningService, ca: CaManager, reporter: Any = None,
+        federation: FederationPoller | None = None,
     ) -> None:
         self.agents = agents
         self.signing = signing
         self.ca = ca
         self.reporter = reporter
+        self.federation = federation
 
     def app(self, max_body: int) -> web.Application:
         app = web.Application(client_max_size=max_body, middlewares=[error_middleware, self._auth])
@@ -140,6 +147,10 @@ class AgentApi:
         if not isinstance(known, dict) or len(known) > MAX_KNOWN:
             raise ValueError("known must be an object of entry id → revision")
         seq = body.get("bundle_sequence", -1)
+        fed_known = body.get("federated", {})
+        if (not isinstance(fed_known, dict) or len(fed_known) > MAX_FEDERATED
+                or not all(isinstance(v, str) for v in fed_known.values())):
+            raise ValueError("federated must be an object of trust domain ID → digest")
         index = await self.signing.entries.index()
         allowed = index.authorized(agent.agent_id, agent.selectors)
         changed = [e.to_json() for eid, e in allowed.items() if known.get(eid) != e.revision_number]
@@ -155,6 +166,13 @@ class AgentApi:
         }
         if seq != bundle.sequence:
             out["bundle"] = bundle.to_spiffe_json()
+        if self.federation is not None:
+            # Only the trust domains this agent's entries federate with, and only bundles
+            # whose digest differs from what the agent says it holds.
+            fed, digests = federated_for_agent(allowed.values(), self.federation.current(), fed_known)
+            out["federated_digests"] = digests
+            if fed:
+                out["federated_bundles"] = fed
         return web.json_response(out)
 
     async def sign_x509(self, request: web.Request) -> web.Response:

@@ -9,14 +9,18 @@ plus any DNS names; basicConstraints CA=false (critical); keyUsage digitalSignat
 keyEncipherment for RSA keys (critical); extKeyUsage serverAuth+clientAuth; SKI; AKI = the
 CA's key identifier; random positive 127-bit serial; notBefore = now - 10 s; notAfter =
 min(now + ttl, CA notAfter).
+
+X509Minter builds leaves from a DER template (template.py, byte-identical to the
+CertificateBuilder path it falls back to); mint_batch_der is the fastest way to sign many.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import secrets
+import hashlib
+import os
 from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias, cast
+from typing import Any, NamedTuple, TypeAlias, cast
 
 import jwt
 from cryptography import x509
@@ -24,6 +28,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 
 from issuer.ca import template
@@ -54,11 +59,28 @@ class SigningError(MeshidError):
 # ---------------------------------------------------------------------------- helpers
 
 
+_SERIAL_BATCH = 256
+_serial_pool: list[int] = []
+# A forked child must not hand out the parent's remaining serials.
+os.register_at_fork(after_in_child=_serial_pool.clear)
+
+
 def random_serial() -> int:
+    """A random positive 127-bit serial from the OS CSPRNG.
+
+    Drawn in batches (one getrandom() per 256 serials rather than a syscall per SVID, which
+    shows next to a 35 µs signature). list.pop() is atomic under the GIL, so two threads
+    never get the same serial.
+    """
     while True:
-        serial = secrets.randbits(SERIAL_BITS)
-        if serial:
-            return serial
+        try:
+            return _serial_pool.pop()
+        except IndexError:
+            raw = os.urandom(16 * _SERIAL_BATCH)
+            serials = (
+                int.from_bytes(raw[i : i + 16], "big") >> (128 - SERIAL_BITS) for i in range(0, len(raw), 16)
+            )
+            _serial_pool.extend(n for n in serials if n)
 
 
 SignatureHash: TypeAlias = hashes.SHA256 | hashes.SHA384 | hashes.SHA512
@@ -80,8 +102,10 @@ def signature_hash_for(key: PrivateKeyTypes | PublicKeyTypes) -> SignatureHash:
 def _signer(key: PrivateKeyTypes) -> Callable[[bytes], bytes]:
     h = signature_hash_for(key)
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        alg = ec.ECDSA(h)
-        return lambda data: key.sign(data, alg)
+        # Prehashed: hashlib's digest is ~2 µs cheaper than cryptography's per-call context.
+        digest = getattr(hashlib, h.name)
+        alg = ec.ECDSA(Prehashed(h))
+        return lambda data: key.sign(digest(data).digest(), alg)
     if isinstance(key, rsa.RSAPrivateKey):
         pad = padding.PKCS1v15()
         return lambda data: key.sign(data, pad, h)
@@ -138,10 +162,12 @@ def chain_pem(leaf: x509.Certificate, chain: Sequence[x509.Certificate]) -> byte
 
 # ---------------------------------------------------------------------------- CSRs
 
-_EC_CSR_ALGS: dict[x509.ObjectIdentifier, ec.ECDSA] = {
-    SignatureAlgorithmOID.ECDSA_WITH_SHA256: ec.ECDSA(hashes.SHA256()),
-    SignatureAlgorithmOID.ECDSA_WITH_SHA384: ec.ECDSA(hashes.SHA384()),
-    SignatureAlgorithmOID.ECDSA_WITH_SHA512: ec.ECDSA(hashes.SHA512()),
+# ECDSA checks hash with hashlib and verify the digest (Prehashed): same check, ~3 µs less
+# per CSR than letting cryptography set up its own digest context.
+_EC_CSR_ALGS: dict[x509.ObjectIdentifier, tuple[Callable[[bytes], Any], ec.ECDSA]] = {
+    SignatureAlgorithmOID.ECDSA_WITH_SHA256: (hashlib.sha256, ec.ECDSA(Prehashed(hashes.SHA256()))),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA384: (hashlib.sha384, ec.ECDSA(Prehashed(hashes.SHA384()))),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA512: (hashlib.sha512, ec.ECDSA(Prehashed(hashes.SHA512()))),
 }
 _RSA_CSR_HASHES: dict[x509.ObjectIdentifier, hashes.HashAlgorithm] = {
     SignatureAlgorithmOID.RSA_WITH_SHA256: hashes.SHA256(),
@@ -149,6 +175,7 @@ _RSA_CSR_HASHES: dict[x509.ObjectIdentifier, hashes.HashAlgorithm] = {
     SignatureAlgorithmOID.RSA_WITH_SHA512: hashes.SHA512(),
 }
 _PKCS1V15 = padding.PKCS1v15()
+_BYTES_TYPES = (bytes, bytearray, memoryview)
 _STRONG_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
 # isinstance() against cryptography's ABCs is slow; remember each concrete key class once.
 _KIND_BY_TYPE: dict[type, str] = {}
@@ -186,7 +213,25 @@ def parse_csr(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, PublicKey
     The signature is checked with the loaded key directly (not `is_signature_valid`),
     which skips a second key load. SHA-1/MD5 signatures are refused.
     """
-    if not isinstance(csr_der, bytes | bytearray | memoryview):
+    csr, pub, _ = _parse_csr(csr_der)
+    return csr, pub
+
+
+# (csr, key, kind, digest function for prehashed ECDSA or None, verify parameters)
+_LoadedCsr: TypeAlias = tuple[
+    x509.CertificateSigningRequest, PublicKey, str, Callable[[bytes], Any] | None, tuple[Any, ...]
+]
+
+
+def _parse_csr(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, PublicKey, str]:
+    loaded = _load_csr(csr_der)
+    _check_csr_signature(loaded)
+    return loaded[0], loaded[1], loaded[2]
+
+
+def _load_csr(csr_der: bytes) -> _LoadedCsr:
+    """Parse a CSR and pick how to check its signature (without checking it yet)."""
+    if not isinstance(csr_der, _BYTES_TYPES):
         raise InvalidCsrError("CSR must be DER bytes")
     if len(csr_der) > MAX_CSR_BYTES:
         raise InvalidCsrError(f"CSR is larger than {MAX_CSR_BYTES} bytes")
@@ -200,30 +245,35 @@ def parse_csr(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, PublicKey
         raise InvalidCsrError(f"CSR public key is malformed or of an unsupported type ({exc})") from None
     kind = _key_kind(pub)
     oid = csr.signature_algorithm_oid
+    if kind is _EC:
+        ec_alg = _EC_CSR_ALGS.get(oid)
+        if ec_alg is None:
+            raise InvalidCsrError(_bad_alg(oid, "an EC"))
+        return csr, cast(PublicKey, pub), kind, ec_alg[0], (ec_alg[1],)
+    params: tuple[Any, ...]
+    h = _RSA_CSR_HASHES.get(oid)
+    if h is not None:
+        params = (_PKCS1V15, h)
+    elif oid == SignatureAlgorithmOID.RSASSA_PSS:
+        pss = csr.signature_algorithm_parameters
+        ph = csr.signature_hash_algorithm
+        if not isinstance(pss, padding.PSS) or not isinstance(ph, _STRONG_HASHES):
+            raise InvalidCsrError("CSR RSASSA-PSS parameters are not supported")
+        params = (pss, ph)
+    else:
+        raise InvalidCsrError(_bad_alg(oid, "an RSA"))
+    return csr, cast(PublicKey, pub), kind, None, params
+
+
+def _check_csr_signature(loaded: _LoadedCsr) -> None:
+    csr, pub, _, prehash, params = loaded
+    data = csr.tbs_certrequest_bytes
     try:
-        if kind is _EC:
-            alg = _EC_CSR_ALGS.get(oid)
-            if alg is None:
-                raise InvalidCsrError(_bad_alg(oid, "an EC"))
-            cast(ec.EllipticCurvePublicKey, pub).verify(csr.signature, csr.tbs_certrequest_bytes, alg)
-        else:
-            rsa_pub = cast(rsa.RSAPublicKey, pub)
-            h = _RSA_CSR_HASHES.get(oid)
-            if h is not None:
-                rsa_pub.verify(csr.signature, csr.tbs_certrequest_bytes, _PKCS1V15, h)
-            elif oid == SignatureAlgorithmOID.RSASSA_PSS:
-                pss = csr.signature_algorithm_parameters
-                ph = csr.signature_hash_algorithm
-                if not isinstance(pss, padding.PSS) or not isinstance(ph, _STRONG_HASHES):
-                    raise InvalidCsrError("CSR RSASSA-PSS parameters are not supported")
-                rsa_pub.verify(csr.signature, csr.tbs_certrequest_bytes, pss, ph)
-            else:
-                raise InvalidCsrError(_bad_alg(oid, "an RSA"))
+        pub.verify(csr.signature, data if prehash is None else prehash(data).digest(), *params)
     except InvalidSignature:
         raise InvalidCsrError("CSR signature is not valid (no proof of possession of the key)") from None
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise InvalidCsrError(f"CSR signature could not be checked ({exc})") from None
-    return csr, cast(PublicKey, pub)
 
 
 def _bad_alg(oid: x509.ObjectIdentifier, key: str) -> str:
@@ -256,8 +306,16 @@ def _td_san(trust_domain: TrustDomain) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(trust_domain.id))])
 
 
-def build_ca_csr(key: PrivateKey, trust_domain: TrustDomain) -> bytes:
+def as_signing_key(key: PrivateKeyTypes) -> PrivateKey:
+    """`key` as a CA signing key (EC or RSA); SigningError for other key kinds."""
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise SigningError(f"unsupported CA key {type(key).__name__}: use EC or RSA")
+    return key
+
+
+def build_ca_csr(key: PrivateKeyTypes, trust_domain: TrustDomain) -> bytes:
     """DER CSR for an upstream authority: O=SPIFFE, URI SAN `spiffe://<td>`, CA=true."""
+    key = as_signing_key(key)
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(ca_subject())
@@ -271,7 +329,7 @@ def build_ca_csr(key: PrivateKey, trust_domain: TrustDomain) -> bytes:
 def mint_ca_cert(
     public_key: PublicKeyTypes,
     trust_domain: TrustDomain,
-    signing_key: PrivateKey,
+    signer: PrivateKeyTypes,
     ttl_seconds: int,
     now: dt.datetime,
     issuer: x509.Certificate | None = None,
@@ -280,15 +338,16 @@ def mint_ca_cert(
     serial: int | None = None,
 ) -> x509.Certificate:
     """An X509 CA certificate for `public_key`: CA=true pathlen 0, keyCertSign+cRLSign
-    (critical), URI SAN `spiffe://<td>`. Signed by `signing_key` under `issuer`, or
-    self-signed when `issuer` is None. Lifetime never outlasts the issuer (or the limit)."""
+    (critical), URI SAN `spiffe://<td>`. Signed by `signer` under `issuer`, or self-signed
+    when `issuer` is None. Lifetime never outlasts the issuer (or the limit)."""
+    key = as_signing_key(signer)
     if ttl_seconds <= 0:
         raise SigningError("CA TTL must be positive")
     now_ts = _epoch(now)
     not_before, not_after = now_ts - BACKDATE_SECONDS, now_ts + ttl_seconds
     if not_after_limit is not None:
         not_after = min(not_after, _epoch(not_after_limit))
-    signer_spki = _spki(signing_key.public_key())
+    signer_spki = _spki(key.public_key())
     if issuer is None:
         if signer_spki != _spki(public_key):
             raise SigningError("a self-signed CA must be signed by its own key")
@@ -335,13 +394,14 @@ def mint_ca_cert(
         )
         .add_extension(_td_san(trust_domain), critical=False)
     )
-    return builder.sign(signing_key, signature_hash_for(signing_key))
+    return builder.sign(key, signature_hash_for(key))
 
 
 def self_signed_ca(
-    key: PrivateKey, trust_domain: TrustDomain, ttl_seconds: int, now: dt.datetime
+    key: PrivateKeyTypes, trust_domain: TrustDomain, ttl_seconds: int, now: dt.datetime
 ) -> x509.Certificate:
     """A self-signed CA certificate (its own root), used when no upstream is configured."""
+    key = as_signing_key(key)
     return mint_ca_cert(key.public_key(), trust_domain, key, ttl_seconds, now)
 
 
@@ -405,7 +465,26 @@ def build_leaf_with_builder(
     return builder.sign(signing_key, signature_hash_for(signing_key))
 
 
-_SAN_CACHE_MAX = 4096
+_IDENTITY_CACHE_MAX = 4096
+
+
+def _key_bytes(public_key: PublicKeyTypes, kind: str) -> tuple[bytes, bytes]:
+    """(SubjectPublicKeyInfo DER, key identifier) of a leaf key of a checked kind."""
+    if kind is _EC:
+        return template.ec_spki_and_ski(cast(ec.EllipticCurvePublicKey, public_key))
+    return template.rsa_spki_and_ski(cast(rsa.RSAPublicKey, public_key))
+
+
+_Identity: TypeAlias = tuple[bytes, tuple[bytes, bytes, bytes]]  # SAN extension, template pieces
+
+
+class LeafRequest(NamedTuple):
+    """One X509-SVID to mint: the CSR (only its key is used) and the entry's identity."""
+
+    csr_der: bytes
+    spiffe_id: SpiffeId | str
+    dns_names: Sequence[str] = ()
+    ttl_seconds: int = 3600
 
 
 class X509Minter:
@@ -420,15 +499,16 @@ class X509Minter:
 
     def __init__(
         self,
-        ca_key: PrivateKey,
+        ca_key: PrivateKeyTypes,
         ca_cert: x509.Certificate,
         chain: Sequence[x509.Certificate] = (),
         *,
         fast_path: bool = True,
     ) -> None:
+        ca_key = as_signing_key(ca_key)
         if _spki(ca_key.public_key()) != _spki(ca_cert.public_key()):
             raise SigningError("CA key does not match the CA certificate")
-        self.ca_key = ca_key
+        self.ca_key: PrivateKey = ca_key
         self.ca_cert = ca_cert
         self.chain: list[x509.Certificate] = list(chain)
         self.trust_domain = trust_domain_of(ca_cert)
@@ -439,8 +519,13 @@ class X509Minter:
         self._ca_not_after = _epoch(ca_cert.not_valid_after_utc)
         self._ca_spki = _spki(ca_key.public_key())
         self._chain_der = tuple(c.public_bytes(_DER) for c in (ca_cert, *self.chain))
-        self._san_cache: dict[tuple[str, tuple[str, ...]], bytes] = {}
-        self._validity_cache: tuple[int, int, tuple[int, int, bytes]] = (-1, 0, (0, 0, b""))
+        self._identity_cache: dict[tuple[str, tuple[str, ...]], _Identity] = {}
+        self._validity_cache: tuple[dt.datetime | None, int, int, tuple[int, int, bytes]] = (
+            None,
+            0,
+            -1,
+            (0, 0, b""),
+        )
         self._template = self._make_template() if fast_path else None
 
     @property
@@ -467,7 +552,10 @@ class X509Minter:
         reference = build_leaf_with_builder(
             self.ca_key, self._issuer_name, self._aki, probe_key, uri, dns, serial, _utc(nb), _utc(na)
         )
-        validity = template.der_validity(nb, na)
+        try:
+            validity = template.der_validity(nb, na)
+        except ValueError:
+            return None  # CA validity outside what the template encodes
         tbs = tpl.tbs(serial, validity, spki, ski, template.san_extension(uri, dns), False)
         if template.certificate_der(tbs, algid, reference.signature) != reference.public_bytes(_DER):
             return None
@@ -479,9 +567,9 @@ class X509Minter:
         self,
         csr_der: bytes,
         spiffe_id: SpiffeId | str,
-        dns_names: Sequence[str] = (),
-        ttl_seconds: int = 3600,
-        now: dt.datetime | None = None,
+        dns_names: Sequence[str],
+        ttl_seconds: int,
+        now: dt.datetime,
     ) -> x509.Certificate:
         """Leaf X509-SVID for the key in `csr_der` (signature checked); the CSR's names are ignored."""
         der = self.mint_der_from_csr(csr_der, spiffe_id, dns_names, ttl_seconds, now)
@@ -491,21 +579,21 @@ class X509Minter:
         self,
         csr_der: bytes,
         spiffe_id: SpiffeId | str,
-        dns_names: Sequence[str] = (),
-        ttl_seconds: int = 3600,
-        now: dt.datetime | None = None,
+        dns_names: Sequence[str],
+        ttl_seconds: int,
+        now: dt.datetime,
     ) -> bytes:
         """As mint_from_csr, returning the leaf DER (the hot path: no certificate object)."""
-        _, pub = parse_csr(csr_der)
-        return self.mint_der_from_public_key(pub, spiffe_id, dns_names, ttl_seconds, now)
+        _, pub, kind = _parse_csr(csr_der)
+        return self._mint(pub, kind, spiffe_id, dns_names, ttl_seconds, now)
 
     def mint_from_public_key(
         self,
         public_key: PublicKeyTypes,
         spiffe_id: SpiffeId | str,
-        dns_names: Sequence[str] = (),
-        ttl_seconds: int = 3600,
-        now: dt.datetime | None = None,
+        dns_names: Sequence[str],
+        ttl_seconds: int,
+        now: dt.datetime,
     ) -> x509.Certificate:
         """Leaf X509-SVID for a key the caller already trusts (e.g. the server's own SVID)."""
         return x509.load_der_x509_certificate(
@@ -516,32 +604,93 @@ class X509Minter:
         self,
         public_key: PublicKeyTypes,
         spiffe_id: SpiffeId | str,
-        dns_names: Sequence[str] = (),
-        ttl_seconds: int = 3600,
-        now: dt.datetime | None = None,
+        dns_names: Sequence[str],
+        ttl_seconds: int,
+        now: dt.datetime,
     ) -> bytes:
-        if now is None:
-            raise TypeError("now is required (minting takes its clock from the caller)")
-        if type(ttl_seconds) is not int or ttl_seconds <= 0:
-            raise ValueError("ttl_seconds must be a positive integer")
-        uri = spiffe_id if isinstance(spiffe_id, str) else str(spiffe_id)
-        dns = tuple(dns_names)
-        san = self._san_cache.get((uri, dns))
-        if san is None:
-            san = self._identity(uri, dns)
-        kind = _key_kind(public_key)
-        if kind is _EC:
-            spki, ski = template.ec_spki_and_ski(cast(ec.EllipticCurvePublicKey, public_key))
-        else:
-            spki, ski = template.rsa_spki_and_ski(public_key)
-        if spki == self._ca_spki:
-            raise SigningError("refusing to issue an SVID for the CA's own key")
-        not_before, not_after, validity = self._validity(_epoch(now), ttl_seconds)
-        serial = random_serial()
+        return self._mint(public_key, _key_kind(public_key), spiffe_id, dns_names, ttl_seconds, now)
+
+    def mint_batch_der(self, requests: Sequence[LeafRequest], now: dt.datetime) -> list[bytes | Exception]:
+        """Mint many leaves; item i is the leaf DER for requests[i] or the error that refused it
+        (InvalidCsrError, InvalidSpiffeIdError, SigningError, ValueError).
+
+        Same output as mint_der_from_csr per item, but done in phases (parse every CSR, check
+        every signature, encode every key, build every TBS, sign them all, wrap them all):
+        each loop keeps its code and tables in cache, which is measurably faster than
+        alternating verify and sign per SVID. Pure and thread-safe, so the server can run a
+        whole batch in an executor.
+        """
+        tpl = self._template
+        if tpl is None:
+            return [self._try_one(r, now) for r in requests]
+        errors: dict[int, Exception] = {}
+        loaded: list[_LoadedCsr | None] = []
+        for i, r in enumerate(requests):
+            try:
+                loaded.append(_load_csr(r.csr_der))
+            except (MeshidError, ValueError) as exc:
+                errors[i] = exc
+                loaded.append(None)
+        for i, item in enumerate(loaded):
+            if item is not None:
+                try:
+                    _check_csr_signature(item)
+                except InvalidCsrError as exc:
+                    errors[i] = exc
+                    loaded[i] = None
+        key_bytes = [None if item is None else _key_bytes(item[1], item[2]) for item in loaded]
+        tbss: list[bytes | None] = []
+        for i, (r, item, kb) in enumerate(zip(requests, loaded, key_bytes, strict=True)):
+            if item is None or kb is None:
+                tbss.append(None)
+                continue
+            try:
+                tbss.append(
+                    self._tbs(tpl, kb[0], kb[1], item[2], r.spiffe_id, r.dns_names, r.ttl_seconds, now)
+                )
+            except (MeshidError, ValueError) as exc:
+                errors[i] = exc
+                tbss.append(None)
+        sign = self._sign
+        sigs = [b"" if t is None else sign(t) for t in tbss]
+        algid = tpl.signature_algorithm
+        return [
+            errors[i] if t is None else template.certificate_der(t, algid, sig)
+            for i, (t, sig) in enumerate(zip(tbss, sigs, strict=True))
+        ]
+
+    def mint_batch(
+        self, requests: Sequence[LeafRequest], now: dt.datetime
+    ) -> list[x509.Certificate | Exception]:
+        """mint_batch_der with certificate objects."""
+        return [
+            d if isinstance(d, Exception) else x509.load_der_x509_certificate(d)
+            for d in self.mint_batch_der(requests, now)
+        ]
+
+    def _try_one(self, r: LeafRequest, now: dt.datetime) -> bytes | Exception:
+        try:
+            return self.mint_der_from_csr(r.csr_der, r.spiffe_id, r.dns_names, r.ttl_seconds, now)
+        except (MeshidError, ValueError) as exc:
+            return exc
+
+    def _mint(
+        self,
+        public_key: PublicKeyTypes,
+        kind: str,
+        spiffe_id: SpiffeId | str,
+        dns_names: Sequence[str],
+        ttl_seconds: int,
+        now: dt.datetime,
+    ) -> bytes:
+        spki, ski = _key_bytes(public_key, kind)
         tpl = self._template
         if tpl is not None:
-            tbs = tpl.tbs(serial, validity, spki, ski, san, kind is _RSA)
+            tbs = self._tbs(tpl, spki, ski, kind, spiffe_id, dns_names, ttl_seconds, now)
             return template.certificate_der(tbs, tpl.signature_algorithm, self._sign(tbs))
+        _, uri, dns, serial, not_before, not_after, _ = self._plan(
+            spki, spiffe_id, dns_names, ttl_seconds, now
+        )
         cert = build_leaf_with_builder(
             self.ca_key,
             self._issuer_name,
@@ -555,27 +704,69 @@ class X509Minter:
         )
         return cert.public_bytes(_DER)
 
+    def _tbs(
+        self,
+        tpl: template.LeafTemplate,
+        spki: bytes,
+        ski: bytes,
+        kind: str,
+        spiffe_id: SpiffeId | str,
+        dns_names: Sequence[str],
+        ttl_seconds: int,
+        now: dt.datetime,
+    ) -> bytes:
+        ident, _, _, serial, _, _, middle = self._plan(spki, spiffe_id, dns_names, ttl_seconds, now)
+        return tpl.tbs_from_parts(serial, middle, spki, ski, ident[1], kind is _RSA)
+
+    def _plan(
+        self,
+        spki: bytes,
+        spiffe_id: SpiffeId | str,
+        dns_names: Sequence[str],
+        ttl_seconds: int,
+        now: dt.datetime,
+    ) -> tuple[_Identity, str, tuple[str, ...], int, int, int, bytes]:
+        """Check one request; (identity, uri, dns, serial, notBefore, notAfter, template middle)."""
+        if type(ttl_seconds) is not int or ttl_seconds <= 0:
+            raise ValueError("ttl_seconds must be a positive integer")
+        uri = spiffe_id if isinstance(spiffe_id, str) else str(spiffe_id)
+        dns = tuple(dns_names)
+        ident = self._identity_cache.get((uri, dns))
+        if ident is None:
+            ident = self._identity(uri, dns)
+        if spki == self._ca_spki:
+            raise SigningError("refusing to issue an SVID for the CA's own key")
+        not_before, not_after, middle = self._validity(now, ttl_seconds)
+        return ident, uri, dns, random_serial(), not_before, not_after, middle
+
     def chain_der(self, leaf: x509.Certificate | bytes) -> bytes:
         """Leaf + CA + upstream chain as concatenated DER."""
         return chain_der(leaf, self._chain_der)
 
     # -- caches (single attribute/dict updates: atomic under the GIL) -------------------
 
-    def _validity(self, now_ts: int, ttl_seconds: int) -> tuple[int, int, bytes]:
-        """(notBefore, notAfter, Validity DER) for a mint at now_ts; cached for the last second."""
+    def _validity(self, now: dt.datetime, ttl_seconds: int) -> tuple[int, int, bytes]:
+        """(notBefore, notAfter, template middle) for a mint at `now`; the last answer is
+        kept (a batch shares one `now`, and a busy second shares its encoding)."""
         cached = self._validity_cache
-        if cached[0] == now_ts and cached[1] == ttl_seconds:
-            return cached[2]
+        if cached[0] is now and cached[1] == ttl_seconds:
+            return cached[3]
+        now_ts = _epoch(now)
+        if cached[2] == now_ts and cached[1] == ttl_seconds:
+            self._validity_cache = (now, ttl_seconds, now_ts, cached[3])
+            return cached[3]
         if now_ts >= self._ca_not_after:
             raise SigningError(f"CA certificate expired at {_utc(self._ca_not_after).isoformat()}")
         not_before = max(now_ts - BACKDATE_SECONDS, self._ca_not_before)
         not_after = min(now_ts + ttl_seconds, self._ca_not_after)
-        result = (not_before, not_after, template.der_validity(not_before, not_after))
-        self._validity_cache = (now_ts, ttl_seconds, result)
+        validity = template.der_validity(not_before, not_after)
+        middle = self._template.middle(validity) if self._template is not None else b""
+        result = (not_before, not_after, middle)
+        self._validity_cache = (now, ttl_seconds, now_ts, result)
         return result
 
-    def _identity(self, uri: str, dns: tuple[str, ...]) -> bytes:
-        """Check an SVID identity once and cache its SAN extension."""
+    def _identity(self, uri: str, dns: tuple[str, ...]) -> _Identity:
+        """Check an SVID identity once; cache its SAN extension and template pieces."""
         sid = SpiffeId.parse(uri)
         if sid.is_trust_domain_id:
             raise InvalidSpiffeIdError(f"{sid} has no path: an X509-SVID needs a workload path")
@@ -584,11 +775,12 @@ class X509Minter:
         for name in dns:
             if not isinstance(name, str) or not name:
                 raise ValueError("DNS names must be non-empty strings")
-        ext = template.san_extension(uri, dns)
-        if len(self._san_cache) >= _SAN_CACHE_MAX:
-            self._san_cache.clear()
-        self._san_cache[(uri, dns)] = ext
-        return ext
+        san = template.san_extension(uri, dns)
+        parts = self._template.identity(san) if self._template is not None else (b"", b"", b"")
+        if len(self._identity_cache) >= _IDENTITY_CACHE_MAX:
+            self._identity_cache.clear()
+        self._identity_cache[(uri, dns)] = ident = (san, parts)
+        return ident
 
 
 # ---------------------------------------------------------------------------- JWT-SVIDs
@@ -598,7 +790,7 @@ _RSA_JWT_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
 
 
 def mint_jwt_svid(
-    key: PrivateKey,
+    key: PrivateKeyTypes,
     kid: str,
     spiffe_id: SpiffeId | str,
     audience: Sequence[str],
@@ -620,6 +812,8 @@ def mint_jwt_svid(
     if not isinstance(ttl_seconds, int) or ttl_seconds <= 0:
         raise ValueError("ttl_seconds must be a positive integer")
     sid = _as_spiffe_id(spiffe_id)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ValueError(f"unsupported JWT signing key {type(key).__name__}")
     chosen = alg or jwt_alg_for(key)
     _check_jwt_alg(key, chosen)
     iat = _epoch(now)

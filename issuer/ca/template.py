@@ -22,7 +22,7 @@ import hashlib
 from collections.abc import Sequence
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 # Years the validity encoder handles: UTCTime covers 1950-2049, GeneralizedTime the rest up
 # to 9999. cryptography's builder refuses dates before 1950 as well.
@@ -124,12 +124,6 @@ _EXT_EKU = extension(_OID_EXT_KEY_USAGE, False, der_tlv(0x30, _OID_SERVER_AUTH +
 _SKI_EXT_PREFIX = extension(_OID_SKI, False, der_tlv(0x04, bytes(20)))[:-20]
 
 
-def ski_extension(ski: bytes) -> bytes:
-    if len(ski) != 20:
-        raise ValueError("subject key identifier must be 20 bytes (SHA-1)")
-    return _SKI_EXT_PREFIX + ski
-
-
 def aki_extension(key_identifier: bytes) -> bytes:
     return extension(_OID_AKI, False, der_tlv(0x30, der_tlv(0x80, key_identifier)))
 
@@ -184,47 +178,56 @@ def ec_spki_and_ski(pub: ec.EllipticCurvePublicKey) -> tuple[bytes, bytes]:
     full SPKI serialization, and the key identifier is the SHA-1 of exactly that point.
     """
     point = pub.public_bytes(_X962, _UNCOMPRESSED)
-    return _ec_spki_prefix(pub.curve) + point, hashlib.sha1(point).digest()
+    # SHA-1 here names a key; it protects nothing (hence usedforsecurity=False for FIPS builds).
+    return _ec_spki_prefix(pub.curve) + point, hashlib.sha1(point, usedforsecurity=False).digest()
 
 
-def rsa_spki_and_ski(pub: object) -> tuple[bytes, bytes]:
-    spki = pub.public_bytes(_DER, _SPKI)  # type: ignore[attr-defined]
-    return spki, hashlib.sha1(pub.public_bytes(_DER, _PKCS1)).digest()  # type: ignore[attr-defined]
+def rsa_spki_and_ski(pub: rsa.RSAPublicKey) -> tuple[bytes, bytes]:
+    """(SubjectPublicKeyInfo DER, method-1 key identifier: SHA-1 of the RSAPublicKey DER)."""
+    spki = pub.public_bytes(_DER, _SPKI)
+    return spki, hashlib.sha1(pub.public_bytes(_DER, _PKCS1), usedforsecurity=False).digest()
 
 
 class LeafTemplate:
     """Precomputed pieces of leaf TBSCertificates issued by one CA.
 
-    Per call only the lengths are computed and the pieces joined once: this runs between
-    two signature operations for every SVID, so it is kept to a handful of operations.
+    A TBS is joined from: header, version, serial, `middle` (signature algorithm, issuer,
+    validity, empty subject; one per validity), SPKI, `identity` prefix (extension headers up
+    to the SKI value; one per SAN), SKI, `identity` suffix (AKI and SAN). Per SVID only the
+    serial and the outer length are encoded: this runs between two signature operations for
+    every SVID, so it is kept to a handful of operations.
     """
 
-    __slots__ = (
-        "_aki_ext",
-        "_fixed_ec",
-        "_fixed_ext_len",
-        "_fixed_rsa",
-        "_head",
-        "_signature_algorithm",
-        "_static_len",
-    )
+    __slots__ = ("_aki_ext", "_fixed_ec", "_fixed_rsa", "_head", "_signature_algorithm")
 
     def __init__(
         self, issuer_name_der: bytes, signature_algorithm_der: bytes, ca_key_identifier: bytes
     ) -> None:
         self._signature_algorithm = signature_algorithm_der
-        # Everything between the serial number and the validity never changes per CA.
         self._head = signature_algorithm_der + issuer_name_der
-        self._static_len = len(_VERSION_V3) + len(self._head) + len(_EMPTY_NAME)
         self._aki_ext = aki_extension(ca_key_identifier)
         # Extensions up to the SKI value; both key usages encode to the same length.
         self._fixed_ec = _EXT_BASIC_CONSTRAINTS_LEAF + _EXT_KU_EC + _EXT_EKU + _SKI_EXT_PREFIX
         self._fixed_rsa = _EXT_BASIC_CONSTRAINTS_LEAF + _EXT_KU_RSA + _EXT_EKU + _SKI_EXT_PREFIX
-        self._fixed_ext_len = len(self._fixed_ec) + 20 + len(self._aki_ext)
 
     @property
     def signature_algorithm(self) -> bytes:
         return self._signature_algorithm
+
+    def middle(self, validity_der: bytes) -> bytes:
+        """signature AlgorithmIdentifier + issuer + validity + empty subject."""
+        return self._head + validity_der + _EMPTY_NAME
+
+    def identity(self, san_ext_der: bytes) -> tuple[bytes, bytes, bytes]:
+        """(EC prefix, RSA prefix, suffix) of the extensions block for one SAN."""
+        inner = len(self._fixed_ec) + 20 + len(self._aki_ext) + len(san_ext_der)
+        seq_hdr = der_header(0x30, inner)
+        ctx_hdr = der_header(0xA3, len(seq_hdr) + inner)
+        return (
+            ctx_hdr + seq_hdr + self._fixed_ec,
+            ctx_hdr + seq_hdr + self._fixed_rsa,
+            self._aki_ext + san_ext_der,
+        )
 
     def tbs(
         self,
@@ -240,32 +243,39 @@ class LeafTemplate:
         `validity_der` comes from der_validity(), `san_ext_der` from san_extension(), `ski`
         is the 20-byte key identifier and `spki_der` the key as cryptography encodes it.
         """
+        return self.tbs_from_parts(
+            serial, self.middle(validity_der), spki_der, ski, self.identity(san_ext_der), rsa_key
+        )
+
+    @staticmethod
+    def tbs_from_parts(
+        serial: int,
+        middle: bytes,
+        spki_der: bytes,
+        ski: bytes,
+        identity: tuple[bytes, bytes, bytes],
+        rsa_key: bool,
+    ) -> bytes:
+        """tbs() from the cached results of middle() and identity()."""
         if not 0 < serial < _SERIAL_LIMIT:
             raise ValueError("serial number must be positive and at most 20 octets")
         if len(ski) != 20:
             raise ValueError("subject key identifier must be 20 bytes (SHA-1)")
         sb = serial.to_bytes(serial.bit_length() // 8 + 1, "big")  # leading 0x00 when the top bit is set
-        inner = self._fixed_ext_len + len(san_ext_der)
-        seq_hdr = der_header(0x30, inner)
-        outer = len(seq_hdr) + inner
-        ctx_hdr = der_header(0xA3, outer)
-        body = self._static_len + 2 + len(sb) + len(validity_der) + len(spki_der) + len(ctx_hdr) + outer
+        prefix = identity[1] if rsa_key else identity[0]
+        suffix = identity[2]
+        body = 7 + len(sb) + len(middle) + len(spki_der) + len(prefix) + 20 + len(suffix)
         return b"".join(
             (
                 der_header(0x30, body),
                 _VERSION_V3,
                 bytes((0x02, len(sb))),
                 sb,
-                self._head,
-                validity_der,
-                _EMPTY_NAME,
+                middle,
                 spki_der,
-                ctx_hdr,
-                seq_hdr,
-                self._fixed_rsa if rsa_key else self._fixed_ec,
+                prefix,
                 ski,
-                self._aki_ext,
-                san_ext_der,
+                suffix,
             )
         )
 

@@ -98,7 +98,7 @@ class DiskUpstreamAuthority:
         return await loop.run_in_executor(None, self.mint_x509_ca_sync, csr_der, ttl_seconds, now)
 
     def mint_x509_ca_sync(self, csr_der: bytes, ttl_seconds: int, now: dt.datetime) -> UpstreamResult:
-        material = self.load(now)
+        material = self._load(now)
         csr, pub = minting.parse_csr(csr_der)
         td = self.trust_domain or _csr_trust_domain(csr)
         cert = minting.mint_ca_cert(
@@ -112,7 +112,7 @@ class DiskUpstreamAuthority:
         )
         return UpstreamResult(ca_cert=cert, upstream_chain=list(material.chain), roots=list(material.roots))
 
-    def load(self, now: dt.datetime) -> _Material:
+    def _load(self, now: dt.datetime) -> _Material:
         """Read and check the upstream files; ConfigError naming the file and the problem."""
         certs = _read_certs(self.cert_file, "upstream cert_file")
         key = _read_key(self.key_file)

@@ -101,7 +101,7 @@ class SqliteDataStore:
         try:
             # WAL lets readers run beside the writer; FULL because the outbox promises
             # that an acknowledged act's events survive a power cut, not just a crash.
-            mode = await _scalar(writer, "PRAGMA journal_mode = WAL")
+            mode = await self._enable_wal(writer)
             if self._path != MEMORY and str(mode).lower() != "wal":
                 raise RuntimeError(f"could not put {self._path} in WAL mode (got {mode})")
             await writer.execute("PRAGMA synchronous = FULL")
@@ -134,6 +134,20 @@ class SqliteDataStore:
         await conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         await conn.execute("PRAGMA foreign_keys = ON")
         return conn
+
+    async def _enable_wal(self, conn: aiosqlite.Connection) -> Any:
+        # Switching a new file to WAL needs an exclusive lock, and SQLite reports BUSY at
+        # once rather than calling the busy handler: retry while another process (or a
+        # second store) is opening the same file.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._busy_timeout_ms / 1000
+        while True:
+            try:
+                return await _scalar(conn, "PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(0.01)
 
     async def _migrate(self, conn: aiosqlite.Connection) -> None:
         migrations = await asyncio.to_thread(load_migrations, "sqlite")

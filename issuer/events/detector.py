@@ -29,6 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from issuer.events.cloudevents import CloudEvent, CloudEventError, from_kafka, to_kafka
 from issuer.events.detector_rules import Alert, DetectorConfig, RuleEngine
 from issuer.events.relay import KafkaConfig, ensure_topic, full_jitter
+from meshid.errors import ConfigError
 from meshid.telemetry import Telemetry, default_telemetry
 
 log = logging.getLogger(__name__)
@@ -214,3 +215,68 @@ def _event_time(ce: CloudEvent) -> float:
         return ce.timestamp
     except CloudEventError:
         return 0.0
+
+
+_KAFKA_TOML_KEYS = ("enable_idempotence", "acks", "mode", "security_protocol", "ssl_cafile", "ssl_certfile",
+                    "ssl_keyfile", "sasl_mechanism", "sasl_username", "auto_create_topics",
+                    "topic_partitions", "topic_replication_factor", "request_timeout", "client_id")
+
+
+def detector_settings(doc: dict[str, Any], bootstrap: str, events_topic: str,
+                      env: dict[str, str] | None = None) -> tuple[KafkaConfig, DetectorConfig]:
+    """From a detector TOML document: thresholds at the top level or under [detector],
+    Kafka client settings under [kafka] (`sasl_password_env` names the variable holding
+    the SASL password). Raises ConfigError naming the bad key."""
+    env = dict(os.environ) if env is None else env
+    doc = dict(doc)
+    kafka_doc = doc.pop("kafka", {})
+    rules_doc = doc.pop("detector", doc)
+    if not isinstance(kafka_doc, dict) or not isinstance(rules_doc, dict):
+        raise ConfigError("detector config: [kafka] and [detector] must be tables")
+    unknown = set(kafka_doc) - set(_KAFKA_TOML_KEYS) - {"sasl_password_env"}
+    if unknown:
+        raise ConfigError(f"detector config: unknown [kafka] keys: {', '.join(sorted(unknown))}")
+    kw = {k: v for k, v in kafka_doc.items() if k in _KAFKA_TOML_KEYS}
+    if kafka_doc.get("sasl_password_env"):
+        kw["sasl_password"] = env.get(kafka_doc["sasl_password_env"], "")
+    try:
+        rules = DetectorConfig.from_dict(rules_doc)
+        kafka = KafkaConfig(bootstrap_servers=bootstrap, topic=events_topic, **kw)
+        kafka.validate()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"detector config: {exc}") from None
+    return kafka, rules
+
+
+def load_detector_toml(path: str) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+async def run_detector_cli(args: Any) -> int:
+    """`meshid detect`: args.bootstrap, args.config (TOML, optional), args.state,
+    args.group, args.events_topic, args.alerts_topic. Runs until SIGINT/SIGTERM."""
+    import signal
+
+    doc = load_detector_toml(args.config) if getattr(args, "config", None) else {}
+    kafka, rules = detector_settings(doc, args.bootstrap, args.events_topic)
+    detector = Detector(kafka, rules=rules, state_path=args.state, group_id=args.group,
+                        alerts_topic=args.alerts_topic)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    log.info("detector: consuming %s on %s as group %s, alerts to %s", kafka.topic, ",".join(kafka.servers),
+             args.group, args.alerts_topic)
+    await detector.start()
+    try:
+        await stop.wait()
+    finally:
+        await detector.stop()
+    return 0
+

@@ -20,10 +20,11 @@ import contextlib
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -457,7 +458,12 @@ class OutboxRelay:
             return
         self._last_backlog_check = now
         self._backlog = await self._ds.outbox_backlog()
+        head = await self._ds.fetch_outbox(0, 1) if self._backlog else []
+        self._oldest_pending = head[0].event.time if head else None
         self._telemetry.outbox_backlog.set(self._backlog)
+        # A gauge, unlike the lag histogram, shows an outage while it lasts.
+        age = max(0.0, self._clock() - self._oldest_pending) if self._oldest_pending is not None else 0.0
+        self._telemetry.outbox_oldest_age.set(age)
 
     async def _maybe_prune(self) -> None:
         now = self._clock()
@@ -469,11 +475,10 @@ class OutboxRelay:
             log.info("pruned %d delivered outbox rows older than %.0fs", pruned, self._retention)
 
 
-async def tail_outbox(ds: DataStore, follow: bool = False, *, after_seq: int = 0, batch: int = 500,
+async def iter_outbox(ds: DataStore, follow: bool = False, *, after_seq: int = 0, batch: int = 500,
                       poll_interval: float = 1.0) -> AsyncIterator[OutboxRow]:
-    """Undelivered outbox rows in seq order (what `meshid events tail` prints). With no
-    broker configured every event stays undelivered, so this is the whole stream; with
-    `follow` it keeps polling for new rows."""
+    """Undelivered outbox rows in seq order. With no broker configured every event stays
+    undelivered, so this is the whole stream; with `follow` it keeps polling."""
     cursor = after_seq
     while True:
         rows = await ds.fetch_outbox(cursor, batch)
@@ -484,3 +489,17 @@ async def tail_outbox(ds: DataStore, follow: bool = False, *, after_seq: int = 0
             if not follow:
                 return
             await asyncio.sleep(poll_interval)
+
+
+async def tail_outbox(ds: DataStore, follow: bool = False, *, source: str, out: TextIO | None = None,
+                      after_seq: int = 0, poll_interval: float = 1.0) -> int:
+    """`meshid events tail`: print undelivered events as CloudEvent JSON, one per line.
+    Pass the server's real source (meshid://<td>/server/<server-id>) for the ids to match
+    what the relay publishes. Returns the number printed."""
+    out = out or sys.stdout
+    printed = 0
+    async for row in iter_outbox(ds, follow, after_seq=after_seq, poll_interval=poll_interval):
+        out.write(from_outbox(row, source).to_json().decode() + "\n")
+        out.flush()
+        printed += 1
+    return printed

@@ -56,20 +56,35 @@ class DevStack:
         await self.server.stop()
 
 
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Nested tables merge key by key, so overriding one setting keeps its siblings."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 async def start_dev(
     data_dir: Path, trust_domain: str = "example.org", socket: str | None = None, svid_ttl: float = 3600,
     uid: int | None = None, agent_overrides: dict[str, Any] | None = None,
+    server_overrides: dict[str, Any] | None = None,
 ) -> DevStack:
     """Start the whole stack; the same function `meshid dev` and the tests use.
 
     `agent_overrides` is merged (shallowly) into the agent config, e.g. to turn on the
-    admin socket with `admin_socket_path` and `authorized_delegates`."""
+    admin socket with `admin_socket_path` and `authorized_delegates`.
+    `server_overrides` is merged table by table into the server config, e.g.
+    `{"ca": {"taint_rotation_window": 6}}`; empty `upstream.disk` paths give a self-signed
+    CA, and the agent then bootstraps from the server's own bundle."""
     td = TrustDomain.parse(trust_domain)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     upstream = ensure_dev_upstream(data_dir / "upstream")
     _master_secret(data_dir / "master.secret")
     ttl = int(svid_ttl)
-    server_cfg = server_config_from_dict({
+    server_cfg = server_config_from_dict(_merged({
         "trust_domain": td.name,
         "data_dir": str(data_dir / "server"),
         "server": {
@@ -79,16 +94,21 @@ async def start_dev(
         "ca": {"x509_svid_ttl": ttl, "agent_svid_ttl": max(ttl, 120), "ca_ttl": max(24 * 3600, 6 * ttl)},
         "upstream": {"disk": {"cert_file": str(upstream.cert_file), "key_file": str(upstream.key_file),
                               "bundle_file": str(upstream.bundle_file)}},
-    }, source="meshid dev")
+    }, server_overrides or {}), source="meshid dev")
     server = Server(server_cfg)
     await server.start()
     try:
         socket_path = socket or str(data_dir / "agent" / "public" / "api.sock")
+        trust_bundle = upstream.bundle_file
+        if server.ca.upstream is None:
+            # Self-signed CA: the dev root is not in the chain, the server's bundle is.
+            trust_bundle = data_dir / "bootstrap_bundle.pem"
+            trust_bundle.write_bytes(server.ca.bundle.x509_pem())
         agent_cfg = {
             "trust_domain": td.name,
             "data_dir": str(data_dir / "agent" / "state"),
             "server_address": [f"127.0.0.1:{server.agent_api_port}"],
-            "trust_bundle_path": str(upstream.bundle_file),
+            "trust_bundle_path": str(trust_bundle),
             "socket_path": socket_path,
             "sync_interval": 1,
             "health": {"port": 0},

@@ -40,7 +40,9 @@ def test_agent_gets_only_its_own_children() -> None:
 
 
 def test_node_alias_children_are_inherited_when_alias_selectors_are_a_subset() -> None:
-    node_sels = parse_selectors(["k8s_psat:cluster:prod", "k8s_psat:agent_ns:spire", "k8s_psat:agent_node_name:n1"])
+    node_sels = parse_selectors(
+        ["k8s_psat:cluster:prod", "k8s_psat:agent_ns:spire", "k8s_psat:agent_node_name:n1"]
+    )
     alias = entry(sid("/cluster/prod"), SERVER, "k8s_psat:cluster:prod")
     alias_child = entry(sid("/cluster/prod/web"), alias.spiffe_id, "k8s:ns:web")
     narrow_alias = entry(sid("/node/n1"), SERVER, "k8s_psat:cluster:prod", "k8s_psat:agent_node_name:n1")
@@ -50,10 +52,9 @@ def test_node_alias_children_are_inherited_when_alias_selectors_are_a_subset() -
     # selectors only partly held by the agent: not an alias
     partial_alias = entry(sid("/partial"), SERVER, "k8s_psat:cluster:prod", "k8s_psat:agent_node_name:n2")
     partial_child = entry(sid("/partial/x"), partial_alias.spiffe_id, "k8s:ns:x")
-    index = EntryIndex(
-        [alias, alias_child, narrow_alias, narrow_child, other_alias, other_child, partial_alias, partial_child],
-        SERVER,
-    )
+    everything = [alias, alias_child, narrow_alias, narrow_child, other_alias, other_child, partial_alias,
+                  partial_child]
+    index = EntryIndex(everything, SERVER)
 
     assert index.node_aliases(node_sels) == sorted([alias.spiffe_id, narrow_alias.spiffe_id])
     got = index.authorized(AGENT_A, node_sels)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from issuer.ca import minting
 from meshid.bundle import Bundle
@@ -31,7 +32,7 @@ def bundle() -> Bundle:
         minting.self_signed_ca(k, TD, 3600, NOW)
         for k in (ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP384R1()))
     )
-    jwt_keys = {
+    jwt_keys: dict[str, PublicKeyTypes] = {
         "kid-ec256": ec.generate_private_key(ec.SECP256R1()).public_key(),
         "kid-ec384": ec.generate_private_key(ec.SECP384R1()).public_key(),
         "kid-rsa": rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key(),

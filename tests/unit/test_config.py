@@ -39,8 +39,8 @@ def test_minimal_file_loads_with_spire_defaults(tmp_path: Path) -> None:
 
 
 def test_durations_accept_units_and_seconds(tmp_path: Path) -> None:
-    cfg = load_server_config(write(tmp_path, '[ca]\nca_ttl = "48h"\nx509_svid_ttl = "30m"\njwt_svid_ttl = 90\n'),
-                             env={})
+    text = '[ca]\nca_ttl = "48h"\nx509_svid_ttl = "30m"\njwt_svid_ttl = 90\n'
+    cfg = load_server_config(write(tmp_path, text), env={})
     assert (cfg.ca.ca_ttl, cfg.ca.x509_svid_ttl, cfg.ca.jwt_svid_ttl) == (48 * 3600, 1800, 90)
 
 
@@ -117,7 +117,8 @@ def test_unreadable_and_invalid_toml_name_the_file(tmp_path: Path) -> None:
 
 def test_env_override_of_agent_api_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, "[server]\nagent_api_port = 8443\n")
-    assert load_server_config(path, env={"MESHID_SERVER__AGENT_API_PORT": "9443"}).server.agent_api_port == 9443
+    cfg = load_server_config(path, env={"MESHID_SERVER__AGENT_API_PORT": "9443"})
+    assert cfg.server.agent_api_port == 9443
     # From the real process environment (env=None means os.environ), as `meshid server run` does.
     monkeypatch.setenv("MESHID_SERVER__AGENT_API_PORT", "10443")
     monkeypatch.setenv("MESHID_CA__X509_SVID_TTL", "10m")

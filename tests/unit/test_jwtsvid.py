@@ -73,7 +73,8 @@ def test_typ_is_optional_and_may_be_jwt_or_jose(typ: str | None) -> None:
 
 @pytest.mark.parametrize(
     ("kid", "alg"),
-    [("ec", "ES256"), ("ec384", "ES384"), ("rsa", "RS256"), ("rsa", "RS512"), ("rsa", "PS256"), ("rsa", "PS384")],
+    [("ec", "ES256"), ("ec384", "ES384"), ("rsa", "RS256"), ("rsa", "RS512"), ("rsa", "PS256"),
+     ("rsa", "PS384")],
 )
 def test_asymmetric_algorithms_are_accepted(kid: str, alg: str) -> None:
     sid, _ = validate(mint(kid=kid, alg=alg))
@@ -170,8 +171,9 @@ def test_subject_in_a_trust_domain_without_bundle_is_refused() -> None:
 
 @pytest.mark.parametrize("missing", ["sub", "aud", "exp"])
 def test_required_claims(missing: str) -> None:
+    drop: dict[str, Any] = {missing: None}
     with pytest.raises(InvalidJwtSvidError):
-        validate(mint(**{missing: None}))
+        validate(mint(**drop))
 
 
 def test_other_typ_is_refused() -> None:

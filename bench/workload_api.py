@@ -1,0 +1,286 @@
+"""Workload API latency under N concurrent streams on one agent.
+
+The agent (with its server) runs in this process; the streaming clients run in K child
+processes, each dropping to its own uid so each group has its own identity (entry
+`unix:uid:<uid>`). Measured, all in one run:
+  - first: a new stream's first message latency (connect + attestation + cache hit);
+  - push: after one workload's own SVID rotated (entry bumped, re-signed by the server),
+    time from the new SVID landing in the agent cache to each of that uid's streams
+    receiving it;
+  - fanout: time from a bundle change in the agent to the last of the N streams
+    receiving it.
+Last line: `streams=<n> p99_first_ms=<x> p99_push_ms=<y> fanout_ms=<z>`.
+
+usage: python bench/workload_api.py [--streams 1000] [--uids 20] [--rotations 10] [--probes 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BASE_UID = 20000
+
+
+def p99(values: list[float]) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(0.99 * (len(v) - 1))))]
+
+
+def raise_nofile(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, need))
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+# ----------------------------------------------------------------------------- client side
+async def client_main(uid: int, sock: str, n: int) -> None:
+    from grpclib.client import Channel
+
+    from workload_api._gen import workload_grpc, workload_pb2
+
+    raise_nofile(n * 2 + 64)
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    out = sys.stdout
+
+    def emit(obj: dict[str, Any]) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    firsts: list[float] = []
+    ready = asyncio.Event()
+    started = 0
+
+    async def one(i: int) -> None:
+        nonlocal started
+        ch = Channel(path=sock)
+        stub = workload_grpc.SpiffeWorkloadAPIStub(ch)
+        try:
+            t0 = time.perf_counter()
+            async with stub.FetchX509SVID.open(metadata={"workload.spiffe.io": "true"}) as st:
+                await st.send_message(workload_pb2.X509SVIDRequest(), end=True)
+                msg = await st.recv_message()
+                firsts.append(time.perf_counter() - t0)
+                started += 1
+                if started == n:
+                    ready.set()
+                while msg is not None:
+                    msg = await st.recv_message()
+                    if msg is None:
+                        break
+                    emit({"t": time.time(), "i": i, "bundle_len": len(msg.svids[0].bundle)})
+        except Exception as exc:
+            import traceback
+            sys.stderr.write(f"stream {i}: {type(exc).__name__}: {exc}\n" + (traceback.format_exc() if i == 0 else ""))
+        finally:
+            ch.close()
+
+    tasks = [asyncio.create_task(one(i)) for i in range(n)]
+    await ready.wait()
+    emit({"ready": True, "firsts": firsts})
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def probe_main(uid: int, sock: str, count: int) -> None:
+    """New streams opened one at a time while the N streams are established."""
+    from grpclib.client import Channel
+
+    from workload_api._gen import workload_grpc, workload_pb2
+
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    lat: list[float] = []
+    for _ in range(count):
+        ch = Channel(path=sock)
+        try:
+            t0 = time.perf_counter()
+            async with workload_grpc.SpiffeWorkloadAPIStub(ch).FetchX509SVID.open(
+                    metadata={"workload.spiffe.io": "true"}) as st:
+                await st.send_message(workload_pb2.X509SVIDRequest(), end=True)
+                await st.recv_message()
+                lat.append(time.perf_counter() - t0)
+                await st.cancel()
+        finally:
+            ch.close()
+    print(json.dumps({"probe": lat}), flush=True)
+
+
+# ----------------------------------------------------------------------------- controller
+async def controller(streams: int, uids: int, rotations: int, probes: int) -> None:
+    from cryptography import x509
+
+    from issuer.ca.devpki import ensure_dev_upstream
+    from meshid.bundle import Bundle
+    from meshid.cli.dev import start_dev
+    from meshid.entry import Entry
+    from meshid.selector import Selector
+    from meshid.spiffe_id import SpiffeId
+
+    raise_nofile(streams * 2 + 256)
+    tmp = Path(tempfile.mkdtemp(prefix="mb", dir="/tmp"))
+    os.chmod(tmp, 0o755)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    stack = await start_dev(tmp / "d", "bench.org", str(tmp / "s" / "api.sock"), svid_ttl=3600)
+    agent, server = stack.agent, stack.server
+    assert agent.node.agent_id is not None
+    entries: dict[int, Entry] = {}
+    for k in range(uids):
+        uid = BASE_UID + k
+        entries[uid] = await server.entries.create(
+            Entry("", SpiffeId(server.td, f"/bench/w{k}"), agent.node.agent_id, (Selector("unix", f"uid:{uid}"),)))
+    agent.manager.poke()
+    deadline = time.monotonic() + 60
+    while any(e.id not in agent.cache.svids for e in entries.values()):
+        if time.monotonic() > deadline:
+            raise SystemExit("agent did not issue the bench SVIDs in time")
+        await asyncio.sleep(0.05)
+
+    # Record when each SVID lands in the cache (measurement only).
+    landed: dict[str, float] = {}
+    original_put = agent.cache.put_svids
+
+    def put_svids(svids: Any) -> None:
+        svids = list(svids)
+        now = time.time()
+        for s in svids:
+            landed[s.entry_id] = now
+        original_put(svids)
+
+    agent.cache.put_svids = put_svids  # type: ignore[method-assign]
+
+    per = [streams // uids + (1 if k < streams % uids else 0) for k in range(uids)]
+    procs = []
+    events: dict[int, list[dict[str, Any]]] = {}
+    firsts: list[float] = []
+    ready_count = 0
+    all_ready = asyncio.Event()
+
+    async def reader(uid: int, proc: asyncio.subprocess.Process) -> None:
+        nonlocal ready_count
+        assert proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                return
+            obj = json.loads(line)
+            if obj.get("ready"):
+                firsts.extend(obj["firsts"])
+                ready_count += 1
+                if ready_count == uids:
+                    all_ready.set()
+            else:
+                events.setdefault(uid, []).append(obj)
+
+    readers = []
+    for k in range(uids):
+        uid = BASE_UID + k
+        p = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--client", str(uid), stack.socket_path, str(per[k]),
+            stdout=asyncio.subprocess.PIPE, limit=16 * 1024 * 1024,
+        )
+        procs.append(p)
+        readers.append(asyncio.create_task(reader(uid, p)))
+    await asyncio.wait_for(all_ready.wait(), 300)
+    await asyncio.sleep(0.5)
+    burst_firsts = firsts
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--probe", str(BASE_UID), stack.socket_path, str(probes),
+        stdout=asyncio.subprocess.PIPE)
+    pout, _ = await asyncio.wait_for(probe.communicate(), 300)
+    firsts = json.loads(pout.decode().strip().splitlines()[-1])["probe"]
+
+    # Pushes: rotate one workload's SVID at a time.
+    push: list[float] = []
+    for r in range(rotations):
+        uid = BASE_UID + (r % uids)
+        before = len(events.get(uid, []))
+        entry = entries[uid]
+        entries[uid] = await server.entries.update(entry.replace(hint=f"r{r}"))
+        agent.manager.poke()
+        t_end = time.monotonic() + 30
+        while len(events.get(uid, [])) < before + per[uid - BASE_UID]:
+            if time.monotonic() > t_end:
+                raise SystemExit(f"rotation {r}: pushes did not arrive")
+            await asyncio.sleep(0.01)
+        t_landed = landed[entry.id]
+        push.extend(ev["t"] - t_landed for ev in events[uid][before:])
+    await asyncio.sleep(0.2)
+
+    # Fan-out: a bundle change reaches every stream.
+    counts = {u: len(events.get(u, [])) for u in range(BASE_UID, BASE_UID + uids)}
+    assert agent.cache.bundle is not None
+    extra_root = x509.load_pem_x509_certificate(ensure_dev_upstream(tmp / "extra").bundle_file.read_bytes())
+    b = agent.cache.bundle
+    t0 = time.time()
+    agent.cache.set_bundle(Bundle(b.trust_domain, (*b.x509_authorities, extra_root), b.jwt_authorities,
+                                  b.sequence + 1))
+    t_end = time.monotonic() + 60
+    while any(len(events.get(u, [])) < counts[u] + per[u - BASE_UID] for u in counts):
+        if time.monotonic() > t_end:
+            raise SystemExit("bundle fan-out did not complete")
+        await asyncio.sleep(0.01)
+    fanout = max(ev["t"] for u in counts for ev in events[u][counts[u]:]) - t0
+
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        await p.wait()
+    for t in readers:
+        t.cancel()
+    await stack.stop()
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    first_ms = [f * 1000 for f in firsts]
+    burst_ms = [f * 1000 for f in burst_firsts]
+    print(f"establishing {streams} streams in bursts: p50={sorted(burst_ms)[len(burst_ms)//2]:.1f} ms "
+          f"p99={p99(burst_ms):.1f} ms (queueing while {uids} processes open streams at once)")
+    push_ms = [x * 1000 for x in push]
+    print(f"new stream with {streams} established, first message: n={len(first_ms)} p50={sorted(first_ms)[len(first_ms)//2]:.2f} ms "
+          f"p99={p99(first_ms):.2f} ms max={max(first_ms):.2f} ms")
+    print(f"push after own rotation: n={len(push_ms)} p50={sorted(push_ms)[len(push_ms)//2]:.2f} ms "
+          f"p99={p99(push_ms):.2f} ms max={max(push_ms):.2f} ms")
+    print(f"bundle fan-out to {streams} streams: {fanout * 1000:.1f} ms")
+    print(f"streams={streams} p99_first_ms={p99(first_ms):.2f} p99_push_ms={p99(push_ms):.2f} "
+          f"fanout_ms={fanout * 1000:.1f}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+        asyncio.run(client_main(int(sys.argv[2]), sys.argv[3], int(sys.argv[4])))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--probe":
+        asyncio.run(probe_main(int(sys.argv[2]), sys.argv[3], int(sys.argv[4])))
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--streams", type=int, default=1000)
+    ap.add_argument("--uids", type=int, default=20)
+    ap.add_argument("--rotations", type=int, default=10)
+    ap.add_argument("--probes", type=int, default=200)
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: client processes drop to distinct uids to get distinct identities")
+    asyncio.run(controller(a.streams, a.uids, a.rotations, a.probes))
+
+
+if __name__ == "__main__":
+    main()
