@@ -11,7 +11,7 @@ processes, each dropping to its own uid so each group has its own identity (entr
     receiving it.
 Last line: `streams=<n> p99_first_ms=<x> p99_push_ms=<y> fanout_ms=<z>`.
 
-usage: python bench/workload_api.py [--streams 1000] [--uids 20] [--rotations 10] [--probes 200]
+usage: python bench/workload_api.py [--streams 1000] [--uids 100] [--rotations 10] [--probes 200]
 """
 
 from __future__ import annotations
@@ -87,7 +87,10 @@ async def client_main(uid: int, sock: str, n: int) -> None:
                     emit({"t": time.time(), "i": i, "bundle_len": len(msg.svids[0].bundle)})
         except Exception as exc:
             import traceback
-            sys.stderr.write(f"stream {i}: {type(exc).__name__}: {exc}\n" + (traceback.format_exc() if i == 0 else ""))
+
+            sys.stderr.write(
+                f"stream {i}: {type(exc).__name__}: {exc}\n" + (traceback.format_exc() if i == 0 else "")
+            )
         finally:
             ch.close()
 
@@ -112,7 +115,8 @@ async def probe_main(uid: int, sock: str, count: int) -> None:
         try:
             t0 = time.perf_counter()
             async with workload_grpc.SpiffeWorkloadAPIStub(ch).FetchX509SVID.open(
-                    metadata={"workload.spiffe.io": "true"}) as st:
+                metadata={"workload.spiffe.io": "true"}
+            ) as st:
                 await st.send_message(workload_pb2.X509SVIDRequest(), end=True)
                 await st.recv_message()
                 lat.append(time.perf_counter() - t0)
@@ -146,7 +150,13 @@ async def controller(streams: int, uids: int, rotations: int, probes: int) -> No
     for k in range(uids):
         uid = BASE_UID + k
         entries[uid] = await server.entries.create(
-            Entry("", SpiffeId(server.td, f"/bench/w{k}"), agent.node.agent_id, (Selector("unix", f"uid:{uid}"),)))
+            Entry(
+                "",
+                SpiffeId(server.td, f"/bench/w{k}"),
+                agent.node.agent_id,
+                (Selector("unix", f"uid:{uid}"),),
+            )
+        )
     agent.manager.poke()
     deadline = time.monotonic() + 60
     while any(e.id not in agent.cache.svids for e in entries.values()):
@@ -194,8 +204,14 @@ async def controller(streams: int, uids: int, rotations: int, probes: int) -> No
     for k in range(uids):
         uid = BASE_UID + k
         p = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--client", str(uid), stack.socket_path, str(per[k]),
-            stdout=asyncio.subprocess.PIPE, limit=16 * 1024 * 1024,
+            sys.executable,
+            __file__,
+            "--client",
+            str(uid),
+            stack.socket_path,
+            str(per[k]),
+            stdout=asyncio.subprocess.PIPE,
+            limit=16 * 1024 * 1024,
         )
         procs.append(p)
         readers.append(asyncio.create_task(reader(uid, p)))
@@ -203,8 +219,14 @@ async def controller(streams: int, uids: int, rotations: int, probes: int) -> No
     await asyncio.sleep(0.5)
     burst_firsts = firsts
     probe = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--probe", str(BASE_UID), stack.socket_path, str(probes),
-        stdout=asyncio.subprocess.PIPE)
+        sys.executable,
+        __file__,
+        "--probe",
+        str(BASE_UID),
+        stack.socket_path,
+        str(probes),
+        stdout=asyncio.subprocess.PIPE,
+    )
     pout, _ = await asyncio.wait_for(probe.communicate(), 300)
     firsts = json.loads(pout.decode().strip().splitlines()[-1])["probe"]
 
@@ -231,14 +253,15 @@ async def controller(streams: int, uids: int, rotations: int, probes: int) -> No
     extra_root = x509.load_pem_x509_certificate(ensure_dev_upstream(tmp / "extra").bundle_file.read_bytes())
     b = agent.cache.bundle
     t0 = time.time()
-    agent.cache.set_bundle(Bundle(b.trust_domain, (*b.x509_authorities, extra_root), b.jwt_authorities,
-                                  b.sequence + 1))
+    agent.cache.set_bundle(
+        Bundle(b.trust_domain, (*b.x509_authorities, extra_root), b.jwt_authorities, b.sequence + 1)
+    )
     t_end = time.monotonic() + 60
     while any(len(events.get(u, [])) < counts[u] + per[u - BASE_UID] for u in counts):
         if time.monotonic() > t_end:
             raise SystemExit("bundle fan-out did not complete")
         await asyncio.sleep(0.01)
-    fanout = max(ev["t"] for u in counts for ev in events[u][counts[u]:]) - t0
+    fanout = max(ev["t"] for u in counts for ev in events[u][counts[u] :]) - t0
 
     for p in procs:
         p.terminate()
@@ -252,16 +275,24 @@ async def controller(streams: int, uids: int, rotations: int, probes: int) -> No
     shutil.rmtree(tmp, ignore_errors=True)
     first_ms = [f * 1000 for f in firsts]
     burst_ms = [f * 1000 for f in burst_firsts]
-    print(f"establishing {streams} streams in bursts: p50={sorted(burst_ms)[len(burst_ms)//2]:.1f} ms "
-          f"p99={p99(burst_ms):.1f} ms (queueing while {uids} processes open streams at once)")
+    print(
+        f"establishing {streams} streams in bursts: p50={sorted(burst_ms)[len(burst_ms) // 2]:.1f} ms "
+        f"p99={p99(burst_ms):.1f} ms (queueing while {uids} processes open streams at once)"
+    )
     push_ms = [x * 1000 for x in push]
-    print(f"new stream with {streams} established, first message: n={len(first_ms)} p50={sorted(first_ms)[len(first_ms)//2]:.2f} ms "
-          f"p99={p99(first_ms):.2f} ms max={max(first_ms):.2f} ms")
-    print(f"push after own rotation: n={len(push_ms)} p50={sorted(push_ms)[len(push_ms)//2]:.2f} ms "
-          f"p99={p99(push_ms):.2f} ms max={max(push_ms):.2f} ms")
+    print(
+        f"new stream with {streams} established, first message: n={len(first_ms)} p50={sorted(first_ms)[len(first_ms) // 2]:.2f} ms "
+        f"p99={p99(first_ms):.2f} ms max={max(first_ms):.2f} ms"
+    )
+    print(
+        f"push after own rotation: n={len(push_ms)} p50={sorted(push_ms)[len(push_ms) // 2]:.2f} ms "
+        f"p99={p99(push_ms):.2f} ms max={max(push_ms):.2f} ms"
+    )
     print(f"bundle fan-out to {streams} streams: {fanout * 1000:.1f} ms")
-    print(f"streams={streams} p99_first_ms={p99(first_ms):.2f} p99_push_ms={p99(push_ms):.2f} "
-          f"fanout_ms={fanout * 1000:.1f}")
+    print(
+        f"streams={streams} p99_first_ms={p99(first_ms):.2f} p99_push_ms={p99(push_ms):.2f} "
+        f"fanout_ms={fanout * 1000:.1f}"
+    )
 
 
 def main() -> None:
@@ -273,7 +304,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", type=int, default=1000)
-    ap.add_argument("--uids", type=int, default=20)
+    ap.add_argument("--uids", type=int, default=100)
     ap.add_argument("--rotations", type=int, default=10)
     ap.add_argument("--probes", type=int, default=200)
     a = ap.parse_args()

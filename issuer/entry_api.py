@@ -12,6 +12,7 @@ import string
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
+from cryptography import x509
 from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -44,7 +45,7 @@ from meshid.errors import (
 )
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
-from meshid.tls import peer_spiffe_id
+from meshid.tls import peer_certificate, peer_spiffe_id
 
 log = logging.getLogger("meshid.entry_api")
 
@@ -263,8 +264,12 @@ def _match(value: int) -> Match:
 class EntryApi(entry_grpc.EntryBase):
     """Handler names are the gRPC method names, as grpclib's generated base requires."""
 
-    def __init__(self, entries: EntryService, td: TrustDomain, admin_ids: Iterable[SpiffeId]) -> None:
+    def __init__(
+        self, entries: EntryService, td: TrustDomain, admin_ids: Iterable[SpiffeId],
+        known_ca: Callable[[x509.Certificate], bool] | None = None,
+    ) -> None:
         self.entries = entries
+        self.known_ca = known_ca
         self.td = td
         self.admin_ids = frozenset(admin_ids)
         self._admin_index: EntryIndex | None = None
@@ -292,9 +297,13 @@ class EntryApi(entry_grpc.EntryBase):
         """The caller's X509-SVID must name a configured admin ID or an admin entry's ID."""
         # grpclib's Peer only offers the decoded cert dict; the SPIFFE ID check wants DER.
         transport = getattr(stream.peer, "_transport", None)
-        caller = peer_spiffe_id(transport.get_extra_info("ssl_object") if transport is not None else None)
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        caller = peer_spiffe_id(ssl_object)
         if caller.trust_domain != self.td:
             raise PermissionDeniedError(f"caller {caller} is not in trust domain {self.td}")
+        cert = peer_certificate(ssl_object)
+        if self.known_ca is not None and (cert is None or not self.known_ca(cert)):
+            raise PermissionDeniedError("caller SVID was not signed by a CA key this server still trusts")
         if caller in self.admin_ids or caller in await self._admin_entry_spiffe_ids():
             return caller
         raise PermissionDeniedError(f"caller {caller} is not an admin")

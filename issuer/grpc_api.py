@@ -25,7 +25,7 @@ log = logging.getLogger("meshid.grpc")
 async def start_entry_api(server: Server) -> grpclib.server.Server:
     cfg = server.config.server
     admin_ids = [SpiffeId.parse(s) for s in cfg.admin_ids]  # config validated them already
-    api = EntryApi(server.entries, server.td, admin_ids)
+    api = EntryApi(server.entries, server.td, admin_ids, known_ca=server.ca.issued_by_known_ca)
     # client_cert="required": only callers with an X509-SVID from our bundle get a handshake;
     # "h2" ALPN because gRPC clients (Go's included) insist on it over TLS.
     tls = server.tls_context(client_cert="required", alpn=("h2",))

@@ -57,6 +57,7 @@ class AgentService:
         agent_svid_ttl: float,
         attest_rate_per_minute: int = 30,
         clock: Callable[[], float] = time.time,
+        on_events: Callable[[], None] | None = None,
     ) -> None:
         self.ds = ds
         self.ca = ca
@@ -68,6 +69,12 @@ class AgentService:
         self._sources: dict[str, TokenBucket] = {}
         self._sessions: dict[str, _Session] = {}
         self._lock = asyncio.Lock()
+        # Called once events are in the outbox (the server wakes its relay): sync and cheap.
+        self.on_events = on_events
+
+    def _events_written(self) -> None:
+        if self.on_events is not None:
+            self.on_events()
 
     # ------------------------------------------------------------------ attestation
     def _limit(self, source: str) -> None:
@@ -162,6 +169,7 @@ class AgentService:
                     ),
                 ],
             )
+        self._events_written()
         telemetry.default_telemetry().record_attestation("node", request.attestor, True)
         log.info("attested node %s via %s from %s", record.agent_id, request.attestor, request.source or "?")
         return IssuedAgentSvid(record, chain)
@@ -172,6 +180,7 @@ class AgentService:
         await self.ds.append_events([ocsf.node_attestation_failed(request.attestor, reason, self.clock(),
                                                                   trust_domain=self.td.name,
                                                                   src_ip=request.source)])
+        self._events_written()
 
     async def _mint(self, agent_id: SpiffeId, csr: bytes) -> list[x509.Certificate]:
         active = self.ca.x509_active
@@ -206,12 +215,14 @@ class AgentService:
             selectors=[str(s) for s in agent.selectors], ca_key_id=self.ca.x509_active.key_id,
             rotation_reason="scheduled", scheduled_rotation_at=None, now=now, renew=True,
         )])
+        self._events_written()
         return IssuedAgentSvid(record, chain)
 
     async def evict(self, agent_id: SpiffeId) -> None:
         if await self.ds.get_agent(agent_id) is None:
             raise NotFoundError(f"no agent {agent_id}")
         await self.ds.delete_agent(agent_id, [ocsf.agent_evicted(str(agent_id), self.clock())])
+        self._events_written()
 
     async def ban(self, agent_id: SpiffeId) -> None:
         record = await self.ds.get_agent(agent_id)
@@ -219,6 +230,7 @@ class AgentService:
             raise NotFoundError(f"no agent {agent_id}")
         await self.ds.put_agent(replace(record, banned=True, serial=""),
                                 [ocsf.agent_banned(str(agent_id), self.clock())])
+        self._events_written()
 
     async def list(self) -> list[AgentRecord]:
         return await self.ds.list_agents()

@@ -29,6 +29,7 @@ from issuer.config import ServerConfig
 from issuer.datastore.base import DataStore
 from issuer.datastore.factory import open_datastore
 from issuer.entries import EntryService
+from issuer.events.cloudevents import server_source
 from issuer.federation import FederationPoller, Relationship
 from issuer.node_attestation import AgentService
 from issuer.signing import SigningService
@@ -40,6 +41,7 @@ from meshid.tls import SwappableServerContext, server_context
 log = logging.getLogger("meshid.server")
 
 TICK_SECONDS = 5.0
+SERVER_ID_FILE = "server_id"
 
 
 class ServerIdentity:
@@ -76,7 +78,7 @@ class Server:
         secret = load_master_secret(cfg.server.master_secret_file or None, cfg.server.master_secret_env or None)
         self.sealer = KeySealer(secret)
         self.key_manager = DiskKeyManager(self.sealer)
-        self.server_id = cfg.server.server_id or _persistent_id(data_dir / "server_id")
+        self.server_id = cfg.server.server_id or _persistent_id(data_dir / SERVER_ID_FILE)
         self.ds = ds = await open_datastore(cfg.dsn)
         try:
             await self._start_services(ds)
@@ -107,14 +109,15 @@ class Server:
 
             attestors["k8s_psat"] = K8sPsatAttestor.from_config(cfg.node_attestors.k8s_psat)
         self.agents = AgentService(
-            ds, self.ca, self.td, attestors, cfg.ca.agent_svid_ttl, cfg.server.attest_rate_per_minute, self.clock
+            ds, self.ca, self.td, attestors, cfg.ca.agent_svid_ttl, cfg.server.attest_rate_per_minute,
+            self.clock, on_events=self._events_written,
         )
         a = cfg.admission
         self.admission = Admission(a.max_concurrent_signing, a.agent_rate, a.agent_burst, a.global_rate,
                                    a.global_burst, a.max_queue)
         self.signing = SigningService(
             ds, self.ca, self.entries, self.admission, cfg.ca.x509_svid_ttl, cfg.ca.jwt_svid_ttl,
-            cfg.ca.jwt_issuer, self.clock,
+            cfg.ca.jwt_issuer, self.clock, on_events=self._events_written,
         )
         self.signing.taint_window = cfg.ca.taint_rotation_window
         await self._renew_identity()
@@ -138,8 +141,14 @@ class Server:
             return
         from issuer.events.relay import OutboxRelay, relay_config_from
 
-        self.relay = OutboxRelay(ds, relay_config_from(k), source=f"meshid://{self.td}/server/{self.server_id}")
+        self.relay = OutboxRelay(ds, relay_config_from(k), source=server_source(self.td.name, self.server_id))
         await self.relay.start()
+
+    def _events_written(self) -> None:
+        # Issuance calls this after each outbox write: wake the relay now rather than at
+        # its next poll. Never waits for Kafka.
+        if self.relay is not None:
+            self.relay.notify()
 
     async def _start_listeners(self) -> None:
         cfg = self.config.server
@@ -229,10 +238,15 @@ class Server:
 
     # ------------------------------------------------------------------ periodic work
     async def tick(self) -> None:
+        from issuer.events import workload_failures
+
         await self.ca.tick()
         if self.clock() >= self.identity.renew_at:
             await self._renew_identity()
             self._refresh_contexts()
+        # Counts held back by the rate bound go out once their window has passed, even if
+        # the agent that reported them never reports again.
+        await workload_failures.flush(self)
 
     async def _renew_identity(self) -> None:
         active = self.ca.x509_active
@@ -282,6 +296,17 @@ class Server:
 
     async def serve_forever(self, stop: asyncio.Event) -> None:
         await stop.wait()
+
+
+def read_server_id(config: ServerConfig) -> str | None:
+    """The server id used in event sources (configured, else the one the server keeps in
+    data_dir), without creating one; None if the server never ran with this data_dir."""
+    if config.server.server_id:
+        return config.server.server_id
+    try:
+        return (Path(config.data_dir) / SERVER_ID_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def _persistent_id(path: Path) -> str:

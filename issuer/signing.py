@@ -12,19 +12,20 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from cryptography import x509
 
 from issuer.admission import Admission
 from issuer.ca import minting
+from issuer.ca.minting import LeafRequest
 from issuer.ca.slots import CaManager, LoadedKey, jwt_kid, svid_chain
 from issuer.datastore.base import AgentRecord, DataStore
 from issuer.entries import EntryService
 from issuer.events import ocsf
 from issuer.events.model import Event
 from meshid import telemetry
-from meshid.errors import MeshidError, PermissionDeniedError
+from meshid.entry import Entry
+from meshid.errors import PermissionDeniedError
 
 log = logging.getLogger("meshid.signing")
 
@@ -61,6 +62,7 @@ class SigningService:
         default_jwt_ttl: float,
         jwt_issuer: str = "",
         clock: Callable[[], float] = time.time,
+        on_events: Callable[[], None] | None = None,
     ) -> None:
         self.ds = ds
         self.ca = ca
@@ -71,6 +73,12 @@ class SigningService:
         self.jwt_issuer = jwt_issuer or None
         self.clock = clock
         self.taint_window = 600.0
+        # Called once events are in the outbox (the server wakes its relay): sync and cheap.
+        self.on_events = on_events
+
+    def _events_written(self) -> None:
+        if self.on_events is not None:
+            self.on_events()
 
     async def sign_x509(self, agent: AgentRecord, requests: list[X509Request]) -> list[X509Result]:
         if len(requests) > MAX_BATCH:
@@ -80,43 +88,39 @@ class SigningService:
             allowed = index.authorized(agent.agent_id, agent.selectors)
             active = self.ca.x509_active
             now = self.clock()
-            jobs: list[tuple[int, X509Request, Any]] = []
+            jobs: list[tuple[int, X509Request, Entry]] = []
             results: list[X509Result | None] = [None] * len(requests)
             refusals: list[Event] = []
             for i, req in enumerate(requests):
                 entry = allowed.get(req.entry_id)
                 if entry is None:
-                    results[i] = X509Result(req.entry_id, error_code="permission_denied",
-                                            error="entry is not authorized for this agent")
-                    refusals.append(ocsf.svid_refused("entry not authorized for agent", agent.agent_id, now,
-                                                      entry_id=req.entry_id))
+                    results[i] = X509Result(
+                        req.entry_id,
+                        error_code="permission_denied",
+                        error="entry is not authorized for this agent",
+                    )
+                    refusals.append(
+                        ocsf.svid_refused(
+                            "entry not authorized for agent", agent.agent_id, now, entry_id=req.entry_id
+                        )
+                    )
                     continue
                 jobs.append((i, req, entry))
-            minted = await self._mint_all(active, jobs, now)
+            minted = await self._mint_all(active, agent, jobs, now)
             events: list[Event] = list(refusals)
             max_not_after = 0
-            for (i, req, entry), outcome in zip(jobs, minted, strict=True):
-                if isinstance(outcome, MeshidError | ValueError):
+            for (i, req, _entry), (outcome, event) in zip(jobs, minted, strict=True):
+                events.append(event)
+                if isinstance(outcome, Exception):
                     results[i] = X509Result(req.entry_id, error_code="invalid_argument", error=str(outcome))
-                    events.append(ocsf.svid_refused("invalid CSR", agent.agent_id, now, spiffe_id=entry.spiffe_id,
-                                                    entry_id=req.entry_id, detail=str(outcome)))
                     continue
-                leaf = outcome
-                results[i] = X509Result(req.entry_id, chain=list(svid_chain(active, leaf)))
-                not_after = int(leaf.not_valid_after_utc.timestamp())
-                max_not_after = max(max_not_after, not_after)
-                reason = req.rotation_reason if req.rotation_reason in ROTATION_REASONS else "scheduled"
-                events.append(ocsf.x509_issued(
-                    leaf, spiffe_id=str(entry.spiffe_id), entry_id=entry.id, entry_revision=entry.revision_number,
-                    parent_id=str(entry.parent_id), agent_id=str(agent.agent_id),
-                    selectors=[str(s) for s in entry.selectors], ca_key_id=active.key_id,
-                    rotation_reason=reason, scheduled_rotation_at=req.scheduled_rotation_at, now=now,
-                    renew=reason != "initial",
-                ))
+                results[i] = X509Result(req.entry_id, chain=list(svid_chain(active, outcome)))
+                max_not_after = max(max_not_after, int(outcome.not_valid_after_utc.timestamp()))
             if max_not_after:
                 self.ca.note_signed(active.key_id, max_not_after)
             if events:
                 await self.ds.append_events(events)
+                self._events_written()
             issued = sum(1 for r in results if r is not None and r.chain is not None)
             tel = telemetry.default_telemetry()
             tel.record_issued("x509", n=issued)
@@ -125,51 +129,120 @@ class SigningService:
             return [r for r in results if r is not None]
 
     async def _mint_all(
-        self, active: LoadedKey, jobs: list[tuple[int, X509Request, Any]], now: float
-    ) -> list[x509.Certificate | Exception]:
+        self, active: LoadedKey, agent: AgentRecord, jobs: list[tuple[int, X509Request, Entry]], now: float
+    ) -> list[tuple[x509.Certificate | Exception, Event]]:
+        """Mint a batch and build its events: pure CPU work, done in an executor when large."""
         minter = active.minter
         assert minter is not None
         when = dt.datetime.fromtimestamp(now, dt.UTC)
+        requests = [
+            LeafRequest(
+                req.csr, entry.spiffe_id, entry.dns_names, int(entry.x509_svid_ttl or self.default_x509_ttl)
+            )
+            for _, req, entry in jobs
+        ]
 
-        def run() -> list[x509.Certificate | Exception]:
-            out: list[x509.Certificate | Exception] = []
-            for _, req, entry in jobs:
-                ttl = entry.x509_svid_ttl or self.default_x509_ttl
-                try:
-                    out.append(minter.mint_from_csr(req.csr, entry.spiffe_id, list(entry.dns_names), int(ttl), when))
-                except (MeshidError, ValueError) as exc:
-                    out.append(exc)
+        def run() -> list[tuple[x509.Certificate | Exception, Event]]:
+            out: list[tuple[x509.Certificate | Exception, Event]] = []
+            for (_, req, entry), leaf in zip(jobs, minter.mint_batch(requests, when), strict=True):
+                if isinstance(leaf, Exception):
+                    out.append(
+                        (
+                            leaf,
+                            ocsf.svid_refused(
+                                "invalid CSR",
+                                agent.agent_id,
+                                now,
+                                spiffe_id=entry.spiffe_id,
+                                entry_id=req.entry_id,
+                                detail=str(leaf),
+                            ),
+                        )
+                    )
+                    continue
+                reason = req.rotation_reason if req.rotation_reason in ROTATION_REASONS else "scheduled"
+                out.append(
+                    (
+                        leaf,
+                        ocsf.x509_issued(
+                            leaf,
+                            spiffe_id=entry.spiffe_id,
+                            entry_id=entry.id,
+                            entry_revision=entry.revision_number,
+                            parent_id=entry.parent_id,
+                            agent_id=agent.agent_id,
+                            selectors=entry.selectors,
+                            ca_key_id=active.key_id,
+                            rotation_reason=reason,
+                            scheduled_rotation_at=req.scheduled_rotation_at,
+                            now=now,
+                            renew=reason != "initial",
+                        ),
+                    )
+                )
             return out
 
         if len(jobs) >= EXECUTOR_THRESHOLD:
             return await asyncio.get_running_loop().run_in_executor(None, run)
         return run()
 
-    async def sign_jwt(
-        self, agent: AgentRecord, entry_id: str, audience: list[str]
-    ) -> tuple[str, int]:
-        if not audience or not all(isinstance(a, str) and a for a in audience) or len(audience) > MAX_AUDIENCES:
+    async def sign_jwt(self, agent: AgentRecord, entry_id: str, audience: list[str]) -> tuple[str, int]:
+        if (
+            not audience
+            or not all(isinstance(a, str) and a for a in audience)
+            or len(audience) > MAX_AUDIENCES
+        ):
             raise ValueError("audience must be a non-empty list of non-empty strings")
         async with self.admission.admit(str(agent.agent_id), 1, kind="jwt"):
             index = await self.entries.index()
             entry = index.authorized(agent.agent_id, agent.selectors).get(entry_id)
             now = self.clock()
             if entry is None:
-                await self.ds.append_events([ocsf.svid_refused("entry not authorized for agent", agent.agent_id,
-                                                               now, kind="jwt", entry_id=entry_id)])
+                await self.ds.append_events(
+                    [
+                        ocsf.svid_refused(
+                            "entry not authorized for agent",
+                            agent.agent_id,
+                            now,
+                            kind="jwt",
+                            entry_id=entry_id,
+                        )
+                    ]
+                )
+                self._events_written()
                 telemetry.default_telemetry().record_refused("jwt", "not_authorized")
                 raise PermissionDeniedError("entry is not authorized for this agent")
             active = self.ca.jwt_active
-            ttl = entry.jwt_svid_ttl or self.default_jwt_ttl
-            expires = min(int(now + ttl), active.record.not_after)
+            ttl = int(entry.jwt_svid_ttl or self.default_jwt_ttl)
+            iat = int(now)  # whole seconds, so the reported expiry is exactly the token's exp
+            expires = min(iat + ttl, active.record.not_after)
             token = minting.mint_jwt_svid(
-                active.key, jwt_kid(active), entry.spiffe_id, audience, int(expires - now),
-                dt.datetime.fromtimestamp(now, dt.UTC), issuer=self.jwt_issuer,
+                active.key,
+                jwt_kid(active),
+                entry.spiffe_id,
+                audience,
+                expires - iat,
+                dt.datetime.fromtimestamp(iat, dt.UTC),
+                issuer=self.jwt_issuer,
             )
             self.ca.note_signed(active.key_id, expires)
-            await self.ds.append_events([ocsf.jwt_issued(
-                entry.spiffe_id, audience, entry.id, entry.revision_number, entry.parent_id, agent.agent_id,
-                entry.selectors, jwt_kid(active), now, expires, now,
-            )])
+            await self.ds.append_events(
+                [
+                    ocsf.jwt_issued(
+                        entry.spiffe_id,
+                        audience,
+                        entry.id,
+                        entry.revision_number,
+                        entry.parent_id,
+                        agent.agent_id,
+                        entry.selectors,
+                        jwt_kid(active),
+                        now,
+                        expires,
+                        now,
+                    )
+                ]
+            )
+            self._events_written()
             telemetry.default_telemetry().record_issued("jwt")
             return token, expires

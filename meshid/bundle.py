@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +31,13 @@ class Bundle:
     sequence: int = 0
     refresh_hint: int = DEFAULT_REFRESH_HINT
 
-    def x509_der(self) -> bytes:
-        """DER roots concatenated, as the Workload API's `bundle` fields carry them."""
+    @functools.cached_property
+    def _x509_der(self) -> bytes:
         return b"".join(c.public_bytes(serialization.Encoding.DER) for c in self.x509_authorities)
+
+    def x509_der(self) -> bytes:
+        """DER roots concatenated, as the Workload API's `bundle` fields carry them (computed once)."""
+        return self._x509_der
 
     def x509_pem(self) -> bytes:
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.x509_authorities)

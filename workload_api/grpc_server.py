@@ -13,6 +13,7 @@ from typing import Any
 
 import grpclib.server
 from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
 from attestors.workload.base import Caller
@@ -23,6 +24,16 @@ from workload_api.peercred import peer_credentials
 log = logging.getLogger("meshid.agent.grpc")
 
 _CALLERS: weakref.WeakKeyDictionary[Any, Caller | None] = weakref.WeakKeyDictionary()
+
+
+class PassThroughProtoCodec(ProtoCodec):
+    """Protobuf codec that also accepts already-encoded bytes, so one encoded response can be
+    sent to many streams without re-serializing it for each."""
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        if isinstance(message, bytes):
+            return message
+        return super().encode(message, message_type)
 
 
 class PeerCredServer(grpclib.server.Server):
@@ -69,7 +80,7 @@ def bind_unix_socket(path: str | Path, mode: int, dir_mode: int = 0o755) -> sock
 
 
 async def serve_unix(handlers: Sequence[Any], path: str | Path, mode: int) -> PeerCredServer:
-    server = PeerCredServer(list(handlers))
+    server = PeerCredServer(list(handlers), codec=PassThroughProtoCodec())
     sock = bind_unix_socket(path, mode)
     # grpclib re-listens on the socket; keep a deep backlog for fleets of workloads starting at once.
     await server.start(sock=sock, backlog=4096)

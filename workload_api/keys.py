@@ -7,6 +7,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from meshid.certs import authority_key_id, subject_key_id
+
 
 def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
@@ -27,15 +29,4 @@ def chain_der(chain: list[x509.Certificate] | tuple[x509.Certificate, ...]) -> b
     return b"".join(c.public_bytes(serialization.Encoding.DER) for c in chain)
 
 
-def authority_key_id(cert: x509.Certificate) -> str:
-    try:
-        return cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier.hex()  # type: ignore[union-attr]
-    except (x509.ExtensionNotFound, AttributeError):
-        return ""
-
-
-def subject_key_id(cert: x509.Certificate) -> str:
-    try:
-        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
-    except x509.ExtensionNotFound:
-        return ""
+__all__ = ["authority_key_id", "chain_der", "csr_for", "new_key", "pkcs8_der", "subject_key_id"]

@@ -31,6 +31,7 @@ log = logging.getLogger("meshid.agent.workload_api")
 HEADER = "workload.spiffe.io"
 READY_TIMEOUT = 10.0
 MAX_HINT = 1024
+MAX_CACHED_RESPONSES = 4096
 
 
 def check_header(stream: Stream[Any, Any]) -> None:
@@ -78,6 +79,7 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
     def __init__(self, identity: Identity) -> None:
         self.id = identity
         self.cache = identity.cache
+        self._responses: dict[tuple[int, int, tuple[bytes, ...]], bytes] = {}
 
     def _bundles(self) -> dict[str, bytes]:
         assert self.cache.bundle is not None
@@ -98,14 +100,32 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
                     federated[str(td.id)] = b.x509_der()
         return workload_pb2.X509SVIDResponse(
             svids=[
-                workload_pb2.X509SVID(spiffe_id=str(s.spiffe_id), x509_svid=s.chain_der, x509_svid_key=s.key_der,
-                                      bundle=own, hint=h)
+                workload_pb2.X509SVID(
+                    spiffe_id=str(s.spiffe_id),
+                    x509_svid=s.chain_der,
+                    x509_svid_key=s.key_der,
+                    bundle=own,
+                    hint=h,
+                )
                 for s, h in zip(svids, unique_hints(svids), strict=True)
             ],
             federated_bundles=federated,
         )
 
-    async def FetchX509SVID(self, stream: Stream[workload_pb2.X509SVIDRequest, workload_pb2.X509SVIDResponse]) -> None:
+    def x509_response_bytes(self, svids: list[X509Svid]) -> bytes:
+        """Streams of one identity share one encoded response per cache state: a rotation or
+        bundle change is encoded once, not once per stream."""
+        key = (self.cache.bundle_version, self.cache.entries_version, tuple(s.chain_der for s in svids))
+        raw = self._responses.get(key)
+        if raw is None:
+            if len(self._responses) >= MAX_CACHED_RESPONSES:
+                self._responses.clear()
+            raw = self._responses[key] = self.x509_response(svids).SerializeToString(deterministic=True)
+        return raw
+
+    async def FetchX509SVID(
+        self, stream: Stream[workload_pb2.X509SVIDRequest, workload_pb2.X509SVIDResponse]
+    ) -> None:
         check_header(stream)
         await stream.recv_message()
         selectors = await self.id.selectors(stream)
@@ -121,10 +141,10 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
                 watcher.entry_ids = {e.id for e in entries}
                 svids = [s for e in entries if (s := self.cache.svids.get(e.id)) is not None]
                 if svids:
-                    msg = self.x509_response(svids)
-                    raw = msg.SerializeToString(deterministic=True)
+                    raw = self.x509_response_bytes(svids)
                     if raw != last:
-                        await stream.send_message(msg)
+                        # Pre-encoded: the server's codec passes bytes through (see grpc_server).
+                        await stream.send_message(raw)  # type: ignore[arg-type]
                         last = raw
                 await watcher.event.wait()
         finally:
@@ -150,7 +170,9 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
         finally:
             self.cache.unwatch(watcher)
 
-    async def FetchJWTSVID(self, stream: Stream[workload_pb2.JWTSVIDRequest, workload_pb2.JWTSVIDResponse]) -> None:
+    async def FetchJWTSVID(
+        self, stream: Stream[workload_pb2.JWTSVIDRequest, workload_pb2.JWTSVIDResponse]
+    ) -> None:
         check_header(stream)
         req = await stream.recv_message()
         assert req is not None

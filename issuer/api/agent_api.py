@@ -95,6 +95,8 @@ class AgentApi:
         cert = peer_certificate(transport.get_extra_info("ssl_object") if transport else None)
         if cert is None:
             raise UnauthenticatedError("this call requires the agent's X509-SVID as client certificate")
+        if not self.ca.issued_by_known_ca(cert):
+            raise UnauthenticatedError("agent SVID was signed by a CA key that is no longer trusted; re-attest")
         agent_id = spiffe_id_of_cert(cert)
         request[AGENT_KEY] = await self.agents.authenticate(agent_id, cert.serial_number)
         return await handler(request)

@@ -27,6 +27,7 @@ from issuer.datastore.base import CaKeyRecord, DataStore
 from issuer.events import ocsf
 from issuer.events.model import Event
 from meshid.bundle import Bundle
+from meshid.certs import authority_key_id, subject_key_id
 from meshid.errors import MeshidError, NotFoundError
 from meshid.spiffe_id import TrustDomain
 
@@ -86,6 +87,7 @@ class CaManager:
         self._bundle: Bundle | None = None
         self._lock = asyncio.Lock()
         self._max_signed: dict[str, int] = {}
+        self._known_authorities: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------------ loading
     async def load(self) -> None:
@@ -153,6 +155,12 @@ class CaManager:
 
     def tainted_key_ids(self) -> list[str]:
         return sorted(k.key_id for k in self._keys.values() if k.record.tainted)
+
+    def issued_by_known_ca(self, cert: x509.Certificate) -> bool:
+        """Was `cert` signed by one of our (any replica's) X509 CA keys still in the datastore?
+        With an upstream, a revoked CA's SVIDs still chain to the trusted root: this check is
+        what makes revocation bite for agent and admin SVIDs."""
+        return authority_key_id(cert) in self._known_authorities
 
     def tainted_authority_key_ids(self) -> list[str]:
         """Subject key identifiers (hex) of tainted X509 CAs: agents match them to their SVIDs' AKI."""
@@ -346,9 +354,11 @@ class CaManager:
     async def _rebuild_bundle(self, bump: bool = True) -> None:
         roots: dict[bytes, x509.Certificate] = {}
         jwt_keys: dict[str, PublicKeyTypes] = {}
+        known: set[str] = set()
         for rec in await self.ds.list_ca_keys():
             if rec.kind == X509:
                 certs = [x509.load_der_x509_certificate(d) for d in rec.cert_chain_der]
+                known.add(subject_key_id(certs[0]))
                 n_roots = int(rec.extra.get("roots", "0"))
                 for c in certs[len(certs) - n_roots :] if n_roots else certs[:1]:
                     roots[c.fingerprint(_SHA256)] = c
@@ -358,6 +368,7 @@ class CaManager:
             await self.ds.get_meta("bundle_sequence") or 0
         )
         self._bundle = Bundle(self.td, tuple(roots.values()), jwt_keys, seq)
+        self._known_authorities = frozenset(known)
         if self.on_change is not None:
             await self.on_change()
 

@@ -7,6 +7,7 @@ transaction as the act, so an act is never recorded without its event or vice ve
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -131,6 +132,11 @@ class DataStore(Protocol):
 
     async def increment_meta(self, key: str) -> int:
         """Atomically add one to an integer value (missing = 0) and return the new value."""
+
+    # --- coordination between server replicas ---------------------------------------
+    def exclusive(self, name: str) -> AbstractAsyncContextManager[None]:
+        """Hold the lock `name`, shared by every server on this datastore, for the block
+        (CA key decisions: replicas share the JWT key and must not each make one)."""
 
     # --- outbox -------------------------------------------------------------------
     async def append_events(self, events: Sequence[Event]) -> None: ...

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
@@ -146,6 +147,19 @@ class PostgresDataStore:
     async def _tx(self) -> AsyncIterator[asyncpg.Connection]:
         async with self._db.acquire() as conn, conn.transaction():
             yield conn
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        # A session advisory lock on a connection kept for the block; the block's own
+        # queries run on other pool connections. If this one dies the lock goes with it
+        # (and the pool's reset on release unlocks all, should the unlock below fail).
+        key = int.from_bytes(hashlib.sha256(f"meshid:{name}".encode()).digest()[:8], "big", signed=True)
+        async with self._db.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", key)
+            try:
+                yield
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", key)
 
     # --- entries --------------------------------------------------------------------
     async def create_entry(self, entry: Entry, events: Sequence[Event] = ()) -> Entry:

@@ -83,6 +83,7 @@ class SqliteDataStore:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
+        self._named_locks: dict[str, asyncio.Lock] = {}
 
     @property
     def path(self) -> str:
@@ -205,6 +206,12 @@ class SqliteDataStore:
         if conn is None:
             raise RuntimeError("datastore is not open")
         return conn
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[None]:
+        # One server process per SQLite file, so a process-local lock is the whole story.
+        async with self._named_locks.setdefault(name, asyncio.Lock()):
+            yield
 
     async def backup(self, dest_path: str | os.PathLike[str]) -> None:
         """Write a consistent copy of the database to dest_path (replaced atomically),

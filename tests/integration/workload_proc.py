@@ -3,7 +3,7 @@
 a real SPIFFE client. Prints one JSON line with the outcome.
 
 usage: workload_proc.py UID SOCKET MODE [ARGS...]
-  fetch                      py-spiffe fetch_x509_svid → {"spiffe_id", "serial"}
+  fetch                      py-spiffe fetch_x509_svid → {"spiffe_id", "serial", "not_after"}
   status                     grpclib FetchX509SVID → {"status": grpc status name}
   echo-server PORT PEER_ID   spiffe-tls mTLS echo server accepting only PEER_ID (one connection)
   echo-client PORT PEER_ID   spiffe-tls client: send "ping", print the echo
@@ -57,7 +57,8 @@ def main() -> None:
     if mode == "fetch":
         client = WorkloadApiClient(socket_path=f"unix://{sock}")
         svid = client.fetch_x509_svid()
-        out.update(spiffe_id=str(svid.spiffe_id), serial=svid.leaf.serial_number)
+        out.update(spiffe_id=str(svid.spiffe_id), serial=svid.leaf.serial_number,
+                   not_after=svid.leaf.not_valid_after_utc.timestamp())
         client.close()
     elif mode == "status":
         out["status"] = asyncio.run(grpc_status(sock))
