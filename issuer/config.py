@@ -44,8 +44,31 @@ class ListenConfig:
                                       default=30)
 
 
+KEY_MANAGERS = ("disk", "pkcs11")
+
+
+@dataclass
+class Pkcs11Config:
+    module_path: str = doc("PKCS#11 module (shared library) of the HSM, e.g. /usr/lib/softhsm/libsofthsm2.so",
+                           default="")
+    token_label: str = doc("label of the token that holds the CA keys", default="")
+    pin_env: str = doc("environment variable holding the token's user PIN", default="MESHID_PKCS11_PIN")
+    key_label_prefix: str = doc("CKA_LABEL prefix of the keys meshid makes (then the CA key id)",
+                                default="meshid-")
+
+    def validate(self) -> None:
+        if self.module_path and not Path(self.module_path).is_absolute():
+            raise ConfigError("ca.pkcs11.module_path: must be an absolute path")
+        if len(self.key_label_prefix) > 64:
+            raise ConfigError("ca.pkcs11.key_label_prefix: at most 64 characters")
+
+
 @dataclass
 class CaConfig:
+    key_manager: str = doc("where CA private keys live: disk (sealed under the master secret in the "
+                           "datastore) or pkcs11 (generated and used inside an HSM token, see [ca.pkcs11])",
+                           default="disk")
+    pkcs11: Pkcs11Config = field(default_factory=Pkcs11Config)
     key_type: str = doc("X509 CA key type: ec-p256, ec-p384, rsa-2048, rsa-3072", default="ec-p256")
     jwt_key_type: str = doc("JWT signing key type", default="ec-p256")
     ca_ttl: Duration = doc("lifetime of each X509 CA / JWT key", default=Duration(24 * 3600))
@@ -57,6 +80,12 @@ class CaConfig:
                                           default=Duration(600))
 
     def validate(self) -> None:
+        if self.key_manager not in KEY_MANAGERS:
+            raise ConfigError(f"ca.key_manager: must be one of {', '.join(KEY_MANAGERS)}")
+        if self.key_manager == "pkcs11":
+            missing = [k for k in ("module_path", "token_label", "pin_env") if not getattr(self.pkcs11, k)]
+            if missing:
+                raise ConfigError(f"ca.pkcs11: {', '.join(missing)} must be set for key_manager pkcs11")
         for name in ("key_type", "jwt_key_type"):
             if getattr(self, name) not in KEY_TYPES:
                 raise ConfigError(f"ca.{name}: must be one of {', '.join(KEY_TYPES)}")

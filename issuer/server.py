@@ -21,7 +21,7 @@ from attestors.node.x509pop import X509PopAttestor
 from issuer.admission import Admission
 from issuer.api.admin_api import AdminApi
 from issuer.api.agent_api import AgentApi
-from issuer.ca.keys import DiskKeyManager
+from issuer.ca.keys import DiskKeyManager, KeyManager
 from issuer.ca.sealing import KeySealer, load_master_secret
 from issuer.ca.slots import CaManager, svid_chain
 from issuer.ca.upstream import DiskUpstreamAuthority, UpstreamAuthority
@@ -34,6 +34,7 @@ from issuer.federation import FederationPoller, Relationship
 from issuer.node_attestation import AgentService
 from issuer.signing import SigningService
 from meshid import telemetry
+from meshid.errors import ConfigError
 from meshid.listeners import Listener, health_app, plain_listener, tls_listener, unix_listener
 from meshid.tasks import TaskOwner, every
 from meshid.tls import SwappableServerContext, server_context
@@ -75,9 +76,7 @@ class Server:
         cfg = self.config
         data_dir = Path(cfg.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        secret = load_master_secret(cfg.server.master_secret_file or None, cfg.server.master_secret_env or None)
-        self.sealer = KeySealer(secret)
-        self.key_manager = DiskKeyManager(self.sealer)
+        self.key_manager = _key_manager(cfg)
         self.server_id = cfg.server.server_id or _persistent_id(data_dir / SERVER_ID_FILE)
         self.ds = ds = await open_datastore(cfg.dsn)
         try:
@@ -234,6 +233,9 @@ class Server:
                     log.exception("could not persist CA usage on shutdown")
             await self.ds.close()
             self.ds = None
+        close_keys = getattr(getattr(self, "key_manager", None), "close", None)
+        if close_keys is not None:
+            await close_keys()  # e.g. log out of the PKCS#11 token
         self._started = False
 
     # ------------------------------------------------------------------ periodic work
@@ -319,10 +321,24 @@ def _persistent_id(path: Path) -> str:
         return sid
 
 
+def _key_manager(cfg: ServerConfig) -> KeyManager:
+    """The configured CA key manager: keys sealed under the master secret, or kept in an HSM."""
+    if cfg.ca.key_manager == "pkcs11":
+        # Imported only when configured: disk-only servers never load a PKCS#11 module.
+        from issuer.ca.pkcs11 import Pkcs11KeyManager
+
+        p = cfg.ca.pkcs11
+        return Pkcs11KeyManager.from_env(p.module_path, p.token_label, p.pin_env, p.key_label_prefix)
+    secret = load_master_secret(cfg.server.master_secret_file or None, cfg.server.master_secret_env or None)
+    return DiskKeyManager(KeySealer(secret))
+
+
 async def rewrap(config: ServerConfig, new_secret: bytes) -> int:
     """Re-encrypt every CA key under a new master secret; returns the number of keys."""
     from dataclasses import replace
 
+    if config.ca.key_manager != "disk":
+        raise ConfigError("rewrap re-encrypts keys of key_manager disk; PKCS#11 keys never leave the token")
     old = KeySealer(load_master_secret(config.server.master_secret_file or None,
                                        config.server.master_secret_env or None))
     new = KeySealer(new_secret)

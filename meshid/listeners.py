@@ -30,6 +30,8 @@ class Listener:
 
     async def stop(self) -> None:
         await self.runner.cleanup()
+        if isinstance(self.address, str):
+            Path(self.address).unlink(missing_ok=True)  # no stale admin socket after shutdown
 
 
 async def _runner(app: web.Application) -> web.AppRunner:

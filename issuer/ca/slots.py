@@ -10,10 +10,11 @@ re-issue, then revoke removes it from the bundle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from cryptography import x509
@@ -88,15 +89,27 @@ class CaManager:
         self._lock = asyncio.Lock()
         self._max_signed: dict[str, int] = {}
         self._known_authorities: frozenset[str] = frozenset()
+        self._foreign: dict[str, CaKeyRecord] = {}  # other replicas' X509 CA keys (records only)
 
     # ------------------------------------------------------------------ loading
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """Our lock, then the datastore-wide CA lock: replicas sharing a datastore take CA
+        decisions one at a time, each on fresh state, so they never both make a JWT key."""
+        async with self._lock, self.ds.exclusive("ca"):
+            yield
+
+    def _is_foreign(self, rec: CaKeyRecord) -> bool:
+        # Another replica's X509 CA key: it reaches us through the bundle; JWT keys are shared.
+        return rec.kind == X509 and bool(rec.server_id) and rec.server_id != self.server_id
+
     async def load(self) -> None:
-        """Load keys from the datastore (decrypting them) and make sure both kinds have an active key."""
-        async with self._lock:
-            for rec in await self.ds.list_ca_keys():
-                if rec.kind == X509 and rec.server_id and rec.server_id != self.server_id:
-                    continue  # another replica's CA key; it reaches us through the bundle
-                self._keys[rec.key_id] = await self._load_record(rec)
+        """Load keys from the datastore (decrypting them) and make sure both kinds have an active key.
+
+        Replicas starting together queue on the datastore lock: the first makes the JWT key,
+        the others load it."""
+        async with self._exclusive():
+            await self._sync()
             for kind in (X509, JWT):
                 if self.active(kind) is None:
                     prepared = self._in_state(kind, PREPARED)
@@ -163,14 +176,17 @@ class CaManager:
         return authority_key_id(cert) in self._known_authorities
 
     def tainted_authority_key_ids(self) -> list[str]:
-        """Subject key identifiers (hex) of tainted X509 CAs: agents match them to their SVIDs' AKI."""
+        """Subject key identifiers (hex) of tainted X509 CAs, every replica's: agents match
+        them to their SVIDs' AKI, whichever replica they sync with."""
+        certs = [k.cert for k in self._keys.values() if k.record.tainted and k.cert is not None]
+        certs += [x509.load_der_x509_certificate(r.cert_chain_der[0])
+                  for r in self._foreign.values() if r.tainted and r.cert_chain_der]
         out = []
-        for k in self._keys.values():
-            if k.record.tainted and k.cert is not None:
-                try:
-                    out.append(k.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex())
-                except x509.ExtensionNotFound:
-                    continue
+        for cert in certs:
+            try:
+                out.append(cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex())
+            except x509.ExtensionNotFound:
+                continue
         return sorted(out)
 
     @property
@@ -181,13 +197,15 @@ class CaManager:
 
     # ------------------------------------------------------------------ lifecycle
     async def prepare(self, kind: str) -> LoadedKey:
-        async with self._lock:
+        async with self._exclusive():
+            await self._sync()
             lk = await self._prepare(kind)
             await self._rebuild_bundle()
         return lk
 
     async def activate(self, kind: str) -> LoadedKey:
-        async with self._lock:
+        async with self._exclusive():
+            await self._sync()
             lk = await self._activate(kind)
             await self._rebuild_bundle()
         return lk
@@ -266,7 +284,8 @@ class CaManager:
         return new
 
     async def taint(self, key_id: str) -> LoadedKey:
-        async with self._lock:
+        async with self._exclusive():
+            await self._sync()
             lk = self.get(key_id)
             if lk.record.state == ACTIVE:
                 raise CaOperationError(
@@ -285,7 +304,8 @@ class CaManager:
         return lk
 
     async def revoke(self, key_id: str, force: bool = False) -> None:
-        async with self._lock:
+        async with self._exclusive():
+            await self._sync()
             lk = self.get(key_id)
             if lk.record.state != OLD:
                 raise CaOperationError(f"{key_id} is {lk.record.state}; only an old key can be revoked")
@@ -304,14 +324,21 @@ class CaManager:
             log.warning("revoked %s key %s: removed from the bundle", lk.record.kind, key_id)
 
     async def tick(self) -> bool:
-        """Apply the rotation schedule; returns True when anything changed."""
+        """Adopt other replicas' changes, then apply the rotation schedule; returns True when
+        this replica changed anything."""
         changed = False
-        async with self._lock:
+        async with self._exclusive():
             await self._flush_max_signed()
+            records = await self._sync()
             now = self.clock()
             for kind in (X509, JWT):
                 active = self.active(kind)
                 if active is None:
+                    # Its keys vanished from the datastore (deleted elsewhere): start over.
+                    if not self._in_state(kind, PREPARED):
+                        await self._prepare(kind)
+                    await self._activate(kind)
+                    changed = True
                     continue
                 lifetime = active.record.not_after - active.record.not_before
                 left = active.record.not_after - now
@@ -326,12 +353,40 @@ class CaManager:
                     continue
                 used_until = max(lk.record.max_signed_not_after, self._max_signed.get(lk.key_id, 0))
                 if now >= used_until and (now >= lk.record.not_after or used_until > 0 or lk.record.tainted):
-                    await self.ds.delete_ca_key(lk.key_id)
+                    with contextlib.suppress(NotFoundError):  # already retired by another replica
+                        await self.ds.delete_ca_key(lk.key_id)
                     del self._keys[lk.key_id]
                     changed = True
             if changed:
                 await self._rebuild_bundle()
+            else:
+                # Another replica may have published or retired a key: the bundle (and with it
+                # our TLS roots and the agents' bundle) follows the datastore.
+                await self._rebuild_bundle(bump=False, records=records, quiet_if_same=True)
         return changed
+
+    async def _sync(self) -> list[CaKeyRecord]:
+        """Adopt what other replicas wrote: shared JWT keys (new, re-slotted, retired),
+        changes to our own keys made elsewhere (a taint), other replicas' X509 CA records.
+        The datastore is the truth: every change is written there before it is applied in
+        memory, and unflushed signing bookkeeping is flushed before this runs."""
+        records = await self.ds.list_ca_keys()
+        present: set[str] = set()
+        foreign: dict[str, CaKeyRecord] = {}
+        for rec in records:
+            if self._is_foreign(rec):
+                foreign[rec.key_id] = rec
+                continue
+            present.add(rec.key_id)
+            lk = self._keys.get(rec.key_id)
+            if lk is None:
+                self._keys[rec.key_id] = await self._load_record(rec)
+            elif lk.record != rec:
+                lk.record = rec
+        for key_id in self._keys.keys() - present:
+            del self._keys[key_id]
+        self._foreign = foreign
+        return records
 
     # ------------------------------------------------------------------ bookkeeping
     def note_signed(self, key_id: str, not_after: int) -> None:
@@ -351,11 +406,14 @@ class CaManager:
         async with self._lock:
             await self._flush_max_signed()
 
-    async def _rebuild_bundle(self, bump: bool = True) -> None:
+    async def _rebuild_bundle(self, bump: bool = True, records: list[CaKeyRecord] | None = None,
+                              quiet_if_same: bool = False) -> None:
+        """Build the bundle from every key in the datastore (all replicas'); `quiet_if_same`:
+        skip on_change (re-issuing the server SVID, swapping TLS contexts) when nothing changed."""
         roots: dict[bytes, x509.Certificate] = {}
         jwt_keys: dict[str, PublicKeyTypes] = {}
         known: set[str] = set()
-        for rec in await self.ds.list_ca_keys():
+        for rec in records if records is not None else await self.ds.list_ca_keys():
             if rec.kind == X509:
                 certs = [x509.load_der_x509_certificate(d) for d in rec.cert_chain_der]
                 known.add(subject_key_id(certs[0]))
@@ -367,15 +425,25 @@ class CaManager:
         seq = await self.ds.increment_meta("bundle_sequence") if bump else int(
             await self.ds.get_meta("bundle_sequence") or 0
         )
-        self._bundle = Bundle(self.td, tuple(roots.values()), jwt_keys, seq)
+        previous, self._bundle = self._bundle, Bundle(self.td, tuple(roots.values()), jwt_keys, seq)
         self._known_authorities = frozenset(known)
+        if quiet_if_same and previous is not None and _same_bundle(previous, self._bundle):
+            return
         if self.on_change is not None:
             await self.on_change()
 
     async def refresh_from_datastore(self) -> None:
-        """Pick up keys other replicas published (shared bundle)."""
-        async with self._lock:
-            await self._rebuild_bundle(bump=False)
+        """Pick up keys other replicas published or retired (shared bundle, shared JWT key).
+        tick() does this too; this is for callers that must not wait for the next tick."""
+        async with self._exclusive():
+            records = await self._sync()
+            await self._rebuild_bundle(bump=False, records=records, quiet_if_same=True)
+
+
+def _same_bundle(a: Bundle, b: Bundle) -> bool:
+    return (a.sequence == b.sequence and a.jwt_authorities.keys() == b.jwt_authorities.keys()
+            and [c.fingerprint(_SHA256) for c in a.x509_authorities]
+            == [c.fingerprint(_SHA256) for c in b.x509_authorities])
 
 
 def _ca_event(builder: Callable[..., Event], td: TrustDomain, lk: LoadedKey, now: float, upstream: bool) -> Event:

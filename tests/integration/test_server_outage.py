@@ -1,0 +1,115 @@
+"""Server outage longer than a rotation window: workloads keep their SVIDs (served from the
+agent cache), the agent retries with backoff (no tight loop), and catches up when the
+server returns on the same address. Also `meshid dev` as a new user runs it: a real
+subprocess, a working socket, and a clean SIGINT shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from grpclib.client import Channel
+
+from issuer.server import Server
+from meshid.backoff import Backoff
+from meshid.cli.dev import start_dev
+from meshid.der import load_der_certificates
+from workload_api._gen import workload_grpc, workload_pb2
+
+pytestmark = pytest.mark.integration
+HEADER = {"workload.spiffe.io": "true"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def fetch_leaf(sock: str) -> tuple[int, float]:
+    ch = Channel(path=sock)
+    try:
+        async with workload_grpc.SpiffeWorkloadAPIStub(ch).FetchX509SVID.open(metadata=HEADER, timeout=10) as st:
+            await st.send_message(workload_pb2.X509SVIDRequest(), end=True)
+            msg = await st.recv_message()
+            await st.cancel()
+    finally:
+        ch.close()
+    assert msg is not None and msg.svids
+    leaf = load_der_certificates(msg.svids[0].x509_svid)[0]
+    return leaf.serial_number, leaf.not_valid_after_utc.timestamp()
+
+
+@pytest.mark.slow
+async def test_agent_survives_server_outage_and_catches_up(short_tmp: Path) -> None:
+    port = free_port()
+    ttl = 20  # renewal window [10 s, 16 s] of lifetime; the outage below is longer than that
+    stack = await start_dev(short_tmp / "d", "example.org", str(short_tmp / "s" / "api.sock"), svid_ttl=ttl,
+                            server_overrides={"server": {"agent_api_port": port}})
+    server_cfg = stack.server.config
+    try:
+        stack.agent.manager.backoff = Backoff(base=0.5, cap=4.0)  # bound the test's wait, same algorithm
+        serial, not_after = await fetch_leaf(stack.socket_path)
+        await stack.server.stop()
+        outage_start = time.monotonic()
+        attempts_before = stack.agent.manager.consecutive_failures
+        # Outage longer than one rotation window; workloads keep getting the cached SVID.
+        while time.monotonic() - outage_start < 14:
+            got_serial, got_not_after = await fetch_leaf(stack.socket_path)
+            assert got_not_after > time.time(), "the workload was left with an expired SVID"
+            await asyncio.sleep(1)
+        failures = stack.agent.manager.consecutive_failures - attempts_before
+        assert 1 <= failures <= 14, f"{failures} failed attempts in 14 s: not backing off"
+        # Server comes back on the same address with the same datastore and CA keys.
+        stack.server = Server(server_cfg)
+        await stack.server.start()
+        deadline = time.monotonic() + 30
+        while True:
+            new_serial, new_not_after = await fetch_leaf(stack.socket_path)
+            if new_serial != serial and new_not_after > not_after:
+                break
+            assert time.monotonic() < deadline, "agent did not catch up after the server returned"
+            await asyncio.sleep(0.5)
+        assert stack.agent.manager.consecutive_failures == 0
+    finally:
+        await stack.stop()
+
+
+async def test_meshid_dev_command_serves_and_stops_on_sigint(short_tmp: Path) -> None:
+    sock = short_tmp / "s" / "api.sock"
+    env = {**os.environ, "XDG_DATA_HOME": str(short_tmp / "xdg")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshid.cli.main", "dev", "--socket", str(sock), "--svid-ttl", "10m",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        line = ""
+        deadline = time.monotonic() + 60
+        while not line.startswith("SPIFFE_ENDPOINT_SOCKET="):
+            assert time.monotonic() < deadline, "meshid dev did not print its socket"
+            line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().strip()
+            assert line or proc.returncode is None
+        assert line == f"SPIFFE_ENDPOINT_SOCKET=unix://{sock}"
+        fetch = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshid.cli.main", "fetch", "x509",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**env, "SPIFFE_ENDPOINT_SOCKET": f"unix://{sock}"},
+        )
+        out, err = await asyncio.wait_for(fetch.communicate(), 30)
+        assert fetch.returncode == 0, err.decode()
+        assert "SPIFFE ID:  spiffe://example.org/user/" in out.decode()
+        assert (short_tmp / "xdg" / "meshid" / "dev" / "upstream" / "root.pem").exists()
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert not sock.exists(), "socket left behind after shutdown"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
