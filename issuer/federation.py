@@ -29,9 +29,10 @@ from issuer.config import FederatedTrustDomainConfig
 from meshid.backoff import Backoff
 from meshid.bundle import MAX_BUNDLE_DOCUMENT, Bundle, load_pem_certs
 from meshid.entry import Entry
-from meshid.errors import InvalidBundleError, MeshidError, UnauthenticatedError
+from meshid.errors import InvalidBundleError, MeshidError
+from meshid.spiffe_connector import SpiffeConnector
 from meshid.spiffe_id import SpiffeId, TrustDomain
-from meshid.tls import check_server_id, client_context
+from meshid.tls import client_context
 
 log = logging.getLogger("meshid.federation")
 
@@ -147,32 +148,12 @@ def _client_ssl(rel: Relationship, current: Bundle | None) -> ssl.SSLContext:
     return ctx
 
 
-class _SpiffeIdConnector(aiohttp.TCPConnector):
-    """Checks the endpoint's SPIFFE ID right after the handshake, before the request is sent."""
-
-    def __init__(self, expected: SpiffeId, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._expected = expected
-
-    # aiohttp's own (private) signature, hence the `timeout` parameter.
-    async def _create_direct_connection(
-        self, req: Any, traces: Any, timeout: Any, **kwargs: Any  # noqa: ASYNC109
-    ) -> Any:
-        transport, proto = await super()._create_direct_connection(req, traces, timeout, **kwargs)
-        try:
-            check_server_id(transport.get_extra_info("ssl_object"), self._expected)
-        except UnauthenticatedError as exc:
-            transport.close()
-            raise FederationFetchError(f"endpoint identity check failed: {exc}") from None
-        return transport, proto
-
-
 async def fetch_bundle(rel: Relationship, current: Bundle | None, time_limit: float) -> Bundle:
     """GET the foreign bundle document, authenticating the endpoint per its profile."""
     spiffe = rel.profile == "https_spiffe"
     try:
         ctx = _client_ssl(rel, current)
-        connector = (_SpiffeIdConnector(rel.endpoint_id, ssl=ctx, force_close=True)
+        connector = (SpiffeConnector(rel.endpoint_id, FederationFetchError, ssl=ctx, force_close=True)
                      if spiffe and rel.endpoint_id is not None
                      else aiohttp.TCPConnector(ssl=ctx, force_close=True))
         async with aiohttp.ClientSession(

@@ -28,8 +28,9 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from meshid.bundle import Bundle
 from meshid.errors import MeshidError, OverloadedError, PermissionDeniedError, UnauthenticatedError
+from meshid.spiffe_connector import SpiffeConnector
 from meshid.spiffe_id import SpiffeId
-from meshid.tls import check_server_id, client_context
+from meshid.tls import client_context
 
 log = logging.getLogger("meshid.agent.client")
 
@@ -93,27 +94,6 @@ def chain_verifies(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certi
     root_der = {r.fingerprint(_SHA256) for r in roots}
     top = chain[-1]
     return top.fingerprint(_SHA256) in root_der or any(_issued_by(top, r) for r in roots)
-
-
-class SpiffeConnector(aiohttp.TCPConnector):
-    """Checks the server's SPIFFE ID right after each TLS handshake, before any request
-    is sent on the connection (hostname checks do not apply to SPIFFE IDs)."""
-
-    def __init__(self, expected: SpiffeId, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._expected = expected
-
-    # aiohttp's own signature, hence the `timeout` parameter.
-    async def _create_direct_connection(
-        self, req: Any, traces: Any, timeout: Any, **kwargs: Any  # noqa: ASYNC109
-    ) -> Any:
-        transport, proto = await super()._create_direct_connection(req, traces, timeout, **kwargs)
-        try:
-            check_server_id(transport.get_extra_info("ssl_object"), self._expected)
-        except UnauthenticatedError as exc:
-            transport.close()
-            raise aiohttp.ClientConnectionError(f"server identity check failed: {exc}") from None
-        return transport, proto
 
 
 class ServerClient:

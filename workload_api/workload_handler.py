@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import json_format
@@ -22,7 +23,7 @@ from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId
 from workload_api._gen import workload_grpc, workload_pb2
 from workload_api.attestation import WorkloadAttestation
-from workload_api.cache import SvidCache, X509Svid
+from workload_api.cache import SvidCache, Watcher, X509Svid
 from workload_api.grpc_server import caller_of
 from workload_api.manager import SvidManager
 
@@ -123,52 +124,48 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
             raw = self._responses[key] = self.x509_response(svids).SerializeToString(deterministic=True)
         return raw
 
-    async def FetchX509SVID(
-        self, stream: Stream[workload_pb2.X509SVIDRequest, workload_pb2.X509SVIDResponse]
+    async def _push_on_change(
+        self, stream: Stream[Any, Any], build: Callable[[frozenset[Selector], Watcher], Any | None]
     ) -> None:
+        """The shape of every Workload API stream: the complete state at once, then again
+        whenever the cache wakes this watcher and the state differs from what was sent."""
         check_header(stream)
         await stream.recv_message()
         selectors = await self.id.selectors(stream)
         await self.id.wait_ready()
         watcher = self.cache.watch(selectors)
         try:
-            last: bytes | None = None
+            last: Any = None
             while True:
                 watcher.event.clear()
-                entries = self.cache.matching_entries(selectors)
-                if not entries:
-                    raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
-                watcher.entry_ids = {e.id for e in entries}
-                svids = [s for e in entries if (s := self.cache.svids.get(e.id)) is not None]
-                if svids:
-                    raw = self.x509_response_bytes(svids)
-                    if raw != last:
-                        # Pre-encoded: the server's codec passes bytes through (see grpc_server).
-                        await stream.send_message(raw)  # type: ignore[arg-type]
-                        last = raw
+                msg = build(selectors, watcher)
+                if msg is not None and msg != last:
+                    await stream.send_message(msg)
+                    last = msg
                 await watcher.event.wait()
         finally:
             self.cache.unwatch(watcher)
 
+    def _x509_svids(self, selectors: frozenset[Selector], watcher: Watcher) -> bytes | None:
+        entries = self.cache.matching_entries(selectors)
+        if not entries:
+            raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
+        watcher.entry_ids = {e.id for e in entries}
+        svids = [s for e in entries if (s := self.cache.svids.get(e.id)) is not None]
+        # Pre-encoded: the server's codec passes bytes through (see grpc_server).
+        return self.x509_response_bytes(svids) if svids else None
+
+    async def FetchX509SVID(
+        self, stream: Stream[workload_pb2.X509SVIDRequest, workload_pb2.X509SVIDResponse]
+    ) -> None:
+        await self._push_on_change(stream, self._x509_svids)
+
     async def FetchX509Bundles(
         self, stream: Stream[workload_pb2.X509BundlesRequest, workload_pb2.X509BundlesResponse]
     ) -> None:
-        check_header(stream)
-        await stream.recv_message()
-        selectors = await self.id.selectors(stream)
-        await self.id.wait_ready()
-        watcher = self.cache.watch(selectors)
-        try:
-            last: dict[str, bytes] | None = None
-            while True:
-                watcher.event.clear()
-                bundles = self._bundles()
-                if bundles != last:
-                    await stream.send_message(workload_pb2.X509BundlesResponse(bundles=bundles))
-                    last = bundles
-                await watcher.event.wait()
-        finally:
-            self.cache.unwatch(watcher)
+        await self._push_on_change(
+            stream, lambda _s, _w: workload_pb2.X509BundlesResponse(bundles=self._bundles())
+        )
 
     async def FetchJWTSVID(
         self, stream: Stream[workload_pb2.JWTSVIDRequest, workload_pb2.JWTSVIDResponse]
@@ -204,28 +201,19 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
             raise GRPCError(Status.UNAVAILABLE, "could not obtain a JWT-SVID from the server") from None
         await stream.send_message(workload_pb2.JWTSVIDResponse(svids=svids))
 
+    def _jwt_bundles(
+        self, _selectors: frozenset[Selector], _watcher: Watcher
+    ) -> workload_pb2.JWTBundlesResponse:
+        assert self.cache.bundle is not None
+        bundles = {str(self.cache.td.id): self.cache.bundle.jwks_bytes()}
+        for td, b in self.cache.federated.items():
+            bundles[str(td.id)] = b.jwks_bytes()
+        return workload_pb2.JWTBundlesResponse(bundles=bundles)
+
     async def FetchJWTBundles(
         self, stream: Stream[workload_pb2.JWTBundlesRequest, workload_pb2.JWTBundlesResponse]
     ) -> None:
-        check_header(stream)
-        await stream.recv_message()
-        selectors = await self.id.selectors(stream)
-        await self.id.wait_ready()
-        watcher = self.cache.watch(selectors)
-        try:
-            last: dict[str, bytes] | None = None
-            while True:
-                watcher.event.clear()
-                assert self.cache.bundle is not None
-                bundles = {str(self.cache.td.id): self.cache.bundle.jwks_bytes()}
-                for td, b in self.cache.federated.items():
-                    bundles[str(td.id)] = b.jwks_bytes()
-                if bundles != last:
-                    await stream.send_message(workload_pb2.JWTBundlesResponse(bundles=bundles))
-                    last = bundles
-                await watcher.event.wait()
-        finally:
-            self.cache.unwatch(watcher)
+        await self._push_on_change(stream, self._jwt_bundles)
 
     async def ValidateJWTSVID(
         self, stream: Stream[workload_pb2.ValidateJWTSVIDRequest, workload_pb2.ValidateJWTSVIDResponse]

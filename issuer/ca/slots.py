@@ -136,7 +136,7 @@ class CaManager:
     def _in_state(self, kind: str, state: str) -> list[LoadedKey]:
         return sorted(
             (k for k in self._keys.values() if k.record.kind == kind and k.record.state == state),
-            key=lambda k: k.record.not_before,
+            key=lambda k: (k.record.not_before, k.key_id),  # same order on every replica
         )
 
     def active(self, kind: str) -> LoadedKey | None:
