@@ -6,6 +6,7 @@ server's periodic paths (CA tick, bundle refresh, entry index revision) on each 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -52,7 +53,8 @@ async def stack(dsn: str, short_tmp: Path) -> AsyncIterator[DevStack]:
         await s.stop()
 
 
-async def wait_for(cond: Callable[[], Any], within: float, what: str, poke: Callable[[], None] | None = None) -> Any:
+async def wait_for(cond: Callable[[], Any], within: float, what: str,
+                   poke: Callable[[], None] | None = None) -> Any:
     deadline = time.monotonic() + within
     while True:
         result = cond()
@@ -90,7 +92,8 @@ def fetch_jwt_kid(sock: str, audience: str) -> str:
 
 
 def aki(cert: x509.Certificate) -> bytes:
-    return bytes(cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier or b"")
+    ext = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    return bytes(ext.key_identifier or b"")
 
 
 def ski(cert: x509.Certificate) -> bytes:
@@ -108,8 +111,6 @@ async def test_end_to_end(stack: DevStack, dsn: str) -> None:
     # --- entries: create, update, delete reach the workload --------------------------
     agent_id = agent.node.agent_id
     assert agent_id is not None
-    import os
-
     selectors = (Selector("unix", f"uid:{os.getuid()}"),)
     extra = await server.entries.create(Entry("", SpiffeId(td, "/matrix/extra"), agent_id, selectors))
     poke = agent.manager.poke

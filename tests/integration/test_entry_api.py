@@ -48,12 +48,19 @@ async def server(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Server]:
     monkeypatch.setenv("MESHID_MASTER_SECRET", "entry-api-test-master-secret-0123456789")
     # Short path: the admin Unix socket lives in data_dir and sun_path is 108 bytes.
     data_dir = tempfile.mkdtemp(prefix="meshid-")
-    cfg = server_config_from_dict({
-        "trust_domain": TD,
-        "data_dir": data_dir,
-        "server": {"agent_api_port": 0, "grpc_port": 0, "health_enabled": False, "bind_address": "127.0.0.1",
-                   "admin_ids": [OPERATOR]},
-    })
+    cfg = server_config_from_dict(
+        {
+            "trust_domain": TD,
+            "data_dir": data_dir,
+            "server": {
+                "agent_api_port": 0,
+                "grpc_port": 0,
+                "health_enabled": False,
+                "bind_address": "127.0.0.1",
+                "admin_ids": [OPERATOR],
+            },
+        }
+    )
     srv = Server(cfg)
     await srv.start()
     try:
@@ -154,8 +161,9 @@ async def test_cilium_operator_flow(server: Server, channels: list[Channel]) -> 
 
     assert list((await stub.ListEntries(cilium_list(1000), timeout=TIMEOUT)).entries) == []
 
-    created = await stub.BatchCreateEntry(entry_pb2.BatchCreateEntryRequest(entries=[cilium_entry(1000)]),
-                                          timeout=TIMEOUT)
+    created = await stub.BatchCreateEntry(
+        entry_pb2.BatchCreateEntryRequest(entries=[cilium_entry(1000)]), timeout=TIMEOUT
+    )
     [result] = created.results
     assert result.status.code == Status.OK.value
     entry_id = result.entry.id
@@ -168,13 +176,15 @@ async def test_cilium_operator_flow(server: Server, channels: list[Channel]) -> 
     assert listed.next_page_token == ""
 
     # Cilium re-creates on every resync: AlreadyExists, with the entry that holds the identity.
-    again = await stub.BatchCreateEntry(entry_pb2.BatchCreateEntryRequest(entries=[cilium_entry(1000)]),
-                                        timeout=TIMEOUT)
+    again = await stub.BatchCreateEntry(
+        entry_pb2.BatchCreateEntryRequest(entries=[cilium_entry(1000)]), timeout=TIMEOUT
+    )
     assert again.results[0].status.code == Status.ALREADY_EXISTS.value
     assert again.results[0].entry.id == entry_id
 
-    updated = await stub.BatchUpdateEntry(entry_pb2.BatchUpdateEntryRequest(entries=[cilium_entry(1000)]),
-                                          timeout=TIMEOUT)
+    updated = await stub.BatchUpdateEntry(
+        entry_pb2.BatchUpdateEntryRequest(entries=[cilium_entry(1000)]), timeout=TIMEOUT
+    )
     assert updated.results[0].status.code == Status.OK.value
     assert updated.results[0].entry.id == entry_id
     assert updated.results[0].entry.revision_number == 1
@@ -206,8 +216,11 @@ async def test_update_paths(server: Server, channels: list[Channel]) -> None:
     # By id, with an input mask: only the masked field changes.
     change = types_entry_pb2.Entry(id=entry_id, hint="web", x509_svid_ttl=999)
     masked = await stub.BatchUpdateEntry(
-        UpdateReq(entries=[change], input_mask=types_entry_pb2.EntryMask(hint=True),
-                  output_mask=types_entry_pb2.EntryMask(hint=True, x509_svid_ttl=True)),
+        UpdateReq(
+            entries=[change],
+            input_mask=types_entry_pb2.EntryMask(hint=True),
+            output_mask=types_entry_pb2.EntryMask(hint=True, x509_svid_ttl=True),
+        ),
         timeout=TIMEOUT,
     )
     r = masked.results[0]
@@ -218,15 +231,19 @@ async def test_update_paths(server: Server, channels: list[Channel]) -> None:
     assert got.hint == "web" and got.spiffe_id == sid("/identity/7")
 
     missing = await stub.BatchUpdateEntry(
-        entry_pb2.BatchUpdateEntryRequest(entries=[
-            types_entry_pb2.Entry(id="no-such-entry", hint="x"),
-            cilium_entry(8),  # no id, and nothing has this identity
-            types_entry_pb2.Entry(hint="neither id nor key"),
-        ]),
+        entry_pb2.BatchUpdateEntryRequest(
+            entries=[
+                types_entry_pb2.Entry(id="no-such-entry", hint="x"),
+                cilium_entry(8),  # no id, and nothing has this identity
+                types_entry_pb2.Entry(hint="neither id nor key"),
+            ]
+        ),
         timeout=TIMEOUT,
     )
     assert [x.status.code for x in missing.results] == [
-        Status.NOT_FOUND.value, Status.NOT_FOUND.value, Status.INVALID_ARGUMENT.value
+        Status.NOT_FOUND.value,
+        Status.NOT_FOUND.value,
+        Status.INVALID_ARGUMENT.value,
     ]
 
 
@@ -241,8 +258,9 @@ async def test_bad_input_gets_per_entry_status(server: Server, channels: list[Ch
     server_own = cilium_entry(5)
     server_own.spiffe_id.path = "/meshid/server"
     res = await stub.BatchCreateEntry(
-        entry_pb2.BatchCreateEntryRequest(entries=[cilium_entry(1), no_selectors, foreign, bad_path,
-                                                   types_entry_pb2.Entry(), server_own]),
+        entry_pb2.BatchCreateEntryRequest(
+            entries=[cilium_entry(1), no_selectors, foreign, bad_path, types_entry_pb2.Entry(), server_own]
+        ),
         timeout=TIMEOUT,
     )
     codes = [r.status.code for r in res.results]
@@ -266,16 +284,21 @@ async def test_bad_input_gets_per_entry_status(server: Server, channels: list[Ch
 async def test_paging_count_and_filters_over_the_wire(server: Server, channels: list[Channel]) -> None:
     stub = await operator_stub(server, channels)
     await stub.BatchCreateEntry(CreateReq(entries=[cilium_entry(n) for n in range(5)]), timeout=TIMEOUT)
-    other = Entry(id="", spiffe_id=SpiffeId.parse(f"spiffe://{TD}/web"),
-                  parent_id=SpiffeId.parse(f"spiffe://{TD}/node"), selectors=(Selector("unix", "uid:1"),),
-                  downstream=True)
+    other = Entry(
+        id="",
+        spiffe_id=SpiffeId.parse(f"spiffe://{TD}/web"),
+        parent_id=SpiffeId.parse(f"spiffe://{TD}/node"),
+        selectors=(Selector("unix", "uid:1"),),
+        downstream=True,
+    )
     await server.entries.create(other)
 
     assert (await stub.CountEntries(entry_pb2.CountEntriesRequest(), timeout=TIMEOUT)).count == 6
     # SUBSET: entries whose selectors all lie within the given set.
     given = [CILIUM_SELECTOR, selector_pb2.Selector(type="x", value="y")]
-    count_cilium = CountReq(filter=CountReq.Filter(by_selectors=selector_pb2.SelectorMatch(selectors=given,
-                                                                                          match=SUBSET)))
+    count_cilium = CountReq(
+        filter=CountReq.Filter(by_selectors=selector_pb2.SelectorMatch(selectors=given, match=SUBSET))
+    )
     assert (await stub.CountEntries(count_cilium, timeout=TIMEOUT)).count == 5
     downstream = CountReq(filter=CountReq.Filter(by_downstream={"value": True}))
     assert (await stub.CountEntries(downstream, timeout=TIMEOUT)).count == 1
@@ -316,8 +339,15 @@ async def test_admin_entry_grants_access(server: Server, channels: list[Channel]
     with pytest.raises(GRPCError) as err:
         await stub.CountEntries(entry_pb2.CountEntriesRequest(), timeout=TIMEOUT)
     assert err.value.status is Status.PERMISSION_DENIED
-    await server.entries.create(Entry(id="", spiffe_id=SpiffeId.parse(ops), parent_id=SpiffeId.parse(f"spiffe://{TD}/node"),
-                                      selectors=(Selector("unix", "uid:0"),), admin=True))
+    await server.entries.create(
+        Entry(
+            id="",
+            spiffe_id=SpiffeId.parse(ops),
+            parent_id=SpiffeId.parse(f"spiffe://{TD}/node"),
+            selectors=(Selector("unix", "uid:0"),),
+            admin=True,
+        )
+    )
     assert (await stub.CountEntries(entry_pb2.CountEntriesRequest(), timeout=TIMEOUT)).count == 1
 
 
@@ -335,9 +365,7 @@ async def test_tls12_client_is_refused(server: Server) -> None:
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     # The server aborts the handshake: an alert (SSLError) or a reset, depending on timing.
     with pytest.raises((ssl.SSLError, ConnectionError)):
-        await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", server.grpc_port_bound, ssl=ctx), TIMEOUT
-        )
+        await asyncio.wait_for(asyncio.open_connection("127.0.0.1", server.grpc_port_bound, ssl=ctx), TIMEOUT)
 
 
 async def test_client_without_svid_is_refused(server: Server, channels: list[Channel]) -> None:
@@ -353,9 +381,110 @@ async def test_undecodable_request_is_an_error_not_a_crash(server: Server, chann
     stub = await operator_stub(server, channels)
     ch = channels[0]
     # Field 1 of ListEntriesRequest is the filter message: a bytes payload there is garbage.
-    raw = UnaryUnaryMethod(ch, "/spire.api.server.entry.v1.Entry/ListEntries", BytesValue,
-                           entry_pb2.ListEntriesResponse)
+    raw = UnaryUnaryMethod(
+        ch, "/spire.api.server.entry.v1.Entry/ListEntries", BytesValue, entry_pb2.ListEntriesResponse
+    )
     with pytest.raises(GRPCError) as err:
         await raw(BytesValue(value=b"\xff\xff\xff"), timeout=TIMEOUT)
     assert err.value.status is Status.INVALID_ARGUMENT
     assert (await stub.CountEntries(CountReq(), timeout=TIMEOUT)).count == 0
+
+
+async def _workload_svids(
+    sock: str,
+) -> dict[str, tuple[list[x509.Certificate], object, list[x509.Certificate]]]:
+    """X509-SVIDs (chain, key, bundle roots) by SPIFFE ID, fetched from the Workload API."""
+    from cryptography.hazmat.primitives.serialization import load_der_private_key
+
+    from meshid.der import load_der_certificates
+    from workload_api._gen import workload_grpc, workload_pb2
+
+    ch = Channel(path=sock)
+    try:
+        async with workload_grpc.SpiffeWorkloadAPIStub(ch).FetchX509SVID.open(
+            metadata={"workload.spiffe.io": "true"}, timeout=TIMEOUT
+        ) as st:
+            await st.send_message(workload_pb2.X509SVIDRequest(), end=True)
+            msg = await st.recv_message()
+            await st.cancel()
+    finally:
+        ch.close()
+    assert msg is not None
+    return {
+        s.spiffe_id: (
+            load_der_certificates(s.x509_svid),
+            load_der_private_key(s.x509_svid_key, None),
+            load_der_certificates(s.bundle),
+        )
+        for s in msg.svids
+    }
+
+
+async def test_operator_uses_svid_from_workload_api(short_tmp: object) -> None:
+    """Cilium's operator exactly: its SVID comes from the agent's Workload API, it dials the
+    server's gRPC port with mTLS and checks the server is in the trust domain."""
+    from pathlib import Path
+
+    from meshid.cli.dev import start_dev
+
+    tmp = Path(str(short_tmp))
+    stack = await start_dev(
+        tmp / "d",
+        TD,
+        str(tmp / "s" / "api.sock"),
+        server_overrides={"server": {"grpc_port": 0, "admin_ids": [OPERATOR]}},
+    )
+    opened: list[Channel] = []
+    try:
+        agent_id = stack.agent.node.agent_id
+        assert agent_id is not None
+        await stack.server.entries.create(
+            Entry("", SpiffeId.parse(OPERATOR), agent_id, (Selector("unix", "uid:0"),))
+        )
+        stack.agent.manager.poke()
+        for _ in range(100):
+            svids = await _workload_svids(stack.socket_path)
+            if OPERATOR in svids:
+                break
+            await asyncio.sleep(0.1)
+        chain, key, roots = svids[OPERATOR]
+
+        def stub_for(chain: list[x509.Certificate], key: object) -> entry_grpc.EntryStub:
+            ctx = client_context(roots, chain, key, alpn=["h2"])  # type: ignore[arg-type]
+            ch = Channel("127.0.0.1", stack.server.grpc_port_bound, ssl=ctx)
+            opened.append(ch)
+            return entry_grpc.EntryStub(ch)
+
+        stub = stub_for(chain, key)
+        async with stub.CountEntries.open(timeout=TIMEOUT) as stream:
+            await stream.send_message(entry_pb2.CountEntriesRequest(), end=True)
+            assert stream.peer is not None
+            check_server_id(
+                stream.peer._transport.get_extra_info("ssl_object"),
+                SpiffeId.parse(f"spiffe://{TD}").trust_domain,
+            )
+            await stream.recv_message()
+        created = await stub.BatchCreateEntry(
+            entry_pb2.BatchCreateEntryRequest(entries=[cilium_entry(7)]), timeout=TIMEOUT
+        )
+        assert created.results[0].status.code == Status.OK.value
+        assert [
+            e.spiffe_id.path for e in (await stub.ListEntries(cilium_list(7), timeout=TIMEOUT)).entries
+        ] == ["/identity/7"]
+        updated = await stub.BatchUpdateEntry(
+            entry_pb2.BatchUpdateEntryRequest(entries=[cilium_entry(7)]), timeout=TIMEOUT
+        )
+        assert updated.results[0].status.code == Status.OK.value
+        deleted = await stub.BatchDeleteEntry(
+            entry_pb2.BatchDeleteEntryRequest(ids=[created.results[0].entry.id]), timeout=TIMEOUT
+        )
+        assert deleted.results[0].status.code == Status.OK.value
+        # The same workload's other (non-admin) SVID is refused.
+        user_chain, user_key, _ = svids[str(stack.spiffe_id)]
+        with pytest.raises(GRPCError) as err:
+            await stub_for(user_chain, user_key).ListEntries(cilium_list(), timeout=TIMEOUT)
+        assert err.value.status is Status.PERMISSION_DENIED
+    finally:
+        for ch in opened:
+            ch.close()
+        await stack.stop()

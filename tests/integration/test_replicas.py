@@ -121,7 +121,8 @@ def ski(cert: x509.Certificate) -> bytes:
 
 
 def aki(cert: x509.Certificate) -> bytes:
-    return bytes(cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier or b"")
+    ext = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    return bytes(ext.key_identifier or b"")
 
 
 def fetch_svid(sock: str) -> tuple[x509.Certificate, list[x509.Certificate], str]:
@@ -131,8 +132,9 @@ def fetch_svid(sock: str) -> tuple[x509.Certificate, list[x509.Certificate], str
     client = WorkloadApiClient(socket_path=f"unix://{sock}")
     try:
         svid = client.fetch_x509_svid()
-        token = client.fetch_jwt_svid(audience={f"aud-{time.monotonic_ns()}"}).token  # new audience: signed now
-        client.validate_jwt_svid(token, jwt.decode(token, options={"verify_signature": False})["aud"][0])
+        audience = f"aud-{time.monotonic_ns()}"  # a new audience: signed now, not from the agent's cache
+        token = client.fetch_jwt_svid(audience={audience}).token
+        client.validate_jwt_svid(token, audience)
         return svid.leaf, list(svid.cert_chain), str(jwt.get_unverified_header(token)["kid"])
     finally:
         client.close()
@@ -257,13 +259,13 @@ async def test_two_replicas_one_agent_failover_and_events_once(
         assert rows == []  # nothing undelivered
         seqs = await _all_seqs(b)
         by_id = {event_id(server_source(TD, name), seq): seq for seq in seqs for name in ("ra", "rb")}
-        records = await consume_all(kafka_topic, len(seqs), 20)
-        ids = [r.id for r in records]
+        consumed = await consume_all(kafka_topic, len(seqs), 20)
+        ids = [ce.id for ce in consumed]
         assert len(ids) == len(set(ids)), "an event id was published twice"
         published = Counter(by_id[i] for i in ids)
         assert sorted(published) == sorted(seqs), "an outbox row was not published"
         assert max(published.values()) == 1, "an outbox row was published by both replicas"
-        assert {r.source for r in records} <= {server_source(TD, "ra"), server_source(TD, "rb")}
+        assert {ce.source for ce in consumed} <= {server_source(TD, "ra"), server_source(TD, "rb")}
     finally:
         if agent is not None:
             await agent.stop()
