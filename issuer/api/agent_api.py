@@ -195,7 +195,7 @@ class AgentApi:
                 float(sched) if isinstance(sched, (int, float)) else None,
             ))
         results = await self.signing.sign_x509(request[AGENT_KEY], reqs)
-        out = []
+        out: list[dict[str, Any]] = []
         for r in results:
             if r.chain is not None:
                 out.append({"entry_id": r.entry_id, "svid": _chain_json(r.chain)})
