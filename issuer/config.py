@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from meshid.configload import Duration, build, doc, load_file
+from meshid.configload import Duration, build, check_identity_basics, check_spiffe_ids, doc, load_file
 from meshid.errors import ConfigError
 from meshid.spiffe_id import SpiffeId, TrustDomain
 
@@ -294,19 +294,8 @@ class ServerConfig:
     oidc: OidcConfig = field(default_factory=OidcConfig)
 
     def validate(self) -> None:
-        if not self.trust_domain:
-            raise ConfigError("trust_domain: required")
-        try:
-            TrustDomain.parse(self.trust_domain)
-        except ValueError as exc:
-            raise ConfigError(f"trust_domain: {exc}") from None
-        if not self.data_dir:
-            raise ConfigError("data_dir: required")
-        for i, sid in enumerate(self.server.admin_ids):
-            try:
-                SpiffeId.parse(sid)
-            except ValueError as exc:
-                raise ConfigError(f"server.admin_ids[{i}]: {exc}") from None
+        check_identity_basics(self.trust_domain, self.data_dir)
+        check_spiffe_ids(self.server.admin_ids, "server.admin_ids")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level: must be debug, info, warning or error")
         if self.td in self.federation.relationships():

@@ -201,3 +201,28 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         out.append((f"{prefix}{f.name}", f.metadata.get("doc", ""), default))
     return out
+
+
+# --- checks shared by the server and agent configs -------------------------------------------
+def check_identity_basics(trust_domain: str, data_dir: str) -> None:
+    """trust_domain and data_dir are required on both sides; the trust domain must be valid."""
+    from meshid.spiffe_id import TrustDomain
+
+    if not trust_domain:
+        raise ConfigError("trust_domain: required")
+    try:
+        TrustDomain.parse(trust_domain)
+    except ValueError as exc:
+        raise ConfigError(f"trust_domain: {exc}") from None
+    if not data_dir:
+        raise ConfigError("data_dir: required")
+
+
+def check_spiffe_ids(values: list[str], key: str) -> None:
+    from meshid.spiffe_id import SpiffeId
+
+    for i, sid in enumerate(values):
+        try:
+            SpiffeId.parse(sid)
+        except ValueError as exc:
+            raise ConfigError(f"{key}[{i}]: {exc}") from None

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshid.configload import Duration, build, doc, load_file
+from meshid.configload import Duration, build, check_identity_basics, check_spiffe_ids, doc, load_file
 from meshid.errors import ConfigError
-from meshid.spiffe_id import SpiffeId, TrustDomain
+from meshid.spiffe_id import TrustDomain
 
 
 @dataclass
@@ -100,14 +100,7 @@ class AgentConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
 
     def validate(self) -> None:
-        if not self.trust_domain:
-            raise ConfigError("trust_domain: required")
-        try:
-            TrustDomain.parse(self.trust_domain)
-        except ValueError as exc:
-            raise ConfigError(f"trust_domain: {exc}") from None
-        if not self.data_dir:
-            raise ConfigError("data_dir: required")
+        check_identity_basics(self.trust_domain, self.data_dir)
         if not self.server_address:
             raise ConfigError("server_address: at least one host:port is required")
         for i, addr in enumerate(self.server_address):
@@ -118,11 +111,7 @@ class AgentConfig:
             raise ConfigError("trust_bundle_path: required (the agent never bootstraps trust insecurely)")
         if not self.socket_path.startswith("/"):
             raise ConfigError("socket_path: must be an absolute path")
-        for i, sid in enumerate(self.authorized_delegates):
-            try:
-                SpiffeId.parse(sid)
-            except ValueError as exc:
-                raise ConfigError(f"authorized_delegates[{i}]: {exc}") from None
+        check_spiffe_ids(self.authorized_delegates, "authorized_delegates")
         if self.sync_interval < 0.05:
             raise ConfigError("sync_interval: must be at least 50ms")
 

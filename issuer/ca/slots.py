@@ -357,6 +357,14 @@ class CaManager:
                         await self.ds.delete_ca_key(lk.key_id)
                     del self._keys[lk.key_id]
                     changed = True
+            for rec in list(self._foreign.values()):
+                # A replica that is gone for good (or came back under a new server id) leaves
+                # its CA key behind: once expired it has nothing valid left, so retire it.
+                if now >= rec.not_after and now >= rec.max_signed_not_after:
+                    with contextlib.suppress(NotFoundError):
+                        await self.ds.delete_ca_key(rec.key_id)
+                    del self._foreign[rec.key_id]
+                    changed = True
             if changed:
                 await self._rebuild_bundle()
             else:

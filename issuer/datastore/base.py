@@ -11,7 +11,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from issuer.events.model import Event, OutboxRow
+from issuer.events.model import Event, OutboxRow, StoredEvent
 from meshid.entry import Entry
 from meshid.errors import AlreadyExistsError
 from meshid.selector import Selector
@@ -157,6 +157,10 @@ class DataStore(Protocol):
         renews the lease). A row is not claimable while an earlier undelivered row with
         the same partition_key is leased to someone else, which keeps one subject's
         events in order across relays. mark_delivered ends the lease."""
+
+    async def claim_outbox_stored(self, owner: str, limit: int, lease_seconds: float,
+                                  now: float) -> list[StoredEvent]:
+        """claim_outbox with each row's data left as stored JSON text (the relay's path)."""
 
     async def mark_delivered(self, seqs: Sequence[int], now: float) -> None: ...
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from issuer.datastore.base import AgentRecord, CaKeyRecord
-from issuer.events.model import Event, OutboxRow
+from issuer.events.model import Event, OutboxRow, StoredEvent
 from meshid.entry import Entry
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId
@@ -203,6 +203,16 @@ EVENT_COLUMNS = ("type", "subject", "partition_key", "time", "data")
 
 def event_params(event: Event) -> tuple[Any, ...]:
     return (event.type, event.subject, event.partition_key, float(event.time), dumps(event.data))
+
+
+def stored_event_from_row(row: Row) -> StoredEvent:
+    """The row with its data left as JSON text (SQLite TEXT; PostgreSQL JSONB, which
+    asyncpg returns as text)."""
+    data = row["data"]
+    if not isinstance(data, str):  # a driver that decodes JSON itself
+        data = dumps(data)
+    return StoredEvent(int(row["seq"]), row["type"], row["subject"], row["partition_key"], float(row["time"]),
+                       data)
 
 
 def outbox_row_from_row(row: Row) -> OutboxRow:

@@ -21,7 +21,7 @@ import asyncpg
 from issuer.datastore import codec
 from issuer.datastore.base import AgentRecord, CaKeyRecord, EntryAlreadyExistsError
 from issuer.datastore.migrations import CREATE_VERSION_TABLE, load_migrations, pending
-from issuer.events.model import Event, OutboxRow
+from issuer.events.model import Event, OutboxRow, StoredEvent
 from meshid.entry import Entry
 from meshid.errors import AlreadyExistsError, NotFoundError
 from meshid.spiffe_id import SpiffeId
@@ -364,13 +364,17 @@ class PostgresDataStore:
         return [codec.outbox_row_from_row(r) for r in rows]
 
     async def claim_outbox(self, owner: str, limit: int, lease_seconds: float, now: float) -> list[OutboxRow]:
+        return [r.decode() for r in await self.claim_outbox_stored(owner, limit, lease_seconds, now)]
+
+    async def claim_outbox_stored(self, owner: str, limit: int, lease_seconds: float,
+                                  now: float) -> list[StoredEvent]:
         async with self._tx() as conn:
             # SKIP LOCKED alone keeps two claimers off the same row, but each would see
             # the other's fresh leases only after commit, so both could take rows of the
             # same subject and publish them out of order. Claims are short: serialize them.
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _CLAIM_LOCK)
             rows = await conn.fetch(_CLAIM, owner, now + lease_seconds, now, limit)
-        return sorted((codec.outbox_row_from_row(r) for r in rows), key=lambda r: r.seq)
+        return sorted((codec.stored_event_from_row(r) for r in rows), key=lambda r: r.seq)
 
     async def mark_delivered(self, seqs: Sequence[int], now: float) -> None:
         if not seqs:

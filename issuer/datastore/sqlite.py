@@ -23,7 +23,7 @@ import aiosqlite
 from issuer.datastore import codec
 from issuer.datastore.base import AgentRecord, CaKeyRecord, EntryAlreadyExistsError
 from issuer.datastore.migrations import CREATE_VERSION_TABLE, load_migrations, pending, split_statements
-from issuer.events.model import Event, OutboxRow
+from issuer.events.model import Event, OutboxRow, StoredEvent
 from meshid.entry import Entry
 from meshid.errors import AlreadyExistsError, NotFoundError
 from meshid.spiffe_id import SpiffeId
@@ -413,12 +413,16 @@ class SqliteDataStore:
         return [codec.outbox_row_from_row(r) for r in rows]
 
     async def claim_outbox(self, owner: str, limit: int, lease_seconds: float, now: float) -> list[OutboxRow]:
+        return [r.decode() for r in await self.claim_outbox_stored(owner, limit, lease_seconds, now)]
+
+    async def claim_outbox_stored(self, owner: str, limit: int, lease_seconds: float,
+                                  now: float) -> list[StoredEvent]:
         # One writer per file makes this trivially exclusive; the lease logic is the same
         # as PostgreSQL's so that relays behave alike on both backends.
         params = {"owner": owner, "until": now + lease_seconds, "now": now, "limit": limit}
         async with self._tx() as conn:
             rows = list(await conn.execute_fetchall(_CLAIM, params))
-        return sorted((codec.outbox_row_from_row(r) for r in rows), key=lambda r: r.seq)
+        return sorted((codec.stored_event_from_row(r) for r in rows), key=lambda r: r.seq)
 
     async def mark_delivered(self, seqs: Sequence[int], now: float) -> None:
         if not seqs:
@@ -509,3 +513,63 @@ def _backup_file(source: str, dest: Path, busy_timeout_ms: int) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class RestoreError(Exception):
+    """The file given to restore is not a usable meshid SQLite backup."""
+
+
+_REQUIRED_TABLES = ("schema_migrations", "ca_keys", "entries", "agents", "meta", "outbox")
+
+
+def check_backup(source: str | os.PathLike[str]) -> None:
+    """Raise RestoreError unless `source` is an intact meshid SQLite datastore."""
+    path = Path(source)
+    if not path.is_file():
+        raise RestoreError(f"{path}: no such file")
+    try:
+        # immutable: read a static file without creating -wal/-shm beside it.
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True)
+        try:
+            check = conn.execute("PRAGMA integrity_check").fetchone()
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise RestoreError(f"{path}: not an SQLite database ({exc})") from None
+    if check is None or check[0] != "ok":
+        raise RestoreError(f"{path}: integrity check failed: {check[0] if check else 'no answer'}")
+    missing = [t for t in _REQUIRED_TABLES if t not in tables]
+    if missing:
+        raise RestoreError(f"{path}: not a meshid datastore (no {', '.join(missing)} table)")
+
+
+def restore_backup(source: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
+    """Replace the database at `dest` with the backup `source`; the server must be stopped.
+
+    The backup is checked first, copied beside the target (0600) and renamed over it, so
+    a bad backup or a failed copy leaves the current database as it was."""
+    check_backup(source)
+    target = Path(dest)
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.restore")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        # The old database's WAL would be replayed onto the restored file: drop it first.
+        for suffix in ("-wal", "-shm"):
+            Path(f"{target}{suffix}").unlink(missing_ok=True)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)

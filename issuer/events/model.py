@@ -6,6 +6,7 @@ so a re-sent event keeps its id); everything else is fixed when the act happens.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,3 +24,20 @@ class Event:
 class OutboxRow:
     seq: int
     event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An outbox row as stored, `data` still the JSON text the datastore holds: the relay
+    publishes it without decoding and re-encoding it (most of its per-event cost)."""
+
+    seq: int
+    type: str
+    subject: str
+    partition_key: str
+    time: float
+    data_json: str
+
+    def decode(self) -> OutboxRow:
+        data = json.loads(self.data_json)
+        return OutboxRow(self.seq, Event(self.type, self.subject, self.partition_key, self.time, data))

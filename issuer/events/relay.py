@@ -41,8 +41,8 @@ from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import DefaultPartitioner
 
 from issuer.datastore.base import DataStore
-from issuer.events.cloudevents import Mode, from_outbox, rfc3339, to_kafka
-from issuer.events.model import OutboxRow
+from issuer.events.cloudevents import Mode, StoredEncoder, from_outbox, rfc3339
+from issuer.events.model import OutboxRow, StoredEvent
 from meshid.errors import ConfigError
 from meshid.telemetry import Telemetry, default_telemetry
 
@@ -217,6 +217,11 @@ class OutboxRelay:
         self._clock = clock
         self._rng = rng or random.Random()
         self._partitioner = DefaultPartitioner()
+        # Keys (SPIFFE IDs) recur at every renewal: remember their partition rather than
+        # hash each time; valid for one partition list, bounded.
+        self._partition_of: dict[bytes, int] = {}
+        self._partitions_seen: list[int] = []
+        self._encoder = StoredEncoder(source, kafka.mode if kafka else "structured")
         self._task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
@@ -360,17 +365,18 @@ class OutboxRelay:
         # Claiming (rather than a seq cursor) always starts from the lowest undelivered
         # rows, which a late-committing lower seq needs, and lets relays on several
         # replicas share the outbox without publishing a row twice or out of key order.
-        rows = await self._ds.claim_outbox(self._owner, 1 if isolating else cfg.batch_size,
-                                           2 * cfg.request_timeout + 30, self._clock())
+        rows = await self._ds.claim_outbox_stored(self._owner, 1 if isolating else cfg.batch_size,
+                                                  2 * cfg.request_timeout + 30, self._clock())
         if not rows:
             return 0  # everything pending is leased by another replica
-        self._oldest_pending = rows[0].event.time
+        self._oldest_pending = rows[0].time
         partitions = sorted(await asyncio.wait_for(producer.partitions_for(cfg.topic), cfg.request_timeout))
         builders: dict[int, Any] = {}
-        included: list[tuple[OutboxRow, int]] = []
+        included: list[tuple[StoredEvent, int]] = []
+        encode = self._encoder.encode
         for row in rows:
-            key, value, headers = to_kafka(from_outbox(row, self._source), cfg.mode)
-            part = self._partitioner(key, partitions, partitions)
+            key, value, headers = encode(row)
+            part = self._partition(key, partitions)
             builder = builders.get(part)
             if builder is None:
                 builder = builders[part] = producer.create_batch()
@@ -394,7 +400,7 @@ class OutboxRelay:
             self._last_seq = max(self._last_seq, max(r.seq for r in done))
             self._telemetry.events_published.add(len(done), {"topic": cfg.topic})
             for row in done:
-                self._telemetry.relay_lag.record(max(0.0, now - row.event.time))
+                self._telemetry.relay_lag.record(max(0.0, now - row.time))
         if failed:
             first = next(iter(failed.values()))
             if not isinstance(first, _SIZE_ERRORS):
@@ -410,12 +416,23 @@ class OutboxRelay:
             self._skipped += 1
             self._isolate_rows = 0
             self._telemetry.kafka_errors.add(1, {"kind": "too_large"})
-            log.error("outbox row %d (%s) is too large for the broker; skipped: %s", row.seq, row.event.type,
-                      from_outbox(row, self._source).to_json().decode())
+            log.error("outbox row %d (%s) is too large for the broker; skipped: %s", row.seq, row.type,
+                      from_outbox(row.decode(), self._source).to_json().decode())
             return 1
         if isolating:
             self._isolate_rows -= 1
         return len(done)
+
+    def _partition(self, key: bytes, partitions: list[int]) -> int:
+        if partitions != self._partitions_seen:
+            self._partition_of.clear()
+            self._partitions_seen = partitions
+        part = self._partition_of.get(key)
+        if part is None:
+            if len(self._partition_of) >= 100_000:
+                self._partition_of.clear()
+            part = self._partition_of[key] = self._partitioner(key, partitions, partitions)
+        return part
 
     # --- bookkeeping --------------------------------------------------------------------
 

@@ -89,22 +89,33 @@ async def cmd_server_backup(args: argparse.Namespace) -> int:
 
 
 async def cmd_server_restore(args: argparse.Namespace) -> int:
-    import shutil
+    import socket
 
     from issuer.config import load_server_config
+    from issuer.datastore.factory import datastore_for
+    from issuer.datastore.sqlite import MEMORY, RestoreError, SqliteDataStore, restore_backup
 
     config = load_server_config(args.config)
-    dsn = config.dsn
-    if dsn.startswith("postgres"):
-        raise MeshidError("restore is built in for SQLite only; for PostgreSQL use pg_restore (see README)")
-    target = dsn.removeprefix("sqlite://")
-    if os.path.exists(target) and not args.force:
-        raise MeshidError(f"{target} exists; stop the server and pass --force to overwrite it")
-    for suffix in ("-wal", "-shm"):
-        if os.path.exists(target + suffix):
-            os.unlink(target + suffix)
-    shutil.copyfile(args.input, target)
-    os.chmod(target, 0o600)
+    store = datastore_for(config.dsn)  # the same DSN parsing as the server, without connecting
+    if not isinstance(store, SqliteDataStore) or store.path == MEMORY:
+        raise MeshidError("restore is built in for an SQLite file only; for PostgreSQL use pg_restore "
+                          "(see README)")
+    target, admin_socket = store.path, config.admin_socket_path
+
+    def restore() -> None:
+        # A server still running on the file would keep writing to the old database's WAL.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            if probe.connect_ex(admin_socket) == 0:
+                raise MeshidError(f"the server is running (admin socket {admin_socket}); stop it first")
+        if os.path.exists(target) and not args.force:
+            raise MeshidError(f"{target} exists; stop the server and pass --force to overwrite it")
+        try:
+            restore_backup(args.input, target)
+        except RestoreError as exc:
+            raise MeshidError(f"nothing restored: {exc}") from None
+
+    await asyncio.to_thread(restore)
     print(f"restored {args.input} to {target}")
     return 0
 

@@ -222,3 +222,32 @@ async def test_ca_rotation_schedule(dsn: str, short_tmp: Path, kind: str) -> Non
         assert int(await store.get_meta("bundle_sequence") or 0) == ca.bundle.sequence
     finally:
         await store.close()
+
+
+async def test_replicas_share_jwt_key_and_retire_a_gone_replicas_ca(dsn: str, short_tmp: Path) -> None:
+    """Two CA managers (replicas) on one datastore: the second loads the JWT key the first
+    made; each has its own X509 CA and, after a tick, both roots in its bundle; a replica
+    that stopped for good leaves a CA key that the other retires once it has expired."""
+    store = await open_datastore(dsn or str(short_tmp / "ca.sqlite3"))
+    try:
+        clock = FakeClock(time.time())
+        km = DiskKeyManager(KeySealer(b"matrix-secret-0123456789abcdef!!"))
+        td = TrustDomain("example.org")
+        r1 = CaManager(store, km, None, td, 600, server_id="r1", clock=clock)
+        r2 = CaManager(store, km, None, td, 600, server_id="r2", clock=clock)
+        await r1.load()
+        await r2.load()
+        assert [r.key_id for r in await store.list_ca_keys(JWT)] == [r1.jwt_active.key_id]
+        assert r2.jwt_active.key_id == r1.jwt_active.key_id
+        assert r1.x509_active.key_id != r2.x509_active.key_id
+        await r1.tick()
+        assert set(r1.bundle.x509_authorities) == set(r2.bundle.x509_authorities)
+        assert len(r1.bundle.x509_authorities) == 2
+        gone = r2.x509_active
+        clock.t = gone.record.not_after + 1  # r2 never ticks again
+        await r1.tick()
+        assert gone.key_id not in {r.key_id for r in await store.list_ca_keys(X509)}
+        assert gone.cert not in r1.bundle.x509_authorities
+        assert len([r for r in await store.list_ca_keys(JWT) if r.state == ACTIVE]) == 1
+    finally:
+        await store.close()
