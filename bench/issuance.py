@@ -15,8 +15,9 @@ the agent, authorises every entry and writes an issuance event per certificate t
 datastore outbox; cfssl does none of that.
 
 CSRs are made before any timing. Rounds alternate meshid / meshid batch-1 / cfssl, so
-drifting machine speed hits all alike; each figure is the median over rounds. Server CPU
-seconds per 1000 certificates come from the server process's /proc stat (all threads).
+drifting machine speed hits all alike; each rate is the median over rounds, each ratio the
+median of the per-round ratios. Server CPU seconds per 1000 certificates come from the
+server process's /proc stat (all threads).
 
     python bench/issuance.py [--seconds 5] [--rounds 3] [--agents 4] [--concurrency 64]
 
@@ -113,6 +114,10 @@ class Line:
 
     def median(self, attr: str) -> float:
         return statistics.median(getattr(s, attr) for s in self.samples)
+
+
+def _round_ratio(a: Line, b: Line) -> float:
+    return statistics.median(x.rate / y.rate for x, y in zip(a.samples, b.samples, strict=True))
 
 
 async def _timed(
@@ -485,10 +490,11 @@ async def controller(args: argparse.Namespace) -> None:
                 f"errors: {errors}; cores: {os.cpu_count()}; load average {load}; "
                 "the load generator shares the box with both servers"
             )
-            cf = lines["cfssl"].median("rate")
+            # Ratios within each round (its cases run seconds apart, under the same machine load),
+            # then the median over rounds.
             print(
-                f"ratio meshid/cfssl={lines['meshid'].median('rate') / cf:.2f} "
-                f"batch1_ratio={lines['batch1'].median('rate') / cf:.2f}"
+                f"ratio meshid/cfssl={_round_ratio(lines['meshid'], lines['cfssl']):.2f} "
+                f"batch1_ratio={_round_ratio(lines['batch1'], lines['cfssl']):.2f}"
             )
         finally:
             for c in clients:

@@ -144,7 +144,8 @@ class SigningService:
 
         def run() -> list[tuple[x509.Certificate | Exception, Event]]:
             out: list[tuple[x509.Certificate | Exception, Event]] = []
-            for (_, req, entry), leaf in zip(jobs, minter.mint_batch(requests, when), strict=True):
+            for (_, req, entry), der in zip(jobs, minter.mint_batch_der(requests, when), strict=True):
+                leaf = der if isinstance(der, Exception) else x509.load_der_x509_certificate(der)
                 if isinstance(leaf, Exception):
                     out.append(
                         (
@@ -177,6 +178,7 @@ class SigningService:
                             scheduled_rotation_at=req.scheduled_rotation_at,
                             now=now,
                             renew=reason != "initial",
+                            der=der,  # type: ignore[arg-type]
                         ),
                     )
                 )

@@ -111,6 +111,8 @@ _EMPTY_NAME = bytes.fromhex("3000")
 # digitalSignature + keyEncipherment for RSA leaf keys.
 _KU_EC = bytes.fromhex("03020780")
 _KU_RSA = bytes.fromhex("030205a0")
+# Version then the INTEGER header of a serial of n octets (1..20), by n.
+_SERIAL_HEADERS = {n: _VERSION_V3 + bytes((0x02, n)) for n in range(1, 21)}
 
 
 def extension(oid: bytes, critical: bool, value: bytes) -> bytes:
@@ -164,6 +166,7 @@ def _ec_spki_prefix(curve: ec.EllipticCurve) -> bytes:
     return prefix
 
 
+_sha1 = hashlib.sha1
 _X962 = serialization.Encoding.X962
 _UNCOMPRESSED = serialization.PublicFormat.UncompressedPoint
 _DER = serialization.Encoding.DER
@@ -178,8 +181,9 @@ def ec_spki_and_ski(pub: ec.EllipticCurvePublicKey) -> tuple[bytes, bytes]:
     full SPKI serialization, and the key identifier is the SHA-1 of exactly that point.
     """
     point = pub.public_bytes(_X962, _UNCOMPRESSED)
+    prefix = _EC_SPKI_PREFIXES.get(pub.curve.name) or _ec_spki_prefix(pub.curve)
     # SHA-1 here names a key; it protects nothing (hence usedforsecurity=False for FIPS builds).
-    return _ec_spki_prefix(pub.curve) + point, hashlib.sha1(point, usedforsecurity=False).digest()
+    return prefix + point, _sha1(point, usedforsecurity=False).digest()
 
 
 def rsa_spki_and_ski(pub: rsa.RSAPublicKey) -> tuple[bytes, bytes]:
@@ -264,25 +268,17 @@ class LeafTemplate:
         sb = serial.to_bytes(serial.bit_length() // 8 + 1, "big")  # leading 0x00 when the top bit is set
         prefix = identity[1] if rsa_key else identity[0]
         suffix = identity[2]
-        body = 7 + len(sb) + len(middle) + len(spki_der) + len(prefix) + 20 + len(suffix)
-        return b"".join(
-            (
-                der_header(0x30, body),
-                _VERSION_V3,
-                bytes((0x02, len(sb))),
-                sb,
-                middle,
-                spki_der,
-                prefix,
-                ski,
-                suffix,
-            )
-        )
+        # version (5) + serial header (2) + SKI (20), then the variable parts.
+        n = 27 + len(sb) + len(middle) + len(spki_der) + len(prefix) + len(suffix)
+        header = bytes((0x30, 0x82, n >> 8, n & 0xFF)) if 0x100 <= n < 0x10000 else der_header(0x30, n)
+        return b"".join((header, _SERIAL_HEADERS[len(sb)], sb, middle, spki_der, prefix, ski, suffix))
 
 
 def certificate_der(tbs_der: bytes, signature_algorithm_der: bytes, signature: bytes) -> bytes:
     """Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue BIT STRING }."""
     bit_len = len(signature) + 1
-    bit_hdr = der_header(0x03, bit_len)
-    total = len(tbs_der) + len(signature_algorithm_der) + len(bit_hdr) + bit_len
-    return b"".join((der_header(0x30, total), tbs_der, signature_algorithm_der, bit_hdr, b"\x00", signature))
+    # BIT STRING header and its 0 unused-bits octet: ECDSA signatures take the short form.
+    bit_hdr = bytes((0x03, bit_len, 0)) if bit_len < 0x80 else der_header(0x03, bit_len) + b"\x00"
+    n = len(tbs_der) + len(signature_algorithm_der) + len(bit_hdr) + bit_len - 1
+    header = bytes((0x30, 0x82, n >> 8, n & 0xFF)) if 0x100 <= n < 0x10000 else der_header(0x30, n)
+    return b"".join((header, tbs_der, signature_algorithm_der, bit_hdr, signature))

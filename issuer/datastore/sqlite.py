@@ -84,6 +84,7 @@ class SqliteDataStore:
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
         self._named_locks: dict[str, asyncio.Lock] = {}
+        self._synchronous = "FULL"  # the writer's current PRAGMA synchronous
 
     @property
     def path(self) -> str:
@@ -173,10 +174,19 @@ class SqliteDataStore:
         await conn.execute("COMMIT")
 
     @contextlib.asynccontextmanager
-    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction; rolled back if the body raises."""
+    async def _tx(self, durable: bool = True) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; rolled back if the body raises.
+
+        `durable=False` commits without waiting for fsync (WAL, synchronous=NORMAL): for
+        the relay's claims and delivery marks, which a power cut may only roll back into
+        a re-sent event with the same id. Acts and their events always commit FULL."""
         async with self._write_lock:
             conn = self._require(self._writer)
+            mode = "FULL" if durable else "NORMAL"
+            if self._synchronous != mode:
+                self._synchronous = "?"  # unknown until the pragma has run
+                await conn.execute(f"PRAGMA synchronous = {mode}")
+                self._synchronous = mode
             try:
                 # Inside the try: if we are cancelled while BEGIN waits, it still runs
                 # and must be rolled back.
@@ -420,14 +430,14 @@ class SqliteDataStore:
         # One writer per file makes this trivially exclusive; the lease logic is the same
         # as PostgreSQL's so that relays behave alike on both backends.
         params = {"owner": owner, "until": now + lease_seconds, "now": now, "limit": limit}
-        async with self._tx() as conn:
+        async with self._tx(durable=False) as conn:
             rows = list(await conn.execute_fetchall(_CLAIM, params))
         return sorted((codec.stored_event_from_row(r) for r in rows), key=lambda r: r.seq)
 
     async def mark_delivered(self, seqs: Sequence[int], now: float) -> None:
         if not seqs:
             return
-        async with self._tx() as conn:
+        async with self._tx(durable=False) as conn:
             await conn.execute(
                 "UPDATE outbox SET delivered_at = ?, claimed_by = NULL, lease_until = NULL "
                 "WHERE delivered_at IS NULL AND seq IN (SELECT value FROM json_each(?))",

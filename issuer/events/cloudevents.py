@@ -47,7 +47,8 @@ def event_id(source: str, seq: int) -> str:
 
 def rfc3339(ts: float) -> str:
     """UTC with microseconds and a `Z`, e.g. 2025-01-02T03:04:05.123456Z."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat is several times faster than strftime; the format is the same.
+    return datetime.fromtimestamp(ts, UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_rfc3339(text: str) -> float:

@@ -8,6 +8,7 @@ issuance, and meshid's own fields under `unmapped`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
 from collections.abc import Iterable, Mapping
@@ -150,11 +151,20 @@ def _event(type_: str, subject: str, key: str, now: float, data: dict[str, Any])
     return Event(type=type_, subject=subject, partition_key=key or subject, time=now, data=data)
 
 
-def certificate_object(cert: x509.Certificate | bytes) -> dict[str, Any]:
-    """The OCSF `certificate` object for an X.509 certificate (object or DER)."""
+@functools.lru_cache(maxsize=256)
+def _name_string(name: x509.Name) -> str:
+    # Leaves of one CA share the issuer name: format it once, not per issuance.
+    return name.rfc4514_string()
+
+
+def certificate_object(cert: x509.Certificate | bytes, der: bytes | None = None) -> dict[str, Any]:
+    """The OCSF `certificate` object for an X.509 certificate (object or DER; pass `der` too
+    when the caller already has it, to skip re-encoding)."""
     if isinstance(cert, bytes):
+        der = cert
         cert = x509.load_der_x509_certificate(cert)
-    der = cert.public_bytes(Encoding.DER)
+    if der is None:
+        der = cert.public_bytes(Encoding.DER)
     fingerprint = hashlib.sha256(der).hexdigest()
     sans: list[dict[str, str]] = []
     try:
@@ -166,8 +176,8 @@ def certificate_object(cert: x509.Certificate | bytes) -> dict[str, Any]:
     return {
         "version": str(cert.version.value + 1),
         "serial_number": format(cert.serial_number, "x"),
-        "issuer": cert.issuer.rfc4514_string(),
-        "subject": cert.subject.rfc4514_string(),
+        "issuer": _name_string(cert.issuer),
+        "subject": _name_string(cert.subject),
         "created_time": _ms(cert.not_valid_before_utc.timestamp()),
         "expiration_time": _ms(cert.not_valid_after_utc.timestamp()),
         "fingerprints": [{"algorithm": "SHA-256", "algorithm_id": _FINGERPRINT_SHA256, "value": fingerprint}],
@@ -194,12 +204,13 @@ def x509_issued(
     renew: bool,
     *,
     node_id: str = "",
+    der: bytes | None = None,
 ) -> Event:
     """An X509-SVID was signed. `renew` picks OCSF activity 5 (renew) over 4 (issue)."""
     if rotation_reason not in ROTATION_REASONS:
         raise ValueError(f"unknown rotation_reason {rotation_reason!r}")
     sid = str(spiffe_id)
-    cert_obj = certificate_object(cert)
+    cert_obj = certificate_object(cert, der)
     activity = AUTH_SERVICE_TICKET_RENEW if renew else AUTH_SERVICE_TICKET
     data = _base(AUTHENTICATION, activity, now=now, severity=Severity.INFORMATIONAL,
                  status_id=STATUS_SUCCESS, message=f"X509-SVID {'renewed' if renew else 'issued'} for {sid}")

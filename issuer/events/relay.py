@@ -399,8 +399,12 @@ class OutboxRelay:
             self._published += len(done)
             self._last_seq = max(self._last_seq, max(r.seq for r in done))
             self._telemetry.events_published.add(len(done), {"topic": cfg.topic})
+            # One signing batch's events share their act time, hence their lag.
+            same_time: dict[float, int] = {}
             for row in done:
-                self._telemetry.relay_lag.record(max(0.0, now - row.time))
+                same_time[row.time] = same_time.get(row.time, 0) + 1
+            for t, n in same_time.items():
+                self._telemetry.relay_lag.record(max(0.0, now - t), n)
         if failed:
             first = next(iter(failed.values()))
             if not isinstance(first, _SIZE_ERRORS):
