@@ -37,7 +37,7 @@ def p99(values: list[float]) -> float:
     if not values:
         return float("nan")
     v = sorted(values)
-    return v[min(len(v) - 1, int(round(0.99 * (len(v) - 1))))]
+    return v[min(len(v) - 1, round(0.99 * (len(v) - 1)))]
 
 
 def raise_nofile(need: int) -> None:
@@ -281,7 +281,8 @@ async def controller(streams: int, uids: int, rotations: int, probes: int) -> No
     )
     push_ms = [x * 1000 for x in push]
     print(
-        f"new stream with {streams} established, first message: n={len(first_ms)} p50={sorted(first_ms)[len(first_ms) // 2]:.2f} ms "
+        f"new stream with {streams} established, first message: n={len(first_ms)} "
+        f"p50={sorted(first_ms)[len(first_ms) // 2]:.2f} ms "
         f"p99={p99(first_ms):.2f} ms max={max(first_ms):.2f} ms"
     )
     print(

@@ -16,32 +16,38 @@ KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
 
 @dataclass
 class DatastoreConfig:
-    dsn: str = doc("sqlite:///path, a plain path, or postgresql://...; default <data_dir>/datastore.sqlite3",
-                   default="")
+    dsn: str = doc(
+        "sqlite:///path, a plain path, or postgresql://...; default <data_dir>/datastore.sqlite3", default=""
+    )
 
 
 @dataclass
 class ListenConfig:
     bind_address: str = doc("address of the TLS listeners (agent API, gRPC)", default="0.0.0.0")
     agent_api_port: int = doc("mutual-TLS agent API port (TLS 1.3); 0 = any free port", default=8443)
-    grpc_port: int = doc("mutual-TLS gRPC port for the SPIRE Entry API (Cilium's default 8081); 0 = any free port",
-                         default=8081)
+    grpc_port: int = doc(
+        "mutual-TLS gRPC port for the SPIRE Entry API (Cilium's default 8081); 0 = any free port",
+        default=8081,
+    )
     grpc_enabled: bool = doc("serve the SPIRE-compatible Entry API over gRPC", default=True)
-    health_address: str = doc("plain-HTTP health/metrics listener address (loopback by default)",
-                              default="127.0.0.1")
+    health_address: str = doc(
+        "plain-HTTP health/metrics listener address (loopback by default)", default="127.0.0.1"
+    )
     health_port: int = doc("plain-HTTP /live, /ready, /metrics port; 0 = any free port", default=8088)
     health_enabled: bool = doc("serve /live, /ready and /metrics", default=True)
     admin_socket_path: str = doc("admin Unix socket (mode 0600); default <data_dir>/admin.sock", default="")
-    admin_ids: list[str] = doc("SPIFFE IDs allowed to manage entries over the gRPC Entry API",
-                               default_factory=list)
-    master_secret_file: str = doc("file holding the master secret that encrypts CA keys at rest",
-                                  default="")
-    master_secret_env: str = doc("environment variable holding the master secret (used if set)",
-                                 default="MESHID_MASTER_SECRET")
+    admin_ids: list[str] = doc(
+        "SPIFFE IDs allowed to manage entries over the gRPC Entry API", default_factory=list
+    )
+    master_secret_file: str = doc("file holding the master secret that encrypts CA keys at rest", default="")
+    master_secret_env: str = doc(
+        "environment variable holding the master secret (used if set)", default="MESHID_MASTER_SECRET"
+    )
     server_id: str = doc("this replica's id; default: generated once and kept in data_dir", default="")
     max_request_bytes: int = doc("largest JSON body the agent API accepts", default=4 * 1024 * 1024)
-    attest_rate_per_minute: int = doc("node attestation attempts allowed per source address per minute",
-                                      default=30)
+    attest_rate_per_minute: int = doc(
+        "node attestation attempts allowed per source address per minute", default=30
+    )
 
 
 KEY_MANAGERS = ("disk", "pkcs11")
@@ -49,12 +55,14 @@ KEY_MANAGERS = ("disk", "pkcs11")
 
 @dataclass
 class Pkcs11Config:
-    module_path: str = doc("PKCS#11 module (shared library) of the HSM, e.g. /usr/lib/softhsm/libsofthsm2.so",
-                           default="")
+    module_path: str = doc(
+        "PKCS#11 module (shared library) of the HSM, e.g. /usr/lib/softhsm/libsofthsm2.so", default=""
+    )
     token_label: str = doc("label of the token that holds the CA keys", default="")
     pin_env: str = doc("environment variable holding the token's user PIN", default="MESHID_PKCS11_PIN")
-    key_label_prefix: str = doc("CKA_LABEL prefix of the keys meshid makes (then the CA key id)",
-                                default="meshid-")
+    key_label_prefix: str = doc(
+        "CKA_LABEL prefix of the keys meshid makes (then the CA key id)", default="meshid-"
+    )
 
     def validate(self) -> None:
         if self.module_path and not Path(self.module_path).is_absolute():
@@ -65,9 +73,11 @@ class Pkcs11Config:
 
 @dataclass
 class CaConfig:
-    key_manager: str = doc("where CA private keys live: disk (sealed under the master secret in the "
-                           "datastore) or pkcs11 (generated and used inside an HSM token, see [ca.pkcs11])",
-                           default="disk")
+    key_manager: str = doc(
+        "where CA private keys live: disk (sealed under the master secret in the "
+        "datastore) or pkcs11 (generated and used inside an HSM token, see [ca.pkcs11])",
+        default="disk",
+    )
     pkcs11: Pkcs11Config = field(default_factory=Pkcs11Config)
     key_type: str = doc("X509 CA key type: ec-p256, ec-p384, rsa-2048, rsa-3072", default="ec-p256")
     jwt_key_type: str = doc("JWT signing key type", default="ec-p256")
@@ -76,8 +86,9 @@ class CaConfig:
     jwt_svid_ttl: Duration = doc("default JWT-SVID lifetime", default=Duration(300))
     agent_svid_ttl: Duration = doc("agent SVID lifetime", default=Duration(3600))
     jwt_issuer: str = doc("`iss` claim of JWT-SVIDs (and OIDC issuer); empty = omit", default="")
-    taint_rotation_window: Duration = doc("agents spread re-issuance after a taint over this window",
-                                          default=Duration(600))
+    taint_rotation_window: Duration = doc(
+        "agents spread re-issuance after a taint over this window", default=Duration(600)
+    )
 
     def validate(self) -> None:
         if self.key_manager not in KEY_MANAGERS:
@@ -123,18 +134,19 @@ class JoinTokenConfig:
 
 @dataclass
 class X509PopConfig:
-    ca_bundle_path: str = doc("PEM CAs that node certificates must chain to; empty = x509pop off",
-                              default="")
-    agent_path_template: str = doc("agent ID path: fingerprint (SHA-1 of the leaf) or subject_cn",
-                                   default="fingerprint")
+    ca_bundle_path: str = doc("PEM CAs that node certificates must chain to; empty = x509pop off", default="")
+    agent_path_template: str = doc(
+        "agent ID path: fingerprint (SHA-1 of the leaf) or subject_cn", default="fingerprint"
+    )
 
 
 @dataclass
 class NodeAttestorsConfig:
     join_token: JoinTokenConfig = field(default_factory=JoinTokenConfig)
     x509pop: X509PopConfig = field(default_factory=X509PopConfig)
-    k8s_psat: dict[str, Any] = doc("k8s_psat attestor settings (see docs/kubernetes.md)",
-                                   default_factory=dict)
+    k8s_psat: dict[str, Any] = doc(
+        "k8s_psat attestor settings (see docs/kubernetes.md)", default_factory=dict
+    )
 
 
 @dataclass
@@ -149,11 +161,13 @@ class AdmissionConfig:
 
 @dataclass
 class KafkaSection:
-    bootstrap_servers: list[str] = doc("Kafka bootstrap servers host:port; empty = outbox only",
-                                       default_factory=list)
+    bootstrap_servers: list[str] = doc(
+        "Kafka bootstrap servers host:port; empty = outbox only", default_factory=list
+    )
     topic: str = doc("events topic", default="meshid.events")
-    enable_idempotence: bool = doc("idempotent producer (turn off for brokers refusing InitProducerId)",
-                                   default=True)
+    enable_idempotence: bool = doc(
+        "idempotent producer (turn off for brokers refusing InitProducerId)", default=True
+    )
     mode: str = doc("CloudEvents mode: structured or binary", default="structured")
     auto_create_topics: bool = doc("create the topic when missing", default=False)
     security_protocol: str = doc("PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL", default="PLAINTEXT")
@@ -180,24 +194,32 @@ FEDERATION_PROFILES = ("https_spiffe", "https_web")
 
 @dataclass
 class BundleEndpointConfig:
-    enabled: bool = doc("serve this trust domain's SPIFFE bundle at GET / (TLS 1.3 server-auth, "
-                        "no client certificate)", default=False)
-    address: str = doc("listen address of the bundle endpoint (also serves OIDC discovery)",
-                       default="0.0.0.0")
+    enabled: bool = doc(
+        "serve this trust domain's SPIFFE bundle at GET / (TLS 1.3 server-auth, no client certificate)",
+        default=False,
+    )
+    address: str = doc(
+        "listen address of the bundle endpoint (also serves OIDC discovery)", default="0.0.0.0"
+    )
     port: int = doc("bundle endpoint port; 0 = any free port", default=8444)
-    profile: str = doc("https_spiffe: present the server's X509-SVID; https_web: present cert_file/key_file",
-                       default="https_spiffe")
+    profile: str = doc(
+        "https_spiffe: present the server's X509-SVID; https_web: present cert_file/key_file",
+        default="https_spiffe",
+    )
     cert_file: str = doc("https_web: serving certificate chain (PEM), re-read when it changes", default="")
     key_file: str = doc("https_web: private key of cert_file (PEM)", default="")
-    file_sync_interval: Duration = doc("https_web: how often cert_file/key_file are checked for changes",
-                                       default=Duration(60))
-    refresh_hint: Duration = doc("spiffe_refresh_hint advertised to federated consumers",
-                                 default=Duration(300))
+    file_sync_interval: Duration = doc(
+        "https_web: how often cert_file/key_file are checked for changes", default=Duration(60)
+    )
+    refresh_hint: Duration = doc(
+        "spiffe_refresh_hint advertised to federated consumers", default=Duration(300)
+    )
 
     def validate(self) -> None:
         if self.profile not in FEDERATION_PROFILES:
-            raise ConfigError("federation.bundle_endpoint.profile: must be one of "
-                              + ", ".join(FEDERATION_PROFILES))
+            raise ConfigError(
+                "federation.bundle_endpoint.profile: must be one of " + ", ".join(FEDERATION_PROFILES)
+            )
         if self.profile == "https_web" and self.enabled and not (self.cert_file and self.key_file):
             raise ConfigError("federation.bundle_endpoint: https_web needs cert_file and key_file")
         if self.refresh_hint < 1:
@@ -210,13 +232,19 @@ class BundleEndpointConfig:
 class FederatedTrustDomainConfig:
     """One `[federation.trust_domains."<td>"]` table (keys checked like every other table)."""
 
-    bundle_endpoint_url: str = doc("https URL of the foreign bundle endpoint; empty = static "
-                                   "trust_bundle_path", default="")
-    profile: str = doc("https_spiffe (authenticate the endpoint with the foreign bundle) or https_web "
-                       "(Web PKI)", default="https_spiffe")
+    bundle_endpoint_url: str = doc(
+        "https URL of the foreign bundle endpoint; empty = static trust_bundle_path", default=""
+    )
+    profile: str = doc(
+        "https_spiffe (authenticate the endpoint with the foreign bundle) or https_web (Web PKI)",
+        default="https_spiffe",
+    )
     endpoint_spiffe_id: str = doc("https_spiffe: SPIFFE ID the endpoint must present", default="")
-    trust_bundle_path: str = doc("initial foreign bundle (PEM roots or SPIFFE bundle JSON); used until "
-                                 "one is fetched, and always when bundle_endpoint_url is empty", default="")
+    trust_bundle_path: str = doc(
+        "initial foreign bundle (PEM roots or SPIFFE bundle JSON); used until "
+        "one is fetched, and always when bundle_endpoint_url is empty",
+        default="",
+    )
     ca_file: str = doc("https_web: PEM CAs to trust instead of the system store", default="")
 
     def validate(self) -> None:
@@ -244,11 +272,15 @@ class FederationConfig:
     bundle_endpoint: BundleEndpointConfig = field(default_factory=BundleEndpointConfig)
     trust_domains: dict[str, Any] = doc(
         'foreign trust domains: [federation.trust_domains."other.org"] with bundle_endpoint_url, profile, '
-        "endpoint_spiffe_id, trust_bundle_path, ca_file", default_factory=dict)
-    min_refresh_interval: Duration = doc("poll a foreign endpoint at most this often, whatever its "
-                                         "refresh hint", default=Duration(30))
-    max_refresh_interval: Duration = doc("poll a foreign endpoint at least this often",
-                                         default=Duration(3600))
+        "endpoint_spiffe_id, trust_bundle_path, ca_file",
+        default_factory=dict,
+    )
+    min_refresh_interval: Duration = doc(
+        "poll a foreign endpoint at most this often, whatever its refresh hint", default=Duration(30)
+    )
+    max_refresh_interval: Duration = doc(
+        "poll a foreign endpoint at least this often", default=Duration(3600)
+    )
     fetch_timeout: Duration = doc("time limit of one foreign bundle fetch", default=Duration(30))
 
     def relationships(self) -> dict[TrustDomain, FederatedTrustDomainConfig]:
@@ -272,10 +304,14 @@ class FederationConfig:
 
 @dataclass
 class OidcConfig:
-    enabled: bool = doc("serve OIDC discovery (/.well-known/openid-configuration, /keys) on the bundle "
-                        "endpoint listener; the issuer is ca.jwt_issuer", default=False)
-    jwks_uri: str = doc("jwks_uri to advertise (e.g. behind a proxy); default <ca.jwt_issuer>/keys",
-                        default="")
+    enabled: bool = doc(
+        "serve OIDC discovery (/.well-known/openid-configuration, /keys) on the bundle "
+        "endpoint listener; the issuer is ca.jwt_issuer",
+        default=False,
+    )
+    jwks_uri: str = doc(
+        "jwks_uri to advertise (e.g. behind a proxy); default <ca.jwt_issuer>/keys", default=""
+    )
 
 
 @dataclass
@@ -304,11 +340,13 @@ class ServerConfig:
             # OIDC relying parties match `iss` byte for byte against the discovery issuer.
             iss = urlsplit(self.ca.jwt_issuer)
             if iss.scheme != "https" or not iss.hostname or iss.query or iss.fragment:
-                raise ConfigError("oidc.enabled: ca.jwt_issuer must be an https URL without query or "
-                                  "fragment")
+                raise ConfigError(
+                    "oidc.enabled: ca.jwt_issuer must be an https URL without query or fragment"
+                )
             if not self.federation.bundle_endpoint.enabled:
-                raise ConfigError("oidc.enabled: OIDC discovery is served by federation.bundle_endpoint; "
-                                  "enable it")
+                raise ConfigError(
+                    "oidc.enabled: OIDC discovery is served by federation.bundle_endpoint; enable it"
+                )
 
     # Derived values, so callers never re-derive defaults.
     @property
@@ -332,6 +370,7 @@ def load_server_config(path: str | Path, env: dict[str, str] | None = None) -> S
     return build(ServerConfig, load_file(path), str(path), env)
 
 
-def server_config_from_dict(data: dict[str, Any], source: str = "<config>",
-                            env: dict[str, str] | None = None) -> ServerConfig:
+def server_config_from_dict(
+    data: dict[str, Any], source: str = "<config>", env: dict[str, str] | None = None
+) -> ServerConfig:
     return build(ServerConfig, data, source, env if env is not None else {})

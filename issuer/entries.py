@@ -20,7 +20,11 @@ ENTRIES_REVISION = "entries_revision"
 
 class EntryService:
     def __init__(
-        self, ds: DataStore, trust_domain: TrustDomain, server_id: SpiffeId, clock: Callable[[], float] = time.time
+        self,
+        ds: DataStore,
+        trust_domain: TrustDomain,
+        server_id: SpiffeId,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.ds = ds
         self.td = trust_domain

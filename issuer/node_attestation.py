@@ -108,7 +108,9 @@ class AgentService:
         if len(self._sessions) >= MAX_SESSIONS:
             raise OverloadedError("too many attestations in progress", retry_after=1.0)
         sid = secrets.token_urlsafe(24)
-        self._sessions[sid] = _Session(request.attestor, request, challenge, csr, self.clock() + CHALLENGE_TTL)
+        self._sessions[sid] = _Session(
+            request.attestor, request, challenge, csr, self.clock() + CHALLENGE_TTL
+        )
         return sid, challenge.nonce
 
     async def answer(self, session_id: str, response: bytes, source: str) -> IssuedAgentSvid:
@@ -159,13 +161,28 @@ class AgentService:
             await self.ds.put_agent(
                 record,
                 [
-                    ocsf.node_attested(record.agent_id, request.attestor, record.selectors, now, cert=chain[0],
-                                       src_ip=request.source, reattest=existing is not None),
+                    ocsf.node_attested(
+                        record.agent_id,
+                        request.attestor,
+                        record.selectors,
+                        now,
+                        cert=chain[0],
+                        src_ip=request.source,
+                        reattest=existing is not None,
+                    ),
                     ocsf.x509_issued(
-                        chain[0], spiffe_id=str(record.agent_id), entry_id="", entry_revision=0,
-                        parent_id=str(SpiffeId(self.td, "/meshid/server")), agent_id=str(record.agent_id),
-                        selectors=[str(s) for s in record.selectors], ca_key_id=self.ca.x509_active.key_id,
-                        rotation_reason="initial", scheduled_rotation_at=None, now=now, renew=False,
+                        chain[0],
+                        spiffe_id=str(record.agent_id),
+                        entry_id="",
+                        entry_revision=0,
+                        parent_id=str(SpiffeId(self.td, "/meshid/server")),
+                        agent_id=str(record.agent_id),
+                        selectors=[str(s) for s in record.selectors],
+                        ca_key_id=self.ca.x509_active.key_id,
+                        rotation_reason="initial",
+                        scheduled_rotation_at=None,
+                        now=now,
+                        renew=False,
                     ),
                 ],
             )
@@ -175,11 +192,17 @@ class AgentService:
         return IssuedAgentSvid(record, chain)
 
     async def _failed(self, request: AttestationRequest, reason: str) -> None:
-        log.warning("node attestation via %s from %s failed: %s", request.attestor, request.source or "?", reason)
+        log.warning(
+            "node attestation via %s from %s failed: %s", request.attestor, request.source or "?", reason
+        )
         telemetry.default_telemetry().record_attestation("node", request.attestor, False)
-        await self.ds.append_events([ocsf.node_attestation_failed(request.attestor, reason, self.clock(),
-                                                                  trust_domain=self.td.name,
-                                                                  src_ip=request.source)])
+        await self.ds.append_events(
+            [
+                ocsf.node_attestation_failed(
+                    request.attestor, reason, self.clock(), trust_domain=self.td.name, src_ip=request.source
+                )
+            ]
+        )
         self._events_written()
 
     async def _mint(self, agent_id: SpiffeId, csr: bytes) -> list[x509.Certificate]:
@@ -206,15 +229,30 @@ class AgentService:
         chain = await self._mint(agent.agent_id, csr)
         now = self.clock()
         record = replace(
-            agent, serial=f"{chain[0].serial_number:x}", expires_at=int(chain[0].not_valid_after_utc.timestamp()),
+            agent,
+            serial=f"{chain[0].serial_number:x}",
+            expires_at=int(chain[0].not_valid_after_utc.timestamp()),
             updated_at=int(now),
         )
-        await self.ds.put_agent(record, [ocsf.x509_issued(
-            chain[0], spiffe_id=str(agent.agent_id), entry_id="", entry_revision=0,
-            parent_id=str(SpiffeId(self.td, "/meshid/server")), agent_id=str(agent.agent_id),
-            selectors=[str(s) for s in agent.selectors], ca_key_id=self.ca.x509_active.key_id,
-            rotation_reason="scheduled", scheduled_rotation_at=None, now=now, renew=True,
-        )])
+        await self.ds.put_agent(
+            record,
+            [
+                ocsf.x509_issued(
+                    chain[0],
+                    spiffe_id=str(agent.agent_id),
+                    entry_id="",
+                    entry_revision=0,
+                    parent_id=str(SpiffeId(self.td, "/meshid/server")),
+                    agent_id=str(agent.agent_id),
+                    selectors=[str(s) for s in agent.selectors],
+                    ca_key_id=self.ca.x509_active.key_id,
+                    rotation_reason="scheduled",
+                    scheduled_rotation_at=None,
+                    now=now,
+                    renew=True,
+                )
+            ],
+        )
         self._events_written()
         return IssuedAgentSvid(record, chain)
 
@@ -228,8 +266,9 @@ class AgentService:
         record = await self.ds.get_agent(agent_id)
         if record is None:
             raise NotFoundError(f"no agent {agent_id}")
-        await self.ds.put_agent(replace(record, banned=True, serial=""),
-                                [ocsf.agent_banned(str(agent_id), self.clock())])
+        await self.ds.put_agent(
+            replace(record, banned=True, serial=""), [ocsf.agent_banned(str(agent_id), self.clock())]
+        )
         self._events_written()
 
     async def list(self) -> list[AgentRecord]:

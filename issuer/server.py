@@ -75,7 +75,7 @@ class Server:
     async def start(self) -> None:
         cfg = self.config
         data_dir = Path(cfg.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once, at start-up
         self.key_manager = _key_manager(cfg)
         self.server_id = cfg.server.server_id or _persistent_id(data_dir / SERVER_ID_FILE)
         self.ds = ds = await open_datastore(cfg.dsn)
@@ -92,15 +92,26 @@ class Server:
         if d.cert_file:
             upstream = DiskUpstreamAuthority(d.cert_file, d.key_file, d.bundle_file)
         self.ca = CaManager(
-            ds, self.key_manager, upstream, self.td, cfg.ca.ca_ttl, cfg.ca.key_type, cfg.ca.jwt_key_type,
-            self.server_id, self.clock, on_change=self._bundle_changed,
+            ds,
+            self.key_manager,
+            upstream,
+            self.td,
+            cfg.ca.ca_ttl,
+            cfg.ca.key_type,
+            cfg.ca.jwt_key_type,
+            self.server_id,
+            self.clock,
+            on_change=self._bundle_changed,
         )
         await self.ca.load()
         self.entries = EntryService(ds, self.td, cfg.server_spiffe_id, self.clock)
-        attestors: dict[str, NodeAttestor] = {"join_token": JoinTokenAttestor(ds.consume_join_token, self.clock)}
+        attestors: dict[str, NodeAttestor] = {
+            "join_token": JoinTokenAttestor(ds.consume_join_token, self.clock)
+        }
         if cfg.node_attestors.x509pop.ca_bundle_path:
             attestors["x509pop"] = X509PopAttestor(
-                cfg.node_attestors.x509pop.ca_bundle_path, cfg.node_attestors.x509pop.agent_path_template,
+                cfg.node_attestors.x509pop.ca_bundle_path,
+                cfg.node_attestors.x509pop.agent_path_template,
                 self.clock,
             )
         if cfg.node_attestors.k8s_psat:
@@ -108,23 +119,41 @@ class Server:
 
             attestors["k8s_psat"] = K8sPsatAttestor.from_config(cfg.node_attestors.k8s_psat)
         self.agents = AgentService(
-            ds, self.ca, self.td, attestors, cfg.ca.agent_svid_ttl, cfg.server.attest_rate_per_minute,
-            self.clock, on_events=self._events_written,
+            ds,
+            self.ca,
+            self.td,
+            attestors,
+            cfg.ca.agent_svid_ttl,
+            cfg.server.attest_rate_per_minute,
+            self.clock,
+            on_events=self._events_written,
         )
         a = cfg.admission
-        self.admission = Admission(a.max_concurrent_signing, a.agent_rate, a.agent_burst, a.global_rate,
-                                   a.global_burst, a.max_queue)
+        self.admission = Admission(
+            a.max_concurrent_signing, a.agent_rate, a.agent_burst, a.global_rate, a.global_burst, a.max_queue
+        )
         self.signing = SigningService(
-            ds, self.ca, self.entries, self.admission, cfg.ca.x509_svid_ttl, cfg.ca.jwt_svid_ttl,
-            cfg.ca.jwt_issuer, self.clock, on_events=self._events_written,
+            ds,
+            self.ca,
+            self.entries,
+            self.admission,
+            cfg.ca.x509_svid_ttl,
+            cfg.ca.jwt_svid_ttl,
+            cfg.ca.jwt_issuer,
+            self.clock,
+            on_events=self._events_written,
         )
         self.signing.taint_window = cfg.ca.taint_rotation_window
         await self._renew_identity()
         await self._start_relay(ds)
         fed = cfg.federation
         self.federation = FederationPoller(
-            ds, [Relationship.from_config(td, c) for td, c in fed.relationships().items()],
-            fed.min_refresh_interval, fed.max_refresh_interval, fed.fetch_timeout, self.clock,
+            ds,
+            [Relationship.from_config(td, c) for td, c in fed.relationships().items()],
+            fed.min_refresh_interval,
+            fed.max_refresh_interval,
+            fed.fetch_timeout,
+            self.clock,
         )
         await self.federation.load()
         await self._start_listeners()
@@ -156,8 +185,14 @@ class Server:
         self.listeners["agent_api"] = await tls_listener(
             api.app(cfg.max_request_bytes), cfg.bind_address, cfg.agent_api_port, self._agent_ctx.outer
         )
-        admin = AdminApi(self.ds, self.entries, self.agents, self.ca,  # type: ignore[arg-type]
-                         self.config.node_attestors.join_token.default_ttl, self.td.name)
+        admin = AdminApi(
+            self.ds,
+            self.entries,
+            self.agents,
+            self.ca,  # type: ignore[arg-type]
+            self.config.node_attestors.join_token.default_ttl,
+            self.td.name,
+        )
         self.listeners["admin"] = await unix_listener(admin.app(), self.config.admin_socket_path, 0o600)
         if cfg.health_enabled:
             self.listeners["health"] = await plain_listener(
@@ -176,12 +211,18 @@ class Server:
         if be.profile == "https_web":
             files = ServingCertFiles(be.cert_file, be.key_file)
             ctx = files.context
-            self.tasks.spawn("bundle-endpoint-certs",
-                             every(be.file_sync_interval, files.check, "bundle endpoint certificate reload"))
+            self.tasks.spawn(
+                "bundle-endpoint-certs",
+                every(be.file_sync_interval, files.check, "bundle endpoint certificate reload"),
+            )
         else:
             ctx = self.tls_context(client_cert="none")  # https_spiffe: our own SVID, kept current
-        endpoint = BundleEndpoint(lambda: self.ca.bundle, int(be.refresh_hint),
-                                  self.config.ca.jwt_issuer if oidc.enabled else "", oidc.jwks_uri)
+        endpoint = BundleEndpoint(
+            lambda: self.ca.bundle,
+            int(be.refresh_hint),
+            self.config.ca.jwt_issuer if oidc.enabled else "",
+            oidc.jwks_uri,
+        )
         self.listeners["bundle_endpoint"] = await tls_listener(endpoint.app(), be.address, be.port, ctx.outer)
 
     async def _start_grpc(self) -> None:
@@ -192,14 +233,18 @@ class Server:
         self.grpc = await start_entry_api(self)
 
     def _agent_api_context(self) -> Any:
-        return server_context(self.identity.chain, self.identity.key, self.ca.bundle.x509_authorities,
-                              client_cert="optional")
+        return server_context(
+            self.identity.chain, self.identity.key, self.ca.bundle.x509_authorities, client_cert="optional"
+        )
 
-    def tls_context(self, client_cert: str = "required", alpn: tuple[str, ...] = ()) -> SwappableServerContext:
+    def tls_context(
+        self, client_cert: str = "required", alpn: tuple[str, ...] = ()
+    ) -> SwappableServerContext:
         """A swappable TLS 1.3 context with the server SVID, kept current on rotation."""
         roots = self.ca.bundle.x509_authorities if client_cert != "none" else None
-        ctx = SwappableServerContext(server_context(self.identity.chain, self.identity.key, roots, client_cert,
-                                                    alpn or None))
+        ctx = SwappableServerContext(
+            server_context(self.identity.chain, self.identity.key, roots, client_cert, alpn or None)
+        )
         self._extra_ctx.append((ctx, client_cert, alpn))
         return ctx
 
@@ -208,7 +253,9 @@ class Server:
             self._agent_ctx.replace(self._agent_api_context())
         for ctx, client_cert, alpn in self._extra_ctx:
             roots = self.ca.bundle.x509_authorities if client_cert != "none" else None
-            ctx.replace(server_context(self.identity.chain, self.identity.key, roots, client_cert, alpn or None))
+            ctx.replace(
+                server_context(self.identity.chain, self.identity.key, roots, client_cert, alpn or None)
+            )
 
     async def stop(self) -> None:
         await self.tasks.stop()
@@ -255,7 +302,10 @@ class Server:
         assert active.minter is not None
         now = self.clock()
         leaf = active.minter.mint_from_public_key(
-            self.identity.key.public_key(), self.config.server_spiffe_id, [], int(self.config.ca.agent_svid_ttl),
+            self.identity.key.public_key(),
+            self.config.server_spiffe_id,
+            [],
+            int(self.config.ca.agent_svid_ttl),
             dt.datetime.fromtimestamp(now, dt.UTC),
         )
         self.identity.chain = list(svid_chain(active, leaf))
@@ -339,8 +389,9 @@ async def rewrap(config: ServerConfig, new_secret: bytes) -> int:
 
     if config.ca.key_manager != "disk":
         raise ConfigError("rewrap re-encrypts keys of key_manager disk; PKCS#11 keys never leave the token")
-    old = KeySealer(load_master_secret(config.server.master_secret_file or None,
-                                       config.server.master_secret_env or None))
+    old = KeySealer(
+        load_master_secret(config.server.master_secret_file or None, config.server.master_secret_env or None)
+    )
     new = KeySealer(new_secret)
     ds = await open_datastore(config.dsn)
     try:

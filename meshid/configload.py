@@ -73,12 +73,15 @@ def _apply_env(cls: type, data: dict[str, Any], env: Mapping[str, str], source: 
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name in ("MESHID_SERVER_SOCKET", "MESHID_MASTER_SECRET"):
             continue
-        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         target_cls: Any = cls
         ok = True
         for part in path:
-            fields = {f.name: f for f in dataclasses.fields(target_cls)} if dataclasses.is_dataclass(
-                target_cls) else {}
+            fields = (
+                {f.name: f for f in dataclasses.fields(target_cls)}
+                if dataclasses.is_dataclass(target_cls)
+                else {}
+            )
             if part not in fields:
                 ok = False
                 break
@@ -121,7 +124,7 @@ def _build(cls: type[T], data: Mapping[str, Any], source: str, prefix: str) -> T
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{source}: {prefix}{key}: unknown key (known keys here: {known})")
     kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
+    for name in fields:
         if name not in data:
             continue
         key = f"{prefix}{name}"
@@ -197,8 +200,11 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
         if dataclasses.is_dataclass(tp):
             out.extend(describe(tp, f"{prefix}{f.name}."))  # type: ignore[arg-type]
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         out.append((f"{prefix}{f.name}", f.metadata.get("doc", ""), default))
     return out
 

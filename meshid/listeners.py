@@ -31,7 +31,7 @@ class Listener:
     async def stop(self) -> None:
         await self.runner.cleanup()
         if isinstance(self.address, str):
-            Path(self.address).unlink(missing_ok=True)  # no stale admin socket after shutdown
+            Path(self.address).unlink(missing_ok=True)  # noqa: ASYNC240 - shutdown; no stale socket
 
 
 async def _runner(app: web.Application) -> web.AppRunner:
@@ -88,8 +88,10 @@ async def unix_listener(app: web.Application, path: str | Path, mode: int) -> Li
     return Listener(runner, site, str(p))
 
 
-def health_app(ready: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
-               metrics: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None) -> web.Application:
+def health_app(
+    ready: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
+    metrics: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None,
+) -> web.Application:
     app = web.Application(client_max_size=1024)
 
     async def live(_: web.Request) -> web.Response:

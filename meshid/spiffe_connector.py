@@ -29,8 +29,8 @@ class SpiffeConnector(aiohttp.TCPConnector):
         self,
         req: Any,
         traces: Any,
-        timeout: Any,
-        **kwargs: Any,  # noqa: ASYNC109
+        timeout: Any,  # noqa: ASYNC109 - aiohttp's own signature
+        **kwargs: Any,
     ) -> Any:
         transport, proto = await super()._create_direct_connection(req, traces, timeout, **kwargs)
         try:

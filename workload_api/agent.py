@@ -39,8 +39,9 @@ ADMIN_SOCKET_MODE = 0o600
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: AgentConfig, clock: Callable[[], float] = time.time, rng: random.Random | None = None
+    ) -> None:
         self.config = config
         self.clock = clock
         self.rng = rng or random.Random()
@@ -50,14 +51,17 @@ class Agent:
         self.cache = SvidCache(self.td)
         self.client = ServerClient(config.server_address, SpiffeId(self.td, "/meshid/server"))
         self.node = NodeIdentity(config, self.client, self.policy, self.rng, clock)
-        self.manager = SvidManager(self.cache, self.client, self.node, self.policy, self.rng,
-                                   config.sync_interval, clock)
+        self.manager = SvidManager(
+            self.cache, self.client, self.node, self.policy, self.rng, config.sync_interval, clock
+        )
         self.grpc: list[PeerCredServer] = []
         self.health: Listener | None = None
 
     def _attestors(self) -> list[WorkloadAttestor]:
         wa = self.config.workload_attestors
-        out: list[WorkloadAttestor] = [UnixAttestor(wa.unix.discover_workload_path, wa.unix.workload_size_limit)]
+        out: list[WorkloadAttestor] = [
+            UnixAttestor(wa.unix.discover_workload_path, wa.unix.workload_size_limit)
+        ]
         if wa.systemd:
             out.append(SystemdAttestor())
         if wa.k8s:
@@ -106,10 +110,14 @@ class Agent:
         if self.config.admin_socket_path:
             delegated = self._delegated(identity)
             if delegated is not None:
-                self.grpc.append(await serve_unix([delegated], self.config.admin_socket_path, ADMIN_SOCKET_MODE))
+                self.grpc.append(
+                    await serve_unix([delegated], self.config.admin_socket_path, ADMIN_SOCKET_MODE)
+                )
         h = self.config.health
         if h.enabled:
-            self.health = await plain_listener(health_app(self.ready, telemetry.metrics_handler), h.address, h.port)
+            self.health = await plain_listener(
+                health_app(self.ready, telemetry.metrics_handler), h.address, h.port
+            )
         log.info("agent ready: Workload API on unix://%s", self.config.socket_path)
 
     def _sds(self, identity: Identity) -> Any:
@@ -124,7 +132,9 @@ class Agent:
             from workload_api.delegated import DelegatedIdentityHandler
         except ImportError:
             return None
-        return DelegatedIdentityHandler(identity, [SpiffeId.parse(s) for s in self.config.authorized_delegates])
+        return DelegatedIdentityHandler(
+            identity, [SpiffeId.parse(s) for s in self.config.authorized_delegates]
+        )
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
         ok = self.node.valid and self.cache.bundle is not None
@@ -146,7 +156,7 @@ class Agent:
         self.grpc.clear()
         for path in (self.config.socket_path, self.config.admin_socket_path):
             if path:
-                Path(path).unlink(missing_ok=True)
+                Path(path).unlink(missing_ok=True)  # noqa: ASYNC240 - shutdown
         if self.health is not None:
             await self.health.stop()
             self.health = None

@@ -34,7 +34,7 @@ NONCE_BYTES = 32
 
 def _fingerprint(cert: x509.Certificate) -> str:
     # SHA-1 fingerprints are identifiers here (as in SPIRE), not a security boundary.
-    return cert.fingerprint(hashes.SHA1()).hex()  # noqa: S303
+    return cert.fingerprint(hashes.SHA1()).hex()
 
 
 def sign_challenge(key: PrivateKeyTypes, nonce: bytes) -> bytes:

@@ -45,8 +45,13 @@ async def peer_uid_middleware(request: web.Request, handler: Any) -> web.StreamR
 
 def agent_json(a: AgentRecord) -> dict[str, Any]:
     return {
-        "agent_id": str(a.agent_id), "attestor": a.attestor, "selectors": [str(s) for s in a.selectors],
-        "serial": a.serial, "expires_at": a.expires_at, "banned": a.banned, "created_at": a.created_at,
+        "agent_id": str(a.agent_id),
+        "attestor": a.attestor,
+        "selectors": [str(s) for s in a.selectors],
+        "serial": a.serial,
+        "expires_at": a.expires_at,
+        "banned": a.banned,
+        "created_at": a.created_at,
         "updated_at": a.updated_at,
     }
 
@@ -54,8 +59,13 @@ def agent_json(a: AgentRecord) -> dict[str, Any]:
 def key_json(k: LoadedKey) -> dict[str, Any]:
     r = k.record
     return {
-        "key_id": r.key_id, "kind": r.kind, "state": r.state, "tainted": r.tainted,
-        "not_before": r.not_before, "not_after": r.not_after, "server_id": r.server_id,
+        "key_id": r.key_id,
+        "kind": r.kind,
+        "state": r.state,
+        "tainted": r.tainted,
+        "not_before": r.not_before,
+        "not_after": r.not_after,
+        "server_id": r.server_id,
         "max_signed_not_after": r.max_signed_not_after,
         "subject": k.cert.subject.rfc4514_string() if k.cert is not None else "",
         "issuer": k.cert.issuer.rfc4514_string() if k.cert is not None else "",
@@ -64,8 +74,13 @@ def key_json(k: LoadedKey) -> dict[str, Any]:
 
 class AdminApi:
     def __init__(
-        self, ds: DataStore, entries: EntryService, agents: AgentService, ca: CaManager,
-        token_ttl: float, trust_domain: str,
+        self,
+        ds: DataStore,
+        entries: EntryService,
+        agents: AgentService,
+        ca: CaManager,
+        token_ttl: float,
+        trust_domain: str,
     ) -> None:
         self.ds = ds
         self.entries = entries
@@ -76,8 +91,9 @@ class AdminApi:
 
     def app(self) -> web.Application:
         # error_middleware is outermost so the uid check's refusal is answered as a 403, not a 500.
-        app = web.Application(client_max_size=1024 * 1024,
-                              middlewares=[error_middleware, peer_uid_middleware])
+        app = web.Application(
+            client_max_size=1024 * 1024, middlewares=[error_middleware, peer_uid_middleware]
+        )
         r = app.router
         r.add_get("/v1/entries", self.list_entries)
         r.add_post("/v1/entries", self.create_entry)
@@ -131,7 +147,12 @@ class AdminApi:
         await self.ds.create_join_token(tok.token_hash, tok.token_id, tok.expires_at)
         agent_id = f"spiffe://{self.trust_domain}/meshid/agent/join_token/{tok.token_id}"
         return web.json_response(
-            {"token": tok.token, "token_id": tok.token_id, "agent_id": agent_id, "expires_at": tok.expires_at},
+            {
+                "token": tok.token,
+                "token_id": tok.token_id,
+                "agent_id": agent_id,
+                "expires_at": tok.expires_at,
+            },
             status=201,
         )
 
@@ -160,10 +181,12 @@ class AdminApi:
         raise ValueError("format must be pem or spiffe")
 
     async def ca_show(self, request: web.Request) -> web.Response:
-        return web.json_response({
-            "keys": [key_json(k) for k in self.ca.keys()],
-            "bundle_sequence": self.ca.bundle.sequence,
-        })
+        return web.json_response(
+            {
+                "keys": [key_json(k) for k in self.ca.keys()],
+                "bundle_sequence": self.ca.bundle.sequence,
+            }
+        )
 
     async def ca_op(self, request: web.Request) -> web.Response:
         op = request.match_info["op"]

@@ -66,7 +66,11 @@ def _chain_json(chain: list[Any]) -> list[str]:
 
 class AgentApi:
     def __init__(
-        self, agents: AgentService, signing: SigningService, ca: CaManager, reporter: Any = None,
+        self,
+        agents: AgentService,
+        signing: SigningService,
+        ca: CaManager,
+        reporter: Any = None,
         federation: FederationPoller | None = None,
     ) -> None:
         self.agents = agents
@@ -96,7 +100,9 @@ class AgentApi:
         if cert is None:
             raise UnauthenticatedError("this call requires the agent's X509-SVID as client certificate")
         if not self.ca.issued_by_known_ca(cert):
-            raise UnauthenticatedError("agent SVID was signed by a CA key that is no longer trusted; re-attest")
+            raise UnauthenticatedError(
+                "agent SVID was signed by a CA key that is no longer trusted; re-attest"
+            )
         agent_id = spiffe_id_of_cert(cert)
         request[AGENT_KEY] = await self.agents.authenticate(agent_id, cert.serial_number)
         return await handler(request)
@@ -107,11 +113,13 @@ class AgentApi:
         return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
 
     def _issued(self, issued: IssuedAgentSvid) -> web.Response:
-        return web.json_response({
-            "svid": _chain_json(issued.chain),
-            "agent_id": str(issued.agent.agent_id),
-            "bundle": self.ca.bundle.to_spiffe_json(),
-        })
+        return web.json_response(
+            {
+                "svid": _chain_json(issued.chain),
+                "agent_id": str(issued.agent.agent_id),
+                "bundle": self.ca.bundle.to_spiffe_json(),
+            }
+        )
 
     async def attest(self, request: web.Request) -> web.Response:
         body = await read_json(request)
@@ -150,8 +158,11 @@ class AgentApi:
             raise ValueError("known must be an object of entry id → revision")
         seq = body.get("bundle_sequence", -1)
         fed_known = body.get("federated", {})
-        if (not isinstance(fed_known, dict) or len(fed_known) > MAX_FEDERATED
-                or not all(isinstance(v, str) for v in fed_known.values())):
+        if (
+            not isinstance(fed_known, dict)
+            or len(fed_known) > MAX_FEDERATED
+            or not all(isinstance(v, str) for v in fed_known.values())
+        ):
             raise ValueError("federated must be an object of trust domain ID → digest")
         index = await self.signing.entries.index()
         allowed = index.authorized(agent.agent_id, agent.selectors)
@@ -189,11 +200,14 @@ class AgentApi:
             if not isinstance(item, dict) or not isinstance(item.get("entry_id"), str):
                 raise ValueError(f"requests[{i}] needs entry_id and csr")
             sched = item.get("scheduled_rotation_at")
-            reqs.append(X509Request(
-                item["entry_id"], unb64(item.get("csr"), f"requests[{i}].csr"),
-                str(item.get("rotation_reason", "initial")),
-                float(sched) if isinstance(sched, (int, float)) else None,
-            ))
+            reqs.append(
+                X509Request(
+                    item["entry_id"],
+                    unb64(item.get("csr"), f"requests[{i}].csr"),
+                    str(item.get("rotation_reason", "initial")),
+                    float(sched) if isinstance(sched, (int, float)) else None,
+                )
+            )
         results = await self.signing.sign_x509(request[AGENT_KEY], reqs)
         out: list[dict[str, Any]] = []
         for r in results:

@@ -25,11 +25,21 @@ class UpstreamFiles:
     bundle_file: Path  # root only
 
 
-def _ca(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
-        issuer_key: ec.EllipticCurvePrivateKey, days: int, path_length: int | None) -> x509.Certificate:
+def _ca(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Certificate | None,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    days: int,
+    path_length: int | None,
+) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshid dev"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshid dev"),
+            x509.NameAttribute(NameOID.COMMON_NAME, subject),
+        ]
+    )
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     b = (
         x509.CertificateBuilder()
@@ -40,12 +50,16 @@ def _ca(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate 
         .not_valid_before(now)
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
         .add_extension(ski, critical=False)
     )
     aki_src = issuer.public_key() if issuer else key.public_key()
     b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(aki_src), critical=False)  # type: ignore[arg-type]
-    return b.sign(issuer_key, hashes.SHA384() if isinstance(issuer_key.curve, ec.SECP384R1) else hashes.SHA256())
+    return b.sign(
+        issuer_key, hashes.SHA384() if isinstance(issuer_key.curve, ec.SECP384R1) else hashes.SHA256()
+    )
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -59,7 +73,9 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 def ensure_dev_upstream(directory: Path, days: int = 3650) -> UpstreamFiles:
     """Create the dev root and intermediate once; later starts reuse them."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    files = UpstreamFiles(directory / "intermediate.pem", directory / "intermediate.key", directory / "root.pem")
+    files = UpstreamFiles(
+        directory / "intermediate.pem", directory / "intermediate.key", directory / "root.pem"
+    )
     if files.cert_file.exists() and files.key_file.exists() and files.bundle_file.exists():
         return files
     root_key = ec.generate_private_key(ec.SECP384R1())

@@ -179,12 +179,17 @@ class CaManager:
         """Subject key identifiers (hex) of tainted X509 CAs, every replica's: agents match
         them to their SVIDs' AKI, whichever replica they sync with."""
         certs = [k.cert for k in self._keys.values() if k.record.tainted and k.cert is not None]
-        certs += [x509.load_der_x509_certificate(r.cert_chain_der[0])
-                  for r in self._foreign.values() if r.tainted and r.cert_chain_der]
+        certs += [
+            x509.load_der_x509_certificate(r.cert_chain_der[0])
+            for r in self._foreign.values()
+            if r.tainted and r.cert_chain_der
+        ]
         out = []
         for cert in certs:
             try:
-                out.append(cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex())
+                out.append(
+                    cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+                )
             except x509.ExtensionNotFound:
                 continue
         return sorted(out)
@@ -247,7 +252,9 @@ class CaManager:
             created_at=int(now),
             extra=extra,
         )
-        await self.ds.put_ca_key(lk.record, [_ca_event(ocsf.ca_prepared, self.td, lk, now, self.upstream is not None)])
+        await self.ds.put_ca_key(
+            lk.record, [_ca_event(ocsf.ca_prepared, self.td, lk, now, self.upstream is not None)]
+        )
         self._keys[key_id] = lk
         log.info("prepared %s key %s (not after %s)", kind, key_id, _iso(not_after))
         return lk
@@ -275,8 +282,13 @@ class CaManager:
         changes: list[tuple[LoadedKey, CaKeyRecord, list[Event]]] = []
         for old in self._in_state(kind, ACTIVE):
             changes.append((old, replace(old.record, state=OLD), []))
-        changes.append((new, replace(new.record, state=ACTIVE),
-                        [_ca_event(ocsf.ca_activated, self.td, new, now, self.upstream is not None)]))
+        changes.append(
+            (
+                new,
+                replace(new.record, state=ACTIVE),
+                [_ca_event(ocsf.ca_activated, self.td, new, now, self.upstream is not None)],
+            )
+        )
         for lk, rec, events in changes:
             await self.ds.put_ca_key(rec, events)
             lk.record = rec
@@ -297,8 +309,9 @@ class CaManager:
             if lk.record.tainted:
                 raise CaOperationError(f"{key_id} is already tainted")
             lk.record = rec = replace(lk.record, tainted=True)
-            await self.ds.put_ca_key(rec, [_ca_event(ocsf.ca_tainted, self.td, lk, self.clock(),
-                                                     self.upstream is not None)])
+            await self.ds.put_ca_key(
+                rec, [_ca_event(ocsf.ca_tainted, self.td, lk, self.clock(), self.upstream is not None)]
+            )
             await self._rebuild_bundle()
             log.warning("tainted %s key %s: agents re-issue what it signed", lk.record.kind, key_id)
         return lk
@@ -317,8 +330,9 @@ class CaManager:
                     f"SVIDs signed by {key_id} are valid until {_iso(in_use_until)}; wait for agents "
                     "to re-issue them or use --force"
                 )
-            await self.ds.delete_ca_key(key_id, [_ca_event(ocsf.ca_revoked, self.td, lk, self.clock(),
-                                                            self.upstream is not None)])
+            await self.ds.delete_ca_key(
+                key_id, [_ca_event(ocsf.ca_revoked, self.td, lk, self.clock(), self.upstream is not None)]
+            )
             del self._keys[key_id]
             await self._rebuild_bundle()
             log.warning("revoked %s key %s: removed from the bundle", lk.record.kind, key_id)
@@ -414,8 +428,9 @@ class CaManager:
         async with self._lock:
             await self._flush_max_signed()
 
-    async def _rebuild_bundle(self, bump: bool = True, records: list[CaKeyRecord] | None = None,
-                              quiet_if_same: bool = False) -> None:
+    async def _rebuild_bundle(
+        self, bump: bool = True, records: list[CaKeyRecord] | None = None, quiet_if_same: bool = False
+    ) -> None:
         """Build the bundle from every key in the datastore (all replicas'); `quiet_if_same`:
         skip on_change (re-issuing the server SVID, swapping TLS contexts) when nothing changed."""
         roots: dict[bytes, x509.Certificate] = {}
@@ -429,9 +444,13 @@ class CaManager:
                 for c in certs[len(certs) - n_roots :] if n_roots else certs[:1]:
                     roots[c.fingerprint(_SHA256)] = c
             else:
-                jwt_keys[rec.extra.get("kid", rec.key_id)] = serialization.load_der_public_key(rec.public_key_der)
-        seq = await self.ds.increment_meta("bundle_sequence") if bump else int(
-            await self.ds.get_meta("bundle_sequence") or 0
+                jwt_keys[rec.extra.get("kid", rec.key_id)] = serialization.load_der_public_key(
+                    rec.public_key_der
+                )
+        seq = (
+            await self.ds.increment_meta("bundle_sequence")
+            if bump
+            else int(await self.ds.get_meta("bundle_sequence") or 0)
         )
         previous, self._bundle = self._bundle, Bundle(self.td, tuple(roots.values()), jwt_keys, seq)
         self._known_authorities = frozenset(known)
@@ -449,15 +468,29 @@ class CaManager:
 
 
 def _same_bundle(a: Bundle, b: Bundle) -> bool:
-    return (a.sequence == b.sequence and a.jwt_authorities.keys() == b.jwt_authorities.keys()
-            and [c.fingerprint(_SHA256) for c in a.x509_authorities]
-            == [c.fingerprint(_SHA256) for c in b.x509_authorities])
+    return (
+        a.sequence == b.sequence
+        and a.jwt_authorities.keys() == b.jwt_authorities.keys()
+        and [c.fingerprint(_SHA256) for c in a.x509_authorities]
+        == [c.fingerprint(_SHA256) for c in b.x509_authorities]
+    )
 
 
-def _ca_event(builder: Callable[..., Event], td: TrustDomain, lk: LoadedKey, now: float, upstream: bool) -> Event:
+def _ca_event(
+    builder: Callable[..., Event], td: TrustDomain, lk: LoadedKey, now: float, upstream: bool
+) -> Event:
     r = lk.record
-    return builder(r.key_id, r.kind, now, td.name, cert=lk.cert, not_before=r.not_before, not_after=r.not_after,
-                   upstream=upstream and r.kind == X509, server_id=r.server_id)
+    return builder(
+        r.key_id,
+        r.kind,
+        now,
+        td.name,
+        cert=lk.cert,
+        not_before=r.not_before,
+        not_after=r.not_after,
+        upstream=upstream and r.kind == X509,
+        server_id=r.server_id,
+    )
 
 
 def jwt_kid(lk: LoadedKey) -> str:

@@ -30,9 +30,13 @@ class AdminClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AdminClient:
-        if not os.path.exists(self.path):
-            raise AdminError(0, "unavailable", f"no server admin socket at {self.path} (is the server running? "
-                             f"set --server-socket or {SOCKET_ENV})")
+        if not os.path.exists(self.path):  # noqa: ASYNC240 - a CLI, before any I/O starts
+            raise AdminError(
+                0,
+                "unavailable",
+                f"no server admin socket at {self.path} (is the server running? "
+                f"set --server-socket or {SOCKET_ENV})",
+            )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=self.path), timeout=aiohttp.ClientTimeout(total=60)
         )
@@ -42,10 +46,14 @@ class AdminClient:
         if self._session is not None:
             await self._session.close()
 
-    async def call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
+    async def call(
+        self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
+    ) -> Any:
         assert self._session is not None
         try:
-            async with self._session.request(method, "http://meshid" + path, json=body, params=params) as resp:
+            async with self._session.request(
+                method, "http://meshid" + path, json=body, params=params
+            ) as resp:
                 if resp.content_type == "application/json":
                     data = await resp.json()
                 else:
@@ -55,4 +63,6 @@ class AdminClient:
                     raise AdminError(resp.status, err.get("code", "error"), err.get("message", str(data)))
                 return data
         except aiohttp.ClientConnectionError as exc:
-            raise AdminError(0, "unavailable", f"cannot reach server admin socket {self.path}: {exc}") from None
+            raise AdminError(
+                0, "unavailable", f"cannot reach server admin socket {self.path}: {exc}"
+            ) from None

@@ -68,8 +68,12 @@ def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 async def start_dev(
-    data_dir: Path, trust_domain: str = "example.org", socket: str | None = None, svid_ttl: float = 3600,
-    uid: int | None = None, agent_overrides: dict[str, Any] | None = None,
+    data_dir: Path,
+    trust_domain: str = "example.org",
+    socket: str | None = None,
+    svid_ttl: float = 3600,
+    uid: int | None = None,
+    agent_overrides: dict[str, Any] | None = None,
     server_overrides: dict[str, Any] | None = None,
 ) -> DevStack:
     """Start the whole stack; the same function `meshid dev` and the tests use.
@@ -80,21 +84,40 @@ async def start_dev(
     `{"ca": {"taint_rotation_window": 6}}`; empty `upstream.disk` paths give a self-signed
     CA, and the agent then bootstraps from the server's own bundle."""
     td = TrustDomain.parse(trust_domain)
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once, at start-up
     upstream = ensure_dev_upstream(data_dir / "upstream")
     _master_secret(data_dir / "master.secret")
     ttl = int(svid_ttl)
-    server_cfg = server_config_from_dict(_merged({
-        "trust_domain": td.name,
-        "data_dir": str(data_dir / "server"),
-        "server": {
-            "bind_address": "127.0.0.1", "agent_api_port": 0, "grpc_port": 0, "health_port": 0,
-            "master_secret_file": str(data_dir / "master.secret"), "master_secret_env": "",
-        },
-        "ca": {"x509_svid_ttl": ttl, "agent_svid_ttl": max(ttl, 120), "ca_ttl": max(24 * 3600, 6 * ttl)},
-        "upstream": {"disk": {"cert_file": str(upstream.cert_file), "key_file": str(upstream.key_file),
-                              "bundle_file": str(upstream.bundle_file)}},
-    }, server_overrides or {}), source="meshid dev")
+    server_cfg = server_config_from_dict(
+        _merged(
+            {
+                "trust_domain": td.name,
+                "data_dir": str(data_dir / "server"),
+                "server": {
+                    "bind_address": "127.0.0.1",
+                    "agent_api_port": 0,
+                    "grpc_port": 0,
+                    "health_port": 0,
+                    "master_secret_file": str(data_dir / "master.secret"),
+                    "master_secret_env": "",
+                },
+                "ca": {
+                    "x509_svid_ttl": ttl,
+                    "agent_svid_ttl": max(ttl, 120),
+                    "ca_ttl": max(24 * 3600, 6 * ttl),
+                },
+                "upstream": {
+                    "disk": {
+                        "cert_file": str(upstream.cert_file),
+                        "key_file": str(upstream.key_file),
+                        "bundle_file": str(upstream.bundle_file),
+                    }
+                },
+            },
+            server_overrides or {},
+        ),
+        source="meshid dev",
+    )
     server = Server(server_cfg)
     await server.start()
     try:
@@ -154,7 +177,9 @@ async def run_dev(args: argparse.Namespace) -> int:
     done = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, done.set)
-    print(f"meshid dev: trust domain {args.trust_domain}, workload {stack.spiffe_id} (unix uid {os.getuid()})")
+    print(
+        f"meshid dev: trust domain {args.trust_domain}, workload {stack.spiffe_id} (unix uid {os.getuid()})"
+    )
     print(f"meshid dev: admin socket {stack.server.config.admin_socket_path} (export MESHID_SERVER_SOCKET)")
     print(f"SPIFFE_ENDPOINT_SOCKET=unix://{stack.socket_path}", flush=True)
     try:

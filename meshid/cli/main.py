@@ -32,7 +32,9 @@ def _print(data: Any) -> None:
         print(json.dumps(data, indent=2, sort_keys=True))
 
 
-async def run_until_signalled(start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[Any]]) -> None:
+async def run_until_signalled(
+    start: Callable[[], Awaitable[Any]], stop: Callable[[], Awaitable[Any]]
+) -> None:
     """Start, wait for SIGINT/SIGTERM, stop cleanly."""
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
@@ -80,7 +82,9 @@ async def cmd_server_backup(args: argparse.Namespace) -> int:
     try:
         backup = getattr(ds, "backup", None)
         if backup is None:
-            raise MeshidError("online backup is built in for SQLite only; for PostgreSQL use pg_dump (see README)")
+            raise MeshidError(
+                "online backup is built in for SQLite only; for PostgreSQL use pg_dump (see README)"
+            )
         await backup(args.output)
     finally:
         await ds.close()
@@ -98,8 +102,9 @@ async def cmd_server_restore(args: argparse.Namespace) -> int:
     config = load_server_config(args.config)
     store = datastore_for(config.dsn)  # the same DSN parsing as the server, without connecting
     if not isinstance(store, SqliteDataStore) or store.path == MEMORY:
-        raise MeshidError("restore is built in for an SQLite file only; for PostgreSQL use pg_restore "
-                          "(see README)")
+        raise MeshidError(
+            "restore is built in for an SQLite file only; for PostgreSQL use pg_restore (see README)"
+        )
     target, admin_socket = store.path, config.admin_socket_path
 
     def restore() -> None:
@@ -121,8 +126,9 @@ async def cmd_server_restore(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- admin
-async def _admin(args: argparse.Namespace, method: str, path: str, body: Any = None,
-                 params: dict[str, str] | None = None) -> Any:
+async def _admin(
+    args: argparse.Namespace, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
+) -> Any:
     async with AdminClient(socket_path(args.server_socket)) as client:
         return await client.call(method, path, body, params)
 
@@ -171,9 +177,16 @@ async def cmd_token_create(args: argparse.Namespace) -> int:
     out = await _admin(args, "POST", "/v1/tokens", body)
     if args.spiffe_id:
         # Like SPIRE: register an alias for the agent this token will attest.
-        await _admin(args, "POST", "/v1/entries", {
-            "spiffe_id": args.spiffe_id, "parent_id": out["agent_id"], "selectors": [f"meshid:agent_id:{out['agent_id']}"],
-        })
+        await _admin(
+            args,
+            "POST",
+            "/v1/entries",
+            {
+                "spiffe_id": args.spiffe_id,
+                "parent_id": out["agent_id"],
+                "selectors": [f"meshid:agent_id:{out['agent_id']}"],
+            },
+        )
     _print(out)
     return 0
 
@@ -247,8 +260,10 @@ async def cmd_events_tail(args: argparse.Namespace) -> int:
     # The relay's source, so event ids printed here are the ids Kafka consumers see.
     server_id = read_server_id(config)
     if server_id is None:
-        raise MeshidError(f"no server id: set server.server_id or start the server once with data_dir "
-                          f"{config.data_dir} (it keeps its id there)")
+        raise MeshidError(
+            f"no server id: set server.server_id or start the server once with data_dir "
+            f"{config.data_dir} (it keeps its id there)"
+        )
     ds = await open_datastore(config.dsn)
     try:
         await tail_outbox(ds, follow=args.follow, source=server_source(config.td.name, server_id))
@@ -279,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--data-dir", help="state directory (default ~/.local/share/meshid/dev)")
     dev.set_defaults(func=cmd_dev)
 
-    server = sub.add_parser("server", help="run and maintain the server").add_subparsers(dest="server_op",
-                                                                                        required=True)
+    server = sub.add_parser("server", help="run and maintain the server").add_subparsers(
+        dest="server_op", required=True
+    )
     s = server.add_parser("run")
     s.add_argument("--config", required=True)
     s.set_defaults(func=cmd_server_run)
@@ -299,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_server_restore)
 
-    entry = sub.add_parser("entry", help="registration entries").add_subparsers(dest="entry_op", required=True)
+    entry = sub.add_parser("entry", help="registration entries").add_subparsers(
+        dest="entry_op", required=True
+    )
     for op in ("create", "list", "show", "update", "delete"):
         e = entry.add_parser(op)
         admin_parser(e)
@@ -326,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--spiffe-id", help="also register this ID as an alias of the agent")
     t.set_defaults(func=cmd_token_create)
 
-    agent = sub.add_parser("agent", help="run the agent, or manage agents").add_subparsers(dest="agent_op",
-                                                                                          required=True)
+    agent = sub.add_parser("agent", help="run the agent, or manage agents").add_subparsers(
+        dest="agent_op", required=True
+    )
     a = agent.add_parser("run")
     a.add_argument("--config", required=True)
     a.set_defaults(func=cmd_agent_run)
@@ -345,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bundle_show)
 
     ca = sub.add_parser("ca", help="CA keys: show, prepare, activate, taint, revoke").add_subparsers(
-        dest="ca_op", required=True)
+        dest="ca_op", required=True
+    )
     for op in ("show", "prepare", "activate", "taint", "revoke"):
         c = ca.add_parser(op)
         admin_parser(c)

@@ -62,14 +62,19 @@ async def fetch(args: argparse.Namespace) -> int:
                 print(f"chain:      {len(chain)} certificates; bundle: {len(_der_certs(s.bundle))} roots")
             if args.write:
                 out = Path(args.write)
-                out.mkdir(parents=True, exist_ok=True)
+                out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - CLI output
                 s = resp.svids[0]
                 (out / "svid.pem").write_bytes(_pem(_der_certs(s.x509_svid)))
                 key = serialization.load_der_private_key(s.x509_svid_key, None)
                 fd = os.open(out / "svid.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "wb") as f:
-                    f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()))
+                    f.write(
+                        key.private_bytes(
+                            serialization.Encoding.PEM,
+                            serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption(),
+                        )
+                    )
                 (out / "bundle.pem").write_bytes(_pem(_der_certs(s.bundle)))
                 print(f"wrote {out}/svid.pem, svid.key, bundle.pem")
         elif args.fetch_op == "jwt":
@@ -100,7 +105,8 @@ async def validate(args: argparse.Namespace) -> int:
     try:
         resp = await stub.ValidateJWTSVID(
             workload_pb2.ValidateJWTSVIDRequest(audience=args.audience, svid=args.token),
-            metadata=HEADER, timeout=TIMEOUT,
+            metadata=HEADER,
+            timeout=TIMEOUT,
         )
     except GRPCError as exc:
         raise MeshidError(f"token is not valid: {exc.message}") from None

@@ -35,7 +35,9 @@ def free_port() -> int:
 async def fetch_leaf(sock: str) -> tuple[int, float]:
     ch = Channel(path=sock)
     try:
-        async with workload_grpc.SpiffeWorkloadAPIStub(ch).FetchX509SVID.open(metadata=HEADER, timeout=10) as st:
+        async with workload_grpc.SpiffeWorkloadAPIStub(ch).FetchX509SVID.open(
+            metadata=HEADER, timeout=10
+        ) as st:
             await st.send_message(workload_pb2.X509SVIDRequest(), end=True)
             msg = await st.recv_message()
             await st.cancel()
@@ -50,8 +52,13 @@ async def fetch_leaf(sock: str) -> tuple[int, float]:
 async def test_agent_survives_server_outage_and_catches_up(short_tmp: Path) -> None:
     port = free_port()
     ttl = 20  # renewal window [10 s, 16 s] of lifetime; the outage below is longer than that
-    stack = await start_dev(short_tmp / "d", "example.org", str(short_tmp / "s" / "api.sock"), svid_ttl=ttl,
-                            server_overrides={"server": {"agent_api_port": port}})
+    stack = await start_dev(
+        short_tmp / "d",
+        "example.org",
+        str(short_tmp / "s" / "api.sock"),
+        svid_ttl=ttl,
+        server_overrides={"server": {"agent_api_port": port}},
+    )
     server_cfg = stack.server.config
     try:
         stack.agent.manager.backoff = Backoff(base=0.5, cap=4.0)  # bound the test's wait, same algorithm
@@ -85,8 +92,17 @@ async def test_meshid_dev_command_serves_and_stops_on_sigint(short_tmp: Path) ->
     sock = short_tmp / "s" / "api.sock"
     env = {**os.environ, "XDG_DATA_HOME": str(short_tmp / "xdg")}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "meshid.cli.main", "dev", "--socket", str(sock), "--svid-ttl", "10m",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        sys.executable,
+        "-m",
+        "meshid.cli.main",
+        "dev",
+        "--socket",
+        str(sock),
+        "--svid-ttl",
+        "10m",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
     )
     try:
         assert proc.stdout is not None
@@ -98,8 +114,13 @@ async def test_meshid_dev_command_serves_and_stops_on_sigint(short_tmp: Path) ->
             assert line or proc.returncode is None
         assert line == f"SPIFFE_ENDPOINT_SOCKET=unix://{sock}"
         fetch = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "meshid.cli.main", "fetch", "x509",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "meshid.cli.main",
+            "fetch",
+            "x509",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
             env={**env, "SPIFFE_ENDPOINT_SOCKET": f"unix://{sock}"},
         )
         out, err = await asyncio.wait_for(fetch.communicate(), 30)

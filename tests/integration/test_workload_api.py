@@ -38,8 +38,14 @@ HEADER = {"workload.spiffe.io": "true"}
 
 async def run_as(uid: int, sock: str, mode: str, *args: str, timeout: float = 60) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(HERE / "workload_proc.py"), str(uid), sock, mode, *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        str(HERE / "workload_proc.py"),
+        str(uid),
+        sock,
+        mode,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     lines = [ln for ln in out.decode().splitlines() if ln.startswith("{")]
@@ -51,7 +57,8 @@ async def add_entry(stack: DevStack, path: str, uid: int) -> Entry:
     agent_id = stack.agent.node.agent_id
     assert agent_id is not None
     entry = await stack.server.entries.create(
-        Entry("", SpiffeId(stack.server.td, path), agent_id, (Selector("unix", f"uid:{uid}"),)))
+        Entry("", SpiffeId(stack.server.td, path), agent_id, (Selector("unix", f"uid:{uid}"),))
+    )
     stack.agent.manager.poke()
     return entry
 
@@ -66,8 +73,18 @@ def openssl_verify(tmp: Path, chain_der: bytes, bundle_der: bytes) -> subprocess
     (tmp / "chain.pem").write_bytes(pem(chain[1:]))
     (tmp / "root.pem").write_bytes(pem(roots))
     return subprocess.run(
-        ["openssl", "verify", "-CAfile", str(tmp / "root.pem"), "-untrusted", str(tmp / "chain.pem"),
-         str(tmp / "leaf.pem")], capture_output=True, text=True, timeout=30,
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            str(tmp / "root.pem"),
+            "-untrusted",
+            str(tmp / "chain.pem"),
+            str(tmp / "leaf.pem"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 
@@ -82,7 +99,13 @@ async def test_py_spiffe_client_gets_verified_identity(dev_stack: DevStack, shor
             jwt_svid = client.fetch_jwt_svid(audience={"svc-a"})
             validated = client.validate_jwt_svid(jwt_svid.token, "svc-a")
             jwt_bundles = client.fetch_jwt_bundles()
-            return {"svid": svid, "ctx": ctx, "jwt": jwt_svid, "validated": validated, "jwt_bundles": jwt_bundles}
+            return {
+                "svid": svid,
+                "ctx": ctx,
+                "jwt": jwt_svid,
+                "validated": validated,
+                "jwt_bundles": jwt_bundles,
+            }
         finally:
             client.close()
 
@@ -120,8 +143,10 @@ async def test_security_header_and_permission(dev_stack: DevStack) -> None:
     sock = dev_stack.socket_path
     assert await _status(sock, None) == Status.INVALID_ARGUMENT
     assert await _status(sock, {"workload.spiffe.io": "false"}) == Status.INVALID_ARGUMENT
-    assert await _status(sock, [("workload.spiffe.io", "true"), ("workload.spiffe.io", "true")]) == \
-        Status.INVALID_ARGUMENT
+    assert (
+        await _status(sock, [("workload.spiffe.io", "true"), ("workload.spiffe.io", "true")])
+        == Status.INVALID_ARGUMENT
+    )
     assert await _status(sock, HEADER) == Status.OK
     # A process of another uid with no entry: PermissionDenied.
     res = await run_as(65534, sock, "status")
@@ -134,16 +159,18 @@ async def test_socket_mode_lets_any_user_connect_but_not_replace(dev_stack: DevS
     assert p.parent.stat().st_mode & 0o022 == 0  # nobody else can replace the socket
 
 
-def _jwt_for(key: Any, kid: str | None, alg: str, sub: str, aud: str, exp_delta: int = 300,
-             typ: str | None = "JWT") -> str:
+def _jwt_for(
+    key: Any, kid: str | None, alg: str, sub: str, aud: str, exp_delta: int = 300, typ: str | None = "JWT"
+) -> str:
     headers: dict[str, Any] = {}
     if kid is not None:
         headers["kid"] = kid
     if typ is not None:
         headers["typ"] = typ
     now = int(time.time())
-    return jwt.encode({"sub": sub, "aud": [aud], "exp": now + exp_delta, "iat": now}, key, algorithm=alg,
-                      headers=headers)
+    return jwt.encode(
+        {"sub": sub, "aud": [aud], "exp": now + exp_delta, "iat": now}, key, algorithm=alg, headers=headers
+    )
 
 
 async def test_validate_jwt_svid_refuses_bad_tokens(dev_stack: DevStack) -> None:
@@ -151,14 +178,24 @@ async def test_validate_jwt_svid_refuses_bad_tokens(dev_stack: DevStack) -> None
     ch = Channel(path=sock)
     stub = workload_grpc.SpiffeWorkloadAPIStub(ch)
     try:
-        good = (await stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["aud1"]), metadata=HEADER)).svids[0].svid
+        good = (
+            (await stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["aud1"]), metadata=HEADER))
+            .svids[0]
+            .svid
+        )
         header = jwt.get_unverified_header(good)
         sub = str(dev_stack.spiffe_id)
         other = ec.generate_private_key(ec.SECP256R1())
         h, p, s = good.split(".")
         tampered_sig = base64.urlsafe_b64encode(bytes(64)).rstrip(b"=").decode()
-        none_token = (base64.urlsafe_b64encode(b'{"alg":"none","kid":"' + header["kid"].encode() + b'"}')
-                      .rstrip(b"=").decode() + "." + p + ".")
+        none_token = (
+            base64.urlsafe_b64encode(b'{"alg":"none","kid":"' + header["kid"].encode() + b'"}')
+            .rstrip(b"=")
+            .decode()
+            + "."
+            + p
+            + "."
+        )
         bad = {
             "none": none_token,
             "hmac": _jwt_for(b"secret" * 8, header["kid"], "HS256", sub, "aud1"),
@@ -172,15 +209,19 @@ async def test_validate_jwt_svid_refuses_bad_tokens(dev_stack: DevStack) -> None
         for name, token in bad.items():
             aud = "other-aud" if name == "wrong audience" else "aud1"
             with pytest.raises(GRPCError) as exc:
-                await stub.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(audience=aud, svid=token),
-                                           metadata=HEADER)
+                await stub.ValidateJWTSVID(
+                    workload_pb2.ValidateJWTSVIDRequest(audience=aud, svid=token), metadata=HEADER
+                )
             assert exc.value.status == Status.INVALID_ARGUMENT, name
         with pytest.raises(GRPCError) as exc:
-            await stub.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(audience="", svid=good), metadata=HEADER)
+            await stub.ValidateJWTSVID(
+                workload_pb2.ValidateJWTSVIDRequest(audience="", svid=good), metadata=HEADER
+            )
         assert exc.value.status == Status.INVALID_ARGUMENT
         # The agent keeps serving afterwards.
-        ok = await stub.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(audience="aud1", svid=good),
-                                        metadata=HEADER)
+        ok = await stub.ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience="aud1", svid=good), metadata=HEADER
+        )
         assert ok.spiffe_id == sub
         assert ok.claims.fields["sub"].string_value == sub
     finally:
@@ -197,7 +238,8 @@ async def test_expired_jwt_refused(dev_stack: DevStack) -> None:
     try:
         with pytest.raises(GRPCError) as exc:
             await workload_grpc.SpiffeWorkloadAPIStub(ch).ValidateJWTSVID(
-                workload_pb2.ValidateJWTSVIDRequest(audience="aud1", svid=token), metadata=HEADER)
+                workload_pb2.ValidateJWTSVIDRequest(audience="aud1", svid=token), metadata=HEADER
+            )
         assert exc.value.status == Status.INVALID_ARGUMENT
         assert "expired" in (exc.value.message or "")
     finally:
@@ -209,8 +251,9 @@ async def test_x509_source_watches_rotation(short_tmp: Path) -> None:
 
     stack = await start_dev(short_tmp / "d", "example.org", str(short_tmp / "s" / "api.sock"), svid_ttl=20)
     try:
-        source = await asyncio.to_thread(X509Source, socket_path=f"unix://{stack.socket_path}",
-                                         timeout_in_seconds=20)
+        source = await asyncio.to_thread(
+            X509Source, socket_path=f"unix://{stack.socket_path}", timeout_in_seconds=20
+        )
         try:
             first = source.get_x509_context().default_svid.leaf.serial_number
             deadline = time.monotonic() + 40
@@ -242,8 +285,15 @@ async def test_mtls_echo_between_workloads_of_different_uids(dev_stack: DevStack
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         server = await asyncio.create_subprocess_exec(
-            sys.executable, str(HERE / "workload_proc.py"), "1", sock, "echo-server", str(port),
-            str(client_e.spiffe_id), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            str(HERE / "workload_proc.py"),
+            "1",
+            sock,
+            "echo-server",
+            str(port),
+            str(client_e.spiffe_id),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         try:
             assert server.stdout is not None
@@ -268,8 +318,15 @@ async def test_mtls_echo_between_workloads_of_different_uids(dev_stack: DevStack
 
 async def test_fetch_cli_prints_id_and_expiry(dev_stack: DevStack) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "meshid.cli.main", "fetch", "x509", "--socket", f"unix://{dev_stack.socket_path}",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "meshid.cli.main",
+        "fetch",
+        "x509",
+        "--socket",
+        f"unix://{dev_stack.socket_path}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()

@@ -19,9 +19,9 @@ import os
 import socket
 import sys
 
-import grpclib.client  # noqa: F401  (imported before dropping privileges)
+import grpclib.client
 from grpclib.exceptions import GRPCError
-from OpenSSL import SSL  # noqa: F401
+from OpenSSL import SSL
 from spiffe import SpiffeId, WorkloadApiClient, X509Source
 from spiffetls import ListenOptions, dial, listen
 from spiffetls.tlsconfig.authorize import authorize_id
@@ -57,8 +57,11 @@ def main() -> None:
     if mode == "fetch":
         client = WorkloadApiClient(socket_path=f"unix://{sock}")
         svid = client.fetch_x509_svid()
-        out.update(spiffe_id=str(svid.spiffe_id), serial=svid.leaf.serial_number,
-                   not_after=svid.leaf.not_valid_after_utc.timestamp())
+        out.update(
+            spiffe_id=str(svid.spiffe_id),
+            serial=svid.leaf.serial_number,
+            not_after=svid.leaf.not_valid_after_utc.timestamp(),
+        )
         client.close()
     elif mode == "status":
         out["status"] = asyncio.run(grpc_status(sock))
