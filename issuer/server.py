@@ -169,7 +169,8 @@ class Server:
             return
         from issuer.events.relay import OutboxRelay, relay_config_from
 
-        self.relay = OutboxRelay(ds, relay_config_from(k), source=server_source(self.td.name, self.server_id))
+        source = server_source(self.td.name, await event_source_id(ds, self.server_id))
+        self.relay = OutboxRelay(ds, relay_config_from(k), source=source, owner=self.server_id)
         await self.relay.start()
 
     def _events_written(self) -> None:
@@ -348,6 +349,24 @@ class Server:
 
     async def serve_forever(self, stop: asyncio.Event) -> None:
         await stop.wait()
+
+
+EVENT_SOURCE_KEY = "event_source_id"
+
+
+async def event_source_id(ds: DataStore, first_server_id: str) -> str:
+    """The id in every CloudEvent `source`, shared by all replicas on one datastore: the
+    outbox is shared, so whichever replica relays a row must give it the same source + id
+    (consumers dedup on them). The first server to start picks it (its own server id)."""
+    current = await ds.get_meta(EVENT_SOURCE_KEY)
+    if current:
+        return current
+    async with ds.exclusive(EVENT_SOURCE_KEY):
+        current = await ds.get_meta(EVENT_SOURCE_KEY)
+        if not current:
+            current = first_server_id
+            await ds.set_meta(EVENT_SOURCE_KEY, current)
+    return current
 
 
 def read_server_id(config: ServerConfig) -> str | None:

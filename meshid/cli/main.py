@@ -254,19 +254,18 @@ async def cmd_events_tail(args: argparse.Namespace) -> int:
     from issuer.datastore.factory import open_datastore
     from issuer.events.cloudevents import server_source
     from issuer.events.relay import tail_outbox
-    from issuer.server import read_server_id
+    from issuer.server import event_source_id, read_server_id
 
     config = load_server_config(args.config)
-    # The relay's source, so event ids printed here are the ids Kafka consumers see.
-    server_id = read_server_id(config)
-    if server_id is None:
-        raise MeshidError(
-            f"no server id: set server.server_id or start the server once with data_dir "
-            f"{config.data_dir} (it keeps its id there)"
-        )
     ds = await open_datastore(config.dsn)
     try:
-        await tail_outbox(ds, follow=args.follow, source=server_source(config.td.name, server_id))
+        # The relay's source, so event ids printed here are the ids Kafka consumers see.
+        source_id = await ds.get_meta("event_source_id") or read_server_id(config)
+        if source_id is None:
+            raise MeshidError(f"no server id: set server.server_id or start the server once with data_dir "
+                              f"{config.data_dir} (it keeps its id there)")
+        source_id = await event_source_id(ds, source_id)
+        await tail_outbox(ds, follow=args.follow, source=server_source(config.td.name, source_id))
     finally:
         await ds.close()
     return 0
