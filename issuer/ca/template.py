@@ -61,6 +61,11 @@ def der_uint(n: int) -> bytes:
     return der_tlv(0x02, n.to_bytes(n.bit_length() // 8 + 1, "big"))
 
 
+def serial_content(serial: int) -> bytes:
+    """Content octets of the DER INTEGER of a positive serial (0x00 first if its top bit is set)."""
+    return serial.to_bytes(serial.bit_length() // 8 + 1, "big")
+
+
 def der_time(when: dt.datetime) -> bytes:
     """RFC 5280 Time: UTCTime for 1950-2049, GeneralizedTime otherwise; seconds precision."""
     if when.tzinfo is not None:
@@ -263,15 +268,32 @@ class LeafTemplate:
         """tbs() from the cached results of middle() and identity()."""
         if not 0 < serial < _SERIAL_LIMIT:
             raise ValueError("serial number must be positive and at most 20 octets")
+        return LeafTemplate.tbs_from_serial_content(
+            serial_content(serial), middle, spki_der, ski, identity, rsa_key
+        )
+
+    @staticmethod
+    def tbs_from_serial_content(
+        serial: bytes,
+        middle: bytes,
+        spki_der: bytes,
+        ski: bytes,
+        identity: tuple[bytes, bytes, bytes],
+        rsa_key: bool,
+    ) -> bytes:
+        """tbs_from_parts() with the serial already in its DER INTEGER content form
+        (serial_content(); must be minimal, positive and at most 20 octets)."""
+        size = len(serial)
+        if not (0 < size <= 20 and serial[0] < 0x80 and (serial[0] or (size > 1 and serial[1] >= 0x80))):
+            raise ValueError("serial number must be positive and at most 20 octets, in minimal form")
         if len(ski) != 20:
             raise ValueError("subject key identifier must be 20 bytes (SHA-1)")
-        sb = serial.to_bytes(serial.bit_length() // 8 + 1, "big")  # leading 0x00 when the top bit is set
         prefix = identity[1] if rsa_key else identity[0]
         suffix = identity[2]
         # version (5) + serial header (2) + SKI (20), then the variable parts.
-        n = 27 + len(sb) + len(middle) + len(spki_der) + len(prefix) + len(suffix)
+        n = 27 + size + len(middle) + len(spki_der) + len(prefix) + len(suffix)
         header = bytes((0x30, 0x82, n >> 8, n & 0xFF)) if 0x100 <= n < 0x10000 else der_header(0x30, n)
-        return b"".join((header, _SERIAL_HEADERS[len(sb)], sb, middle, spki_der, prefix, ski, suffix))
+        return b"".join((header, _SERIAL_HEADERS[size], serial, middle, spki_der, prefix, ski, suffix))
 
 
 def certificate_der(tbs_der: bytes, signature_algorithm_der: bytes, signature: bytes) -> bytes:

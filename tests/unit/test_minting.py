@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from issuer.ca import keys, minting
+from issuer.ca import keys, minting, template
 from issuer.ca.minting import InvalidCsrError, SigningError, X509Minter
 from meshid.errors import InvalidSpiffeIdError, MeshidError
 from meshid.spiffe_id import SpiffeId, TrustDomain
@@ -346,6 +346,65 @@ def test_batch_keeps_order_and_reports_each_refusal(ca_key, ca_cert, rsa_key, fa
     assert isinstance(foreign, InvalidSpiffeIdError)
     assert isinstance(zero_ttl, ValueError)
     assert m.mint_batch([], NOW) == []
+
+
+def test_batch_leaves_follow_spec_with_distinct_serials(minter, ca_cert):
+    keys_ = [ec.generate_private_key(ec.SECP256R1()) for _ in range(40)]
+    requests = [
+        minting.LeafRequest(_csr(k), WORKLOAD, ["a.example"] if i % 2 else (), 600)
+        for i, k in enumerate(keys_)
+    ]
+    out = minter.mint_batch(requests, NOW)
+    assert len({c.serial_number for c in out}) == len(out)
+    for i, (cert, key) in enumerate(zip(out, keys_, strict=True)):
+        _check_leaf(cert, ca_cert, WORKLOAD, ["a.example"] if i % 2 else ())
+        assert cert.public_key() == key.public_key()
+
+
+def test_batch_reports_a_bad_csr_before_a_bad_identity(minter):
+    bad_sig = bytearray(_csr(ec.generate_private_key(ec.SECP256R1())))
+    bad_sig[-1] ^= 1
+    good = _csr(ec.generate_private_key(ec.SECP256R1()))
+    unsupported = _csr(ed25519.Ed25519PrivateKey.generate())
+    out = minter.mint_batch_der(
+        [
+            minting.LeafRequest(good, WORKLOAD),
+            minting.LeafRequest(bytes(bad_sig), "spiffe://elsewhere.org/x"),
+            minting.LeafRequest(unsupported, "spiffe://elsewhere.org/x"),
+            minting.LeafRequest(good, "spiffe://elsewhere.org/x"),
+            minting.LeafRequest(good, WORKLOAD),
+        ],
+        NOW,
+    )
+    assert isinstance(out[0], bytes) and isinstance(out[4], bytes)
+    assert isinstance(out[1], InvalidCsrError) and "signature" in str(out[1])
+    assert isinstance(out[2], InvalidCsrError) and "unsupported key type" in str(out[2])
+    assert isinstance(out[3], InvalidSpiffeIdError)
+
+
+def test_batch_serial_contents_are_minimal_positive_127_bit(monkeypatch):
+    crafted = [
+        bytes(16),  # zero: replaced by a fresh serial
+        b"\x00\x7f" + b"\x11" * 14,  # leading 0x00 not needed: dropped
+        b"\x80" + b"\x22" * 15,  # top bit cleared, which leaves a 0x00 to drop
+        b"\x00\x80" + b"\x33" * 14,  # this 0x00 is needed (positive INTEGER)
+        b"\xff" * 16,
+    ]
+    real = minting.os.urandom
+    calls = []
+
+    def urandom(n):
+        calls.append(n)
+        return b"".join(crafted) if len(calls) == 1 else real(n)
+
+    monkeypatch.setattr(minting.os, "urandom", urandom)
+    contents = minting.random_serial_contents(len(crafted))
+    assert len(contents) == len(crafted)
+    values = [int.from_bytes(c, "big") for c in contents]
+    for c, v in zip(contents, values, strict=True):
+        assert 0 < v < 2**127
+        assert c == template.serial_content(v)  # minimal DER INTEGER content
+    assert values[1:] == [int.from_bytes(c, "big") & (2**127 - 1) for c in crafted[1:]]
 
 
 # --------------------------------------------------------------------------- CA certificates

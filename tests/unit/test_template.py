@@ -279,6 +279,24 @@ def test_tbs_argument_checks(cas, leaf_keys):
         template.san_extension("spiffe://example.org/x", ["bücher.example"])
 
 
+def test_serial_content_form_checked(cas, leaf_keys):
+    ca_key, ca_cert = cas[0]
+    tpl = template.LeafTemplate(ca_cert.subject.public_bytes(), _algid(ca_key), b"\x01" * 20)
+    spki, ski = _spki_ski(leaf_keys[0])
+    middle = tpl.middle(template.der_validity(0, 60))
+    ident = tpl.identity(template.san_extension("spiffe://example.org/x"))
+    for serial in (1, 0x7F, 0x80, 2**127 - 1, 2**159 - 1):
+        content = template.serial_content(serial)
+        assert content == template.der_uint(serial)[2:]
+        assert tpl.tbs_from_serial_content(content, middle, spki, ski, ident, False) == tpl.tbs_from_parts(
+            serial, middle, spki, ski, ident, False
+        )
+    # Empty, zero, non-minimal, negative, longer than 20 octets.
+    for bad in (b"", b"\x00", b"\x00\x01", b"\x00\x00\x80", b"\x80", b"\xff\x01", b"\x01" * 21):
+        with pytest.raises(ValueError, match="serial"):
+            tpl.tbs_from_serial_content(bad, middle, spki, ski, ident, False)
+
+
 def test_every_supported_ca_shape_uses_the_fast_path(cas):
     for ca_key, ca_cert in cas:
         assert minting.X509Minter(ca_key, ca_cert).fast_path
