@@ -260,6 +260,8 @@ class Server:
 
     async def stop(self) -> None:
         await self.tasks.stop()
+        if getattr(self, "signing", None) is not None:
+            self.signing.close()
         if self.grpc is not None:
             self.grpc.close()
             await self.grpc.wait_closed()

@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -73,6 +74,9 @@ class SigningService:
         self.jwt_issuer = jwt_issuer or None
         self.clock = clock
         self.taint_window = 600.0
+        # One signing thread: minting is mostly GIL-bound Python, so more threads add no
+        # throughput and only starve the event loop (health checks, other agents).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshid-signing")
         # Called once events are in the outbox (the server wakes its relay): sync and cheap.
         self.on_events = on_events
 
@@ -127,6 +131,9 @@ class SigningService:
             if issued < len(requests):
                 tel.record_refused("x509", "not_authorized_or_invalid", len(requests) - issued)
             return [r for r in results if r is not None]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def _mint_all(
         self, active: LoadedKey, agent: AgentRecord, jobs: list[tuple[int, X509Request, Entry]], now: float
@@ -185,7 +192,7 @@ class SigningService:
             return out
 
         if len(jobs) >= EXECUTOR_THRESHOLD:
-            return await asyncio.get_running_loop().run_in_executor(None, run)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, run)
         return run()
 
     async def sign_jwt(self, agent: AgentRecord, entry_id: str, audience: list[str]) -> tuple[str, int]:
