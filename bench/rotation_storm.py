@@ -21,6 +21,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+# Run as a script, bench/ is first on sys.path and bench/workload_api.py would shadow the
+# workload_api package: resolve imports from the repository root first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workload_api.rotation import RotationPolicy
 
