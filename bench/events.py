@@ -154,8 +154,9 @@ async def bench(args: argparse.Namespace) -> dict[str, float]:
 
             async def off() -> float:
                 await relay.stop()
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 assert await issue(server, agents, args.batch) == n
+                cpu_off.append((time.process_time() - cpu) / n)
                 return n / (time.perf_counter() - start)
 
             async def on() -> float:
@@ -163,15 +164,18 @@ async def bench(args: argparse.Namespace) -> dict[str, float]:
                 await drained()
                 await asyncio.sleep(0.05)
                 target = published() + n
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 assert await issue(server, agents, args.batch) == n
                 issued = time.perf_counter() - start
                 await until(lambda: published() >= target, 120, "the relay to publish the round")
                 elapsed = time.perf_counter() - start
+                cpu_on.append((time.process_time() - cpu) / n)
                 lag.append(elapsed - issued)
                 return n / elapsed
 
             lag: list[float] = []
+            cpu_off: list[float] = []  # this process's CPU seconds per SVID (all threads)
+            cpu_on: list[float] = []
             await on()  # warm-up: topic creation, connections, caches
             await off()
             off_rates: list[float] = []
@@ -189,13 +193,15 @@ async def bench(args: argparse.Namespace) -> dict[str, float]:
                 ratios.append(b / a)
             await relay.start()
             await drained()
-            lag = lag[1:]  # drop the warm-up
+            lag, cpu_on, cpu_off = lag[1:], cpu_on[1:], cpu_off[1:]  # drop the warm-up
             return {
                 "svids_per_round": n,
                 "rounds": args.rounds,
                 "rate_relay_off_per_s": statistics.median(off_rates),
                 "rate_relay_on_per_s": statistics.median(on_rates),
                 "drain_after_last_batch_ms": statistics.median(lag) * 1000,
+                "cpu_us_per_svid_relay_off": statistics.median(cpu_off) * 1e6,
+                "cpu_us_per_svid_relay_on": statistics.median(cpu_on) * 1e6,
                 "events_published": published(),
                 "ratio_min": min(ratios),
                 "ratio_max": max(ratios),

@@ -58,7 +58,7 @@ _EVENT_INSERT = (
     f"INSERT INTO outbox ({', '.join(codec.EVENT_COLUMNS)}) VALUES ({_marks(len(codec.EVENT_COLUMNS))})"
 )
 _OUTBOX_COLS = "seq, " + ", ".join(codec.EVENT_COLUMNS)
-_CLAIM = f"""
+_CLAIM = """
 UPDATE outbox SET claimed_by = :owner, lease_until = :until
 WHERE seq IN (
     SELECT o.seq FROM outbox AS o
@@ -70,8 +70,9 @@ WHERE seq IN (
             AND p.claimed_by <> :owner AND p.lease_until > :now)
     ORDER BY o.seq
     LIMIT :limit)
-RETURNING {_OUTBOX_COLS}
+RETURNING seq
 """
+_BY_SEQS = f"SELECT {_OUTBOX_COLS} FROM outbox WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq"
 
 
 class SqliteDataStore:
@@ -431,8 +432,13 @@ class SqliteDataStore:
         # as PostgreSQL's so that relays behave alike on both backends.
         params = {"owner": owner, "until": now + lease_seconds, "now": now, "limit": limit}
         async with self._tx(durable=False) as conn:
-            rows = list(await conn.execute_fetchall(_CLAIM, params))
-        return sorted((codec.stored_event_from_row(r) for r in rows), key=lambda r: r.seq)
+            seqs = [int(r[0]) for r in await conn.execute_fetchall(_CLAIM, params)]
+        if not seqs:
+            return []
+        # RETURNING the event columns makes SQLite buffer ~2 KB a row inside the write
+        # transaction; they never change once written, so read them after it instead.
+        rows = await self._rows(_BY_SEQS, (codec.dumps(seqs),))
+        return [codec.stored_event_from_row(r) for r in rows]
 
     async def mark_delivered(self, seqs: Sequence[int], now: float) -> None:
         if not seqs:

@@ -186,10 +186,12 @@ class StoredEncoder:
         time = self._rfc3339(row.time)
         if self.mode == "structured":
             # canonical_json's key order: data, datacontenttype, id, partitionkey, source,
-            # specversion, subject, time, type.
+            # specversion, subject, time, type. The subject is usually the key.
+            key = _json_str(row.partition_key)
+            subject = key if row.subject == row.partition_key else _json_str(row.subject)
             value = (f'{{"data":{row.data_json},"datacontenttype":"{DATA_CONTENT_TYPE}","id":"{eid}",'
-                     f'"partitionkey":{_json_str(row.partition_key)},"source":{self._source_json},'
-                     f'"specversion":"{SPECVERSION}","subject":{_json_str(row.subject)},"time":"{time}",'
+                     f'"partitionkey":{key},"source":{self._source_json},'
+                     f'"specversion":"{SPECVERSION}","subject":{subject},"time":"{time}",'
                      f'"type":{_json_str(row.type)}}}').encode()
             return row.partition_key.encode(), value, [("content-type", _STRUCTURED_CT)]
         headers: Headers = [("content-type", _DATA_CT), ("ce_specversion", _SPECVERSION_B),

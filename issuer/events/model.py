@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,10 +26,11 @@ class OutboxRow:
     event: Event
 
 
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
+class StoredEvent(NamedTuple):
     """An outbox row as stored, `data` still the JSON text the datastore holds: the relay
-    publishes it without decoding and re-encoding it (most of its per-event cost)."""
+    publishes it without decoding and re-encoding it (most of its per-event cost). A
+    NamedTuple rather than a frozen dataclass: it is made once per relayed event, and a
+    tuple is several times cheaper to build."""
 
     seq: int
     type: str

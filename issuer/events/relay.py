@@ -249,7 +249,11 @@ class OutboxRelay:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
+            # Python 3.11's asyncio.wait_for swallows a cancellation that lands just as its
+            # inner awaitable completes (gh-86296): cancel again until the task has ended.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._close_producer()
@@ -308,8 +312,10 @@ class OutboxRelay:
                 await asyncio.sleep(delay)
 
     async def _sleep_or_wakeup(self, seconds: float) -> None:
+        # asyncio.timeout, not wait_for: a notify() racing stop() must not eat the cancel.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._wakeup.wait()
         self._wakeup.clear()
 
     async def _connect(self, cfg: KafkaConfig) -> AIOKafkaProducer:

@@ -386,3 +386,15 @@ async def test_detector_end_to_end(tansu: TansuBroker, ds: SqliteDataStore, tmp_
         await detector.stop()
         await relay.stop()
     assert detector.status()["consumed"] == len(events)
+
+
+async def test_stop_is_prompt_even_when_notified_at_the_same_moment(ds: SqliteDataStore) -> None:
+    # A notify() landing as stop() cancels used to be swallowed by asyncio.wait_for (3.11),
+    # leaving stop() waiting forever for a task that kept running.
+    relay = OutboxRelay(ds, None, source=SOURCE, telemetry=Telemetry(), poll_interval=0.001)
+    for _ in range(300):
+        await relay.start()
+        await asyncio.sleep(0.002)
+        relay.notify()
+        await asyncio.wait_for(relay.stop(), 5)
+        assert not relay.running

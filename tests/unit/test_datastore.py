@@ -676,3 +676,14 @@ def test_codec_natural_key_ignores_selector_order() -> None:
     a = codec.natural_key(sid("/a"), sid("/p"), parse_selectors(["x:1", "y:2"]))
     b = codec.natural_key(sid("/a"), sid("/p"), [Selector("y", "2"), Selector("x", "1"), Selector("x", "1")])
     assert a == b != codec.natural_key(sid("/a"), sid("/q"), parse_selectors(["x:1", "y:2"]))
+
+
+async def test_claim_stored_leaves_data_as_stored_json(store: DataStore) -> None:
+    await store.append_events([ev(n, key=f"k{n}") for n in range(1, 4)])
+    rows = await store.claim_outbox_stored("a", limit=10, lease_seconds=30, now=1_000)
+    assert [r.seq for r in rows] == [r.seq for r in await all_rows(store)]
+    assert [r.decode().event for r in rows] == [ev(n, key=f"k{n}") for n in range(1, 4)]
+    for r in rows:
+        assert isinstance(r.data_json, str) and r.decode().event.data == ev(r.decode().event.data["n"]).data
+    # The same leases as claim_outbox: nothing left for another owner.
+    assert await store.claim_outbox("b", limit=10, lease_seconds=30, now=1_000) == []

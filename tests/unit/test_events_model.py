@@ -329,3 +329,42 @@ def test_tracing_off_by_default_and_configurable() -> None:
         telemetry.shutdown_tracing()
     with pytest.raises(telemetry.ConfigError):
         telemetry.configure_tracing("carrier-pigeon")
+
+
+# --- the relay's encoder ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["structured", "binary"])
+def test_stored_encoder_matches_the_reference_encoding(mode: ce.Mode) -> None:
+    from issuer.datastore import codec
+    from issuer.events.model import StoredEvent
+
+    plain = _issued()
+    other = Event("io.meshid.test.happened", 'entry "7"', "k\\ey", NOW,
+                  {"note": "héllo\u2028", "n": [1, 2.5]})
+    enc = ce.StoredEncoder(SOURCE, mode)
+    for seq, event in ((7, plain), (8, other), (123456789, plain)):
+        stored = StoredEvent(seq, event.type, event.subject, event.partition_key, event.time,
+                             codec.dumps(event.data))
+        key, value, headers = enc.encode(stored)
+        ref_key, ref_value, ref_headers = ce.to_kafka(ce.from_outbox(stored.decode(), SOURCE), mode)
+        assert (key, headers) == (ref_key, ref_headers)
+        assert json.loads(value) == json.loads(ref_value)
+        if event is plain:
+            assert value == ref_value  # ASCII data: byte-identical to the canonical form
+        assert enc.event_id(seq) == ce.event_id(SOURCE, seq)
+
+
+def test_counted_histogram_counts_each_observation() -> None:
+    tel = telemetry.Telemetry()
+    tel.relay_lag.record(0.01, 500)  # one signing batch: 500 events acked with the same lag
+    tel.relay_lag.record(0.5)  # on a bound: (0.25, 0.5]
+    tel.relay_lag.record(7200.0, 2)
+    text = tel.render_prometheus()
+    assert 'meshid_events_relay_lag_seconds_bucket{le="0.01"} 500' in text
+    assert 'meshid_events_relay_lag_seconds_bucket{le="0.25"} 500' in text
+    assert 'meshid_events_relay_lag_seconds_bucket{le="0.5"} 501' in text
+    assert 'meshid_events_relay_lag_seconds_bucket{le="3600.0"} 501' in text
+    assert 'meshid_events_relay_lag_seconds_bucket{le="+Inf"} 503' in text
+    assert "meshid_events_relay_lag_seconds_count 503" in text
+    assert "meshid_events_relay_lag_seconds_sum 14405.5" in text
