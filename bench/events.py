@@ -18,7 +18,7 @@ Each round runs both cases, alternating which goes first so drift hits them alik
   broker (acks=all), i.e. until relay lag is back to 0.
 The ratio is the median of the per-round ratios.
 
-    python bench/events.py [--rounds 7] [--agents 4] [--batches 2] [--batch 500]
+    python bench/events.py [--rounds 11] [--agents 4] [--batches 2] [--batch 500]
 
 Last line: `events_ratio=<on rate / off rate>` (goal >= 0.95).
 """
@@ -98,8 +98,9 @@ async def fleet(server: Server, agents: int, per_agent: int) -> list[tuple[Agent
         await server.ds.put_agent(record, [])
         requests = []
         for i in range(per_agent):
-            entry = await server.entries.create(Entry(
-                "", SpiffeId(server.td, f"/bench/a{a}/w{i}"), agent_id, (Selector("unix", f"uid:{10000 + i}"),)))
+            selectors = (Selector("unix", f"uid:{10000 + i}"),)
+            entry = await server.entries.create(
+                Entry("", SpiffeId(server.td, f"/bench/a{a}/w{i}"), agent_id, selectors))
             requests.append(X509Request(entry.id, csrs[i % len(csrs)], rotation_reason="scheduled"))
         out.append((record, requests))
     return out
@@ -149,7 +150,10 @@ async def bench(args: argparse.Namespace) -> dict[str, float]:
             async def drained() -> None:
                 await until(lambda: relay.status()["kafka"] == "ok", 30, "the relay to connect")
                 assert server is not None and server.ds is not None
+                deadline = time.monotonic() + 120
                 while await server.ds.outbox_backlog():
+                    if time.monotonic() > deadline:
+                        raise SystemExit("timed out waiting for the relay to drain the outbox")
                     await asyncio.sleep(0.01)
 
             async def off() -> float:
@@ -215,7 +219,7 @@ async def bench(args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=7, help="off/on pairs")
+    ap.add_argument("--rounds", type=int, default=11, help="off/on pairs")
     ap.add_argument("--agents", type=int, default=4, help="agents signing concurrently")
     ap.add_argument("--batches", type=int, default=2, help="batches per agent per round")
     ap.add_argument("--batch", type=int, default=500, help="CSRs per sign call (the agent API's maximum)")
@@ -224,7 +228,8 @@ def main() -> None:
     out = asyncio.run(bench(args))
     ratio = out.pop("events_ratio")
     for key, value in out.items():
-        print(f"{key:>28}: {value:,.3f}" if isinstance(value, float) and value < 10 else f"{key:>28}: {value:,.0f}")
+        shown = f"{value:,.3f}" if isinstance(value, float) and value < 10 else f"{value:,.0f}"
+        print(f"{key:>28}: {shown}")
     print(f"events_ratio={ratio:.2f}")
 
 

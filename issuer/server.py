@@ -186,11 +186,12 @@ class Server:
         self.listeners["agent_api"] = await tls_listener(
             api.app(cfg.max_request_bytes), cfg.bind_address, cfg.agent_api_port, self._agent_ctx.outer
         )
+        assert self.ds is not None  # opened in start() before any listener
         admin = AdminApi(
             self.ds,
             self.entries,
             self.agents,
-            self.ca,  # type: ignore[arg-type]
+            self.ca,
             self.config.node_attestors.join_token.default_ttl,
             self.td.name,
         )
