@@ -134,8 +134,11 @@ class SvidManager:
                 delay = self.backoff.next()
                 log.exception("unexpected error in sync loop; retry in %.1fs", delay)
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races
+            # with a poke(), and the agent's shutdown would then wait forever.
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 
