@@ -13,7 +13,7 @@ of the given ones); admin and downstream entries are never handed out.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jwt
@@ -31,7 +31,7 @@ from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from workload_api._gen.spire.api.agent.delegatedidentity.v1 import delegatedidentity_grpc
 from workload_api._gen.spire.api.agent.delegatedidentity.v1 import delegatedidentity_pb2 as pb
-from workload_api.cache import SvidCache
+from workload_api.cache import SvidCache, Watcher
 from workload_api.peercred import process_start_time
 from workload_api.workload_handler import Identity
 
@@ -74,15 +74,17 @@ def x509_svids_response(cache: SvidCache, entries: Sequence[Entry]) -> pb.Subscr
         s = cache.svids.get(e.id)
         if s is None:
             continue
-        out.x509_svids.append(pb.X509SVIDWithKey(
-            x509_svid=x509svid_pb2.X509SVID(
-                cert_chain=[c.public_bytes(Encoding.DER) for c in s.chain],
-                id=spiffe_id_proto(s.spiffe_id),
-                expires_at=int(s.expires_at),
-                hint=e.hint,
-            ),
-            x509_svid_key=s.key_der,
-        ))
+        out.x509_svids.append(
+            pb.X509SVIDWithKey(
+                x509_svid=x509svid_pb2.X509SVID(
+                    cert_chain=[c.public_bytes(Encoding.DER) for c in s.chain],
+                    id=spiffe_id_proto(s.spiffe_id),
+                    expires_at=int(s.expires_at),
+                    hint=e.hint,
+                ),
+                x509_svid_key=s.key_der,
+            )
+        )
     out.federates_with.extend(sorted(str(td.id) for td in federated))
     return out
 
@@ -151,6 +153,30 @@ class DelegatedIdentityHandler(delegatedidentity_grpc.DelegatedIdentityBase):
             self.id.manager.note_workload_failure(str(exc), caller.uid)
             raise GRPCError(Status.UNAVAILABLE, f"workload attestation of pid {pid} failed: {exc}") from None
 
+    async def _push_on_change(
+        self,
+        stream: Stream[Any, Any],
+        caller: frozenset[Selector],
+        target: frozenset[Selector],
+        build: Callable[[Watcher], Any],
+    ) -> None:
+        """Every subscription's shape: the complete state at once (even when empty), then
+        again whenever the cache wakes the watcher and the state changed; authorization
+        is re-checked on every update."""
+        watcher = self.cache.watch(target)
+        try:
+            last: Any = None
+            while True:
+                watcher.event.clear()
+                self._recheck(caller)
+                msg = build(watcher)
+                if msg != last:
+                    await stream.send_message(msg)
+                    last = msg
+                await watcher.event.wait()
+        finally:
+            self.cache.unwatch(watcher)
+
     async def SubscribeToX509SVIDs(
         self, stream: Stream[pb.SubscribeToX509SVIDsRequest, pb.SubscribeToX509SVIDsResponse]
     ) -> None:
@@ -158,42 +184,26 @@ class DelegatedIdentityHandler(delegatedidentity_grpc.DelegatedIdentityBase):
         assert req is not None
         caller = await self._authorized_caller(stream)
         target = await self._target(req.selectors, req.pid)
-        watcher = self.cache.watch(target)
-        try:
-            last: bytes | None = None
-            while True:
-                watcher.event.clear()
-                self._recheck(caller)
-                entries = handed_out(self.cache.matching_entries(target))
-                # Watch unissued entries too, so their first SVID wakes this stream.
-                watcher.entry_ids = {e.id for e in entries}
-                msg = x509_svids_response(self.cache, entries)
-                raw = msg.SerializeToString(deterministic=True)
-                if raw != last:  # the first message always goes out, even with no SVIDs yet
-                    await stream.send_message(msg)
-                    last = raw
-                await watcher.event.wait()
-        finally:
-            self.cache.unwatch(watcher)
+
+        def build(watcher: Watcher) -> pb.SubscribeToX509SVIDsResponse:
+            entries = handed_out(self.cache.matching_entries(target))
+            # Watch unissued entries too, so their first SVID wakes this stream.
+            watcher.entry_ids = {e.id for e in entries}
+            return x509_svids_response(self.cache, entries)
+
+        await self._push_on_change(stream, caller, target, build)
 
     async def SubscribeToX509Bundles(
         self, stream: Stream[pb.SubscribeToX509BundlesRequest, pb.SubscribeToX509BundlesResponse]
     ) -> None:
         await stream.recv_message()
         caller = await self._authorized_caller(stream)
-        watcher = self.cache.watch(caller)
-        try:
-            last: dict[str, bytes] | None = None
-            while True:
-                watcher.event.clear()
-                self._recheck(caller)
-                bundles = x509_bundles(self.cache)
-                if bundles != last:
-                    await stream.send_message(pb.SubscribeToX509BundlesResponse(ca_certificates=bundles))
-                    last = bundles
-                await watcher.event.wait()
-        finally:
-            self.cache.unwatch(watcher)
+        await self._push_on_change(
+            stream,
+            caller,
+            caller,
+            lambda _w: pb.SubscribeToX509BundlesResponse(ca_certificates=x509_bundles(self.cache)),
+        )
 
     async def FetchJWTSVIDs(self, stream: Stream[pb.FetchJWTSVIDsRequest, pb.FetchJWTSVIDsResponse]) -> None:
         req = await stream.recv_message()
@@ -216,10 +226,15 @@ class DelegatedIdentityHandler(delegatedidentity_grpc.DelegatedIdentityBase):
                 log.warning("JWT-SVID signing for %s failed: %s", e.spiffe_id, exc)
                 raise GRPCError(Status.UNAVAILABLE, f"could not fetch JWT-SVID for {e.spiffe_id}") from None
             iat, exp = _token_times(j.token)
-            out.svids.append(jwtsvid_pb2.JWTSVID(
-                token=j.token, id=spiffe_id_proto(j.spiffe_id), expires_at=exp or int(j.expires_at),
-                issued_at=iat, hint=e.hint,
-            ))
+            out.svids.append(
+                jwtsvid_pb2.JWTSVID(
+                    token=j.token,
+                    id=spiffe_id_proto(j.spiffe_id),
+                    expires_at=exp or int(j.expires_at),
+                    issued_at=iat,
+                    hint=e.hint,
+                )
+            )
         await stream.send_message(out)
 
     async def SubscribeToJWTBundles(
@@ -227,19 +242,12 @@ class DelegatedIdentityHandler(delegatedidentity_grpc.DelegatedIdentityBase):
     ) -> None:
         await stream.recv_message()
         caller = await self._authorized_caller(stream)
-        watcher = self.cache.watch(caller)
-        try:
-            last: dict[str, bytes] | None = None
-            while True:
-                watcher.event.clear()
-                self._recheck(caller)
-                bundles = jwt_bundles(self.cache)
-                if bundles != last:
-                    await stream.send_message(pb.SubscribeToJWTBundlesResponse(bundles=bundles))
-                    last = bundles
-                await watcher.event.wait()
-        finally:
-            self.cache.unwatch(watcher)
+        await self._push_on_change(
+            stream,
+            caller,
+            caller,
+            lambda _w: pb.SubscribeToJWTBundlesResponse(bundles=jwt_bundles(self.cache)),
+        )
 
 
 def _token_times(token: str) -> tuple[int, int]:
