@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from enum import IntEnum
 from typing import Any
 
@@ -526,35 +526,22 @@ def _ca_event(act: str, key_id: str, kind: str, now: float, trust_domain: str, *
     return _event(type_, key_id, key_id, now, data)
 
 
-def ca_prepared(key_id: str, kind: str, now: float, trust_domain: str, *,
-                cert: x509.Certificate | bytes | None = None, not_before: float | None = None,
-                not_after: float | None = None, upstream: bool = False, server_id: str = "",
-                actor: str = "") -> Event:
-    """A new key was prepared (published in the bundle before it signs anything). For an
-    X509 CA, `cert` is the CA certificate (upstream-signed when `upstream`)."""
-    return _ca_event("prepared", key_id, kind, now, trust_domain, cert=cert, not_before=not_before,
-                     not_after=not_after, upstream=upstream, server_id=server_id, actor=actor)
+def _ca_builder(act: str, doc: str) -> Callable[..., Event]:
+    def build(key_id: str, kind: str, now: float, trust_domain: str, *,
+              cert: x509.Certificate | bytes | None = None, not_before: float | None = None,
+              not_after: float | None = None, upstream: bool = False, server_id: str = "",
+              actor: str = "") -> Event:
+        return _ca_event(act, key_id, kind, now, trust_domain, cert=cert, not_before=not_before,
+                         not_after=not_after, upstream=upstream, server_id=server_id, actor=actor)
+
+    build.__name__ = build.__qualname__ = f"ca_{act}"
+    build.__doc__ = doc
+    return build
 
 
-def ca_activated(key_id: str, kind: str, now: float, trust_domain: str, *,
-                 cert: x509.Certificate | bytes | None = None, not_before: float | None = None,
-                 not_after: float | None = None, upstream: bool = False, server_id: str = "",
-                 actor: str = "") -> Event:
-    return _ca_event("activated", key_id, kind, now, trust_domain, cert=cert, not_before=not_before,
-                     not_after=not_after, upstream=upstream, server_id=server_id, actor=actor)
-
-
-def ca_tainted(key_id: str, kind: str, now: float, trust_domain: str, *,
-               cert: x509.Certificate | bytes | None = None, not_before: float | None = None,
-               not_after: float | None = None, upstream: bool = False, server_id: str = "",
-               actor: str = "") -> Event:
-    return _ca_event("tainted", key_id, kind, now, trust_domain, cert=cert, not_before=not_before,
-                     not_after=not_after, upstream=upstream, server_id=server_id, actor=actor)
-
-
-def ca_revoked(key_id: str, kind: str, now: float, trust_domain: str, *,
-               cert: x509.Certificate | bytes | None = None, not_before: float | None = None,
-               not_after: float | None = None, upstream: bool = False, server_id: str = "",
-               actor: str = "") -> Event:
-    return _ca_event("revoked", key_id, kind, now, trust_domain, cert=cert, not_before=not_before,
-                     not_after=not_after, upstream=upstream, server_id=server_id, actor=actor)
+# One builder per CA act; for an X509 CA `cert` is the CA certificate (upstream-signed when
+# `upstream`).
+ca_prepared = _ca_builder("prepared", "A new key was prepared (published in the bundle before it signs).")
+ca_activated = _ca_builder("activated", "A prepared key became the active signing key.")
+ca_tainted = _ca_builder("tainted", "An old key was tainted: agents re-issue what it signed.")
+ca_revoked = _ca_builder("revoked", "A key was removed from the bundle.")
