@@ -80,6 +80,23 @@ class SvidCache:
         out = [e for e in self.entries.values() if all(s in selectors for s in e.selectors)]
         return sorted(out, key=lambda e: (str(e.spiffe_id), e.id))
 
+    def x509_bundle_map(self) -> dict[str, bytes]:
+        """Own and federated X509 roots keyed `spiffe://td` (DER concatenated), as both the
+        Workload API and the Delegated Identity API send them."""
+        assert self.bundle is not None
+        out = {str(self.td.id): self.bundle.x509_der()}
+        for td, b in self.federated.items():
+            out[str(td.id)] = b.x509_der()
+        return out
+
+    def jwt_bundle_map(self) -> dict[str, bytes]:
+        """Own and federated JWKS documents keyed `spiffe://td`."""
+        assert self.bundle is not None
+        out = {str(self.td.id): self.bundle.jwks_bytes()}
+        for td, b in self.federated.items():
+            out[str(td.id)] = b.jwks_bytes()
+        return out
+
     def svids_for(self, selectors: frozenset[Selector]) -> list[X509Svid]:
         return [s for e in self.matching_entries(selectors) if (s := self.svids.get(e.id)) is not None]
 

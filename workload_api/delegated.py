@@ -89,22 +89,6 @@ def x509_svids_response(cache: SvidCache, entries: Sequence[Entry]) -> pb.Subscr
     return out
 
 
-def x509_bundles(cache: SvidCache) -> dict[str, bytes]:
-    assert cache.bundle is not None
-    out = {str(cache.td.id): cache.bundle.x509_der()}
-    for td, b in cache.federated.items():
-        out[str(td.id)] = b.x509_der()
-    return out
-
-
-def jwt_bundles(cache: SvidCache) -> dict[str, bytes]:
-    assert cache.bundle is not None
-    out = {str(cache.td.id): cache.bundle.jwks_bytes()}
-    for td, b in cache.federated.items():
-        out[str(td.id)] = b.jwks_bytes()
-    return out
-
-
 def caller_for_pid(pid: int, proc_root: str = "/proc") -> Caller:
     """A Caller for an arbitrary local pid, with the start time pinned for the reuse guard."""
     start = process_start_time(pid, proc_root=proc_root)
@@ -202,7 +186,7 @@ class DelegatedIdentityHandler(delegatedidentity_grpc.DelegatedIdentityBase):
             stream,
             caller,
             caller,
-            lambda _w: pb.SubscribeToX509BundlesResponse(ca_certificates=x509_bundles(self.cache)),
+            lambda _w: pb.SubscribeToX509BundlesResponse(ca_certificates=self.cache.x509_bundle_map()),
         )
 
     async def FetchJWTSVIDs(self, stream: Stream[pb.FetchJWTSVIDsRequest, pb.FetchJWTSVIDsResponse]) -> None:
@@ -246,7 +230,7 @@ class DelegatedIdentityHandler(delegatedidentity_grpc.DelegatedIdentityBase):
             stream,
             caller,
             caller,
-            lambda _w: pb.SubscribeToJWTBundlesResponse(bundles=jwt_bundles(self.cache)),
+            lambda _w: pb.SubscribeToJWTBundlesResponse(bundles=self.cache.jwt_bundle_map()),
         )
 
 

@@ -82,13 +82,6 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
         self.cache = identity.cache
         self._responses: dict[tuple[int, int, tuple[bytes, ...]], bytes] = {}
 
-    def _bundles(self) -> dict[str, bytes]:
-        assert self.cache.bundle is not None
-        out = {str(self.cache.td.id): self.cache.bundle.x509_der()}
-        for td, b in self.cache.federated.items():
-            out[str(td.id)] = b.x509_der()
-        return out
-
     def x509_response(self, svids: list[X509Svid]) -> workload_pb2.X509SVIDResponse:
         assert self.cache.bundle is not None
         own = self.cache.bundle.x509_der()
@@ -164,7 +157,7 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
         self, stream: Stream[workload_pb2.X509BundlesRequest, workload_pb2.X509BundlesResponse]
     ) -> None:
         await self._push_on_change(
-            stream, lambda _s, _w: workload_pb2.X509BundlesResponse(bundles=self._bundles())
+            stream, lambda _s, _w: workload_pb2.X509BundlesResponse(bundles=self.cache.x509_bundle_map())
         )
 
     async def FetchJWTSVID(
@@ -204,11 +197,7 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
     def _jwt_bundles(
         self, _selectors: frozenset[Selector], _watcher: Watcher
     ) -> workload_pb2.JWTBundlesResponse:
-        assert self.cache.bundle is not None
-        bundles = {str(self.cache.td.id): self.cache.bundle.jwks_bytes()}
-        for td, b in self.cache.federated.items():
-            bundles[str(td.id)] = b.jwks_bytes()
-        return workload_pb2.JWTBundlesResponse(bundles=bundles)
+        return workload_pb2.JWTBundlesResponse(bundles=self.cache.jwt_bundle_map())
 
     async def FetchJWTBundles(
         self, stream: Stream[workload_pb2.JWTBundlesRequest, workload_pb2.JWTBundlesResponse]
