@@ -150,10 +150,15 @@ async def test_renewals_of_200_svids_spread_over_the_window(short_tmp: Path) -> 
         observe_until = t0 + 62
         await asyncio.sleep(observe_until - time.time())
         renewals = [(t, s) for t, s in issued if s.leaf.serial_number != burst[s.entry_id].leaf.serial_number]
+        # Only each entry's first renewal follows the burst's schedule; an SVID due in the
+        # first seconds renews again ≥ 0.5·L later, still inside the observation window.
+        first_renewal: dict[str, float] = {}
         for t, s in renewals:
-            planned = burst[s.entry_id].schedule.renew_at
-            if planned >= t0 + 1:  # (first renewals, not a second renewal of the same SVID)
-                assert -0.5 <= t - planned <= 3.0, (s.entry_id, t - planned)
+            first_renewal.setdefault(s.entry_id, t)
+        for entry_id, t in first_renewal.items():
+            planned = burst[entry_id].schedule.renew_at
+            if planned >= t0 + 1:  # (due during the burst itself: renewed as soon as it landed)
+                assert -0.5 <= t - planned <= 3.0, (entry_id, t - planned)
         window_start = t0 + 2  # after the burst itself
         times = [t for t, _ in renewals if t >= window_start]
         # Stationary start: renewals arrive at the steady rate N / (mean interval) at once.
