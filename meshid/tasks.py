@@ -9,6 +9,9 @@ from typing import Any
 
 log = logging.getLogger("meshid.tasks")
 
+CANCEL_RETRY = 0.5  # seconds between cancellations of a task that has not ended
+STOP_GIVE_UP = 30.0
+
 
 class TaskOwner:
     def __init__(self, name: str) -> None:
@@ -27,11 +30,31 @@ class TaskOwner:
             log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
     async def stop(self) -> None:
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        """Cancel every task and wait for it to end. A task that swallows its cancellation
+        (asyncio.wait_for racing its inner future can) is cancelled again until it ends;
+        one that never does is reported and left behind after STOP_GIVE_UP seconds."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + STOP_GIVE_UP
+        warned = False
+        while self._tasks:
+            tasks = list(self._tasks)
+            for t in tasks:
+                t.cancel()
+            _, pending = await asyncio.wait(tasks, timeout=CANCEL_RETRY)
+            if not pending:
+                continue  # tasks spawned while stopping are cancelled in the next round
+            names = ", ".join(sorted(t.get_name() for t in pending))
+            if loop.time() >= give_up:
+                log.error(
+                    "%s: tasks still running after %.0f s of cancelling, left behind: %s",
+                    self.name,
+                    STOP_GIVE_UP,
+                    names,
+                )
+                self._tasks.difference_update(pending)
+            elif not warned:
+                log.warning("%s: tasks slow to honour cancellation: %s", self.name, names)
+                warned = True
         self._tasks.clear()
 
 

@@ -1,0 +1,103 @@
+"""TaskOwner: every task it spawned has ended (or is reported) when stop() returns."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from meshid import tasks
+from meshid.tasks import TaskOwner
+
+
+async def test_stop_cancels_and_awaits_every_task() -> None:
+    owner = TaskOwner("t")
+    started = asyncio.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    spawned = [owner.spawn(f"f{i}", forever()) for i in range(3)]
+    await started.wait()
+    await owner.stop()
+    assert all(t.cancelled() for t in spawned)
+
+
+async def test_a_task_that_swallows_its_cancellation_is_cancelled_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tasks, "CANCEL_RETRY", 0.05)
+    owner = TaskOwner("t")
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                swallowed += 1
+                if swallowed >= 2:
+                    raise
+
+    task = owner.spawn("stubborn", stubborn())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(owner.stop(), 5)
+    assert task.cancelled() and swallowed == 2
+
+
+async def test_tasks_spawned_while_stopping_are_stopped_too() -> None:
+    owner = TaskOwner("t")
+    late: list[asyncio.Task[None]] = []
+
+    async def spawns_on_cancel() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            late.append(owner.spawn("late", asyncio.sleep(3600)))
+
+    owner.spawn("parent", spawns_on_cancel())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(owner.stop(), 5)
+    assert late and late[0].cancelled()
+
+
+async def test_a_task_that_never_ends_is_reported_and_stop_returns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(tasks, "CANCEL_RETRY", 0.02)
+    monkeypatch.setattr(tasks, "STOP_GIVE_UP", 0.1)
+    owner = TaskOwner("t")
+    release = asyncio.Event()
+
+    async def immortal() -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass
+
+    task = owner.spawn("immortal", immortal())
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.WARNING, logger="meshid.tasks"):
+        await asyncio.wait_for(owner.stop(), 5)
+    assert "left behind: t:immortal" in caplog.text
+    release.set()
+    task.cancel()
+    await asyncio.wait([task])
+
+
+async def test_a_failed_task_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    owner = TaskOwner("t")
+
+    async def boom() -> None:
+        raise RuntimeError("boom")
+
+    with caplog.at_level(logging.ERROR, logger="meshid.tasks"):
+        task = owner.spawn("boom", boom())
+        await asyncio.wait([task])
+        await asyncio.sleep(0)
+    assert "background task t:boom failed" in caplog.text
+    await owner.stop()
