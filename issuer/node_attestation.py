@@ -11,7 +11,7 @@ import datetime as dt
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from cryptography import x509
@@ -23,6 +23,7 @@ from issuer.datastore.base import AgentRecord, DataStore
 from issuer.events import ocsf
 from meshid import telemetry
 from meshid.errors import AttestationError, NotFoundError, OverloadedError, PermissionDeniedError
+from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
 
 log = logging.getLogger("meshid.attestation")
@@ -170,20 +171,7 @@ class AgentService:
                         src_ip=request.source,
                         reattest=existing is not None,
                     ),
-                    ocsf.x509_issued(
-                        chain[0],
-                        spiffe_id=str(record.agent_id),
-                        entry_id="",
-                        entry_revision=0,
-                        parent_id=str(SpiffeId(self.td, "/meshid/server")),
-                        agent_id=str(record.agent_id),
-                        selectors=[str(s) for s in record.selectors],
-                        ca_key_id=self.ca.x509_active.key_id,
-                        rotation_reason="initial",
-                        scheduled_rotation_at=None,
-                        now=now,
-                        renew=False,
-                    ),
+                    self._agent_svid_issued(chain[0], record.agent_id, record.selectors, now, renew=False),
                 ],
             )
         self._events_written()
@@ -236,25 +224,35 @@ class AgentService:
         )
         await self.ds.put_agent(
             record,
-            [
-                ocsf.x509_issued(
-                    chain[0],
-                    spiffe_id=str(agent.agent_id),
-                    entry_id="",
-                    entry_revision=0,
-                    parent_id=str(SpiffeId(self.td, "/meshid/server")),
-                    agent_id=str(agent.agent_id),
-                    selectors=[str(s) for s in agent.selectors],
-                    ca_key_id=self.ca.x509_active.key_id,
-                    rotation_reason="scheduled",
-                    scheduled_rotation_at=None,
-                    now=now,
-                    renew=True,
-                )
-            ],
+            [self._agent_svid_issued(chain[0], agent.agent_id, agent.selectors, now, renew=True)],
         )
         self._events_written()
         return IssuedAgentSvid(record, chain)
+
+    def _agent_svid_issued(
+        self,
+        leaf: x509.Certificate,
+        agent_id: SpiffeId,
+        selectors: Iterable[Selector],
+        now: float,
+        *,
+        renew: bool,
+    ) -> ocsf.Event:
+        """The x509 issued event of an agent SVID (no entry: the server is its parent)."""
+        return ocsf.x509_issued(
+            leaf,
+            spiffe_id=str(agent_id),
+            entry_id="",
+            entry_revision=0,
+            parent_id=str(SpiffeId(self.td, "/meshid/server")),
+            agent_id=str(agent_id),
+            selectors=[str(s) for s in selectors],
+            ca_key_id=self.ca.x509_active.key_id,
+            rotation_reason="scheduled" if renew else "initial",
+            scheduled_rotation_at=None,
+            now=now,
+            renew=renew,
+        )
 
     async def evict(self, agent_id: SpiffeId) -> None:
         if await self.ds.get_agent(agent_id) is None:
