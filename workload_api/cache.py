@@ -80,9 +80,27 @@ class SvidCache:
         out = [e for e in self.entries.values() if all(s in selectors for s in e.selectors)]
         return sorted(out, key=lambda e: (str(e.spiffe_id), e.id))
 
+    def federated_for(self, entries: Iterable[Entry]) -> dict[TrustDomain, Bundle]:
+        """The federated bundles held for the trust domains `entries` federate with: what a
+        workload matching them may see (SPIRE's WorkloadUpdate.FederatedBundles)."""
+        out: dict[TrustDomain, Bundle] = {}
+        for e in entries:
+            for td in e.federates_with:
+                b = self.federated.get(td)
+                if b is not None:
+                    out.setdefault(td, b)
+        return out
+
+    def bundles_for(self, entries: Iterable[Entry]) -> dict[TrustDomain, Bundle]:
+        """The own bundle plus :meth:`federated_for` `entries`: the bundles the Workload API
+        hands a caller matching `entries` (none: the own bundle only)."""
+        assert self.bundle is not None
+        return {**self.federated_for(entries), self.td: self.bundle}
+
     def x509_bundle_map(self) -> dict[str, bytes]:
-        """Own and federated X509 roots keyed `spiffe://td` (DER concatenated), as both the
-        Workload API and the Delegated Identity API send them."""
+        """Own and every federated X509 root set the agent holds, keyed `spiffe://td` (DER
+        concatenated), as the Delegated Identity API sends them (SPIRE sends a delegate all
+        bundles; Workload API callers get only :meth:`bundles_for` their entries)."""
         assert self.bundle is not None
         out = {str(self.td.id): self.bundle.x509_der()}
         for td, b in self.federated.items():
@@ -90,7 +108,7 @@ class SvidCache:
         return out
 
     def jwt_bundle_map(self) -> dict[str, bytes]:
-        """Own and federated JWKS documents keyed `spiffe://td`."""
+        """Own and every federated JWKS document keyed `spiffe://td` (Delegated Identity API)."""
         assert self.bundle is not None
         out = {str(self.td.id): self.bundle.jwks_bytes()}
         for td, b in self.federated.items():

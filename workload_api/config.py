@@ -93,6 +93,10 @@ class AgentConfig:
     admin_socket_path: str = doc("Delegated Identity API socket (empty = off)", default="")
     authorized_delegates: list[str] = doc("SPIFFE IDs allowed on the admin socket (e.g. Cilium)",
                                           default_factory=list)
+    allow_unauthenticated_verifiers: bool = doc(
+        "release the own trust domain's bundle (FetchX509Bundles, FetchJWTBundles) to workloads "
+        "matching no entry, which are otherwise refused (SPIRE's option of the same name)",
+        default=False)
     sync_interval: Duration = doc("how often entries and bundle are synced", default=Duration(5))
     node_attestor: NodeAttestorConfig = field(default_factory=NodeAttestorConfig)
     workload_attestors: WorkloadAttestorsConfig = field(default_factory=WorkloadAttestorsConfig)

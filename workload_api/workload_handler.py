@@ -3,6 +3,12 @@
 Status codes per the spec: missing/invalid security header → INVALID_ARGUMENT; no
 matching entry → PERMISSION_DENIED ("no identity issued"); attestation failed or agent
 not ready → UNAVAILABLE. Streams send the complete state at once and on every change.
+
+Bundles, as SPIRE's agent hands them out: a caller sees its own trust domain's bundle
+plus the federated bundles of the trust domains its matching entries federate with,
+never every bundle the agent holds. FetchX509Bundles/FetchJWTBundles refuse a caller
+matching no entry, unless `allow_unauthenticated_verifiers` lets it have the own bundle
+only; ValidateJWTSVID never refuses one, and checks tokens against that same set.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
+from meshid.bundle import Bundle
 from meshid.errors import AttestationError
 from meshid.jwtsvid import InvalidJwtSvidError, validate_jwt_svid
 from meshid.selector import Selector
-from meshid.spiffe_id import SpiffeId
+from meshid.spiffe_id import SpiffeId, TrustDomain
 from workload_api._gen import workload_grpc, workload_pb2
 from workload_api.attestation import WorkloadAttestation
 from workload_api.cache import SvidCache, Watcher, X509Svid
@@ -77,21 +84,17 @@ def unique_hints(svids: list[X509Svid]) -> list[str]:
 
 
 class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
-    def __init__(self, identity: Identity) -> None:
+    def __init__(self, identity: Identity, allow_unauthenticated_verifiers: bool = False) -> None:
         self.id = identity
         self.cache = identity.cache
+        self.allow_unauthenticated_verifiers = allow_unauthenticated_verifiers
         self._responses: dict[tuple[int, int, tuple[bytes, ...]], bytes] = {}
 
     def x509_response(self, svids: list[X509Svid]) -> workload_pb2.X509SVIDResponse:
         assert self.cache.bundle is not None
         own = self.cache.bundle.x509_der()
-        federated: dict[str, bytes] = {}
-        for s in svids:
-            entry = self.cache.entries.get(s.entry_id)
-            for td in entry.federates_with if entry else ():
-                b = self.cache.federated.get(td)
-                if b is not None:
-                    federated[str(td.id)] = b.x509_der()
+        entries = [e for s in svids if (e := self.cache.entries.get(s.entry_id)) is not None]
+        federated = {str(td.id): b.x509_der() for td, b in self.cache.federated_for(entries).items()}
         return workload_pb2.X509SVIDResponse(
             svids=[
                 workload_pb2.X509SVID(
@@ -153,12 +156,29 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
     ) -> None:
         await self._push_on_change(stream, self._x509_svids)
 
+    def _caller_bundles(self, selectors: frozenset[Selector]) -> dict[TrustDomain, Bundle]:
+        """What the bundle streams send: the own bundle and the federated bundles of the
+        caller's entries; a caller with none is refused unless verifiers may be anonymous.
+
+        No watcher.entry_ids needed: entry-set and bundle changes wake every watcher, and
+        the answer depends on nothing else (an SVID rotation leaves it unchanged)."""
+        entries = self.cache.matching_entries(selectors)
+        if not entries and not self.allow_unauthenticated_verifiers:
+            raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
+        return self.cache.bundles_for(entries)
+
+    def _x509_bundles(
+        self, selectors: frozenset[Selector], _watcher: Watcher
+    ) -> workload_pb2.X509BundlesResponse:
+        bundles = self._caller_bundles(selectors)
+        return workload_pb2.X509BundlesResponse(
+            bundles={str(td.id): b.x509_der() for td, b in bundles.items()}
+        )
+
     async def FetchX509Bundles(
         self, stream: Stream[workload_pb2.X509BundlesRequest, workload_pb2.X509BundlesResponse]
     ) -> None:
-        await self._push_on_change(
-            stream, lambda _s, _w: workload_pb2.X509BundlesResponse(bundles=self.cache.x509_bundle_map())
-        )
+        await self._push_on_change(stream, self._x509_bundles)
 
     async def FetchJWTSVID(
         self, stream: Stream[workload_pb2.JWTSVIDRequest, workload_pb2.JWTSVIDResponse]
@@ -195,9 +215,12 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
         await stream.send_message(workload_pb2.JWTSVIDResponse(svids=svids))
 
     def _jwt_bundles(
-        self, _selectors: frozenset[Selector], _watcher: Watcher
+        self, selectors: frozenset[Selector], _watcher: Watcher
     ) -> workload_pb2.JWTBundlesResponse:
-        return workload_pb2.JWTBundlesResponse(bundles=self.cache.jwt_bundle_map())
+        bundles = self._caller_bundles(selectors)
+        return workload_pb2.JWTBundlesResponse(
+            bundles={str(td.id): b.jwks_bytes() for td, b in bundles.items()}
+        )
 
     async def FetchJWTBundles(
         self, stream: Stream[workload_pb2.JWTBundlesRequest, workload_pb2.JWTBundlesResponse]
@@ -214,9 +237,11 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
         if not req.svid:
             raise GRPCError(Status.INVALID_ARGUMENT, "svid must be specified")
+        # As SPIRE: the caller's own bundles decide, and a caller matching no entry is not
+        # refused but can only validate tokens of our own trust domain.
+        selectors = await self.id.selectors(stream)
         await self.id.wait_ready()
-        assert self.cache.bundle is not None
-        bundles = {self.cache.td: self.cache.bundle, **self.cache.federated}
+        bundles = self.cache.bundles_for(self.cache.matching_entries(selectors))
         try:
             spiffe_id, claims = validate_jwt_svid(req.svid, req.audience, bundles)
         except InvalidJwtSvidError as exc:

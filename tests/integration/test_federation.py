@@ -7,10 +7,12 @@ endpoint going down and a restart while it is down."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import ssl
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ pytestmark = pytest.mark.integration
 HEADER = {"workload.spiffe.io": "true"}
 ONE, TWO = TrustDomain("one.org"), TrustDomain("two.org")
 TIMEOUT = 30.0
+WORKLOAD_PROC = Path(__file__).resolve().parent / "workload_proc.py"
 
 
 def free_port() -> int:
@@ -99,14 +102,27 @@ async def pair(short_tmp: Path) -> AsyncIterator[Pair]:
                 await stack.stop()
 
 
-async def add_federated_entry(stack: DevStack, path: str, peer: TrustDomain) -> Entry:
+async def add_federated_entry(stack: DevStack, path: str, peer: TrustDomain | None,
+                              uid: int | None = None) -> Entry:
     agent_id = stack.agent.node.agent_id
     assert agent_id is not None
     entry = await stack.server.entries.create(Entry(
-        "", SpiffeId(stack.server.td, path), agent_id, (Selector("unix", f"uid:{os.getuid()}"),),
-        federates_with=(peer,)))
+        "", SpiffeId(stack.server.td, path), agent_id,
+        (Selector("unix", f"uid:{os.getuid() if uid is None else uid}"),),
+        federates_with=(peer,) if peer else ()))
     stack.agent.manager.poke()
     return entry
+
+
+async def run_as(uid: int, sock: str, mode: str, *args: str) -> dict[str, Any]:
+    """A workload of another uid (workload_proc.py) calling the Workload API; its JSON verdict."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(WORKLOAD_PROC), str(uid), sock, mode, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    lines = [ln for ln in out.decode().splitlines() if ln.startswith("{")]
+    assert lines, f"workload process printed nothing (rc={proc.returncode}): {err.decode()[-2000:]}"
+    return dict(json.loads(lines[-1]))
 
 
 async def fetch_x509(sock: str) -> workload_pb2.X509SVIDResponse:
@@ -199,10 +215,12 @@ async def test_workloads_verify_each_others_svids_across_trust_domains(pair: Pai
     own = svid_of(mine, client.spiffe_id).bundle
     assert openssl_verify(pair.tmp, theirs.x509_svid, own).returncode != 0
 
-    # Bundle streams carry the federated trust domain too.
+    # Bundle streams carry the federated trust domain too (this caller's entry federates with it).
     x509_bundles = await first_message(one_sock, "FetchX509Bundles", workload_pb2.X509BundlesRequest())
+    assert set(x509_bundles.bundles) == {"spiffe://one.org", "spiffe://two.org"}
     assert x509_bundles.bundles["spiffe://two.org"] == two_bundle.x509_der()
     jwt_bundles = await first_message(one_sock, "FetchJWTBundles", workload_pb2.JWTBundlesRequest())
+    assert set(jwt_bundles.bundles) == {"spiffe://one.org", "spiffe://two.org"}
     got = Bundle.from_jwks(TWO, jwt_bundles.bundles["spiffe://two.org"])
     assert set(got.jwt_authorities) == set(two_bundle.jwt_authorities) and got.jwt_authorities
 
@@ -226,6 +244,31 @@ async def test_workloads_verify_each_others_svids_across_trust_domains(pair: Pai
     sid, x509_tds, jwt_tds = await asyncio.to_thread(with_py_spiffe)
     assert sid == str(server.spiffe_id)
     assert {"one.org", "two.org"} <= x509_tds and {"one.org", "two.org"} <= jwt_tds
+
+
+async def test_workloads_see_only_the_bundles_their_entries_federate_with(pair: Pair) -> None:
+    """As SPIRE's agent: one.org's agent holds two.org's bundle, but only workloads whose
+    entries federate with two.org get it or can validate two.org JWT-SVIDs with it."""
+    client, server = await federate(pair)
+    one_sock = pair.one.socket_path
+    await add_federated_entry(pair.one, "/local-only", None, uid=1)
+    cache = pair.one.agent.cache
+    await wait_until(lambda: any(e.spiffe_id.path == "/local-only" for e in cache.entries.values()),
+                     "the agent to receive the uid 1 entry")
+    local = await run_as(1, one_sock, "bundles")
+    assert local == {"uid": 1, "x509": ["spiffe://one.org"], "jwt": ["spiffe://one.org"]}, local
+    nobody = await run_as(65534, one_sock, "bundles")
+    assert nobody == {"uid": 65534, "x509": "PERMISSION_DENIED", "jwt": "PERMISSION_DENIED"}, nobody
+
+    # ValidateJWTSVID checks against the caller's bundles: a two.org token fails for uid 1 and
+    # for the unregistered uid (not refused as such: one.org tokens still validate for it).
+    foreign = await jwt_svid(pair.two.socket_path, server.spiffe_id, "aud")
+    own = await jwt_svid(one_sock, client.spiffe_id, "aud")
+    for uid in (1, 65534):
+        got = await run_as(uid, one_sock, "validate", "aud", foreign)
+        assert got["status"] == "INVALID_ARGUMENT" and "two.org" in got["message"], got
+        assert (await run_as(uid, one_sock, "validate", "aud", own))["spiffe_id"] == str(client.spiffe_id)
+    assert (await validate(one_sock, foreign, "aud")).spiffe_id == str(server.spiffe_id)
 
 
 async def test_bundle_endpoint_serves_spiffe_bundle_over_tls13_only(pair: Pair) -> None:

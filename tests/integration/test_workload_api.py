@@ -148,9 +148,32 @@ async def test_security_header_and_permission(dev_stack: DevStack) -> None:
         == Status.INVALID_ARGUMENT
     )
     assert await _status(sock, HEADER) == Status.OK
-    # A process of another uid with no entry: PermissionDenied.
+    # A process of another uid with no entry: PermissionDenied, bundles included (as SPIRE).
     res = await run_as(65534, sock, "status")
     assert res == {"uid": 65534, "status": "PERMISSION_DENIED"}
+    res = await run_as(65534, sock, "bundles")
+    assert res == {"uid": 65534, "x509": "PERMISSION_DENIED", "jwt": "PERMISSION_DENIED"}
+
+
+async def test_allow_unauthenticated_verifiers_releases_the_own_bundle(short_tmp: Path) -> None:
+    from meshid.cli.dev import start_dev
+
+    stack = await start_dev(
+        short_tmp / "d",
+        "example.org",
+        str(short_tmp / "s" / "api.sock"),
+        svid_ttl=3600,
+        agent_overrides={"allow_unauthenticated_verifiers": True},
+    )
+    try:
+        sock = stack.socket_path
+        res = await run_as(65534, sock, "bundles")
+        own = ["spiffe://example.org"]
+        assert res == {"uid": 65534, "x509": own, "jwt": own}, res
+        # Bundles only: there is still no SVID for it.
+        assert await run_as(65534, sock, "status") == {"uid": 65534, "status": "PERMISSION_DENIED"}
+    finally:
+        await stack.stop()
 
 
 async def test_socket_mode_lets_any_user_connect_but_not_replace(dev_stack: DevStack) -> None:

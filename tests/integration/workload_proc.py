@@ -5,6 +5,9 @@ a real SPIFFE client. Prints one JSON line with the outcome.
 usage: workload_proc.py UID SOCKET MODE [ARGS...]
   fetch                      py-spiffe fetch_x509_svid → {"spiffe_id", "serial", "not_after"}
   status                     grpclib FetchX509SVID → {"status": grpc status name}
+  bundles                    FetchX509Bundles and FetchJWTBundles → {"x509": [trust domain IDs] or
+                             grpc status name, "jwt": likewise}
+  validate AUDIENCE TOKEN    ValidateJWTSVID → {"spiffe_id"} or {"status", "message"}
   echo-server PORT PEER_ID   spiffe-tls mTLS echo server accepting only PEER_ID (one connection)
   echo-client PORT PEER_ID   spiffe-tls client: send "ping", print the echo
   admin PATH                 try to connect to a Unix socket → {"error": errno name} or {"ok": true}
@@ -50,6 +53,42 @@ async def grpc_status(sock: str) -> str:
         ch.close()
 
 
+async def bundle_tds(sock: str, method: str) -> list[str] | str:
+    """The trust domains of the first message of a bundle stream, or the error status."""
+    request = (
+        workload_pb2.X509BundlesRequest()
+        if method == "FetchX509Bundles"
+        else workload_pb2.JWTBundlesRequest()
+    )
+    ch = grpclib.client.Channel(path=sock)
+    try:
+        stub = workload_grpc.SpiffeWorkloadAPIStub(ch)
+        async with getattr(stub, method).open(metadata={"workload.spiffe.io": "true"}, timeout=10) as st:
+            await st.send_message(request, end=True)
+            msg = await st.recv_message()
+            await st.cancel()
+        return sorted(msg.bundles) if msg is not None else "NO_MESSAGE"
+    except GRPCError as exc:
+        return exc.status.name
+    finally:
+        ch.close()
+
+
+async def validate(sock: str, audience: str, token: str) -> dict[str, object]:
+    ch = grpclib.client.Channel(path=sock)
+    try:
+        resp = await workload_grpc.SpiffeWorkloadAPIStub(ch).ValidateJWTSVID(
+            workload_pb2.ValidateJWTSVIDRequest(audience=audience, svid=token),
+            metadata={"workload.spiffe.io": "true"},
+            timeout=10,
+        )
+        return {"spiffe_id": resp.spiffe_id}
+    except GRPCError as exc:
+        return {"status": exc.status.name, "message": exc.message}
+    finally:
+        ch.close()
+
+
 def main() -> None:
     uid, sock, mode, *args = sys.argv[1:]
     drop(int(uid))
@@ -65,6 +104,11 @@ def main() -> None:
         client.close()
     elif mode == "status":
         out["status"] = asyncio.run(grpc_status(sock))
+    elif mode == "bundles":
+        out["x509"] = asyncio.run(bundle_tds(sock, "FetchX509Bundles"))
+        out["jwt"] = asyncio.run(bundle_tds(sock, "FetchJWTBundles"))
+    elif mode == "validate":
+        out.update(asyncio.run(validate(sock, args[0], args[1])))
     elif mode in ("echo-server", "echo-client"):
         port, peer = int(args[0]), SpiffeId(args[1])
         source = X509Source(socket_path=f"unix://{sock}", timeout_in_seconds=20)

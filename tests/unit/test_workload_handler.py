@@ -1,0 +1,418 @@
+"""Workload API bundles, served by the real handler over a Unix socket: what a caller gets
+follows its matching entries' `federates_with`, as SPIRE's agent does (the own trust
+domain's bundle plus those), never every bundle the agent holds. A caller matching no
+entry is refused on the bundle streams unless `allow_unauthenticated_verifiers` lets it
+have the own bundle only; ValidateJWTSVID validates against the caller's bundles."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from pki_helpers import make_ca, make_leaf
+
+from attestors.workload.base import Caller
+from meshid.bundle import Bundle
+from meshid.entry import Entry
+from meshid.errors import ConfigError
+from meshid.selector import Selector
+from meshid.spiffe_id import SpiffeId, TrustDomain
+from workload_api._gen import workload_grpc, workload_pb2
+from workload_api.cache import SvidCache, X509Svid
+from workload_api.config import agent_config_from_dict, load_agent_config
+from workload_api.grpc_server import serve_unix
+from workload_api.rotation import RenewalSchedule
+from workload_api.workload_handler import Identity, WorkloadApiHandler
+
+HEADER = {"workload.spiffe.io": "true"}
+TD = TrustDomain("example.org")
+A, B, C, D = (TrustDomain(n) for n in ("a.org", "b.org", "c.org", "d.org"))
+AGENT = SpiffeId(TD, "/meshid/agent/test")
+WEB = Selector("unix", "uid:1")
+DB = Selector("unix", "uid:2")
+NOBODY = frozenset({Selector("unix", "uid:65534")})
+AUD = "spiffe://example.org/verifier"
+
+
+@dataclass
+class Authority:
+    bundle: Bundle
+    jwt_key: ec.EllipticCurvePrivateKey
+
+    def token(self, path: str = "/w", audience: str = AUD) -> str:
+        now = int(time.time())
+        sub = str(SpiffeId(self.bundle.trust_domain, path))
+        return jwt.encode(
+            {"sub": sub, "aud": [audience], "exp": now + 300, "iat": now},
+            self.jwt_key,
+            algorithm="ES256",
+            headers={"kid": self.kid, "typ": "JWT"},
+        )
+
+    @property
+    def kid(self) -> str:
+        return next(iter(self.bundle.jwt_authorities))
+
+
+def authority(td: TrustDomain, kid: str = "k1") -> Authority:
+    root, _ = make_ca(f"{td.name} root")
+    key = ec.generate_private_key(ec.SECP256R1())
+    return Authority(Bundle(td, (root,), {f"{td.name}-{kid}": key.public_key()}), key)
+
+
+OWN = authority(TD)
+FED = {td: authority(td) for td in (A, B, C)}  # the agent holds a, b, c; nobody federates with c
+
+
+def entry(eid: str, sel: Selector, federates_with: Iterable[TrustDomain] = (), revision: int = 1) -> Entry:
+    return Entry(
+        eid,
+        SpiffeId(TD, f"/{eid}"),
+        AGENT,
+        (sel,),
+        federates_with=tuple(federates_with),
+        revision_number=revision,
+    )
+
+
+# web federates with a.org; db with b.org and d.org (whose bundle the agent does not hold).
+ENTRIES = [entry("web", WEB, [A]), entry("db", DB, [B, D])]
+
+
+def hold_federated(cache: SvidCache, bundles: dict[TrustDomain, Bundle]) -> None:
+    """Federated bundles arrive as a server sync would deliver them."""
+    digests = {str(td.id): f"d{b.sequence}-{id(b)}" for td, b in bundles.items()}
+    cache.apply_federated(digests, {str(td.id): b.to_spiffe_json() for td, b in bundles.items()})
+
+
+class FakeAttestation:
+    """Every caller gets the selectors the test sets (one test process plays every workload)."""
+
+    def __init__(self) -> None:
+        self.selectors: frozenset[Selector] = NOBODY
+
+    async def attest(self, caller: Caller) -> frozenset[Selector]:
+        return self.selectors
+
+
+class FakeManager:
+    def note_workload_failure(self, reason: str, uid: int) -> None:
+        pass
+
+
+@dataclass
+class Api:
+    cache: SvidCache
+    attestation: FakeAttestation
+    stub: workload_grpc.SpiffeWorkloadAPIStub
+
+    def caller(self, *selectors: Selector) -> None:
+        self.attestation.selectors = frozenset(selectors) if selectors else NOBODY
+
+
+@asynccontextmanager
+async def serving(tmp: Path, allow_unauthenticated_verifiers: bool = False) -> AsyncIterator[Api]:
+    cache = SvidCache(TD)
+    cache.set_bundle(OWN.bundle)
+    hold_federated(cache, {td: a.bundle for td, a in FED.items()})
+    cache.set_entries(ENTRIES, [AGENT])
+    cache.ready.set()
+    attestation = FakeAttestation()
+    identity = Identity(cache, FakeManager(), attestation)  # type: ignore[arg-type]
+    handler = WorkloadApiHandler(identity, allow_unauthenticated_verifiers)
+    sock = tmp / "api.sock"
+    server = await serve_unix([handler], sock, 0o777)
+    ch = Channel(path=str(sock))
+    try:
+        yield Api(cache, attestation, workload_grpc.SpiffeWorkloadAPIStub(ch))
+    finally:
+        ch.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture
+async def api(short_tmp: Path) -> AsyncIterator[Api]:
+    async with serving(short_tmp) as a:
+        yield a
+
+
+@pytest.fixture
+async def open_api(short_tmp: Path) -> AsyncIterator[Api]:
+    async with serving(short_tmp, allow_unauthenticated_verifiers=True) as a:
+        yield a
+
+
+async def first(api: Api, method: str) -> Any:
+    request = (
+        workload_pb2.X509BundlesRequest()
+        if method == "FetchX509Bundles"
+        else workload_pb2.JWTBundlesRequest()
+    )
+    async with getattr(api.stub, method).open(metadata=HEADER, timeout=10) as st:
+        await st.send_message(request, end=True)
+        msg = await st.recv_message()
+        await st.cancel()
+    return msg
+
+
+def x509_map(*tds: TrustDomain) -> dict[str, bytes]:
+    by_td = {TD: OWN.bundle, **{td: a.bundle for td, a in FED.items()}}
+    return {str(td.id): by_td[td].x509_der() for td in tds}
+
+
+def jwt_map(*tds: TrustDomain) -> dict[str, bytes]:
+    by_td = {TD: OWN.bundle, **{td: a.bundle for td, a in FED.items()}}
+    return {str(td.id): by_td[td].jwks_bytes() for td in tds}
+
+
+BOTH = ("FetchX509Bundles", "FetchJWTBundles")
+
+
+# ---------------------------------------------------------------------------- filtering
+
+
+async def test_bundle_streams_carry_own_bundle_and_only_the_callers_federations(api: Api) -> None:
+    api.caller(WEB)
+    assert dict((await first(api, "FetchX509Bundles")).bundles) == x509_map(TD, A)
+    assert dict((await first(api, "FetchJWTBundles")).bundles) == jwt_map(TD, A)
+    # Two entries: the union; d.org is not held, c.org held but federated with by nobody.
+    api.caller(WEB, DB)
+    assert dict((await first(api, "FetchX509Bundles")).bundles) == x509_map(TD, A, B)
+    assert dict((await first(api, "FetchJWTBundles")).bundles) == jwt_map(TD, A, B)
+
+
+async def test_entry_without_federation_gets_the_own_bundle_only(api: Api) -> None:
+    api.cache.set_entries([*ENTRIES, entry("plain", Selector("unix", "uid:3"))], [AGENT])
+    api.caller(Selector("unix", "uid:3"))
+    assert dict((await first(api, "FetchX509Bundles")).bundles) == x509_map(TD)
+    assert dict((await first(api, "FetchJWTBundles")).bundles) == jwt_map(TD)
+
+
+@pytest.mark.parametrize("method", BOTH)
+async def test_caller_matching_no_entry_is_refused(api: Api, method: str) -> None:
+    api.caller()
+    with pytest.raises(GRPCError) as exc:
+        await first(api, method)
+    assert exc.value.status == Status.PERMISSION_DENIED
+    assert exc.value.message == "no identity issued"
+
+
+@pytest.mark.parametrize("method", BOTH)
+async def test_allow_unauthenticated_verifiers_releases_the_own_bundle_only(
+    open_api: Api, method: str
+) -> None:
+    expected = x509_map if method == "FetchX509Bundles" else jwt_map
+    open_api.caller()
+    assert dict((await first(open_api, method)).bundles) == expected(TD)
+    # Registered callers are unaffected by the option.
+    open_api.caller(WEB)
+    assert dict((await first(open_api, method)).bundles) == expected(TD, A)
+
+
+async def test_security_header_is_still_required(api: Api) -> None:
+    api.caller(WEB)
+    with pytest.raises(GRPCError) as exc:
+        async with api.stub.FetchX509Bundles.open(timeout=10) as st:
+            await st.send_message(workload_pb2.X509BundlesRequest(), end=True)
+            await st.recv_message()
+    assert exc.value.status == Status.INVALID_ARGUMENT
+
+
+# ---------------------------------------------------------------------------- stream updates
+
+
+async def next_message(st: Any) -> Any:
+    return await asyncio.wait_for(st.recv_message(), 5)
+
+
+@pytest.mark.parametrize("method", BOTH)
+async def test_stream_follows_entry_and_bundle_changes_then_ends_when_entries_go(
+    api: Api, method: str
+) -> None:
+    expected = x509_map if method == "FetchX509Bundles" else jwt_map
+    request = (
+        workload_pb2.X509BundlesRequest()
+        if method == "FetchX509Bundles"
+        else workload_pb2.JWTBundlesRequest()
+    )
+    api.caller(WEB)
+    async with getattr(api.stub, method).open(metadata=HEADER, timeout=30) as st:
+        await st.send_message(request, end=True)
+        assert dict((await next_message(st)).bundles) == expected(TD, A)
+        # The caller's entry starts federating with c.org: pushed at once.
+        api.cache.set_entries([entry("web", WEB, [A, C], revision=2), ENTRIES[1]], [AGENT])
+        assert dict((await next_message(st)).bundles) == expected(TD, A, C)
+        # Another workload's entry changing is invisible to this caller (no new message).
+        api.cache.set_entries([entry("web", WEB, [A, C], revision=2), entry("db", DB, [B, C], 2)], [AGENT])
+        # a.org rotates its roots: pushed.
+        new_a = authority(A, kid="k2")
+        hold_federated(api.cache, {A: new_a.bundle, B: FED[B].bundle, C: FED[C].bundle})
+        msg = await next_message(st)
+        assert dict(msg.bundles)[str(A.id)] == (
+            new_a.bundle.x509_der() if method == "FetchX509Bundles" else new_a.bundle.jwks_bytes()
+        )
+        assert set(msg.bundles) == {str(td.id) for td in (TD, A, C)}
+        # The caller's entry is deleted: the stream ends as SPIRE's does.
+        api.cache.set_entries([ENTRIES[1]], [AGENT])
+        with pytest.raises(GRPCError) as exc:
+            assert await next_message(st) is None  # end of stream; the status is in the trailers
+            await st.recv_trailing_metadata()
+        assert exc.value.status == Status.PERMISSION_DENIED
+        assert exc.value.message == "no identity issued"
+
+
+async def test_unregistered_verifier_stream_gains_federations_when_an_entry_appears(open_api: Api) -> None:
+    open_api.caller(Selector("unix", "uid:7"))
+    async with open_api.stub.FetchX509Bundles.open(metadata=HEADER, timeout=30) as st:
+        await st.send_message(workload_pb2.X509BundlesRequest(), end=True)
+        assert dict((await next_message(st)).bundles) == x509_map(TD)
+        open_api.cache.set_entries([*ENTRIES, entry("late", Selector("unix", "uid:7"), [B])], [AGENT])
+        assert dict((await next_message(st)).bundles) == x509_map(TD, B)
+        open_api.cache.set_entries(ENTRIES, [AGENT])  # gone again: back to the own bundle
+        assert dict((await next_message(st)).bundles) == x509_map(TD)
+        await st.cancel()
+
+
+async def test_svid_rotation_does_not_resend_an_unchanged_bundle_map(api: Api) -> None:
+    ca, ca_key = make_ca("example.org ca")
+    leaf, key = make_leaf(ca, ca_key, uri=str(SpiffeId(TD, "/web")))
+    der = lambda c: c.public_bytes(serialization.Encoding.DER)  # noqa: E731
+    svid = X509Svid(
+        "web",
+        SpiffeId(TD, "/web"),
+        (leaf,),
+        key,
+        RenewalSchedule(time.time() + 60, "uniform"),
+        1,
+        chain_der=der(leaf),
+    )
+    api.caller(WEB)
+    async with api.stub.FetchX509Bundles.open(metadata=HEADER, timeout=30) as st:
+        await st.send_message(workload_pb2.X509BundlesRequest(), end=True)
+        assert dict((await next_message(st)).bundles) == x509_map(TD, A)
+        api.cache.put_svids([svid])
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(st.recv_message(), 0.5)
+        await st.cancel()
+
+
+# ---------------------------------------------------------------------------- FetchX509SVID
+
+
+async def test_x509_svid_federated_bundles_follow_the_issued_entries(api: Api) -> None:
+    ca, ca_key = make_ca("example.org ca")
+    svids = []
+    for eid in ("web", "db"):
+        leaf, key = make_leaf(ca, ca_key, uri=str(SpiffeId(TD, f"/{eid}")))
+        svids.append(
+            X509Svid(
+                eid,
+                SpiffeId(TD, f"/{eid}"),
+                (leaf,),
+                key,
+                RenewalSchedule(time.time() + 60, "uniform"),
+                1,
+                chain_der=leaf.public_bytes(serialization.Encoding.DER),
+            )
+        )
+    api.cache.put_svids(svids)
+    api.caller(WEB)
+    async with api.stub.FetchX509SVID.open(metadata=HEADER, timeout=10) as st:
+        await st.send_message(workload_pb2.X509SVIDRequest(), end=True)
+        msg = await next_message(st)
+        await st.cancel()
+    assert [s.spiffe_id for s in msg.svids] == ["spiffe://example.org/web"]
+    assert dict(msg.federated_bundles) == x509_map(A)
+
+
+# ---------------------------------------------------------------------------- ValidateJWTSVID
+
+
+async def validate(api: Api, token: str, audience: str = AUD) -> workload_pb2.ValidateJWTSVIDResponse:
+    return await api.stub.ValidateJWTSVID(
+        workload_pb2.ValidateJWTSVIDRequest(audience=audience, svid=token), metadata=HEADER, timeout=10
+    )
+
+
+async def refused(api: Api, token: str) -> str:
+    with pytest.raises(GRPCError) as exc:
+        await validate(api, token)
+    assert exc.value.status == Status.INVALID_ARGUMENT
+    return exc.value.message or ""
+
+
+async def test_validate_uses_the_callers_bundles(api: Api) -> None:
+    api.caller(WEB)
+    assert (await validate(api, OWN.token("/svc"))).spiffe_id == "spiffe://example.org/svc"
+    assert (await validate(api, FED[A].token("/svc"))).spiffe_id == "spiffe://a.org/svc"
+    # b.org and c.org bundles are held by the agent, but this caller does not federate with them.
+    assert "no bundle for trust domain b.org" in await refused(api, FED[B].token())
+    assert "no bundle for trust domain c.org" in await refused(api, FED[C].token())
+    api.caller(DB)
+    assert (await validate(api, FED[B].token("/svc"))).spiffe_id == "spiffe://b.org/svc"
+    assert "no bundle for trust domain a.org" in await refused(api, FED[A].token())
+
+
+@pytest.mark.parametrize("allow", [False, True])
+async def test_validate_serves_unregistered_callers_against_the_own_bundle(
+    short_tmp: Path, allow: bool
+) -> None:
+    # As SPIRE: ValidateJWTSVID does not refuse a caller matching no entry, whatever
+    # allow_unauthenticated_verifiers says; it just has no federated bundles.
+    async with serving(short_tmp, allow) as api:
+        api.caller()
+        resp = await validate(api, OWN.token("/svc"))
+        assert resp.spiffe_id == "spiffe://example.org/svc"
+        assert resp.claims["sub"] == "spiffe://example.org/svc"
+        assert "no bundle for trust domain a.org" in await refused(api, FED[A].token())
+
+
+# ---------------------------------------------------------------------------- config
+
+AGENT_TOML = """\
+trust_domain = "example.org"
+data_dir = "/var/lib/meshid-agent"
+server_address = ["127.0.0.1:8443"]
+trust_bundle_path = "/etc/meshid/root.pem"
+"""
+
+
+def test_allow_unauthenticated_verifiers_defaults_off_and_loads_strictly(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(AGENT_TOML)
+    assert load_agent_config(path, env={}).allow_unauthenticated_verifiers is False
+    path.write_text(AGENT_TOML + "allow_unauthenticated_verifiers = true\n")
+    assert load_agent_config(path, env={}).allow_unauthenticated_verifiers is True
+    path.write_text(AGENT_TOML + 'allow_unauthenticated_verifiers = "yes"\n')
+    with pytest.raises(ConfigError, match="allow_unauthenticated_verifiers: expected true or false"):
+        load_agent_config(path, env={})
+
+
+def test_allow_unauthenticated_verifiers_env_override(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(AGENT_TOML)
+    cfg = load_agent_config(path, env={"MESHID_ALLOW_UNAUTHENTICATED_VERIFIERS": "true"})
+    assert cfg.allow_unauthenticated_verifiers is True
+    cfg = agent_config_from_dict(
+        {
+            "trust_domain": "example.org",
+            "data_dir": "/x",
+            "server_address": ["h:1"],
+            "trust_bundle_path": "/r.pem",
+            "allow_unauthenticated_verifiers": True,
+        }
+    )
+    assert cfg.allow_unauthenticated_verifiers is True
