@@ -87,6 +87,10 @@ class Telemetry:
             description="1 when the relay is publishing, 0 when it is failing (see /ready for why)")
         self.alerts = m.create_counter(
             "meshid.detector.alerts", unit="1", description="alerts raised by the detector, by rule")
+        self.ca_key_destroy_failures = m.create_counter(
+            "meshid.ca.key.destroy.failures", unit="1",
+            description="retired CA keys the key manager could not destroy (left in the HSM), by key "
+                        "manager and kind")
 
     # --- small helpers so call sites stay one line ----------------------------------------
 

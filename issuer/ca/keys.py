@@ -1,8 +1,9 @@
 """CA key types, key generation and the KeyManager plug-in interface.
 
 A KeyManager makes CA keys and turns them into something the datastore may hold: the
-disk manager seals PKCS#8 under the master secret's KEK; an HSM manager would return a
-handle reference. Plaintext keys never leave process memory.
+disk manager seals PKCS#8 under the master secret's KEK; the PKCS#11 manager returns a
+reference to a key that stays in the token, and destroys it once the CA retires the key.
+Plaintext keys never leave process memory.
 """
 
 from __future__ import annotations
@@ -137,6 +138,13 @@ class KeyManager(Protocol):
         """The key back from its stored form; SealError when it cannot be opened."""
         ...
 
+    async def delete(self, key_id: str) -> None:
+        """Destroy whatever the manager holds for `key_id` outside the datastore. Called only
+        after the datastore record is gone (revoked or retired). A key that is already gone
+        is not an error (a retry, or another replica that retired it first); a manager that
+        cannot destroy the key raises, and the caller logs and carries on."""
+        ...
+
 
 class DiskKeyManager:
     """Keys live in the datastore as PKCS#8 DER sealed under the master secret's KEK,
@@ -165,6 +173,10 @@ class DiskKeyManager:
     async def load(self, key_id: str, sealed: bytes) -> PrivateKey:
         der = self._sealer.unseal(sealed, key_id.encode())
         return _load_pkcs8(der, key_id)
+
+    async def delete(self, key_id: str) -> None:
+        # The sealed blob in the datastore record is the only copy; deleting the record destroyed it.
+        return None
 
     def _seal(self, key_id: str, key: PrivateKeyTypes) -> bytes:
         der = key.private_bytes(

@@ -16,6 +16,11 @@ Tokens are driven through python-pkcs11, which initialises the module without lo
 callbacks; some modules (SoftHSM2 among them) are then not safe for concurrent calls, so
 every call into one module is serialised by a lock. The lock is released while the token
 works (python-pkcs11 drops the GIL in C calls), so the event loop keeps running.
+
+A retired CA key (revoked, or pruned once everything it signed expired) is destroyed in
+the token by `delete`, after its datastore record is gone. Replicas sharing a datastore
+share the token too (the JWT key is one token object that every replica loads), so only the
+replica that removed the record destroys the objects, and an object already gone is fine.
 """
 
 from __future__ import annotations
@@ -189,6 +194,10 @@ class TokenSession:
                 ) from None
             self._private[ckid] = obj
         return obj
+
+    def forget(self, ckid: bytes) -> None:
+        """Drop the cached private key object for `ckid` (it is being destroyed); call under `call`."""
+        self._private.pop(ckid, None)
 
     def sign(self, ckid: bytes, data: bytes, mechanism: Mechanism, param: Any = None) -> bytes:
         def run(session: Any) -> bytes:
@@ -404,6 +413,9 @@ class Pkcs11KeyManager:
         self.key_label_prefix = key_label_prefix
         self._pin = pin
         self._token: TokenSession | None = None
+        # key id -> (CKA_ID, CKA_LABEL) of keys generated, sealed or loaded here: what `delete`
+        # destroys. The label alone may be stale (relabelling is best effort).
+        self._objects: dict[str, tuple[bytes, str]] = {}
 
     @classmethod
     def from_env(
@@ -435,6 +447,7 @@ class Pkcs11KeyManager:
         key_type = KeyType.parse(key_type)
         # Token calls block (RSA generation for seconds): keep them off the event loop.
         key = await asyncio.to_thread(self._generate, key_id, key_type)
+        self._remember(key_id, key)
         return key, self._reference(key_id, key)
 
     async def seal(self, key_id: str, key: PrivateKeyTypes) -> bytes:
@@ -444,15 +457,40 @@ class Pkcs11KeyManager:
                 "(software keys are never imported)"
             )
         await asyncio.to_thread(self._relabel, key, self.key_label_prefix + key_id)
+        self._remember(key_id, key)
         return self._reference(key_id, key)
 
     async def load(self, key_id: str, sealed: bytes) -> PrivateKey:
         ref = self._parse_reference(key_id, sealed)
         ckid = bytes.fromhex(ref["ckid"])
         try:
-            return await asyncio.to_thread(self._load, ckid, str(ref.get("label", "")))
+            key = await asyncio.to_thread(self._load, ckid, str(ref.get("label", "")))
         except Pkcs11Error as exc:
             raise SealError(f"CA key {key_id}: {exc}") from None
+        self._remember(key_id, key)
+        return key
+
+    async def delete(self, key_id: str) -> None:
+        """Destroy the key's private and public objects in the token: found by CKA_ID when
+        this manager generated, sealed or loaded the key, else by label (another replica's
+        key). Nothing to destroy is not an error; a token error raises Pkcs11Error."""
+        ckid, label = self._objects.get(key_id, (None, self.key_label_prefix + key_id))
+        # Token calls block: keep them off the event loop.
+        destroyed = await asyncio.to_thread(self._delete, key_id, ckid, label)
+        self._objects.pop(key_id, None)
+        if destroyed:
+            log.info(
+                "destroyed CA key %s (%d objects) in PKCS#11 token %s", key_id, destroyed, self.token_label
+            )
+        else:
+            log.debug("CA key %s is not in PKCS#11 token %s: already destroyed", key_id, self.token_label)
+
+    def _remember(self, key_id: str, key: PrivateKey) -> None:
+        assert isinstance(key, Pkcs11EcPrivateKey | Pkcs11RsaPrivateKey)
+        # Sealing renames a freshly generated key: drop the name it was generated under.
+        for other in [k for k, (ckid, _) in self._objects.items() if ckid == key.ckid]:
+            del self._objects[other]
+        self._objects[key_id] = (key.ckid, key.label)
 
     # -- token work (worker thread) -------------------------------------------------------
 
@@ -510,6 +548,36 @@ class Pkcs11KeyManager:
         except p11e.PKCS11Error as exc:
             # Cosmetic: the reference finds the key by CKA_ID, and some HSMs freeze labels.
             log.info("could not relabel PKCS#11 key %s as %s: %s", key.label, label, type(exc).__name__)
+
+    def _delete(self, key_id: str, ckid: bytes | None, label: str) -> int:
+        """Destroy the key pair's objects; how many there were (0: already gone)."""
+        match = {Attribute.ID: ckid} if ckid is not None else {Attribute.LABEL: label}
+
+        def run(session: Any) -> int:
+            found = [
+                obj
+                for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY)
+                for obj in session.get_objects({Attribute.CLASS: cls, **match})  # search ends before destroy
+            ]
+            destroyed = 0
+            for obj in found:
+                if obj.object_class == ObjectClass.PRIVATE_KEY:
+                    self.token.forget(ckid if ckid is not None else bytes(obj[Attribute.ID]))
+                try:
+                    obj.destroy()
+                    destroyed += 1
+                except (p11e.ObjectHandleInvalid, p11e.KeyHandleInvalid):
+                    pass  # destroyed meanwhile by another replica sharing the token
+            return destroyed
+
+        try:
+            return self.token.call(run)
+        except p11e.PKCS11Error as exc:
+            raise Pkcs11Error(
+                f"token {self.token_label!r} could not destroy CA key {key_id} "
+                f"({'CKA_ID ' + ckid.hex() if ckid is not None else 'label ' + label}): "
+                f"{type(exc).__name__} {exc}"
+            ) from None
 
     def _load(self, ckid: bytes, label: str) -> PrivateKey:
         def run(session: Any) -> Any:

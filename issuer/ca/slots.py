@@ -5,6 +5,11 @@ activate it when one sixth is left; an old key stays in the bundle until everyth
 signed has expired. A prepared key is published in the bundle before it signs anything.
 After a compromise: prepare, activate, taint the old key (never the active one), agents
 re-issue, then revoke removes it from the bundle.
+
+A key that leaves the datastore (revoked, or retired by the schedule) is then destroyed by
+the key manager (an HSM object, for PKCS#11). Only the replica that removed the record
+destroys the key, and only after the removal committed: a crash in between leaves at worst
+an orphan key, never a bundle entry whose key is gone.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from issuer.ca.upstream import UpstreamAuthority
 from issuer.datastore.base import CaKeyRecord, DataStore
 from issuer.events import ocsf
 from issuer.events.model import Event
+from meshid import telemetry
 from meshid.bundle import Bundle
 from meshid.certs import authority_key_id, subject_key_id
 from meshid.errors import MeshidError, NotFoundError
@@ -223,22 +229,32 @@ class CaManager:
         key_id_tmp = f"{kind}-{int(now * 1000)}"
         priv, _ = await self.key_manager.generate(key_id_tmp, key_type)
         key_id = f"{kind}-{keymod.key_id_for(priv.public_key())}"
-        sealed = await self._seal(key_id, priv)
-        not_before = int(now)
-        not_after = int(now + self.ca_ttl)
-        extra: dict[str, str] = {}
-        chain_der: tuple[bytes, ...] = ()
-        lk = LoadedKey(
-            CaKeyRecord(key_id, kind, PREPARED, sealed, _spki(priv.public_key()), not_before, not_after), priv
-        )
-        if kind == X509:
-            cert, chain, roots = await self._mint_ca_cert(priv, now)
-            not_before = int(cert.not_valid_before_utc.timestamp())
-            not_after = int(cert.not_valid_after_utc.timestamp())
-            chain_der = tuple(c.public_bytes(serialization.Encoding.DER) for c in [cert, *chain, *roots])
-            extra["roots"] = str(len(roots))
-            lk.cert, lk.chain, lk.roots = cert, chain, roots or [cert]
-            lk.minter = minting.X509Minter(priv, cert, chain)
+        known_as = key_id_tmp  # the name the key manager knows the key by
+        try:
+            sealed = await self._seal(key_id, priv)
+            known_as = key_id
+            not_before = int(now)
+            not_after = int(now + self.ca_ttl)
+            extra: dict[str, str] = {}
+            chain_der: tuple[bytes, ...] = ()
+            lk = LoadedKey(
+                CaKeyRecord(key_id, kind, PREPARED, sealed, _spki(priv.public_key()), not_before, not_after),
+                priv,
+            )
+            if kind == X509:
+                cert, chain, roots = await self._mint_ca_cert(priv, now)
+                not_before = int(cert.not_valid_before_utc.timestamp())
+                not_after = int(cert.not_valid_after_utc.timestamp())
+                chain_der = tuple(c.public_bytes(serialization.Encoding.DER) for c in [cert, *chain, *roots])
+                extra["roots"] = str(len(roots))
+                lk.cert, lk.chain, lk.roots = cert, chain, roots or [cert]
+                lk.minter = minting.X509Minter(priv, cert, chain)
+        except BaseException:
+            # Nothing refers to the new key yet (the upstream refused, say): do not leave one
+            # HSM object behind per failed attempt. Not past this point: a failed put_ca_key
+            # may still have committed, and then the record needs its key.
+            await self._destroy([(known_as, kind)], check_datastore=False)
+            raise
         lk.record = CaKeyRecord(
             key_id=key_id,
             kind=kind,
@@ -317,29 +333,43 @@ class CaManager:
         return lk
 
     async def revoke(self, key_id: str, force: bool = False) -> None:
-        async with self._exclusive():
-            await self._sync()
-            lk = self.get(key_id)
-            if lk.record.state != OLD:
-                raise CaOperationError(f"{key_id} is {lk.record.state}; only an old key can be revoked")
-            if not lk.record.tainted and not force:
-                raise CaOperationError(f"{key_id} is not tainted; taint it first (or --force)")
-            in_use_until = max(lk.record.max_signed_not_after, self._max_signed.get(key_id, 0))
-            if in_use_until > self.clock() and not force:
-                raise CaOperationError(
-                    f"SVIDs signed by {key_id} are valid until {_iso(in_use_until)}; wait for agents "
-                    "to re-issue them or use --force"
+        retired: list[tuple[str, str]] = []
+        try:
+            async with self._exclusive():
+                await self._sync()
+                lk = self.get(key_id)
+                if lk.record.state != OLD:
+                    raise CaOperationError(f"{key_id} is {lk.record.state}; only an old key can be revoked")
+                if not lk.record.tainted and not force:
+                    raise CaOperationError(f"{key_id} is not tainted; taint it first (or --force)")
+                in_use_until = max(lk.record.max_signed_not_after, self._max_signed.get(key_id, 0))
+                if in_use_until > self.clock() and not force:
+                    raise CaOperationError(
+                        f"SVIDs signed by {key_id} are valid until {_iso(in_use_until)}; wait for agents "
+                        "to re-issue them or use --force"
+                    )
+                await self.ds.delete_ca_key(
+                    key_id, [_ca_event(ocsf.ca_revoked, self.td, lk, self.clock(), self.upstream is not None)]
                 )
-            await self.ds.delete_ca_key(
-                key_id, [_ca_event(ocsf.ca_revoked, self.td, lk, self.clock(), self.upstream is not None)]
-            )
-            del self._keys[key_id]
-            await self._rebuild_bundle()
-            log.warning("revoked %s key %s: removed from the bundle", lk.record.kind, key_id)
+                retired.append((key_id, lk.record.kind))
+                del self._keys[key_id]
+                await self._rebuild_bundle()
+                log.warning("revoked %s key %s: removed from the bundle", lk.record.kind, key_id)
+        finally:
+            # Outside the datastore lock: token calls need not hold up the other replicas.
+            await self._destroy(retired)
 
     async def tick(self) -> bool:
         """Adopt other replicas' changes, then apply the rotation schedule; returns True when
         this replica changed anything."""
+        retired: list[tuple[str, str]] = []
+        try:
+            return await self._tick(retired)
+        finally:
+            await self._destroy(retired)
+
+    async def _tick(self, retired: list[tuple[str, str]]) -> bool:
+        """tick() under the locks; appends the keys it removed from the datastore to `retired`."""
         changed = False
         async with self._exclusive():
             await self._flush_max_signed()
@@ -369,6 +399,7 @@ class CaManager:
                 if now >= used_until and (now >= lk.record.not_after or used_until > 0 or lk.record.tainted):
                     with contextlib.suppress(NotFoundError):  # already retired by another replica
                         await self.ds.delete_ca_key(lk.key_id)
+                    retired.append((lk.key_id, lk.record.kind))
                     del self._keys[lk.key_id]
                     changed = True
             for rec in list(self._foreign.values()):
@@ -377,6 +408,7 @@ class CaManager:
                 if now >= rec.not_after and now >= rec.max_signed_not_after:
                     with contextlib.suppress(NotFoundError):
                         await self.ds.delete_ca_key(rec.key_id)
+                    retired.append((rec.key_id, rec.kind))  # its HSM object, if the token is shared
                     del self._foreign[rec.key_id]
                     changed = True
             if changed:
@@ -386,6 +418,40 @@ class CaManager:
                 # our TLS roots and the agents' bundle) follows the datastore.
                 await self._rebuild_bundle(bump=False, records=records, quiet_if_same=True)
         return changed
+
+    async def _destroy(self, retired: Sequence[tuple[str, str]], check_datastore: bool = True) -> None:
+        """Have the key manager destroy retired keys, given as (key id, kind). Never raises:
+        the keys are out of the datastore and the bundle already; a key the manager cannot
+        destroy is logged and counted, and stays behind as an orphan for an operator."""
+        if not retired:
+            return
+        if check_datastore:
+            # Belt and braces before an irreversible step: never destroy a key the shared
+            # datastore still lists (active, prepared or old on any replica).
+            try:
+                listed = {rec.key_id for rec in await self.ds.list_ca_keys()}
+            except Exception as exc:
+                log.warning("not destroying retired CA keys: cannot list the datastore's keys: %s", exc)
+                return
+            for key_id, _ in retired:
+                if key_id in listed:
+                    log.warning("not destroying CA key %s: the datastore still lists it", key_id)
+            retired = [(key_id, kind) for key_id, kind in retired if key_id not in listed]
+        for key_id, kind in retired:
+            try:
+                await self.key_manager.delete(key_id)
+            except Exception as exc:
+                log.warning(
+                    "retired %s key %s was not destroyed by key manager %s (left behind, remove it by "
+                    "hand): %s",
+                    kind,
+                    key_id,
+                    self.key_manager.name,
+                    exc,
+                )
+                telemetry.default_telemetry().ca_key_destroy_failures.add(
+                    1, {"key_manager": self.key_manager.name, "kind": kind}
+                )
 
     async def _sync(self) -> list[CaKeyRecord]:
         """Adopt what other replicas wrote: shared JWT keys (new, re-slotted, retired),

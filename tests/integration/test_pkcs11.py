@@ -1,35 +1,42 @@
 """key_manager pkcs11 against a real token (SoftHSM2): CA keys made inside the token and
 never extractable, the datastore holding only references, and a server whose CA lives
 in the token issuing X509-SVIDs (checked by openssl) and JWT-SVIDs (checked by PyJWT)
-through the agent API, before and after a restart."""
+through the agent API, before and after a restart; CA keys the CA revokes or retires are
+destroyed in the token, and only those."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pkcs11 import exceptions as p11e
 
 from issuer.ca import minting
 from issuer.ca.keys import KeyType, key_id_for, spki_der
-from issuer.ca.pkcs11 import Pkcs11EcPrivateKey, Pkcs11KeyManager
+from issuer.ca.pkcs11 import Pkcs11EcPrivateKey, Pkcs11Error, Pkcs11KeyManager
 from issuer.ca.sealing import SealError
+from issuer.ca.slots import JWT, X509, CaManager, LoadedKey
 from issuer.config import server_config_from_dict
+from issuer.datastore.sqlite import SqliteDataStore
+from meshid import telemetry
 from meshid.cli.dev import DevStack, start_dev
-from meshid.errors import ConfigError
+from meshid.errors import ConfigError, NotFoundError
 from meshid.spiffe_id import TrustDomain
 from workload_api.keys import csr_for, new_key
 from workload_api.server_client import b64, certs_from_json
@@ -81,7 +88,9 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
     try:
         subprocess.run(
             ["softhsm2-util", "--init-token", "--free", "--label", TOKEN, "--pin", PIN, "--so-pin", SO_PIN],
-            check=True, capture_output=True, timeout=30,
+            check=True,
+            capture_output=True,
+            timeout=30,
         )
         yield SoftHsm(module, conf)
     finally:
@@ -106,7 +115,10 @@ def _token_attributes(hsm: SoftHsm, ckid: bytes) -> dict[str, object]:
     """)
     out = subprocess.run(
         [sys.executable, "-c", script, hsm.module, TOKEN, PIN, ckid.hex()],
-        check=True, capture_output=True, text=True, timeout=30,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
         env={**os.environ, "SOFTHSM2_CONF": str(hsm.conf)},
     )
     result: dict[str, object] = json.loads(out.stdout)
@@ -168,8 +180,14 @@ async def test_ca_key_stays_in_the_token_and_signs(softhsm: SoftHsm, key_type: K
 async def test_missing_key_and_wrong_token_are_seal_errors(softhsm: SoftHsm) -> None:
     km = _manager(softhsm)
     try:
-        ref = {"v": 1, "manager": "pkcs11", "key_id": "x509-gone", "token": TOKEN, "ckid": "00" * 16,
-               "label": "x"}
+        ref = {
+            "v": 1,
+            "manager": "pkcs11",
+            "key_id": "x509-gone",
+            "token": TOKEN,
+            "ckid": "00" * 16,
+            "label": "x",
+        }
         with pytest.raises(SealError, match="no private key"):
             await km.load("x509-gone", json.dumps(ref).encode())
         with pytest.raises(SealError, match="token"):
@@ -186,9 +204,19 @@ def _openssl_verify(tmp: Path, chain: list[x509.Certificate], roots: bytes) -> N
     (tmp / "inter.pem").write_bytes(b"".join(c.public_bytes(pem) for c in chain[1:]))
     (tmp / "roots.pem").write_bytes(roots)
     out = subprocess.run(
-        ["openssl", "verify", "-x509_strict", "-CAfile", str(tmp / "roots.pem"), "-untrusted",
-         str(tmp / "inter.pem"), str(tmp / "leaf.pem")],
-        capture_output=True, text=True, timeout=30,
+        [
+            "openssl",
+            "verify",
+            "-x509_strict",
+            "-CAfile",
+            str(tmp / "roots.pem"),
+            "-untrusted",
+            str(tmp / "inter.pem"),
+            str(tmp / "leaf.pem"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout + out.stderr
 
@@ -228,8 +256,12 @@ async def test_server_with_pkcs11_key_manager_issues_svids(
     overrides = {
         "ca": {
             "key_manager": "pkcs11",
-            "pkcs11": {"module_path": softhsm.module, "token_label": TOKEN, "pin_env": PIN_ENV,
-                       "key_label_prefix": PREFIX},
+            "pkcs11": {
+                "module_path": softhsm.module,
+                "token_label": TOKEN,
+                "pin_env": PIN_ENV,
+                "key_label_prefix": PREFIX,
+            },
         }
     }
     data, sock = short_tmp / "d", str(short_tmp / "s" / "api.sock")
@@ -263,9 +295,248 @@ def test_pkcs11_config_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
         server_config_from_dict({**base, "ca": {"key_manager": "vault"}})
     with pytest.raises(ConfigError, match="absolute"):
         server_config_from_dict({**base, "ca": {"pkcs11": {"module_path": "libsofthsm2.so"}}})
-    cfg = server_config_from_dict({**base, "ca": {"key_manager": "pkcs11", "pkcs11": {
-        "module_path": "/usr/lib/softhsm/libsofthsm2.so", "token_label": "meshid"}}})
+    cfg = server_config_from_dict(
+        {
+            **base,
+            "ca": {
+                "key_manager": "pkcs11",
+                "pkcs11": {"module_path": "/usr/lib/softhsm/libsofthsm2.so", "token_label": "meshid"},
+            },
+        }
+    )
     assert cfg.ca.pkcs11.pin_env == "MESHID_PKCS11_PIN"
     monkeypatch.delenv("MESHID_PKCS11_PIN", raising=False)
     with pytest.raises(ConfigError, match="MESHID_PKCS11_PIN holds no PIN"):
         Pkcs11KeyManager.from_env("/usr/lib/softhsm/libsofthsm2.so", "meshid", "MESHID_PKCS11_PIN")
+
+
+# ---------------------------------------------------------------------------- retired keys
+
+
+def _token_objects(hsm: SoftHsm) -> dict[str, list[str]]:
+    """CKA_ID (hex) -> classes of the key objects with that id, read by a separate process."""
+    script = textwrap.dedent("""
+        import json, sys
+        import pkcs11
+        from pkcs11 import Attribute, ObjectClass
+        lib = pkcs11.lib(sys.argv[1])
+        found = {}
+        with lib.get_token(token_label=sys.argv[2]).open(user_pin=sys.argv[3]) as s:
+            for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+                for obj in s.get_objects({Attribute.CLASS: cls}):
+                    found.setdefault(bytes(obj[Attribute.ID]).hex(), []).append(cls.name)
+        print(json.dumps(found))
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script, hsm.module, TOKEN, PIN],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "SOFTHSM2_CONF": str(hsm.conf)},
+    )
+    result: dict[str, list[str]] = json.loads(out.stdout)
+    return result
+
+
+BOTH = ["PRIVATE_KEY", "PUBLIC_KEY"]
+CA_TTL = 6000
+
+
+def _ckid(lk: LoadedKey) -> str:
+    ckid: str = json.loads(lk.record.sealed_key)["ckid"]
+    return ckid
+
+
+class FakeClock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class RefusingUpstream:
+    name = "refusing"
+
+    async def mint_x509_ca(self, csr_der: bytes, ttl_seconds: int, now: dt.datetime) -> Any:
+        raise RuntimeError("upstream is down")
+
+
+@pytest.fixture
+async def ds(tmp_path: Path) -> AsyncIterator[SqliteDataStore]:
+    store = SqliteDataStore(tmp_path / "ca.sqlite3")
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def _destroy_failures() -> float:
+    total = 0.0
+    for metric in telemetry.default_telemetry().collect():
+        if metric.name == "meshid.ca.key.destroy.failures":
+            for point in metric.data.data_points:
+                if (point.attributes or {}).get("key_manager") == "pkcs11":
+                    total += float(getattr(point, "value", 0))
+    return total
+
+
+async def _rotated_ca(
+    ds: SqliteDataStore, km: Pkcs11KeyManager, clock: FakeClock
+) -> tuple[CaManager, dict[str, LoadedKey | None]]:
+    """A CA on the token whose first keys of both kinds are old, the X509 one tainted."""
+    ca = CaManager(ds, km, None, TrustDomain("example.org"), CA_TTL, server_id="r1", clock=clock)
+    await ca.load()
+    old = {kind: ca.active(kind) for kind in (X509, JWT)}
+    clock.t += CA_TTL / 2  # the next keys outlive the first ones
+    for kind in (X509, JWT):
+        await ca.prepare(kind)
+        await ca.activate(kind)
+    old_x509 = old[X509]
+    assert old_x509 is not None
+    await ca.taint(old_x509.key_id)
+    return ca, old
+
+
+async def test_revoked_and_retired_ca_keys_are_destroyed_in_the_token(
+    softhsm: SoftHsm, ds: SqliteDataStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    km = _manager(softhsm)
+    clock = FakeClock(dt.datetime.now(dt.UTC).timestamp())
+    try:
+        ca, old = await _rotated_ca(ds, km, clock)
+        old_x509, old_jwt = old[X509], old[JWT]
+        assert old_x509 is not None and old_jwt is not None
+        active = [ca.x509_active, ca.jwt_active]
+        objects = _token_objects(softhsm)
+        for lk in [old_x509, old_jwt, *active]:
+            assert sorted(objects[_ckid(lk)]) == BOTH
+
+        # Revoke: the key pair is gone from the token, the active and other old keys stay.
+        await ca.revoke(old_x509.key_id, force=True)
+        objects = _token_objects(softhsm)
+        assert _ckid(old_x509) not in objects
+        for lk in [old_jwt, *active]:
+            assert sorted(objects[_ckid(lk)]) == BOTH
+
+        # Revoking twice, destroying a key already gone or never made: harmless.
+        with pytest.raises(NotFoundError):
+            await ca.revoke(old_x509.key_id, force=True)
+        with caplog.at_level(logging.DEBUG, logger="meshid.ca.pkcs11"):
+            await km.delete(old_x509.key_id)
+            await km.delete("x509-never-existed")
+        assert caplog.text.count("already destroyed") == 2
+        assert _token_objects(softhsm) == objects
+
+        # The active keys still sign.
+        now = dt.datetime.fromtimestamp(clock.t, dt.UTC)
+        leaf_key = ec.generate_private_key(ec.SECP256R1())
+        minter = ca.x509_active.minter
+        assert minter is not None and ca.x509_active.cert is not None
+        leaf = minter.mint_from_public_key(leaf_key.public_key(), "spiffe://example.org/w", [], 600, now)
+        leaf.verify_directly_issued_by(ca.x509_active.cert)
+        minting.mint_jwt_svid(ca.jwt_active.key, "kid", "spiffe://example.org/w", ["aud"], 60, now)
+
+        # Prune: the old JWT key signed nothing; once expired the schedule retires and destroys it.
+        clock.t = old_jwt.record.not_after
+        assert await ca.tick()
+        objects = _token_objects(softhsm)
+        assert _ckid(old_jwt) not in objects
+        for lk in active:
+            assert sorted(objects[_ckid(lk)]) == BOTH
+        assert {k.key_id for k in ca.keys()} >= {lk.key_id for lk in active}
+    finally:
+        await km.close()
+
+
+async def test_a_token_error_is_reported_and_the_key_still_leaves_the_bundle(
+    softhsm: SoftHsm, ds: SqliteDataStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    km = _manager(softhsm)
+    clock = FakeClock(dt.datetime.now(dt.UTC).timestamp())
+    try:
+        ca, old = await _rotated_ca(ds, km, clock)
+        old_x509 = old[X509]
+        assert old_x509 is not None and old_x509.cert is not None
+        token = km.token
+
+        def broken(fn: Any) -> Any:
+            raise p11e.DeviceError("device error")
+
+        monkeypatch.setattr(token, "call", broken)
+        failures = _destroy_failures()
+        with caplog.at_level(logging.WARNING, logger="meshid.ca"):
+            await ca.revoke(old_x509.key_id, force=True)
+        assert old_x509.cert not in ca.bundle.x509_authorities
+        assert old_x509.key_id not in {r.key_id for r in await ds.list_ca_keys()}
+        assert _destroy_failures() == failures + 1
+        assert f"{old_x509.key_id} was not destroyed" in caplog.text and "DeviceError" in caplog.text
+        with pytest.raises(Pkcs11Error, match="could not destroy"):
+            await km.delete(old_x509.key_id)
+        assert sorted(_token_objects(softhsm)[_ckid(old_x509)]) == BOTH  # left behind
+
+        # Once the token is back, destroying it by hand works (the manager still knows its CKA_ID).
+        monkeypatch.undo()
+        await km.delete(old_x509.key_id)
+        assert _ckid(old_x509) not in _token_objects(softhsm)
+    finally:
+        await km.close()
+
+
+async def test_replicas_sharing_the_token_destroy_only_what_they_retired(
+    softhsm: SoftHsm, ds: SqliteDataStore
+) -> None:
+    """Two replicas, one datastore, one token: the shared JWT key is destroyed by the replica
+    that retired it, and a gone replica's CA key (never loaded by the other: found by its
+    label) only once it has expired and left the datastore."""
+    km1, km2 = _manager(softhsm), _manager(softhsm)
+    clock = FakeClock(dt.datetime.now(dt.UTC).timestamp())
+    td = TrustDomain("example.org")
+    r1 = CaManager(ds, km1, None, td, CA_TTL, server_id="r1", clock=clock)
+    r2 = CaManager(ds, km2, None, td, CA_TTL, server_id="r2", clock=clock)
+    try:
+        await r1.load()
+        await r2.load()
+        shared_jwt = r1.jwt_active
+        assert r2.jwt_active.key_id == shared_jwt.key_id
+        await r1.prepare(JWT)
+        await r1.activate(JWT)
+        await r1.taint(shared_jwt.key_id)
+        await r2.tick()
+        await r1.tick()  # retires the tainted, unused JWT key
+        await r2.tick()
+        objects = _token_objects(softhsm)
+        assert _ckid(shared_jwt) not in objects
+        live = [r1.x509_active, r1.jwt_active, r2.x509_active]
+        for lk in live:
+            assert sorted(objects[_ckid(lk)]) == BOTH
+
+        gone = r2.x509_active  # r2 stops for good
+        clock.t = gone.record.not_after - 1
+        await r1.tick()  # not expired yet: stays
+        assert sorted(_token_objects(softhsm)[_ckid(gone)]) == BOTH
+        clock.t = gone.record.not_after + 1
+        await r1.tick()
+        assert gone.key_id not in {r.key_id for r in await ds.list_ca_keys()}
+        objects = _token_objects(softhsm)
+        assert _ckid(gone) not in objects
+        for lk in r1.keys():  # whatever r1 holds now is still in the token
+            assert sorted(objects[_ckid(lk)]) == BOTH
+    finally:
+        await km1.close()
+        await km2.close()
+
+
+async def test_a_key_made_for_a_slot_that_failed_is_destroyed(softhsm: SoftHsm, ds: SqliteDataStore) -> None:
+    km = _manager(softhsm)
+    clock = FakeClock(dt.datetime.now(dt.UTC).timestamp())
+    ca = CaManager(ds, km, RefusingUpstream(), TrustDomain("example.org"), CA_TTL, clock=clock)
+    try:
+        before = _token_objects(softhsm)
+        with pytest.raises(RuntimeError, match="upstream is down"):
+            await ca.load()
+        assert _token_objects(softhsm) == before
+    finally:
+        await km.close()

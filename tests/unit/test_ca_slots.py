@@ -5,19 +5,22 @@ real sealed keys, no sleeps."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from issuer.ca.keys import DiskKeyManager
+from issuer.ca.keys import DiskKeyManager, KeyType
 from issuer.ca.sealing import KeySealer, SealError
 from issuer.ca.slots import ACTIVE, JWT, OLD, PREPARED, X509, CaManager, CaOperationError, LoadedKey, jwt_kid
 from issuer.datastore.sqlite import SqliteDataStore
 from issuer.events import ocsf
+from meshid import telemetry
 from meshid.errors import NotFoundError
 from meshid.spiffe_id import SpiffeId, TrustDomain
 
@@ -26,6 +29,7 @@ SECRET = b"ca-slots-unit-test-master-secret"
 CA_TTL = 6000  # seconds; prepare at 3000 s left, activate at 1000 s left
 SVID_TTL = 600
 T0 = 1_800_000_000.0
+
 
 class FakeClock:
     def __init__(self, t: float) -> None:
@@ -46,8 +50,9 @@ async def ds(tmp_path: Path) -> AsyncIterator[SqliteDataStore]:
 
 
 async def make_ca(ds: SqliteDataStore, clock: FakeClock, secret: bytes = SECRET) -> CaManager:
-    ca = CaManager(ds, DiskKeyManager(KeySealer(secret)), None, TD, CA_TTL, server_id="replica-1",
-                   clock=clock)
+    ca = CaManager(
+        ds, DiskKeyManager(KeySealer(secret)), None, TD, CA_TTL, server_id="replica-1", clock=clock
+    )
     await ca.load()
     return ca
 
@@ -71,8 +76,11 @@ def sign_with(ca: CaManager, lk: LoadedKey, now: float) -> int:
     if lk.record.kind == X509:
         assert lk.minter is not None
         leaf = lk.minter.mint_from_public_key(
-            ec.generate_private_key(ec.SECP256R1()).public_key(), SpiffeId.parse("spiffe://example.org/w"),
-            [], SVID_TTL, dt.datetime.fromtimestamp(now, dt.UTC),
+            ec.generate_private_key(ec.SECP256R1()).public_key(),
+            SpiffeId.parse("spiffe://example.org/w"),
+            [],
+            SVID_TTL,
+            dt.datetime.fromtimestamp(now, dt.UTC),
         )
         assert lk.cert is not None
         leaf.verify_directly_issued_by(lk.cert)
@@ -287,3 +295,172 @@ async def test_keys_do_not_load_under_another_master_secret(ds: SqliteDataStore)
     again = await make_ca(ds, clock)
     assert again.x509_active.key_id == ca.x509_active.key_id
     assert again.bundle.x509_authorities == ca.bundle.x509_authorities
+
+
+# --------------------------------------------------------------------------- retired keys are destroyed
+class RecordingKeyManager(DiskKeyManager):
+    """The disk manager, recording what `delete` was asked to destroy and what the datastore
+    listed at that moment; `fail` makes delete raise like a token error."""
+
+    name = "recording"
+
+    def __init__(self, ds: SqliteDataStore, fail: bool = False) -> None:
+        super().__init__(KeySealer(SECRET))
+        self.ds = ds
+        self.fail = fail
+        self.deleted: list[str] = []
+        self.listed_at_delete: list[set[str]] = []
+
+    async def delete(self, key_id: str) -> None:
+        self.listed_at_delete.append({r.key_id for r in await self.ds.list_ca_keys()})
+        self.deleted.append(key_id)
+        if self.fail:
+            raise RuntimeError("token said no")
+
+
+class RefusingUpstream:
+    name = "refusing"
+
+    async def mint_x509_ca(self, csr_der: bytes, ttl_seconds: int, now: dt.datetime) -> Any:
+        raise RuntimeError("upstream is down")
+
+
+def destroy_failures(kind: str) -> float:
+    total = 0.0
+    for metric in telemetry.default_telemetry().collect():
+        if metric.name == "meshid.ca.key.destroy.failures":
+            for point in metric.data.data_points:
+                attrs = dict(point.attributes or {})
+                if attrs.get("key_manager") == "recording" and attrs.get("kind") == kind:
+                    total += float(getattr(point, "value", 0))
+    return total
+
+
+async def rotated(
+    ds: SqliteDataStore, clock: FakeClock, km: DiskKeyManager
+) -> tuple[CaManager, dict[str, str]]:
+    """A CA whose first keys of both kinds are old (and the X509 one tainted); returns the
+    CA and {kind: old key id}."""
+    ca = CaManager(ds, km, None, TD, CA_TTL, server_id="replica-1", clock=clock)
+    await ca.load()
+    old = {kind: ca.active(kind).key_id for kind in (X509, JWT)}  # type: ignore[union-attr]
+    for kind in (X509, JWT):
+        await ca.prepare(kind)
+        await ca.activate(kind)
+    await ca.taint(old[X509])
+    return ca, old
+
+
+async def test_disk_key_manager_delete_is_a_no_op() -> None:
+    km = DiskKeyManager(KeySealer(SECRET))
+    _, sealed = await km.generate("x509-a", KeyType.EC_P256)
+    await km.delete("x509-a")
+    await km.delete("x509-a")  # twice, and for a key it never saw: harmless
+    await km.delete("x509-never-existed")
+    assert (await km.load("x509-a", sealed)).public_key() is not None  # the sealed blob is the key
+
+
+async def test_revoke_destroys_the_key_after_the_record_is_gone(ds: SqliteDataStore) -> None:
+    clock = FakeClock(T0)
+    km = RecordingKeyManager(ds)
+    ca, old = await rotated(ds, clock, km)
+    await ca.revoke(old[X509], force=True)
+    assert km.deleted == [old[X509]]
+    assert old[X509] not in km.listed_at_delete[0]  # the datastore change came first
+    assert ca.x509_active.key_id in km.listed_at_delete[0]
+    with pytest.raises(NotFoundError):  # a second revoke: nothing more is destroyed
+        await ca.revoke(old[X509], force=True)
+    assert km.deleted == [old[X509]]
+
+
+async def test_a_key_the_manager_cannot_destroy_still_leaves_the_bundle(
+    ds: SqliteDataStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock(T0)
+    km = RecordingKeyManager(ds, fail=True)
+    ca, old = await rotated(ds, clock, km)
+    revoked = ca.get(old[X509])
+    failures = destroy_failures(X509)
+    with caplog.at_level(logging.WARNING, logger="meshid.ca"):
+        await ca.revoke(old[X509], force=True)
+    assert km.deleted == [old[X509]]
+    assert not in_bundle(ca, revoked) and bundle_size(ca, X509) == 1
+    assert old[X509] not in {r.key_id for r in await ds.list_ca_keys()}
+    assert destroy_failures(X509) == failures + 1
+    assert f"{old[X509]} was not destroyed" in caplog.text and "token said no" in caplog.text
+
+
+async def test_a_key_the_datastore_still_lists_is_never_destroyed(
+    ds: SqliteDataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock(T0)
+    km = RecordingKeyManager(ds)
+    ca, old = await rotated(ds, clock, km)
+
+    async def lost_delete(key_id: str, events: Any = ()) -> None:
+        return None  # the delete never reached the datastore
+
+    monkeypatch.setattr(ds, "delete_ca_key", lost_delete)
+    await ca.revoke(old[X509], force=True)
+    assert km.deleted == []
+
+
+async def test_prune_destroys_only_the_retired_old_keys(ds: SqliteDataStore) -> None:
+    clock = FakeClock(T0)
+    km = RecordingKeyManager(ds)
+    ca, old = await rotated(ds, clock, km)
+    jwt_old = ca.get(old[JWT])
+    used_until = sign_with(ca, jwt_old, clock.t)
+    await ca.tick()
+    # The tainted X509 key signed nothing: retired at once; the JWT key waits for its SVIDs.
+    assert km.deleted == [old[X509]]
+    clock.t = used_until - 1
+    await ca.tick()
+    assert km.deleted == [old[X509]]
+    clock.t = used_until
+    assert await ca.tick()
+    assert km.deleted == [old[X509], old[JWT]]
+    assert old[JWT] not in km.listed_at_delete[-1]
+    live = {k.key_id for k in ca.keys()}
+    assert live == {ca.x509_active.key_id, ca.jwt_active.key_id} and not live & set(km.deleted)
+
+
+async def test_replicas_destroy_only_what_they_retired(ds: SqliteDataStore) -> None:
+    """Two replicas on one datastore: the one that retires a key destroys it, the other only
+    forgets it; a gone replica's expired CA key is destroyed by the replica that retires it."""
+    clock = FakeClock(T0)
+    km1, km2 = RecordingKeyManager(ds), RecordingKeyManager(ds)
+    r1 = CaManager(ds, km1, None, TD, CA_TTL, server_id="r1", clock=clock)
+    r2 = CaManager(ds, km2, None, TD, CA_TTL, server_id="r2", clock=clock)
+    await r1.load()
+    await r2.load()
+    shared_jwt = r1.jwt_active
+    assert r2.jwt_active.key_id == shared_jwt.key_id
+    await r1.prepare(JWT)
+    await r1.activate(JWT)
+    await r2.tick()
+    await r1.tick()  # old, but neither expired nor tainted: stays
+    assert km1.deleted == [] and km2.deleted == []
+    await r1.taint(shared_jwt.key_id)
+    await r1.tick()  # tainted and nothing it signed is valid: r1 retires and destroys it
+    assert km1.deleted == [shared_jwt.key_id]
+    await r2.tick()  # r2 only adopts the change
+    assert km2.deleted == [] and shared_jwt.key_id not in {k.key_id for k in r2.keys()}
+
+    gone = r2.x509_active  # r2 stops for good; once expired, r1 retires its CA key
+    clock.t = gone.record.not_after + 1
+    await r1.tick()
+    assert gone.key_id in km1.deleted and km2.deleted == []
+    # Whatever was destroyed, the datastore no longer listed at that moment.
+    for key_id, listed in zip(km1.deleted, km1.listed_at_delete, strict=True):
+        assert key_id not in listed
+
+
+async def test_a_key_made_for_a_slot_that_failed_is_destroyed(ds: SqliteDataStore) -> None:
+    clock = FakeClock(T0)
+    km = RecordingKeyManager(ds)
+    ca = CaManager(ds, km, RefusingUpstream(), TD, CA_TTL, server_id="replica-1", clock=clock)
+    with pytest.raises(RuntimeError, match="upstream is down"):
+        await ca.load()
+    assert len(km.deleted) == 1 and km.deleted[0].startswith(f"{X509}-")
+    assert [r for r in await ds.list_ca_keys() if r.kind == X509] == []
