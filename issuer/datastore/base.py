@@ -162,7 +162,9 @@ class DataStore(Protocol):
                                   now: float) -> list[StoredEvent]:
         """claim_outbox with each row's data left as stored JSON text (the relay's path)."""
 
-    async def mark_delivered(self, seqs: Sequence[int], now: float) -> None: ...
+    async def mark_delivered(self, seqs: Sequence[int], now: float) -> None:
+        """Record that the broker acknowledged these rows (delivered_at = now) and end
+        their leases. Rows already delivered keep their first delivery time."""
 
     async def prune_outbox(self, delivered_before: float) -> int:
         """Delete delivered rows with delivered_at < delivered_before; return how many.

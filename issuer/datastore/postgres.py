@@ -60,25 +60,38 @@ _EVENT_INSERT = (
 )
 _META_UPSERT = codec.upsert_sql("meta", ("key", "value"), "key", _p)
 _OUTBOX_COLS = "seq, " + ", ".join(codec.EVENT_COLUMNS)
+# Lease and delivery state lives in the narrow outbox_state table (migration 0002), so
+# the relay's bookkeeping never writes new versions of the ~2 KB event rows.
 # $1 owner, $2 lease_until, $3 now, $4 limit
 _CLAIM = f"""
 WITH picked AS (
-    SELECT o.seq FROM outbox AS o
+    SELECT o.seq FROM outbox_state AS o
     WHERE o.delivered_at IS NULL
       AND (o.claimed_by IS NULL OR o.claimed_by = $1 OR o.lease_until <= $3)
       AND NOT EXISTS (
-          SELECT 1 FROM outbox AS p
+          SELECT 1 FROM outbox_state AS p
           WHERE p.partition_key = o.partition_key AND p.seq < o.seq AND p.delivered_at IS NULL
             AND p.claimed_by <> $1 AND p.lease_until > $3)
     ORDER BY o.seq
     LIMIT $4
     FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE outbox_state AS t SET claimed_by = $1, lease_until = $2
+    FROM picked WHERE t.seq = picked.seq
+    RETURNING t.seq
 )
-UPDATE outbox AS t SET claimed_by = $1, lease_until = $2
-FROM picked WHERE t.seq = picked.seq
-RETURNING {", ".join("t." + c for c in _OUTBOX_COLS.split(", "))}
+SELECT {", ".join("o." + c for c in _OUTBOX_COLS.split(", "))}
+FROM outbox AS o JOIN claimed ON o.seq = claimed.seq
+ORDER BY o.seq
 """
-
+_UNDELIVERED = (
+    f"SELECT {', '.join('o.' + c for c in _OUTBOX_COLS.split(', '))} FROM outbox_state AS s "
+    "JOIN outbox AS o ON o.seq = s.seq WHERE s.delivered_at IS NULL AND s.seq > $1 ORDER BY s.seq LIMIT $2"
+)
+_PRUNE = """
+WITH gone AS (DELETE FROM outbox_state WHERE delivered_at < $1 RETURNING seq)
+DELETE FROM outbox WHERE seq IN (SELECT seq FROM gone)
+"""
 
 class PostgresDataStore:
     """DataStore on a PostgreSQL database shared by every server replica."""
@@ -355,12 +368,7 @@ class PostgresDataStore:
             await _insert_many(conn, _EVENT_INSERT, event_rows)
 
     async def fetch_outbox(self, after_seq: int, limit: int) -> list[OutboxRow]:
-        rows = await self._db.fetch(
-            f"SELECT {_OUTBOX_COLS} FROM outbox "
-            "WHERE delivered_at IS NULL AND seq > $1 ORDER BY seq LIMIT $2",
-            after_seq,
-            limit,
-        )
+        rows = await self._db.fetch(_UNDELIVERED, after_seq, limit)
         return [codec.outbox_row_from_row(r) for r in rows]
 
     async def claim_outbox(self, owner: str, limit: int, lease_seconds: float, now: float) -> list[OutboxRow]:
@@ -374,26 +382,25 @@ class PostgresDataStore:
             # same subject and publish them out of order. Claims are short: serialize them.
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _CLAIM_LOCK)
             rows = await conn.fetch(_CLAIM, owner, now + lease_seconds, now, limit)
-        return sorted((codec.stored_event_from_row(r) for r in rows), key=lambda r: r.seq)
+        return [codec.stored_event_from_row(r) for r in rows]
 
     async def mark_delivered(self, seqs: Sequence[int], now: float) -> None:
         if not seqs:
             return
+        # Only rows not yet delivered: a late duplicate mark changes nothing.
         await self._db.execute(
-            "UPDATE outbox SET delivered_at = $1, claimed_by = NULL, lease_until = NULL "
+            "UPDATE outbox_state SET delivered_at = $1, claimed_by = NULL, lease_until = NULL "
             "WHERE delivered_at IS NULL AND seq = ANY($2::bigint[])",
             now,
             [int(s) for s in seqs],
         )
 
     async def prune_outbox(self, delivered_before: float) -> int:
-        status = await self._db.execute(
-            "DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < $1", delivered_before
-        )
+        status = await self._db.execute(_PRUNE, delivered_before)
         return int(status.split()[-1])  # "DELETE <n>"
 
     async def outbox_backlog(self) -> int:
-        return int(await self._db.fetchval("SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL"))
+        return int(await self._db.fetchval("SELECT COUNT(*) FROM outbox_state WHERE delivered_at IS NULL"))
 
 
 # --- helpers ---------------------------------------------------------------------------------

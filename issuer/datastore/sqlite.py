@@ -3,7 +3,10 @@
 One writer connection guarded by an asyncio lock: every mutating call is one
 `BEGIN IMMEDIATE` transaction holding the act and its outbox events, so an act is
 never recorded without its events. Reads use a second connection; under WAL they see
-the last committed state and never wait for the writer.
+the last committed state and never wait for the writer. The outbox relay's claims and
+delivery marks go through a third, under the same lock: single statements committed
+without waiting for fsync (synchronous=NORMAL), which a power cut may only roll back
+into a re-sent event with the same id. Acts and their events always commit FULL.
 """
 
 from __future__ import annotations
@@ -58,14 +61,16 @@ _EVENT_INSERT = (
     f"INSERT INTO outbox ({', '.join(codec.EVENT_COLUMNS)}) VALUES ({_marks(len(codec.EVENT_COLUMNS))})"
 )
 _OUTBOX_COLS = "seq, " + ", ".join(codec.EVENT_COLUMNS)
+# Lease and delivery state lives in the narrow outbox_state table (migration 0002), so
+# the relay's bookkeeping never rewrites the ~2 KB event rows.
 _CLAIM = """
-UPDATE outbox SET claimed_by = :owner, lease_until = :until
+UPDATE outbox_state SET claimed_by = :owner, lease_until = :until
 WHERE seq IN (
-    SELECT o.seq FROM outbox AS o
+    SELECT o.seq FROM outbox_state AS o
     WHERE o.delivered_at IS NULL
       AND (o.claimed_by IS NULL OR o.claimed_by = :owner OR o.lease_until <= :now)
       AND NOT EXISTS (
-          SELECT 1 FROM outbox AS p
+          SELECT 1 FROM outbox_state AS p
           WHERE p.partition_key = o.partition_key AND p.seq < o.seq AND p.delivered_at IS NULL
             AND p.claimed_by <> :owner AND p.lease_until > :now)
     ORDER BY o.seq
@@ -73,6 +78,14 @@ WHERE seq IN (
 RETURNING seq
 """
 _BY_SEQS = f"SELECT {_OUTBOX_COLS} FROM outbox WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq"
+_UNDELIVERED = (
+    f"SELECT {', '.join('o.' + c for c in _OUTBOX_COLS.split(', '))} FROM outbox_state AS s "
+    "JOIN outbox AS o ON o.seq = s.seq WHERE s.delivered_at IS NULL AND s.seq > ? ORDER BY s.seq LIMIT ?"
+)
+_DELIVER = (
+    "UPDATE outbox_state SET delivered_at = ?, claimed_by = NULL, lease_until = NULL "
+    "WHERE delivered_at IS NULL AND seq IN (SELECT value FROM json_each(?))"
+)
 
 
 class SqliteDataStore:
@@ -83,9 +96,9 @@ class SqliteDataStore:
         self._busy_timeout_ms = busy_timeout_ms
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._relay: aiosqlite.Connection | None = None  # the relay's writes (see the module doc)
         self._write_lock = asyncio.Lock()
         self._named_locks: dict[str, asyncio.Lock] = {}
-        self._synchronous = "FULL"  # the writer's current PRAGMA synchronous
 
     @property
     def path(self) -> str:
@@ -101,6 +114,7 @@ class SqliteDataStore:
             await asyncio.to_thread(_create_private_file, Path(self._path))
         writer = await self._connect()
         reader: aiosqlite.Connection | None = None
+        relay: aiosqlite.Connection | None = None
         try:
             # WAL lets readers run beside the writer; FULL because the outbox promises
             # that an acknowledged act's events survive a power cut, not just a crash.
@@ -112,22 +126,29 @@ class SqliteDataStore:
             if self._path != MEMORY:
                 reader = await self._connect()
                 await reader.execute("PRAGMA query_only = ON")
+                relay = await self._connect()
+                await relay.execute("PRAGMA synchronous = NORMAL")
         except BaseException:
-            if reader is not None:
-                await reader.close()
+            for conn in (relay, reader):
+                if conn is not None:
+                    await conn.close()
             await writer.close()
             raise
         self._writer = writer
-        # :memory: cannot have a second connection: it would be a different database.
+        # :memory: cannot have a second connection: it would be a different database
+        # (and synchronous does not matter there).
         self._reader = reader or writer
+        self._relay = relay or writer
 
     async def close(self) -> None:
-        writer, reader = self._writer, self._reader
-        self._writer = self._reader = None
+        writer, reader, relay = self._writer, self._reader, self._relay
+        self._writer = self._reader = self._relay = None
         if reader is not None and reader is not writer:
             await reader.close()
         if writer is not None:
             async with self._write_lock:  # let an in-flight transaction finish first
+                if relay is not None and relay is not writer:
+                    await relay.close()
                 await writer.close()
 
     async def _connect(self) -> aiosqlite.Connection:
@@ -175,19 +196,10 @@ class SqliteDataStore:
         await conn.execute("COMMIT")
 
     @contextlib.asynccontextmanager
-    async def _tx(self, durable: bool = True) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction; rolled back if the body raises.
-
-        `durable=False` commits without waiting for fsync (WAL, synchronous=NORMAL): for
-        the relay's claims and delivery marks, which a power cut may only roll back into
-        a re-sent event with the same id. Acts and their events always commit FULL."""
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; rolled back if the body raises."""
         async with self._write_lock:
             conn = self._require(self._writer)
-            mode = "FULL" if durable else "NORMAL"
-            if self._synchronous != mode:
-                self._synchronous = "?"  # unknown until the pragma has run
-                await conn.execute(f"PRAGMA synchronous = {mode}")
-                self._synchronous = mode
             try:
                 # Inside the try: if we are cancelled while BEGIN waits, it still runs
                 # and must be rolled back.
@@ -197,6 +209,13 @@ class SqliteDataStore:
                 await _rollback(conn)
                 raise
             await conn.execute("COMMIT")
+
+    async def _relay_write(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> list[sqlite3.Row]:
+        """One statement of the relay's bookkeeping, on its own connection: a transaction
+        by itself (one round trip to the connection's thread, no BEGIN/COMMIT), under the
+        write lock so that it never waits for the writer inside SQLite."""
+        async with self._write_lock:
+            return list(await self._require(self._relay).execute_fetchall(sql, params))
 
     @contextlib.asynccontextmanager
     async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -417,10 +436,7 @@ class SqliteDataStore:
             await conn.executemany(_EVENT_INSERT, event_rows)
 
     async def fetch_outbox(self, after_seq: int, limit: int) -> list[OutboxRow]:
-        rows = await self._rows(
-            f"SELECT {_OUTBOX_COLS} FROM outbox WHERE delivered_at IS NULL AND seq > ? ORDER BY seq LIMIT ?",
-            (after_seq, limit),
-        )
+        rows = await self._rows(_UNDELIVERED, (after_seq, limit))
         return [codec.outbox_row_from_row(r) for r in rows]
 
     async def claim_outbox(self, owner: str, limit: int, lease_seconds: float, now: float) -> list[OutboxRow]:
@@ -431,34 +447,31 @@ class SqliteDataStore:
         # One writer per file makes this trivially exclusive; the lease logic is the same
         # as PostgreSQL's so that relays behave alike on both backends.
         params = {"owner": owner, "until": now + lease_seconds, "now": now, "limit": limit}
-        async with self._tx(durable=False) as conn:
-            seqs = [int(r[0]) for r in await conn.execute_fetchall(_CLAIM, params)]
+        seqs = [int(r[0]) for r in await self._relay_write(_CLAIM, params)]
         if not seqs:
             return []
-        # RETURNING the event columns makes SQLite buffer ~2 KB a row inside the write
-        # transaction; they never change once written, so read them after it instead.
+        # The event rows never change once written: read them outside the write lock.
         rows = await self._rows(_BY_SEQS, (codec.dumps(seqs),))
-        return [codec.stored_event_from_row(r) for r in rows]
+        # The columns are StoredEvent's fields in order, already of its types (time is
+        # REAL, data TEXT): no per-row conversion on the relay's path.
+        return list(map(StoredEvent._make, rows))
 
     async def mark_delivered(self, seqs: Sequence[int], now: float) -> None:
-        if not seqs:
-            return
-        async with self._tx(durable=False) as conn:
-            await conn.execute(
-                "UPDATE outbox SET delivered_at = ?, claimed_by = NULL, lease_until = NULL "
-                "WHERE delivered_at IS NULL AND seq IN (SELECT value FROM json_each(?))",
-                (now, codec.dumps([int(s) for s in seqs])),
-            )
+        if seqs:
+            # Only rows not yet delivered: a late duplicate mark changes nothing.
+            await self._relay_write(_DELIVER, (now, codec.dumps([int(s) for s in seqs])))
 
     async def prune_outbox(self, delivered_before: float) -> int:
         async with self._tx() as conn:
             cursor = await conn.execute(
-                "DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < ?", (delivered_before,)
+                "DELETE FROM outbox WHERE seq IN "
+                "(SELECT seq FROM outbox_state WHERE delivered_at < ?)", (delivered_before,)
             )
-            return max(cursor.rowcount, 0)
+            await conn.execute("DELETE FROM outbox_state WHERE delivered_at < ?", (delivered_before,))
+        return max(cursor.rowcount, 0)
 
     async def outbox_backlog(self) -> int:
-        rows = await self._rows("SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL")
+        rows = await self._rows("SELECT COUNT(*) FROM outbox_state WHERE delivered_at IS NULL")
         return int(rows[0][0])
 
 

@@ -165,15 +165,13 @@ class StoredEncoder:
         self._source_json = _json_str(source)
         self._source_bytes = source.encode()
         self._time: tuple[float, str] = (float("nan"), "")  # a signing batch shares one time
+        self._type_json: dict[str, str] = {}  # a handful of event types
 
     def event_id(self, seq: int) -> str:
         h = self._id_prefix.copy()
-        h.update(str(seq).encode())
-        b = bytearray(h.digest()[:16])
-        b[6] = (b[6] & 0x0F) | 0x50  # version 5
-        b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
-        x = b.hex()
-        return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+        h.update(b"%d" % seq)
+        x = h.hexdigest()  # the UUID is the first 16 bytes, with version 5 and the RFC 4122 variant
+        return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"
 
     def _rfc3339(self, ts: float) -> str:
         if self._time[0] != ts:
@@ -182,25 +180,29 @@ class StoredEncoder:
 
     def encode(self, row: StoredEvent) -> tuple[bytes, bytes, Headers]:
         """(record key, record value, headers) for one stored event."""
-        eid = self.event_id(row.seq)
-        time = self._rfc3339(row.time)
+        seq, type_, subject, partition_key, ts, data_json = row
+        eid = self.event_id(seq)
+        time = self._rfc3339(ts)
         if self.mode == "structured":
             # canonical_json's key order: data, datacontenttype, id, partitionkey, source,
             # specversion, subject, time, type. The subject is usually the key.
-            key = _json_str(row.partition_key)
-            subject = key if row.subject == row.partition_key else _json_str(row.subject)
-            value = (f'{{"data":{row.data_json},"datacontenttype":"{DATA_CONTENT_TYPE}","id":"{eid}",'
+            type_json = self._type_json.get(type_)
+            if type_json is None:
+                type_json = self._type_json[type_] = _json_str(type_)
+            key = _json_str(partition_key)
+            subject_json = key if subject == partition_key else _json_str(subject)
+            value = (f'{{"data":{data_json},"datacontenttype":"{DATA_CONTENT_TYPE}","id":"{eid}",'
                      f'"partitionkey":{key},"source":{self._source_json},'
-                     f'"specversion":"{SPECVERSION}","subject":{subject},"time":"{time}",'
-                     f'"type":{_json_str(row.type)}}}').encode()
-            return row.partition_key.encode(), value, [("content-type", _STRUCTURED_CT)]
+                     f'"specversion":"{SPECVERSION}","subject":{subject_json},"time":"{time}",'
+                     f'"type":{type_json}}}').encode()
+            return partition_key.encode(), value, [("content-type", _STRUCTURED_CT)]
         headers: Headers = [("content-type", _DATA_CT), ("ce_specversion", _SPECVERSION_B),
                             ("ce_id", eid.encode()), ("ce_source", self._source_bytes)]
-        for name, val in (("ce_type", row.type), ("ce_subject", row.subject), ("ce_time", time),
-                          ("ce_partitionkey", row.partition_key)):
+        for name, val in (("ce_type", type_), ("ce_subject", subject), ("ce_time", time),
+                          ("ce_partitionkey", partition_key)):
             if val:
                 headers.append((name, val.encode()))
-        return row.partition_key.encode(), row.data_json.encode(), headers
+        return partition_key.encode(), data_json.encode(), headers
 
 
 # json's own string encoder as canonical_json uses it (ensure_ascii=False).
@@ -208,6 +210,8 @@ _json_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
 _STRUCTURED_CT = STRUCTURED_CONTENT_TYPE.encode()
 _DATA_CT = DATA_CONTENT_TYPE.encode()
 _SPECVERSION_B = SPECVERSION.encode()
+# The UUID variant nibble (10xx) from the digest's nibble at that place.
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 def from_kafka(value: bytes | None, headers: Sequence[tuple[str, bytes]]) -> CloudEvent:

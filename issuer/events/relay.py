@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -42,7 +43,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from issuer.datastore.base import DataStore
 from issuer.events.cloudevents import Mode, StoredEncoder, from_outbox, rfc3339
-from issuer.events.model import OutboxRow, StoredEvent
+from issuer.events.model import OutboxRow
 from meshid.errors import ConfigError
 from meshid.telemetry import Telemetry, default_telemetry
 
@@ -72,7 +73,10 @@ class KafkaConfig:
     auto_create_topics: bool = False
     topic_partitions: int = 6  # used only when auto-creating
     topic_replication_factor: int = 1
-    batch_size: int = 500  # outbox rows per round: bounds memory whatever the backlog
+    # Outbox rows per round: bounds memory whatever the backlog. ~0.5 MB of issuance
+    # events: aiokafka makes several whole copies of a produce request, and with larger
+    # rounds malloc hands them fresh pages each time (page faults cost more than rounds).
+    batch_size: int = 250
     max_batch_bytes: int = 1_000_000  # one record batch per partition per round
     request_timeout: float = 30.0  # seconds; an unacknowledged batch fails after this
     client_id: str = "meshid"
@@ -226,6 +230,7 @@ class OutboxRelay:
         self._wakeup = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
         self._isolate_rows = 0  # > 0 after a size error: send one row per round
+        self._busy = False  # the last round published something
         # status
         self._state = "disabled" if kafka is None else "starting"
         self._last_error: str | None = None
@@ -297,6 +302,7 @@ class OutboxRelay:
                 if self._producer is None:
                     self._producer = await self._connect(self._kafka)
                 n = await self._publish_round(self._kafka, self._producer)
+                self._busy = n > 0
                 self._on_success()
                 await self._refresh_backlog(force=n == 0)
                 if n == 0:
@@ -304,6 +310,7 @@ class OutboxRelay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self._busy = False
                 self._on_failure(exc)
                 await self._close_producer()
                 with contextlib.suppress(Exception):
@@ -363,8 +370,9 @@ class OutboxRelay:
         # After a batch was refused for size, rows go one at a time until the oversized
         # one is found (and skipped) or a whole batch's worth went through.
         isolating = self._isolate_rows > 0
-        # A cheap read first (partial index) so an idle relay takes no write lock.
-        if not await self._ds.fetch_outbox(0, 1):
+        # A cheap read first (partial index) so an idle relay takes no write lock; after a
+        # round that published, more is likely waiting and the claim finds out itself.
+        if not self._busy and not await self._ds.fetch_outbox(0, 1):
             self._oldest_pending = None
             self._isolate_rows = 0
             return 0
@@ -377,18 +385,24 @@ class OutboxRelay:
             return 0  # everything pending is leased by another replica
         self._oldest_pending = rows[0].time
         partitions = sorted(await asyncio.wait_for(producer.partitions_for(cfg.topic), cfg.request_timeout))
+        if partitions != self._partitions_seen:
+            self._partition_of.clear()
+            self._partitions_seen = partitions
+        partition_of = self._partition_of
         builders: dict[int, Any] = {}
-        included: list[tuple[StoredEvent, int]] = []
+        parts: list[int] = []  # parts[i] is rows[i]'s partition; rows beyond it wait for the next round
         encode = self._encoder.encode
         for row in rows:
             key, value, headers = encode(row)
-            part = self._partition(key, partitions)
+            part = partition_of.get(key)
+            if part is None:
+                part = self._partition(key, partitions)
             builder = builders.get(part)
             if builder is None:
                 builder = builders[part] = producer.create_batch()
             if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
                 break  # that partition's batch is full: the round ends before this row
-            included.append((row, part))
+            parts.append(part)
         sent = [(part, await producer.send_batch(b, cfg.topic, partition=part))
                 for part, b in builders.items() if b.record_count() > 0]
         try:
@@ -398,18 +412,19 @@ class OutboxRelay:
             raise RelayError(f"no acknowledgement within {cfg.request_timeout + 5:.0f}s",
                              kind="timeout") from None
         failed = {part: r for (part, _), r in zip(sent, results, strict=True) if isinstance(r, BaseException)}
-        done = [row for row, part in included if part not in failed]
+        included = rows[:len(parts)]
+        done = included
+        if failed:
+            done = [row for row, part in zip(included, parts, strict=True) if part not in failed]
         now = self._clock()
         if done:
-            await self._ds.mark_delivered([r.seq for r in done], now)
+            seqs = [r.seq for r in done]
+            await self._ds.mark_delivered(seqs, now)
             self._published += len(done)
-            self._last_seq = max(self._last_seq, max(r.seq for r in done))
+            self._last_seq = max(self._last_seq, max(seqs))
             self._telemetry.events_published.add(len(done), {"topic": cfg.topic})
             # One signing batch's events share their act time, hence their lag.
-            same_time: dict[float, int] = {}
-            for row in done:
-                same_time[row.time] = same_time.get(row.time, 0) + 1
-            for t, n in same_time.items():
+            for t, n in Counter(r.time for r in done).items():
                 self._telemetry.relay_lag.record(max(0.0, now - t), n)
         if failed:
             first = next(iter(failed.values()))
@@ -421,7 +436,7 @@ class OutboxRelay:
                                  kind="too_large")
             # One record the broker will never take would block the stream forever: skip
             # it, logging the whole event so it is not lost from sight.
-            row = included[0][0]
+            row = included[0]
             await self._ds.mark_delivered([row.seq], now)
             self._skipped += 1
             self._isolate_rows = 0
@@ -434,14 +449,10 @@ class OutboxRelay:
         return len(done)
 
     def _partition(self, key: bytes, partitions: list[int]) -> int:
-        if partitions != self._partitions_seen:
+        """Hash a key not yet in self._partition_of (kept for the current partition list)."""
+        if len(self._partition_of) >= 100_000:
             self._partition_of.clear()
-            self._partitions_seen = partitions
-        part = self._partition_of.get(key)
-        if part is None:
-            if len(self._partition_of) >= 100_000:
-                self._partition_of.clear()
-            part = self._partition_of[key] = self._partitioner(key, partitions, partitions)
+        part = self._partition_of[key] = self._partitioner(key, partitions, partitions)
         return part
 
     # --- bookkeeping --------------------------------------------------------------------

@@ -422,7 +422,7 @@ auto_create_topics = true
         """Every outbox seq, and how many are still undelivered (read straight from SQLite)."""
         with contextlib.closing(sqlite3.connect(self.data_dir / "datastore.sqlite3")) as conn:
             seqs = [int(r[0]) for r in conn.execute("SELECT seq FROM outbox ORDER BY seq")]
-            row = conn.execute("SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL").fetchone()
+            row = conn.execute("SELECT COUNT(*) FROM outbox_state WHERE delivered_at IS NULL").fetchone()
         return seqs, int(row[0])
 
 

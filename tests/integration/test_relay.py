@@ -187,7 +187,8 @@ async def test_publishes_in_order_and_prunes(tansu: TansuBroker, ds: SqliteDataS
 
         def remaining() -> int:
             with sqlite3.connect(tmp_path / "outbox.sqlite3") as conn:
-                return int(conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+                return sum(int(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])
+                           for t in ("outbox", "outbox_state"))
 
         await wait_for(lambda: remaining() == 0, 5, "delivered rows to be pruned")
     finally:

@@ -21,7 +21,12 @@ from pg import PostgresCluster, postgres_cluster, postgres_db, postgres_dsn  # n
 from issuer.datastore import codec
 from issuer.datastore.base import AgentRecord, CaKeyRecord, DataStore, EntryAlreadyExistsError
 from issuer.datastore.factory import datastore_for, open_datastore
-from issuer.datastore.migrations import SchemaTooNewError, load_migrations
+from issuer.datastore.migrations import (
+    CREATE_VERSION_TABLE,
+    SchemaTooNewError,
+    load_migrations,
+    split_statements,
+)
 from issuer.datastore.postgres import PostgresDataStore
 from issuer.datastore.sqlite import SqliteDataStore
 from issuer.events.model import Event, OutboxRow
@@ -37,7 +42,7 @@ def _conforms(a: SqliteDataStore, b: PostgresDataStore) -> list[DataStore]:
 
 
 # --- fixtures and helpers ---------------------------------------------------------------
-_TABLES = "entries, entry_selectors, agents, join_tokens, ca_keys, meta, outbox"
+_TABLES = "entries, entry_selectors, agents, join_tokens, ca_keys, meta, outbox, outbox_state"
 
 
 @pytest.fixture(scope="session")
@@ -588,6 +593,126 @@ async def test_concurrent_claimers_never_share_a_row(store: DataStore, twin: Dat
     assert len(everything) == len(set(everything)) == len(expected)
     assert set(everything) == expected
     assert sum(1 for seqs in claimed.values() if seqs) >= 2  # really concurrent
+
+
+async def test_delivery_state_is_kept_beside_the_event_rows(store: DataStore, dsn: str) -> None:
+    await store.append_events([ev(n, key=f"k{n % 2}") for n in range(1, 7)])
+    seqs = [r.seq for r in await all_rows(store)]
+    # Each event got its state row in the same transaction: undelivered, unleased.
+    assert await sql(store, dsn, _STATE) == [(s, None, None, None) for s in seqs]
+    claimed = await store.claim_outbox("a", limit=4, lease_seconds=30, now=1_000)
+    assert [r.seq for r in claimed] == seqs[:4]
+    await store.mark_delivered(seqs[:4], now=1_001)
+    # A relay whose lease had lapsed marks again after its late ack: nothing moves.
+    await store.mark_delivered(seqs[:2], now=1_500)
+    assert await sql(store, dsn, _STATE) == [
+        *((s, None, None, 1_001.0) for s in seqs[:4]),
+        *((s, None, None, None) for s in seqs[4:]),
+    ]
+    assert [r.seq for r in await store.claim_outbox("b", limit=10, lease_seconds=30, now=1_002)] == seqs[4:]
+    assert await sql(store, dsn, _STATE_MISMATCHES) == [(0,)]
+    # Pruning takes the event rows and their state together.
+    assert await store.prune_outbox(delivered_before=1_002.0) == 4
+    assert [r[0] for r in await sql(store, dsn, "SELECT seq FROM outbox ORDER BY seq")] == seqs[4:]
+    assert await sql(store, dsn, _STATE_MISMATCHES) == [(0,)]
+
+
+_STATE = "SELECT seq, claimed_by, lease_until, delivered_at FROM outbox_state ORDER BY seq"
+# Event rows without exactly one state row, plus state rows whose event row is gone.
+_STATE_MISMATCHES = """
+SELECT (SELECT COUNT(*) FROM outbox AS o
+        WHERE (SELECT COUNT(*) FROM outbox_state AS s WHERE s.seq = o.seq) <> 1)
+     + (SELECT COUNT(*) FROM outbox_state AS s
+        WHERE NOT EXISTS (SELECT 1 FROM outbox AS o WHERE o.seq = s.seq))
+"""
+
+
+# --- upgrade from schema 1 (delivery state in the event rows) -----------------------------------
+# (partition key, delivered_at, claimed_by, lease_until) of ev(1..5) in a schema-1 outbox.
+_V1_OUTBOX = [
+    ("k1", 100.0, None, None),  # delivered long ago
+    ("k1", None, "old-relay", 2_000.0),  # being published when the server stopped for the upgrade
+    ("k2", None, None, None),
+    ("k1", None, None, None),  # must stay behind the leased k1 row
+    ("k3", 300.0, None, None),
+]
+
+
+async def _schema_1_database(store: DataStore, dsn: str) -> None:
+    """What meshid with only migration 0001 left behind, outbox rows in every state."""
+    first = load_migrations(dialect(store))[0]
+    assert first.version == 1
+    columns = "type, subject, partition_key, time, data, delivered_at, claimed_by, lease_until"
+    rows = [
+        (*codec.event_params(ev(n, key)), delivered, owner, until)
+        for n, (key, delivered, owner, until) in enumerate(_V1_OUTBOX, start=1)
+    ]
+    if isinstance(store, SqliteDataStore):
+
+        def run() -> None:
+            with contextlib.closing(sqlite3.connect(store.path)) as conn, conn:
+                conn.execute(CREATE_VERSION_TABLE)
+                for statement in split_statements(first.sql):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_migrations VALUES (1, ?, 0)", (first.name,))
+                conn.executemany(f"INSERT INTO outbox ({columns}) VALUES ({', '.join('?' * 8)})", rows)
+
+        await asyncio.to_thread(run)
+        return
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute(CREATE_VERSION_TABLE)
+            await conn.execute(first.sql)
+            await conn.execute("INSERT INTO schema_migrations VALUES (1, $1, 0)", first.name)
+            await conn.executemany(
+                f"INSERT INTO outbox ({columns}) VALUES ({', '.join(f'${i}' for i in range(1, 9))})", rows
+            )
+    finally:
+        await conn.close()
+
+
+async def test_upgrade_keeps_every_outbox_row_and_its_delivery_state(fresh_dsn: str) -> None:
+    store = datastore_for(fresh_dsn)
+    await _schema_1_database(store, fresh_dsn)
+    await store.open()  # applies 0002
+    try:
+        versions = await sql(store, fresh_dsn, "SELECT version FROM schema_migrations ORDER BY version")
+        assert [v[0] for v in versions] == [m.version for m in load_migrations(dialect(store))]
+        # Undelivered rows are still there, intact, in order; delivered ones are not pending.
+        pending = await all_rows(store)
+        assert [r.event for r in pending] == [ev(2, "k1"), ev(3, "k2"), ev(4, "k1")]
+        assert await store.outbox_backlog() == 3
+        seqs = [r.seq for r in pending]
+        # The lease taken before the upgrade still holds, and k1 stays in order behind it.
+        got = await store.claim_outbox("new-relay", limit=10, lease_seconds=30, now=1_000)
+        assert [r.seq for r in got] == [seqs[1]]
+        await store.mark_delivered([seqs[1]], now=1_001)
+        # Once it lapses, another relay takes k1's rows over; then nothing is left.
+        got = await store.claim_outbox("new-relay", limit=10, lease_seconds=30, now=2_001)
+        assert [r.seq for r in got] == [seqs[0], seqs[2]]
+        await store.mark_delivered([seqs[0], seqs[2]], now=2_002)
+        assert await store.outbox_backlog() == 0 and await all_rows(store) == []
+        # Rows delivered before the upgrade keep their delivery time for pruning.
+        assert await store.prune_outbox(delivered_before=200.0) == 1
+        assert await store.prune_outbox(delivered_before=1_500.0) == 2
+        assert await store.prune_outbox(delivered_before=1e12) == 2
+        assert await sql(store, fresh_dsn, _STATE_MISMATCHES) == [(0,)]
+        # New events continue the sequence and start pending.
+        await store.append_events([ev(6)])
+        (row,) = await all_rows(store)
+        assert row.seq > seqs[-1] and row.event == ev(6)
+        # The event rows no longer carry relay state.
+        if isinstance(store, SqliteDataStore):
+            query = "SELECT name FROM pragma_table_info('outbox') ORDER BY cid"
+        else:
+            query = (
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'outbox' "
+                "ORDER BY ordinal_position"
+            )
+        assert [c[0] for c in await sql(store, fresh_dsn, query)] == ["seq", *codec.EVENT_COLUMNS]
+    finally:
+        await store.close()
 
 
 # --- SQLite specifics -------------------------------------------------------------------------------------
