@@ -399,6 +399,32 @@ async def test_cancelled_calls_leave_the_store_usable(store: DataStore) -> None:
     assert len(await all_rows(store)) == len(entries)  # all or nothing, each time
 
 
+async def test_cancelled_relay_calls_lose_nothing(store: DataStore, dsn: str) -> None:
+    # The relay is cancelled on shutdown, possibly mid-claim or mid-mark, while acts commit.
+    for i in range(40):
+        act = asyncio.create_task(store.create_entry(make_entry(f"/r{i}"), [ev(i)]))
+        claim = asyncio.create_task(store.claim_outbox("a", limit=5, lease_seconds=30, now=1_000))
+        for _ in range(i % 8):
+            await asyncio.sleep(0)
+        claim.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            rows = await claim
+            mark = asyncio.create_task(store.mark_delivered([r.seq for r in rows], now=1_001))
+            for _ in range(i % 5):
+                await asyncio.sleep(0)
+            mark.cancel()
+            await mark
+        await act
+    assert len(await store.list_entries()) == 40
+    assert await sql(store, dsn, "SELECT COUNT(*) FROM outbox") == [(40,)]  # every act kept its event
+    # Whatever was not marked delivered is still there for the relay: a claim by the same
+    # owner (or any owner once leases lapse) gets every remaining row, in order.
+    remaining = [r.seq for r in await all_rows(store)]
+    assert [r.seq for r in await store.claim_outbox("b", limit=100, lease_seconds=30, now=2_000)] == remaining
+    assert await sql(store, dsn, _STATE_MISMATCHES) == [(0,)]
+    await store.create_entry(make_entry("/after"), [ev(99)])
+
+
 # --- agents -------------------------------------------------------------------------------------
 async def test_agents_put_get_list_delete(store: DataStore) -> None:
     a1 = agent("/agent/n1")
@@ -767,6 +793,11 @@ async def test_sqlite_in_memory_works() -> None:
         created = await store.create_entry(make_entry(), [ev(1)])
         assert await store.list_entries() == [created]
         assert await store.consume_join_token("x", 0) is None
+        # The relay's bookkeeping shares the one connection there.
+        (row,) = await store.claim_outbox("a", limit=10, lease_seconds=30, now=1_000)
+        await store.mark_delivered([row.seq], now=1_001)
+        assert await store.outbox_backlog() == 0
+        assert await store.prune_outbox(delivered_before=1_002) == 1
     finally:
         await store.close()
 
