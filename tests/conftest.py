@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from issuer.datastore.sqlite import SqliteDataStore
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -41,3 +43,14 @@ async def dev_stack(short_tmp: Path) -> AsyncIterator[object]:
         yield stack
     finally:
         await stack.stop()
+
+
+@pytest.fixture
+async def ds(tmp_path: Path) -> AsyncIterator[SqliteDataStore]:
+    """An empty SQLite datastore (migrated), closed after the test."""
+    store = SqliteDataStore(tmp_path / "meshid.sqlite3")
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()

@@ -567,6 +567,13 @@ def _key_bytes(public_key: Any, kind: str) -> tuple[bytes, bytes]:
     return template.rsa_spki_and_ski(public_key)
 
 
+def _csr_key_bytes(tbs_certrequest: bytes, public_key: Any, kind: str) -> tuple[bytes, bytes]:
+    """_key_bytes of a checked CSR's key, taken from the request itself when it has the
+    common shape (no re-encoding), else encoded."""
+    found = p256_key_bytes(tbs_certrequest) if kind is _EC else None
+    return _key_bytes(public_key, kind) if found is None else found
+
+
 _Identity: TypeAlias = tuple[bytes, tuple[bytes, bytes, bytes]]  # SAN extension, template pieces
 
 
@@ -680,9 +687,7 @@ class X509Minter:
         csr = _load_der_csr(csr_der)
         check = _csr_check(csr)
         pub, kind = check[0], check[1]
-        key_bytes = (p256_key_bytes(csr.tbs_certrequest_bytes) if kind is _EC else None) or _key_bytes(
-            pub, kind
-        )
+        key_bytes = _csr_key_bytes(csr.tbs_certrequest_bytes, pub, kind)
         _check_csr_signature(csr, check)
         return self._mint(pub, kind, spiffe_id, dns_names, ttl_seconds, now, key_bytes)
 
@@ -745,8 +750,7 @@ class X509Minter:
         signed: list[bytes] = []
         for csr, c in zip(csrs, checks, strict=True):
             data = csr.tbs_certrequest_bytes
-            kb = p256_key_bytes(data) if c[1] is _EC else None
-            key_bytes.append(_key_bytes(c[0], c[1]) if kb is None else kb)
+            key_bytes.append(_csr_key_bytes(data, c[0], c[1]))
             signatures.append(csr.signature)
             prehash = c[2]
             signed.append(data if prehash is None else prehash(data).digest())

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -362,15 +362,6 @@ class RefusingUpstream:
     async def mint_x509_ca(self, csr_der: bytes, ttl_seconds: int, now: dt.datetime) -> Any:
         raise RuntimeError("upstream is down")
 
-
-@pytest.fixture
-async def ds(tmp_path: Path) -> AsyncIterator[SqliteDataStore]:
-    store = SqliteDataStore(tmp_path / "ca.sqlite3")
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 def _destroy_failures() -> float:

@@ -59,15 +59,6 @@ def relay_for(ds: SqliteDataStore, cfg: KafkaConfig, telemetry: Telemetry | None
                        backoff_base=0.05, backoff_cap=0.5, **kw)
 
 
-@pytest.fixture
-async def ds(tmp_path: Path) -> AsyncIterator[SqliteDataStore]:
-    store = SqliteDataStore(tmp_path / "outbox.sqlite3")
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
-
 
 class Appender:
     """Writes test events to the outbox: per key a counter `n`, and a unique `uid`."""
@@ -186,7 +177,7 @@ async def test_publishes_in_order_and_prunes(tansu: TansuBroker, ds: SqliteDataS
         assert "meshid_events_relay_lag_seconds_count 300" in tel.render_prometheus()
 
         def remaining() -> int:
-            with sqlite3.connect(tmp_path / "outbox.sqlite3") as conn:
+            with sqlite3.connect(tmp_path / "meshid.sqlite3") as conn:
                 return sum(int(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])
                            for t in ("outbox", "outbox_state"))
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,15 +36,6 @@ class FakeClock:
     def __call__(self) -> float:
         return self.t
 
-
-@pytest.fixture
-async def ds(tmp_path: Path) -> AsyncIterator[SqliteDataStore]:
-    store = SqliteDataStore(tmp_path / "ca.sqlite3")
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 async def make_ca(ds: SqliteDataStore, clock: FakeClock, secret: bytes = SECRET) -> CaManager:
