@@ -113,7 +113,7 @@ async def issue(server: Server, agents: list[tuple[AgentRecord, list[X509Request
         n = 0
         for i in range(0, len(requests), batch):
             results = await server.signing.sign_x509(agent, requests[i:i + batch])
-            n += sum(1 for r in results if r.chain is not None)
+            n += sum(1 for r in results if r.chain_der is not None)
         return n
 
     counts = await asyncio.gather(*(one(a, r) for a, r in agents))

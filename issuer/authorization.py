@@ -9,11 +9,14 @@ it is authorized for (nested/downstream workloads). Never anything else.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 
 from meshid.entry import Entry
 from meshid.selector import Selector, matches_all
 from meshid.spiffe_id import SpiffeId
+
+_MAX_CACHED_AGENTS = 10_000
 
 
 class EntryIndex:
@@ -30,13 +33,27 @@ class EntryIndex:
             self.by_parent[e.parent_id].append(e)
             if e.parent_id == server_id:
                 self.node_entries.append(e)
+        # authorized() walks every entry an agent may sign; agents ask on every sign and
+        # sync call, and the snapshot never changes, so each answer is kept (bounded).
+        self._authorized: dict[tuple[SpiffeId, frozenset[Selector]], Mapping[str, Entry]] = {}
 
     def node_aliases(self, node_selectors: Iterable[Selector]) -> list[SpiffeId]:
         have = frozenset(node_selectors)
         return sorted({e.spiffe_id for e in self.node_entries if matches_all(e.selectors, have)})
 
-    def authorized(self, agent_id: SpiffeId, node_selectors: Iterable[Selector]) -> dict[str, Entry]:
-        """Every entry the agent may sign, by entry id (breadth-first, cycle-safe)."""
+    def authorized(self, agent_id: SpiffeId, node_selectors: Iterable[Selector]) -> Mapping[str, Entry]:
+        """Every entry the agent may sign, by entry id (read-only; computed once per agent
+        and node selector set for this snapshot)."""
+        key = (agent_id, frozenset(node_selectors))
+        found = self._authorized.get(key)
+        if found is None:
+            if len(self._authorized) >= _MAX_CACHED_AGENTS:
+                self._authorized.clear()
+            found = self._authorized[key] = MappingProxyType(self._walk(agent_id, key[1]))
+        return found
+
+    def _walk(self, agent_id: SpiffeId, node_selectors: frozenset[Selector]) -> dict[str, Entry]:
+        """Breadth-first from the agent and its node aliases, cycle-safe."""
         frontier = [agent_id, *self.node_aliases(node_selectors)]
         seen_parents: set[SpiffeId] = set()
         out: dict[str, Entry] = {}

@@ -18,8 +18,8 @@ from cryptography import x509
 
 from issuer.admission import Admission
 from issuer.ca import minting
-from issuer.ca.minting import LeafRequest
-from issuer.ca.slots import CaManager, LoadedKey, jwt_kid, svid_chain
+from issuer.ca.minting import LeafRequest, MintedLeaf
+from issuer.ca.slots import CaManager, LoadedKey, jwt_kid
 from issuer.datastore.base import AgentRecord, DataStore
 from issuer.entries import EntryService
 from issuer.events import ocsf
@@ -47,9 +47,16 @@ class X509Request:
 @dataclass(frozen=True)
 class X509Result:
     entry_id: str
-    chain: list[x509.Certificate] | None = None
+    chain_der: tuple[bytes, ...] | None = None  # leaf, CA, upstream intermediates (DER)
     error_code: str = ""
     error: str = ""
+
+    @property
+    def chain(self) -> list[x509.Certificate] | None:
+        """The chain parsed; the agent API sends the DER as is and never needs this."""
+        if self.chain_der is None:
+            return None
+        return [x509.load_der_x509_certificate(d) for d in self.chain_der]
 
 
 class SigningService:
@@ -113,19 +120,21 @@ class SigningService:
             minted = await self._mint_all(active, agent, jobs, now)
             events: list[Event] = list(refusals)
             max_not_after = 0
+            assert active.minter is not None
+            ca_chain = active.minter.chain_der_parts
             for (i, req, _entry), (outcome, event) in zip(jobs, minted, strict=True):
                 events.append(event)
                 if isinstance(outcome, Exception):
                     results[i] = X509Result(req.entry_id, error_code="invalid_argument", error=str(outcome))
                     continue
-                results[i] = X509Result(req.entry_id, chain=list(svid_chain(active, outcome)))
-                max_not_after = max(max_not_after, int(outcome.not_valid_after_utc.timestamp()))
+                results[i] = X509Result(req.entry_id, chain_der=(outcome.der, *ca_chain))
+                max_not_after = max(max_not_after, outcome.not_after)
             if max_not_after:
                 self.ca.note_signed(active.key_id, max_not_after)
             if events:
                 await self.ds.append_events(events)
                 self._events_written()
-            issued = sum(1 for r in results if r is not None and r.chain is not None)
+            issued = sum(1 for r in results if r is not None and r.chain_der is not None)
             tel = telemetry.default_telemetry()
             tel.record_issued("x509", n=issued)
             if issued < len(requests):
@@ -137,7 +146,7 @@ class SigningService:
 
     async def _mint_all(
         self, active: LoadedKey, agent: AgentRecord, jobs: list[tuple[int, X509Request, Entry]], now: float
-    ) -> list[tuple[x509.Certificate | Exception, Event]]:
+    ) -> list[tuple[MintedLeaf | Exception, Event]]:
         """Mint a batch and build its events: pure CPU work, done in an executor when large."""
         minter = active.minter
         assert minter is not None
@@ -148,11 +157,11 @@ class SigningService:
             )
             for _, req, entry in jobs
         ]
+        issuer = minter.issuer_rfc4514
 
-        def run() -> list[tuple[x509.Certificate | Exception, Event]]:
-            out: list[tuple[x509.Certificate | Exception, Event]] = []
-            for (_, req, entry), der in zip(jobs, minter.mint_batch_der(requests, when), strict=True):
-                leaf = der if isinstance(der, Exception) else x509.load_der_x509_certificate(der)
+        def run() -> list[tuple[MintedLeaf | Exception, Event]]:
+            out: list[tuple[MintedLeaf | Exception, Event]] = []
+            for (_, req, entry), leaf in zip(jobs, minter.mint_batch_leaves(requests, when), strict=True):
                 if isinstance(leaf, Exception):
                     out.append(
                         (
@@ -169,12 +178,16 @@ class SigningService:
                     )
                     continue
                 reason = req.rotation_reason if req.rotation_reason in ROTATION_REASONS else "scheduled"
+                sid = str(entry.spiffe_id)
+                facts = ocsf.LeafFacts(
+                    leaf.der, leaf.serial, leaf.not_before, leaf.not_after, issuer, sid, entry.dns_names
+                )
                 out.append(
                     (
                         leaf,
                         ocsf.x509_issued(
-                            leaf,
-                            spiffe_id=entry.spiffe_id,
+                            facts,
+                            spiffe_id=sid,
                             entry_id=entry.id,
                             entry_revision=entry.revision_number,
                             parent_id=entry.parent_id,
@@ -185,7 +198,6 @@ class SigningService:
                             scheduled_rotation_at=req.scheduled_rotation_at,
                             now=now,
                             renew=reason != "initial",
-                            der=der,  # type: ignore[arg-type]
                         ),
                     )
                 )

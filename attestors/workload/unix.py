@@ -15,7 +15,9 @@ import logging
 import os
 import pwd
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from attestors.workload.base import Caller
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 DEFAULT_WORKLOAD_SIZE_LIMIT = 64 * 1024 * 1024
 _HASH_CACHE_SIZE = 1024
 _CHUNK = 1024 * 1024
+# Names resolved through NSS are kept this long (found or not): a lookup can cost
+# hundreds of µs (nss-systemd, LDAP) plus a thread hop, on every Workload API call.
+NAME_TTL_SECONDS = 30.0
+_NAME_CACHE_SIZE = 4096
 
 # (st_dev, st_ino, st_mtime_ns, st_size): a binary rewritten in place gets a new mtime/size.
 FileKey = tuple[int, int, int, int]
@@ -41,13 +47,30 @@ class ProcessCredentials:
     supplementary_gids: tuple[int, ...]
 
 
-def parse_status(text: str) -> ProcessCredentials:
-    """Effective uid/gid and supplementary gids from /proc/<pid>/status text."""
+def _status_fields(text: str) -> dict[str, str]:
+    """The Uid/Gid/Groups lines; the kernel's own spelling is found without splitting the
+    ~55-line file (this runs on every Workload API call), anything else by a full scan."""
     fields: dict[str, str] = {}
+    for key in ("Uid", "Gid", "Groups"):
+        start = text.find(f"\n{key}:")
+        if start < 0:
+            break
+        start += len(key) + 2
+        end = text.find("\n", start)
+        fields[key.lower()] = text[start:end if end >= 0 else len(text)].strip()
+    else:
+        return fields
+    fields = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep:
             fields[key.strip().lower()] = value.strip()
+    return fields
+
+
+def parse_status(text: str) -> ProcessCredentials:
+    """Effective uid/gid and supplementary gids from /proc/<pid>/status text."""
+    fields = _status_fields(text)
     try:
         uids = [int(v) for v in fields["uid"].split()]
         gids = [int(v) for v in fields["gid"].split()]
@@ -74,6 +97,44 @@ def _group_name(gid: int) -> str | None:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return None
+
+
+class _CredentialCache:
+    """Process credentials → their unix selectors (names included) with a short TTL; only
+    touched on the event loop. A renamed or new user shows up within NAME_TTL_SECONDS."""
+
+    def __init__(self, ttl: float, size: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl
+        self._size = size
+        self._clock = clock
+        self._items: dict[ProcessCredentials, tuple[list[Selector], float]] = {}
+
+    def get(self, creds: ProcessCredentials) -> list[Selector] | None:
+        hit = self._items.get(creds)
+        if hit is None or hit[1] <= self._clock():
+            return None
+        return hit[0]
+
+    def put(self, creds: ProcessCredentials, selectors: list[Selector]) -> None:
+        if len(self._items) >= self._size:
+            self._items.clear()  # bounded; a cold refill costs one lookup per caller shape
+        self._items[creds] = (selectors, self._clock() + self._ttl)
+
+
+def _selector_values(creds: ProcessCredentials) -> list[str]:
+    """uid, user, gid, group and supplementary ones; names come from NSS (may hit
+    LDAP/sssd/systemd), so this runs in an executor thread."""
+    values = [f"uid:{creds.uid}"]
+    if (user := _user_name(creds.uid)) is not None:
+        values.append(f"user:{user}")
+    values.append(f"gid:{creds.gid}")
+    if (group := _group_name(creds.gid)) is not None:
+        values.append(f"group:{group}")
+    for sgid in creds.supplementary_gids:
+        values.append(f"supplementary_gid:{sgid}")
+        if (sgroup := _group_name(sgid)) is not None:
+            values.append(f"supplementary_group:{sgroup}")
+    return values
 
 
 class _DigestCache:
@@ -127,6 +188,7 @@ class UnixAttestor:
         self.workload_size_limit = workload_size_limit
         self._proc_root = proc_root.rstrip("/") or "/"
         self._digests = _DigestCache(_HASH_CACHE_SIZE)
+        self._by_creds = _CredentialCache(NAME_TTL_SECONDS, _NAME_CACHE_SIZE)
 
     def _proc(self, pid: int, leaf: str) -> str:
         return f"{self._proc_root}/{pid}/{leaf}"
@@ -148,30 +210,18 @@ class UnixAttestor:
         if self.discover_workload_path:
             path = self._exe_path(pid)
 
-        loop = asyncio.get_running_loop()
-        # NSS lookups may go to LDAP/sssd and hashing reads up to the size limit: off the loop.
-        names = await loop.run_in_executor(None, self._resolve_names, creds)
-        selectors = [Selector("unix", value) for value in names]
+        selectors = self._by_creds.get(creds)
+        if selectors is None:
+            values = await asyncio.get_running_loop().run_in_executor(None, _selector_values, creds)
+            selectors = [Selector("unix", value) for value in values]
+            self._by_creds.put(creds, selectors)
+        selectors = list(selectors)  # the cached list is shared; path/sha256 are appended
         if path is not None:
             selectors.append(Selector("unix", f"path:{path}"))
             digest = await self._sha256(pid)
             if digest is not None:
                 selectors.append(Selector("unix", f"sha256:{digest}"))
         return selectors
-
-    @staticmethod
-    def _resolve_names(creds: ProcessCredentials) -> list[str]:
-        values = [f"uid:{creds.uid}"]
-        if (user := _user_name(creds.uid)) is not None:
-            values.append(f"user:{user}")
-        values.append(f"gid:{creds.gid}")
-        if (group := _group_name(creds.gid)) is not None:
-            values.append(f"group:{group}")
-        for sgid in creds.supplementary_gids:
-            values.append(f"supplementary_gid:{sgid}")
-            if (sgroup := _group_name(sgid)) is not None:
-                values.append(f"supplementary_group:{sgroup}")
-        return values
 
     def _exe_path(self, pid: int) -> str:
         try:

@@ -574,7 +574,23 @@ def _csr_key_bytes(tbs_certrequest: bytes, public_key: Any, kind: str) -> tuple[
     return _key_bytes(public_key, kind) if found is None else found
 
 
+def _leaf_facts(der: bytes) -> MintedLeaf:
+    """MintedLeaf of a leaf from the builder (the rare non-template path): parsed back."""
+    cert = x509.load_der_x509_certificate(der)
+    return MintedLeaf(der, cert.serial_number, _epoch(cert.not_valid_before_utc),
+                      _epoch(cert.not_valid_after_utc))
+
+
 _Identity: TypeAlias = tuple[bytes, tuple[bytes, bytes, bytes]]  # SAN extension, template pieces
+
+
+class MintedLeaf(NamedTuple):
+    """A minted leaf and the facts issuance events need, so nobody parses it back."""
+
+    der: bytes
+    serial: int
+    not_before: int  # epoch seconds
+    not_after: int
 
 
 class LeafRequest(NamedTuple):
@@ -614,6 +630,7 @@ class X509Minter:
         self._sign = _signer(ca_key)
         self._sign_prehash, self._sign_params = _sign_plan(ca_key)
         self._issuer_name = ca_cert.subject
+        self._issuer_rfc4514 = self._issuer_name.rfc4514_string()
         self._aki = key_identifier(ca_cert)
         self._ca_not_before = _epoch(ca_cert.not_valid_before_utc)
         self._ca_not_after = _epoch(ca_cert.not_valid_after_utc)
@@ -631,6 +648,11 @@ class X509Minter:
     @property
     def fast_path(self) -> bool:
         return self._template is not None
+
+    @property
+    def issuer_rfc4514(self) -> str:
+        """The leaves' issuer (this CA's subject) as an RFC 4514 string."""
+        return self._issuer_rfc4514
 
     @property
     def chain_der_parts(self) -> tuple[bytes, ...]:
@@ -727,6 +749,37 @@ class X509Minter:
         tpl = self._template
         if tpl is None:
             return [self._try_one(r, now) for r in requests]
+        return self._mint_batch(tpl, requests, now, None)
+
+    def mint_batch_leaves(
+        self, requests: Sequence[LeafRequest], now: dt.datetime
+    ) -> list[MintedLeaf | Exception]:
+        """mint_batch_der, each leaf with its serial and validity (for issuance events)."""
+        tpl = self._template
+        if tpl is None:
+            ders = [self._try_one(r, now) for r in requests]
+            return [d if isinstance(d, Exception) else _leaf_facts(d) for d in ders]
+        facts: list[tuple[bytes, int, int]] = []
+        ders = self._mint_batch(tpl, requests, now, facts)
+        out: list[MintedLeaf | Exception] = []
+        it = iter(facts)
+        for d in ders:
+            if isinstance(d, Exception):
+                out.append(d)
+            else:
+                serial, nb, na = next(it)
+                out.append(MintedLeaf(d, int.from_bytes(serial, "big"), nb, na))
+        return out
+
+    def _mint_batch(
+        self,
+        tpl: template.LeafTemplate,
+        requests: Sequence[LeafRequest],
+        now: dt.datetime,
+        facts: list[tuple[bytes, int, int]] | None,
+    ) -> list[bytes | Exception]:
+        """The template path of mint_batch_der; `facts`, when given, receives (serial
+        content, notBefore, notAfter) of each minted leaf, in order."""
         errors: dict[int, Exception] = {}
         # Columns below are aligned with `live`, the indexes of the requests still going;
         # a request refused in a phase is recorded in `errors` and dropped from every column.
@@ -758,7 +811,7 @@ class X509Minter:
         # Every TBS is built and hashed *before* the CSR signatures are checked (nothing is
         # signed before that), so that the verify and sign loops run back to back on warm
         # elliptic-curve code and tables: measurably faster than Python work in between.
-        tbss, refused = self._batch_tbs(tpl, requests, live, checks, key_bytes, now)
+        tbss, refused, serials, validities = self._batch_tbs(tpl, requests, live, checks, key_bytes, now)
         prehash, params = self._sign_prehash, self._sign_params
         to_sign = tbss if prehash is None else [prehash(t).digest() for t in tbss]
 
@@ -777,7 +830,9 @@ class X509Minter:
                 errors.setdefault(live[k], refusal)
             failed = sorted(set(failed).union(refused))
         if failed:
-            _drop(failed, live, tbss, to_sign)
+            _drop(failed, live, tbss, to_sign, serials, validities)
+        if facts is not None:
+            facts.extend((serial, nb, na) for serial, (nb, na) in zip(serials, validities, strict=True))
 
         sign = cast(Callable[..., bytes], self.ca_key.sign)
         if len(params) == 1:
@@ -800,10 +855,12 @@ class X509Minter:
         checks: list[_CsrCheck],
         key_bytes: list[tuple[bytes, bytes]],
         now: dt.datetime,
-    ) -> tuple[list[bytes], dict[int, Exception]]:
-        """The TBS of each live request (the checks of _plan, inlined), and the refusals by
-        column position (their TBS is left empty)."""
-        middles: dict[int, bytes] = {}
+    ) -> tuple[list[bytes], dict[int, Exception], list[bytes], list[tuple[int, int]]]:
+        """The TBS of each live request (the checks of _plan, inlined), the refusals by
+        column position (their TBS is left empty), and each one's serial content and
+        (notBefore, notAfter)."""
+        middles: dict[int, tuple[int, int, bytes]] = {}
+        validities: list[tuple[int, int]] = []
         cache = self._identity_cache
         ca_spki = self._ca_spki
         tbs_from_serial_content = tpl.tbs_from_serial_content
@@ -825,14 +882,16 @@ class X509Minter:
                 spki = kb[0]
                 if spki == ca_spki:
                     raise SigningError("refusing to issue an SVID for the CA's own key")
-                middle = middles.get(ttl)
-                if middle is None:
-                    middle = middles[ttl] = self._validity(now, ttl)[2]
-                tbss.append(tbs_from_serial_content(serial, middle, spki, kb[1], ident[1], c[1] is _RSA))
+                validity = middles.get(ttl)
+                if validity is None:
+                    validity = middles[ttl] = self._validity(now, ttl)
+                tbss.append(tbs_from_serial_content(serial, validity[2], spki, kb[1], ident[1], c[1] is _RSA))
+                validities.append(validity[:2])
             except (MeshidError, ValueError) as exc:
                 refused[k] = exc
                 tbss.append(b"")
-        return tbss, refused
+                validities.append((0, 0))
+        return tbss, refused, serials, validities
 
     def mint_batch(
         self, requests: Sequence[LeafRequest], now: dt.datetime

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
@@ -157,9 +158,49 @@ def _name_string(name: x509.Name) -> str:
     return name.rfc4514_string()
 
 
-def certificate_object(cert: x509.Certificate | bytes, der: bytes | None = None) -> dict[str, Any]:
-    """The OCSF `certificate` object for an X.509 certificate (object or DER; pass `der` too
-    when the caller already has it, to skip re-encoding)."""
+@dataclass(frozen=True, slots=True)
+class LeafFacts:
+    """What the CA knows of a leaf it just signed (empty subject, SANs from the entry):
+    enough for the OCSF certificate object without parsing the certificate back, which
+    would cost as much as signing it."""
+
+    der: bytes
+    serial: int
+    not_before: float
+    not_after: float
+    issuer: str  # RFC 4514
+    spiffe_id: str
+    dns_names: tuple[str, ...] = ()
+
+
+# Validity bounds repeat across a batch (one `now`, one TTL): format each once.
+_rfc3339_bound = functools.lru_cache(maxsize=256)(rfc3339)
+
+
+def _leaf_certificate_object(leaf: LeafFacts) -> dict[str, Any]:
+    fingerprint = hashlib.sha256(leaf.der).hexdigest()
+    sans = [{"name": leaf.spiffe_id, "type": "URI"}]
+    sans += [{"name": d, "type": "DNS"} for d in leaf.dns_names]
+    return {
+        "version": "3",
+        "serial_number": format(leaf.serial, "x"),
+        "issuer": leaf.issuer,
+        "subject": "",
+        "created_time": _ms(leaf.not_before),
+        "expiration_time": _ms(leaf.not_after),
+        "fingerprints": [{"algorithm": "SHA-256", "algorithm_id": _FINGERPRINT_SHA256, "value": fingerprint}],
+        "sans": sans,
+        "uid": fingerprint,
+    }
+
+
+def certificate_object(
+    cert: x509.Certificate | bytes | LeafFacts, der: bytes | None = None
+) -> dict[str, Any]:
+    """The OCSF `certificate` object for an X.509 certificate (object, DER or LeafFacts;
+    pass `der` too when the caller already has it, to skip re-encoding)."""
+    if isinstance(cert, LeafFacts):
+        return _leaf_certificate_object(cert)
     if isinstance(cert, bytes):
         der = cert
         cert = x509.load_der_x509_certificate(cert)
@@ -190,7 +231,7 @@ def certificate_object(cert: x509.Certificate | bytes, der: bytes | None = None)
 
 
 def x509_issued(
-    cert: x509.Certificate | bytes,
+    cert: x509.Certificate | bytes | LeafFacts,
     spiffe_id: IdLike,
     entry_id: str,
     entry_revision: int,
@@ -229,8 +270,8 @@ def x509_issued(
         selectors=_selectors(selectors),
         ca_key_id=ca_key_id,
         serial_number=cert_obj["serial_number"],
-        not_before=rfc3339(cert_obj["created_time"] / 1000),
-        not_after=rfc3339(cert_obj["expiration_time"] / 1000),
+        not_before=_rfc3339_bound(cert_obj["created_time"] / 1000),
+        not_after=_rfc3339_bound(cert_obj["expiration_time"] / 1000),
         rotation_reason=rotation_reason,
         scheduled_rotation_at=None if scheduled_rotation_at is None else rfc3339(scheduled_rotation_at),
     )

@@ -4,6 +4,7 @@ children, its node aliases' children, and transitively their descendants. Never 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 
 from issuer.authorization import EntryIndex
 from meshid.entry import Entry
@@ -25,7 +26,7 @@ def entry(spiffe_id: SpiffeId, parent: SpiffeId, *selectors: str) -> Entry:
     return Entry(f"e{next(_ids)}", spiffe_id, parent, parse_selectors(selectors or ("unix:uid:0",)))
 
 
-def ids(entries: dict[str, Entry]) -> set[SpiffeId]:
+def ids(entries: Mapping[str, Entry]) -> set[SpiffeId]:
     return {e.spiffe_id for e in entries.values()}
 
 
@@ -107,3 +108,21 @@ def test_entries_parented_to_the_server_are_never_signed_for_agents_directly() -
     index = EntryIndex([node], SERVER)
     # even an agent holding the node selectors gets no SVID for the node entry itself
     assert index.authorized(AGENT_A, parse_selectors(["k8s_psat:cluster:prod"])) == {}
+
+
+def test_answers_are_kept_per_agent_and_node_selectors_and_read_only() -> None:
+    alias = entry(sid("/cluster/prod"), SERVER, "k8s_psat:cluster:prod")
+    child = entry(sid("/prod/web"), alias.spiffe_id)
+    own = entry(sid("/a/web"), AGENT_A)
+    index = EntryIndex([alias, child, own], SERVER)
+    prod = parse_selectors(["k8s_psat:cluster:prod"])
+    first = index.authorized(AGENT_A, prod)
+    assert index.authorized(AGENT_A, list(reversed(prod))) is first  # same set, same answer
+    assert set(first) == {own.id, child.id}
+    assert set(index.authorized(AGENT_A, ())) == {own.id}  # other selectors, other answer
+    try:
+        first["x"] = own  # type: ignore[index]
+    except TypeError:
+        pass
+    else:
+        raise AssertionError("the kept answer must be read-only")

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from issuer.ca import minting
 from issuer.events import cloudevents as ce
 from issuer.events import ocsf
 from issuer.events.model import Event, OutboxRow
@@ -25,7 +26,7 @@ from issuer.events.workload_failures import OVERFLOW_REASON, WorkloadFailureAggr
 from meshid import telemetry
 from meshid.entry import Entry
 from meshid.selector import Selector
-from meshid.spiffe_id import SpiffeId
+from meshid.spiffe_id import SpiffeId, TrustDomain
 
 NOW = 1_760_000_000.25
 SID = "spiffe://example.org/ns/prod/sa/web"
@@ -71,6 +72,30 @@ def _base_ok(data: dict[str, Any], class_uid: int, activity: int) -> None:
     assert data["severity_id"] in (1, 2, 3, 4, 5)
     assert data["status_id"] in (1, 2)
     json.dumps(data)  # JSON all the way down
+
+
+def test_x509_issued_from_mint_facts_equals_from_the_certificate() -> None:
+    """Issuance builds the certificate object from what the CA knows (LeafFacts) rather
+    than parsing the leaf: it must be the same object the parsed certificate gives."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = minting.self_signed_ca(ca_key, TrustDomain("example.org"), 24 * 3600,
+                                     dt.datetime.fromtimestamp(NOW - 60, dt.UTC))
+    minter = minting.X509Minter(ca_key, ca_cert)
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    for dns in ((), ("a.example", "b.example")):
+        (leaf,) = minter.mint_batch_leaves(
+            [minting.LeafRequest(csr.public_bytes(Encoding.DER), SID, dns, 600)],
+            dt.datetime.fromtimestamp(NOW, dt.UTC))
+        assert not isinstance(leaf, Exception)
+        facts = ocsf.LeafFacts(leaf.der, leaf.serial, leaf.not_before, leaf.not_after,
+                               minter.issuer_rfc4514, SID, dns)
+        args = (SID, "entry-1", 3, AGENT, AGENT, ["unix:uid:1000"], "ca-key-1", "initial", None, NOW, False)
+        from_facts = ocsf.x509_issued(facts, *args).data
+        from_cert = ocsf.x509_issued(x509.load_der_x509_certificate(leaf.der), *args).data
+        for d in (from_facts, from_cert):
+            d["metadata"].pop("uid")  # random per event
+        assert from_facts == from_cert
 
 
 def test_x509_issued_shape() -> None:

@@ -539,3 +539,28 @@ def test_jwt_refusals():
         minting.mint_jwt_svid(rsa_key, "k", WORKLOAD, ["a"], 300, NOW, alg="HS256")
     with pytest.raises(ValueError, match="ttl"):
         minting.mint_jwt_svid(key, "k", WORKLOAD, ["a"], 0, NOW)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_batch_leaves_carry_the_facts_of_their_certificates(ca_key, ca_cert, fast):
+    """mint_batch_leaves reports each leaf's serial and validity without parsing it back;
+    they must be what the certificate says, refusals interleaved included."""
+    m = X509Minter(ca_key, ca_cert, fast_path=fast)
+    key = ec.generate_private_key(ec.SECP256R1())
+    requests = [
+        minting.LeafRequest(_csr(key), WORKLOAD, ["a.example"], 600),
+        minting.LeafRequest(b"garbage", WORKLOAD),
+        minting.LeafRequest(_csr(key), WORKLOAD, (), 10**9),  # clipped to the CA's notAfter
+        minting.LeafRequest(_csr(key), "spiffe://elsewhere.org/x"),
+        minting.LeafRequest(_csr(key), WORKLOAD, (), 60),
+    ]
+    out = m.mint_batch_leaves(requests, NOW)
+    assert [isinstance(o, Exception) for o in out] == [False, True, False, True, False]
+    for leaf in out:
+        if isinstance(leaf, Exception):
+            continue
+        cert = x509.load_der_x509_certificate(leaf.der)
+        assert leaf.serial == cert.serial_number
+        assert leaf.not_before == int(cert.not_valid_before_utc.timestamp())
+        assert leaf.not_after == int(cert.not_valid_after_utc.timestamp())
+    assert m.issuer_rfc4514 == ca_cert.subject.rfc4514_string()
