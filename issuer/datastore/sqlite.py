@@ -99,6 +99,9 @@ class SqliteDataStore:
         self._relay: aiosqlite.Connection | None = None  # the relay's writes (see the module doc)
         self._write_lock = asyncio.Lock()
         self._named_locks: dict[str, asyncio.Lock] = {}
+        # Group commit of append_events (see there).
+        self._pending_events: list[tuple[list[tuple[Any, ...]], asyncio.Future[None]]] = []
+        self._event_commit: asyncio.Task[None] | None = None
 
     @property
     def path(self) -> str:
@@ -141,6 +144,8 @@ class SqliteDataStore:
         self._relay = relay or writer
 
     async def close(self) -> None:
+        if self._event_commit is not None:
+            await asyncio.wait({self._event_commit})  # commits what callers are waiting for
         writer, reader, relay = self._writer, self._reader, self._relay
         self._writer = self._reader = self._relay = None
         if reader is not None and reader is not writer:
@@ -429,11 +434,40 @@ class SqliteDataStore:
 
     # --- outbox -----------------------------------------------------------------------------
     async def append_events(self, events: Sequence[Event]) -> None:
+        """Events whose act writes nothing else (issuance): one transaction per call, but
+        calls that arrive while the writer is busy share the next one (group commit), so
+        many concurrent small signings cost one fsync, not one each. Returns once the
+        events are durable; each call's events still commit all together or not at all."""
         if not events:
             return
-        event_rows = [codec.event_params(e) for e in events]
-        async with self._tx() as conn:
-            await conn.executemany(_EVENT_INSERT, event_rows)
+        rows = [codec.event_params(e) for e in events]
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending_events.append((rows, done))
+        if self._event_commit is None or self._event_commit.done():
+            self._event_commit = asyncio.create_task(self._commit_events(), name="meshid-sqlite-events")
+        # Shielded: a caller that goes away does not abort the others' transaction.
+        await asyncio.shield(done)
+
+    async def _commit_events(self) -> None:
+        while self._pending_events:
+            group: list[tuple[list[tuple[Any, ...]], asyncio.Future[None]]] = []
+            try:
+                async with self._tx() as conn:
+                    # Taken once the lock is ours: everything queued while we waited joins.
+                    group, self._pending_events = self._pending_events, []
+                    await conn.executemany(_EVENT_INSERT, [r for rows, _ in group for r in rows])
+            except BaseException as exc:
+                if not group:  # BEGIN failed: the queue is still ours to fail
+                    group, self._pending_events = self._pending_events, []
+                for _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for _, fut in group:
+                if not fut.done():
+                    fut.set_result(None)
 
     async def fetch_outbox(self, after_seq: int, limit: int) -> list[OutboxRow]:
         rows = await self._rows(_UNDELIVERED, (after_seq, limit))

@@ -532,6 +532,69 @@ async def test_outbox_keeps_order_and_content(store: DataStore) -> None:
     assert await store.outbox_backlog() == 6
 
 
+async def test_concurrent_appends_share_transactions_and_keep_each_call_whole(store: DataStore) -> None:
+    """Group commit (SQLite): calls arriving while the writer is busy share one
+    transaction; every call's events land, in call order."""
+    calls = [[ev(10 * c + k) for k in range(1, 4)] for c in range(1, 21)]
+    commits = 0
+    if isinstance(store, SqliteDataStore):
+        original = store._tx
+
+        @contextlib.asynccontextmanager
+        async def counting_tx() -> AsyncIterator[Any]:
+            nonlocal commits
+            async with original() as conn:
+                yield conn
+            commits += 1
+
+        store._tx = counting_tx  # type: ignore[method-assign]
+    await asyncio.gather(*(store.append_events(c) for c in calls))
+    rows = [r.event for r in await all_rows(store)]
+    by_subject = lambda e: e.subject  # noqa: E731
+    assert sorted(rows, key=by_subject) == sorted((e for c in calls for e in c), key=by_subject)
+    for c in calls:  # each call's events in its order (SQLite: adjacent too, one group)
+        positions = [rows.index(e) for e in c]
+        assert positions == sorted(positions)
+        if isinstance(store, SqliteDataStore):
+            assert positions == list(range(positions[0], positions[0] + 3))
+    if isinstance(store, SqliteDataStore):
+        assert 1 <= commits < len(calls)
+
+
+async def test_a_caller_cancelled_while_waiting_loses_nobody_elses_events(store: DataStore) -> None:
+    first = asyncio.create_task(store.append_events([ev(1)]))
+    second = asyncio.create_task(store.append_events([ev(2)]))
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.gather(first, second, return_exceptions=True)
+    await asyncio.sleep(0.05)
+    events = [r.event for r in await all_rows(store)]
+    assert ev(2) in events
+    assert len(events) == len(set(e.subject for e in events))  # nothing written twice
+
+
+async def test_a_failed_group_commit_fails_its_callers_and_the_next_one_works(tmp_path: Path) -> None:
+    store = SqliteDataStore(tmp_path / "g.sqlite3")
+    await store.open()
+    try:
+        original = store._tx
+
+        @contextlib.asynccontextmanager
+        async def failing_tx() -> AsyncIterator[Any]:
+            raise sqlite3.OperationalError("disk I/O error")
+            yield  # pragma: no cover
+
+        store._tx = failing_tx  # type: ignore[method-assign]
+        results = await asyncio.gather(store.append_events([ev(1)]), store.append_events([ev(2)]),
+                                       return_exceptions=True)
+        assert all(isinstance(r, sqlite3.OperationalError) for r in results)
+        store._tx = original  # type: ignore[method-assign]
+        await store.append_events([ev(3)])
+        assert [r.event for r in await all_rows(store)] == [ev(3)]
+    finally:
+        await store.close()
+
+
 async def test_delivery_backlog_and_prune(store: DataStore) -> None:
     await store.append_events([ev(n) for n in range(1, 7)])
     seqs = [r.seq for r in await all_rows(store)]
