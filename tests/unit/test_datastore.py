@@ -373,8 +373,20 @@ async def test_failing_act_writes_no_events(store: DataStore) -> None:
     assert await store.outbox_backlog() == 0
 
 
+def test_event_json_matches_the_stdlib_encoding() -> None:
+    """Event data goes through orjson (speed); it must read back as the stdlib writes it,
+    big integers included, and NaN is stored as null (PostgreSQL's JSONB has no NaN)."""
+    import json
+
+    data = {"b": [1, 2.5, "é", None, True], "a": {"z": "\u0000x", "y": 2**70}, "n": {"1": -0.0}}
+    assert json.loads(codec.dumps_event(data)) == json.loads(codec.dumps(data))
+    assert codec.dumps_event({"x": float("nan")}) == '{"x":null}'
+    with pytest.raises(ValueError):
+        codec.dumps_event({"x": object()})
+
+
 async def test_event_that_cannot_be_stored_cancels_the_act(store: DataStore) -> None:
-    bad = Event("io.meshid.test", "s", "k", 1.0, {"x": float("nan")})
+    bad = Event("io.meshid.test", "s", "k", 1.0, {"x": object()})
     with pytest.raises(ValueError):
         await store.create_entry(make_entry(), [ev(1), bad])
     with pytest.raises(ValueError):
