@@ -185,6 +185,40 @@ async def test_unix_and_systemd_exited_process(exited_pid: int) -> None:
         await SystemdAttestor().attest(caller(exited_pid))
 
 
+async def test_unix_names_are_looked_up_once_per_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NSS lookups (a thread hop, and maybe LDAP/nss-systemd) happen once per caller shape
+    and NAME_TTL_SECONDS, not on every Workload API call; a rename shows up after the TTL."""
+    calls: list[int] = []
+    names = {os.getuid(): "first"}
+
+    def user_name(uid: int) -> str | None:
+        calls.append(uid)
+        return names.get(uid)
+
+    monkeypatch.setattr(unix_mod, "_user_name", user_name)
+    now = [1000.0]
+    attestor = UnixAttestor()
+    attestor._by_creds._clock = lambda: now[0]
+    me = caller(os.getpid())
+    assert sel("unix:user:first") in await attestor.attest(me)
+    assert sel("unix:user:first") in await attestor.attest(me)
+    assert len(calls) == 1
+    names[os.getuid()] = "renamed"
+    now[0] += unix_mod.NAME_TTL_SECONDS + 1
+    got = await attestor.attest(me)
+    assert sel("unix:user:renamed") in got and sel("unix:user:first") not in got
+    assert len(calls) == 2
+
+
+def test_parse_status_reads_kernel_layout_and_falls_back() -> None:
+    text = Path(f"/proc/{os.getpid()}/status").read_text()
+    creds = parse_status(text)
+    assert (creds.uid, creds.gid) == (os.geteuid(), os.getegid())
+    # Same answer when the fields are not where the kernel puts them (full scan).
+    shuffled = "uid:\t1 2 3 4\nGID:\t5 6 7 8\ngroups:\t9 10\n"
+    assert parse_status(shuffled) == unix_mod.ProcessCredentials(2, 6, (9, 10))
+
+
 def test_parse_status() -> None:
     text = "Name:\tx\nUid:\t1000\t1001\t1002\t1003\nGid:\t50\t51\t52\t53\nGroups:\t4 24 27 \n"
     creds = parse_status(text)
