@@ -15,9 +15,17 @@ from workload_api.peercred import still_same_process
 class WorkloadAttestation:
     def __init__(self, attestors: Sequence[WorkloadAttestor]) -> None:
         self.attestors = list(attestors)
+        # /proc readers run inline (a task each would cost more than they do); attestors
+        # that ask a kubelet or a container runtime run concurrently.
+        self._inline = [a for a in self.attestors if getattr(a, "local", False)]
+        self._concurrent = [a for a in self.attestors if not getattr(a, "local", False)]
 
     async def attest(self, caller: Caller) -> frozenset[Selector]:
-        results = await asyncio.gather(*(a.attest(caller) for a in self.attestors))
+        results = [await a.attest(caller) for a in self._inline]
+        if len(self._concurrent) == 1:
+            results.append(await self._concurrent[0].attest(caller))
+        elif self._concurrent:
+            results += await asyncio.gather(*(a.attest(caller) for a in self._concurrent))
         if not still_same_process(caller):
             raise AttestationError("caller process changed during attestation (PID reuse?)")
         return frozenset(s for r in results for s in r)

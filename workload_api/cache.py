@@ -24,6 +24,8 @@ from workload_api.rotation import RenewalSchedule
 
 log = logging.getLogger("meshid.agent.cache")
 
+_MAX_MATCH_CACHE = 4096
+
 
 @dataclass(frozen=True)
 class X509Svid:
@@ -71,14 +73,48 @@ class SvidCache:
         self.entries_version = 0
         self._watchers: set[Watcher] = set()
         self.ready = asyncio.Event()
+        # matching_entries answers for the current entry set: selector → entries holding
+        # it, and the answer per caller selector set (callers of one shape repeat).
+        self._matched_for: tuple[dict[str, Entry], int] | None = None
+        self._by_selector: dict[Selector, list[Entry]] = {}
+        self._unconditional: list[Entry] = []
+        self._matches: dict[frozenset[Selector], list[Entry]] = {}
 
     # ------------------------------------------------------------------ queries
     def matching_entries(self, selectors: frozenset[Selector]) -> list[Entry]:
         """Entries whose selectors the caller has. Everything in the cache is already authorized
         for this agent by the server (its children, its aliases' children and their descendants,
-        as in SPIRE), so nested layouts like Cilium's /cilium-operator → /identity/N work."""
-        out = [e for e in self.entries.values() if all(s in selectors for s in e.selectors)]
-        return sorted(out, key=lambda e: (str(e.spiffe_id), e.id))
+        as in SPIRE), so nested layouts like Cilium's /cilium-operator → /identity/N work.
+
+        Runs on every Workload API call: only entries sharing a selector with the caller are
+        checked, and the answer is kept per selector set until the entries change."""
+        if self._matched_for is None or self._matched_for[0] is not self.entries or \
+                self._matched_for[1] != self.entries_version:
+            self._index_entries()
+        found = self._matches.get(selectors)
+        if found is None:
+            candidates: dict[str, Entry] = {e.id: e for e in self._unconditional}
+            for sel in selectors:
+                for e in self._by_selector.get(sel, ()):
+                    if e.id not in candidates and all(s in selectors for s in e.selectors):
+                        candidates[e.id] = e
+            found = sorted(candidates.values(), key=lambda e: (str(e.spiffe_id), e.id))
+            if len(self._matches) >= _MAX_MATCH_CACHE:
+                self._matches.clear()
+            self._matches[selectors] = found
+        return list(found)
+
+    def _index_entries(self) -> None:
+        by_selector: dict[Selector, list[Entry]] = {}
+        unconditional: list[Entry] = []
+        for e in self.entries.values():
+            if not e.selectors:
+                unconditional.append(e)  # all() of nothing: matches every caller
+            for sel in set(e.selectors):
+                by_selector.setdefault(sel, []).append(e)
+        self._by_selector, self._unconditional = by_selector, unconditional
+        self._matches = {}
+        self._matched_for = (self.entries, self.entries_version)
 
     def federated_for(self, entries: Iterable[Entry]) -> dict[TrustDomain, Bundle]:
         """The federated bundles held for the trust domains `entries` federate with: what a

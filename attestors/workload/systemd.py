@@ -68,6 +68,7 @@ class SystemdAttestor:
     """Selector `systemd:id:<unit>`; no selectors for processes outside any unit."""
 
     name = "systemd"
+    local = True  # /proc only: awaited inline (see WorkloadAttestor)
 
     def __init__(self, *, proc_root: str = "/proc") -> None:
         self._proc_root = proc_root.rstrip("/") or "/"

@@ -176,6 +176,7 @@ class UnixAttestor:
     """
 
     name = "unix"
+    local = True  # /proc only: awaited inline (see WorkloadAttestor)
 
     def __init__(
         self,

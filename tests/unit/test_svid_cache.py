@@ -1,0 +1,57 @@
+"""The agent cache's entry matching (workload_api/cache.py): an entry applies when all its
+selectors are among the caller's; the selector index and the per-caller answers must never
+differ from checking every entry."""
+
+from __future__ import annotations
+
+import random
+
+from meshid.entry import Entry
+from meshid.selector import Selector
+from meshid.spiffe_id import SpiffeId, TrustDomain
+from workload_api.cache import SvidCache
+
+TD = TrustDomain("example.org")
+AGENT = SpiffeId.parse("spiffe://example.org/agent")
+POOL = [Selector("unix", f"uid:{i}") for i in range(6)] + [Selector("k8s", f"ns:{n}") for n in "abc"]
+
+
+def brute(entries: list[Entry], have: frozenset[Selector]) -> list[str]:
+    out = [e for e in entries if all(s in have for s in e.selectors)]
+    return [e.id for e in sorted(out, key=lambda e: (str(e.spiffe_id), e.id))]
+
+
+def random_entries(rng: random.Random, n: int) -> list[Entry]:
+    return [
+        Entry(f"e{i}", SpiffeId(TD, f"/w/{rng.randrange(8)}"), AGENT,
+              tuple(sorted(set(rng.sample(POOL, rng.randint(1, 3))))))
+        for i in range(n)
+    ]
+
+
+def test_matching_equals_checking_every_entry() -> None:
+    rng = random.Random(7)
+    cache = SvidCache(TD)
+    for _round in range(20):
+        entries = random_entries(rng, rng.randint(0, 40))
+        cache.set_entries(entries, [AGENT])
+        for _ in range(30):
+            have = frozenset(rng.sample(POOL, rng.randint(0, len(POOL))))
+            assert [e.id for e in cache.matching_entries(have)] == brute(entries, have)
+            assert [e.id for e in cache.matching_entries(have)] == brute(entries, have)  # kept answer
+
+
+def test_answers_follow_entry_changes_and_are_the_callers_to_keep() -> None:
+    cache = SvidCache(TD)
+    uid1 = frozenset({Selector("unix", "uid:1")})
+    first = Entry("e1", SpiffeId(TD, "/a"), AGENT, (Selector("unix", "uid:1"),))
+    cache.set_entries([first], [AGENT])
+    got = cache.matching_entries(uid1)
+    assert [e.id for e in got] == ["e1"]
+    got.clear()  # a caller filtering its list must not change the cache's answer
+    assert [e.id for e in cache.matching_entries(uid1)] == ["e1"]
+    second = Entry("e2", SpiffeId(TD, "/b"), AGENT, (Selector("unix", "uid:1"),))
+    cache.set_entries([first, second], [AGENT])
+    assert [e.id for e in cache.matching_entries(uid1)] == ["e1", "e2"]
+    cache.entries = {"e2": second}  # replaced wholesale, without set_entries
+    assert [e.id for e in cache.matching_entries(uid1)] == ["e2"]
