@@ -395,3 +395,9 @@ def test_counted_histogram_counts_each_observation() -> None:
     assert 'meshid_events_relay_lag_seconds_bucket{le="+Inf"} 503' in text
     assert "meshid_events_relay_lag_seconds_count 503" in text
     assert "meshid_events_relay_lag_seconds_sum 14405.5" in text
+
+
+def test_event_uids_are_distinct_random_uuids_across_pool_refills() -> None:
+    uids = [_issued().data["metadata"]["uid"] for _ in range(3 * ocsf._UID_BATCH + 5)]
+    assert len(set(uids)) == len(uids)
+    assert all(uuid.UUID(u).version == 4 for u in uids)
