@@ -8,6 +8,7 @@ streams holding it, while entry-set and bundle changes wake everyone.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,11 +45,13 @@ class X509Svid:
     def leaf(self) -> x509.Certificate:
         return self.chain[0]
 
-    @property
+    # Cached: the agent scans every SVID's expiry after each rotation, and reading a
+    # certificate's validity builds a datetime each time.
+    @functools.cached_property
     def issued_at(self) -> float:
         return self.leaf.not_valid_before_utc.timestamp()
 
-    @property
+    @functools.cached_property
     def expires_at(self) -> float:
         return self.leaf.not_valid_after_utc.timestamp()
 
