@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -56,11 +56,36 @@ class X509Svid:
         return self.leaf.not_valid_after_utc.timestamp()
 
 
-@dataclass(eq=False)  # identity hashing: watchers live in a set
 class Watcher:
-    selectors: frozenset[Selector]
-    entry_ids: set[str] = field(default_factory=set)
-    event: asyncio.Event = field(default_factory=asyncio.Event)
+    """One stream's interest: woken on entry-set and bundle changes, and on changes of the
+    SVIDs of `entry_ids` (the cache keeps an index of watchers by entry id, so that an
+    SVID rotation touches its own streams, not every stream). Hashed by identity."""
+
+    def __init__(self, selectors: frozenset[Selector], index: dict[str, set[Watcher]]) -> None:
+        self.selectors = selectors
+        self.event = asyncio.Event()
+        self._entry_ids: frozenset[str] = frozenset()
+        self._index = index
+
+    @property
+    def entry_ids(self) -> frozenset[str]:
+        return self._entry_ids
+
+    @entry_ids.setter
+    def entry_ids(self, ids: Iterable[str]) -> None:
+        new = frozenset(ids)
+        old = self._entry_ids
+        if new == old:
+            return
+        for eid in old - new:
+            holders = self._index.get(eid)
+            if holders is not None:
+                holders.discard(self)
+                if not holders:
+                    del self._index[eid]
+        for eid in new - old:
+            self._index.setdefault(eid, set()).add(self)
+        self._entry_ids = new
 
 
 class SvidCache:
@@ -75,6 +100,7 @@ class SvidCache:
         self.bundle_version = 0
         self.entries_version = 0
         self._watchers: set[Watcher] = set()
+        self._watchers_by_entry: dict[str, set[Watcher]] = {}
         self.ready = asyncio.Event()
         # matching_entries answers for the current entry set: selector → entries holding
         # it, and the answer per caller selector set (callers of one shape repeat).
@@ -209,9 +235,7 @@ class SvidCache:
             self.svids[s.entry_id] = s
             touched.add(s.entry_id)
         if touched:
-            for w in self._watchers:
-                if w.entry_ids & touched:
-                    w.event.set()
+            self._wake_entries(touched)
             self._maybe_ready()
 
     def _maybe_ready(self) -> None:
@@ -223,18 +247,22 @@ class SvidCache:
         for eid in gone:
             del self.svids[eid]
         if gone:
-            for w in self._watchers:
-                if w.entry_ids & gone:
-                    w.event.set()
+            self._wake_entries(gone)
 
     # ------------------------------------------------------------------ watching
     def watch(self, selectors: frozenset[Selector]) -> Watcher:
-        w = Watcher(selectors)
+        w = Watcher(selectors, self._watchers_by_entry)
         self._watchers.add(w)
         return w
 
     def unwatch(self, w: Watcher) -> None:
+        w.entry_ids = ()
         self._watchers.discard(w)
+
+    def _wake_entries(self, entry_ids: Iterable[str]) -> None:
+        for eid in entry_ids:
+            for w in self._watchers_by_entry.get(eid, ()):
+                w.event.set()
 
     def _wake_all(self) -> None:
         for w in self._watchers:

@@ -9,7 +9,8 @@ import random
 from meshid.entry import Entry
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
-from workload_api.cache import SvidCache
+from workload_api.cache import SvidCache, X509Svid
+from workload_api.rotation import RenewalSchedule
 
 TD = TrustDomain("example.org")
 AGENT = SpiffeId.parse("spiffe://example.org/agent")
@@ -55,3 +56,29 @@ def test_answers_follow_entry_changes_and_are_the_callers_to_keep() -> None:
     assert [e.id for e in cache.matching_entries(uid1)] == ["e1", "e2"]
     cache.entries = {"e2": second}  # replaced wholesale, without set_entries
     assert [e.id for e in cache.matching_entries(uid1)] == ["e2"]
+
+
+def test_an_svid_change_wakes_only_the_streams_holding_it() -> None:
+    cache = SvidCache(TD)
+    a, b, c = (cache.watch(frozenset()) for _ in range(3))
+    a.entry_ids = {"e1"}
+    b.entry_ids = {"e1", "e2"}
+    c.entry_ids = {"e3"}
+    cache.put_svids([_svid("e1")])
+    assert (a.event.is_set(), b.event.is_set(), c.event.is_set()) == (True, True, False)
+    for w in (a, b, c):
+        w.event.clear()
+    b.entry_ids = {"e2"}  # b's caller no longer matches e1
+    cache.unwatch(a)
+    cache.put_svids([_svid("e1")])
+    assert not (a.event.is_set() or b.event.is_set() or c.event.is_set())
+    cache.put_svids([_svid("e2")])
+    assert b.event.is_set() and not c.event.is_set()
+    cache.unwatch(b)
+    cache.unwatch(c)
+    assert cache._watchers_by_entry == {}  # nothing left behind by streams that ended
+
+
+def _svid(entry_id: str) -> X509Svid:
+    return X509Svid(entry_id, SpiffeId(TD, f"/{entry_id}"), (), None,  # type: ignore[arg-type]
+                    RenewalSchedule(0.0, "uniform"), 1)
