@@ -279,6 +279,8 @@ class SvidManager:
         mass = self._startup or (len(due) > 1 and all(r == "tainted" for _, r in due))
         for i in range(0, len(due), BATCH):
             await self._sign_batch(due[i : i + BATCH], mass)
+            # The streams woken by the new SVIDs push them before our bookkeeping runs.
+            await asyncio.sleep(0)
         self._startup = False
         self.cache.drop_expired(self.clock())
 
