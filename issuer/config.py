@@ -178,6 +178,11 @@ class KafkaSection:
     sasl_username: str = doc("SASL user", default="")
     sasl_password_env: str = doc("environment variable holding the SASL password", default="")
     retention: Duration = doc("keep delivered outbox rows this long", default=Duration(24 * 3600))
+    relay_process: bool = doc(
+        "publish from a child process, so the Kafka client's CPU is not taken from issuance under the "
+        "server's GIL; false = in the server process (always so for a sqlite::memory: datastore)",
+        default=True,
+    )
 
     def validate(self) -> None:
         if self.mode not in ("structured", "binary"):

@@ -167,10 +167,13 @@ class Server:
         k = self.config.events.kafka
         if not k.bootstrap_servers:
             return
-        from issuer.events.relay import OutboxRelay, relay_config_from
+        from issuer.events.relay import relay_config_from
+        from issuer.events.relay_process import outbox_relay
 
         source = server_source(self.td.name, await event_source_id(ds, self.server_id))
-        self.relay = OutboxRelay(ds, relay_config_from(k), source=source, owner=self.server_id)
+        self.relay = outbox_relay(ds, self.config.dsn, relay_config_from(k), source=source,
+                                  owner=self.server_id, child_process=k.relay_process,
+                                  secret_env=(self.config.server.master_secret_env, k.sasl_password_env))
         await self.relay.start()
 
     def _events_written(self) -> None:
