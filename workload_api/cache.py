@@ -61,8 +61,12 @@ class Watcher:
     SVIDs of `entry_ids` (the cache keeps an index of watchers by entry id, so that an
     SVID rotation touches its own streams, not every stream). Hashed by identity."""
 
-    def __init__(self, selectors: frozenset[Selector], index: dict[str, set[Watcher]]) -> None:
+    def __init__(
+        self, selectors: frozenset[Selector], index: dict[str, set[Watcher]], any_entry_change: bool = False
+    ) -> None:
         self.selectors = selectors
+        # False: woken by entry changes only where an entry it matches (or matched) changed.
+        self.any_entry_change = any_entry_change
         self.event = asyncio.Event()
         self._entry_ids: frozenset[str] = frozenset()
         self._index = index
@@ -185,12 +189,21 @@ class SvidCache:
 
     # ------------------------------------------------------------------ updates
     def set_entries(self, entries: Iterable[Entry], parents: Iterable[SpiffeId]) -> None:
-        self.entries = {e.id: e for e in entries}
+        old, new = self.entries, {e.id: e for e in entries}
+        # Every version that differs, before and after: a stream is concerned if it
+        # matches either (it gains, loses or sees a changed entry).
+        changed = [e for eid, e in new.items() if (o := old.get(eid)) is not e and o != e]
+        changed += [o for eid, o in old.items() if new.get(eid) is not o and new.get(eid) != o]
+        parents_changed = set(parents) != self.workload_parents
+        self.entries = new
         self.workload_parents = set(parents)
         for eid in [eid for eid in self.svids if eid not in self.entries]:
             del self.svids[eid]
         self.entries_version += 1
-        self._wake_all()
+        if parents_changed:
+            self._wake_all()
+        else:
+            self._wake_concerned(changed)
 
     def set_bundle(self, bundle: Bundle) -> None:
         self.bundle = bundle
@@ -250,14 +263,31 @@ class SvidCache:
             self._wake_entries(gone)
 
     # ------------------------------------------------------------------ watching
-    def watch(self, selectors: frozenset[Selector]) -> Watcher:
-        w = Watcher(selectors, self._watchers_by_entry)
+    def watch(self, selectors: frozenset[Selector], *, any_entry_change: bool = False) -> Watcher:
+        """A stream's watcher. Entry changes wake it only when they concern entries its
+        selectors match (then or before), unless `any_entry_change` (a stream whose
+        answer depends on entries other than its own matches)."""
+        w = Watcher(selectors, self._watchers_by_entry, any_entry_change)
         self._watchers.add(w)
         return w
 
     def unwatch(self, w: Watcher) -> None:
         w.entry_ids = ()
         self._watchers.discard(w)
+
+    def _wake_concerned(self, changed: list[Entry]) -> None:
+        """An entry change wakes the streams it concerns: with 1000 streams, waking them all
+        for one workload's entry costs tens of ms of loop time, pushes included."""
+        if not changed:
+            return
+        ids = {e.id for e in changed}
+        for w in self._watchers:
+            if (
+                w.any_entry_change
+                or not ids.isdisjoint(w.entry_ids)
+                or any(all(s in w.selectors for s in e.selectors) for e in changed)
+            ):
+                w.event.set()
 
     def _wake_entries(self, entry_ids: Iterable[str]) -> None:
         for eid in entry_ids:

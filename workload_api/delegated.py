@@ -147,7 +147,8 @@ class DelegatedIdentityHandler(delegatedidentity_grpc.DelegatedIdentityBase):
         """Every subscription's shape: the complete state at once (even when empty), then
         again whenever the cache wakes the watcher and the state changed; authorization
         is re-checked on every update."""
-        watcher = self.cache.watch(target)
+        # Any entry change: the delegate's own authorization is re-checked on every update.
+        watcher = self.cache.watch(target, any_entry_change=True)
         try:
             last: Any = None
             while True:

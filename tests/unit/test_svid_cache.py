@@ -82,3 +82,31 @@ def test_an_svid_change_wakes_only_the_streams_holding_it() -> None:
 def _svid(entry_id: str) -> X509Svid:
     return X509Svid(entry_id, SpiffeId(TD, f"/{entry_id}"), (), None,  # type: ignore[arg-type]
                     RenewalSchedule(0.0, "uniform"), 1)
+
+
+def test_an_entry_change_wakes_the_streams_it_concerns() -> None:
+    cache = SvidCache(TD)
+    uid1, uid2 = Selector("unix", "uid:1"), Selector("unix", "uid:2")
+    e1 = Entry("e1", SpiffeId(TD, "/a"), AGENT, (uid1,))
+    e2 = Entry("e2", SpiffeId(TD, "/b"), AGENT, (uid2,))
+    cache.set_entries([e1, e2], [AGENT])
+    one, two = cache.watch(frozenset({uid1})), cache.watch(frozenset({uid2}))
+    delegate = cache.watch(frozenset({Selector("unix", "uid:9")}), any_entry_change=True)
+
+    def woken() -> tuple[bool, bool, bool]:
+        out = (one.event.is_set(), two.event.is_set(), delegate.event.is_set())
+        for w in (one, two, delegate):
+            w.event.clear()
+        return out
+
+    cache.set_entries([e1.replace(hint="new"), e2], [AGENT])  # e1 changed
+    assert woken() == (True, False, True)
+    cache.set_entries([cache.entries["e1"], e2], [AGENT])  # nothing changed
+    assert woken() == (False, False, False)
+    moved = e2.replace(selectors=(uid1,))  # e2 now matches uid 1 and no longer uid 2
+    cache.set_entries([cache.entries["e1"], moved], [AGENT])
+    assert woken() == (True, True, True)
+    cache.set_entries([cache.entries["e1"]], [AGENT])  # e2 removed
+    assert woken() == (True, False, True)
+    cache.set_entries([cache.entries["e1"]], [AGENT, SpiffeId(TD, "/alias")])  # parents: everyone
+    assert woken() == (True, True, True)
