@@ -13,7 +13,11 @@ Clients timestamp each message on arrival and report in batches (50 ms after the
 arrival), so reporting does not compete with the pushes being timed.
 Last line: `streams=<n> p99_first_ms=<x> p99_push_ms=<y> fanout_ms=<z>`.
 
+The workloads use grpcio (gRPC C-core, which py-spiffe is built on) unless
+`--client-lib grpclib` (pure Python, slower per message: its own CPU shows in the figures).
+
 usage: python bench/workload_api.py [--streams 1000] [--uids 100] [--rotations 10] [--probes 200]
+                                    [--client-lib grpcio|grpclib]
 """
 
 from __future__ import annotations
@@ -50,15 +54,91 @@ def raise_nofile(need: int) -> None:
 
 
 # ----------------------------------------------------------------------------- client side
-async def client_main(uid: int, sock: str, n: int) -> None:
-    from grpclib.client import Channel
+METHOD = "/SpiffeWorkloadAPI/FetchX509SVID"
+HEADER = (("workload.spiffe.io", "true"),)
 
-    from workload_api._gen import workload_grpc, workload_pb2
 
-    raise_nofile(n * 2 + 64)
+async def drop_to(uid: int, lib: str) -> None:
+    """Become the workload `uid`. Everything the client imports is imported first, while
+    still root: the interpreter's own library lives under /root, which the uid cannot read."""
+    import datetime  # noqa: F401
+
+    from workload_api._gen import workload_grpc, workload_pb2  # noqa: F401
+
+    if lib == "grpcio":
+        import grpc
+        import grpc.aio
+
+        # grpcio imports more on first use: make one channel (it connects only when used).
+        await grpc.aio.insecure_channel("unix:/nonexistent").close()
+    else:
+        import grpclib.client  # noqa: F401
     os.setgroups([])
     os.setgid(uid)
     os.setuid(uid)
+
+
+class Stream:
+    """One FetchX509SVID stream on its own connection, with the client library chosen:
+    grpcio (gRPC C-core, what py-spiffe and most SPIFFE clients sit on; the default) or
+    grpclib (pure Python)."""
+
+    def __init__(self, lib: str, sock: str) -> None:
+        self.lib = lib
+        self.sock = sock
+
+    async def __aenter__(self) -> Stream:
+        from workload_api._gen import workload_pb2
+
+        if self.lib == "grpcio":
+            import grpc
+
+            # A local subchannel pool: each stream gets its own connection, as separate
+            # workload processes would, rather than sharing one inside this process.
+            self._ch: Any = grpc.aio.insecure_channel(
+                f"unix:{self.sock}", options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            call = self._ch.unary_stream(
+                METHOD,
+                request_serializer=workload_pb2.X509SVIDRequest.SerializeToString,
+                response_deserializer=workload_pb2.X509SVIDResponse.FromString,
+            )
+            self._call = call(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+            return self
+        from grpclib.client import Channel
+
+        from workload_api._gen import workload_grpc
+
+        self._ch = Channel(path=self.sock)
+        self._cm = workload_grpc.SpiffeWorkloadAPIStub(self._ch).FetchX509SVID.open(metadata=dict(HEADER))
+        self._call = await self._cm.__aenter__()
+        await self._call.send_message(workload_pb2.X509SVIDRequest(), end=True)
+        return self
+
+    async def recv(self) -> Any:
+        """The next message, or None at the end of the stream."""
+        if self.lib == "grpcio":
+            import grpc
+
+            msg = await self._call.read()
+            return None if msg is grpc.aio.EOF else msg
+        return await self._call.recv_message()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.lib == "grpcio":
+            self._call.cancel()
+            await self._ch.close()
+            return
+        try:
+            await self._call.cancel()
+            await self._cm.__aexit__(None, None, None)
+        finally:
+            self._ch.close()
+
+
+async def client_main(lib: str, uid: int, sock: str, n: int) -> None:
+    raise_nofile(n * 2 + 64)
+    await drop_to(uid, lib)
     out = sys.stdout
     pending: list[str] = []
     loop = asyncio.get_running_loop()
@@ -82,19 +162,16 @@ async def client_main(uid: int, sock: str, n: int) -> None:
 
     async def one(i: int) -> None:
         nonlocal started
-        ch = Channel(path=sock)
-        stub = workload_grpc.SpiffeWorkloadAPIStub(ch)
         try:
             t0 = time.perf_counter()
-            async with stub.FetchX509SVID.open(metadata={"workload.spiffe.io": "true"}) as st:
-                await st.send_message(workload_pb2.X509SVIDRequest(), end=True)
-                msg = await st.recv_message()
+            async with Stream(lib, sock) as st:
+                msg = await st.recv()
                 firsts.append(time.perf_counter() - t0)
                 started += 1
                 if started == n:
                     ready.set()
                 while msg is not None:
-                    msg = await st.recv_message()
+                    msg = await st.recv()
                     if msg is None:
                         break
                     emit({"t": time.time(), "i": i, "bundle_len": len(msg.svids[0].bundle)})
@@ -104,8 +181,6 @@ async def client_main(uid: int, sock: str, n: int) -> None:
             sys.stderr.write(
                 f"stream {i}: {type(exc).__name__}: {exc}\n" + (traceback.format_exc() if i == 0 else "")
             )
-        finally:
-            ch.close()
 
     tasks = [asyncio.create_task(one(i)) for i in range(n)]
     await ready.wait()
@@ -113,34 +188,20 @@ async def client_main(uid: int, sock: str, n: int) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def probe_main(uid: int, sock: str, count: int) -> None:
+async def probe_main(lib: str, uid: int, sock: str, count: int) -> None:
     """New streams opened one at a time while the N streams are established."""
-    from grpclib.client import Channel
-
-    from workload_api._gen import workload_grpc, workload_pb2
-
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
+    await drop_to(uid, lib)
     lat: list[float] = []
     for _ in range(count):
-        ch = Channel(path=sock)
-        try:
-            t0 = time.perf_counter()
-            async with workload_grpc.SpiffeWorkloadAPIStub(ch).FetchX509SVID.open(
-                metadata={"workload.spiffe.io": "true"}
-            ) as st:
-                await st.send_message(workload_pb2.X509SVIDRequest(), end=True)
-                await st.recv_message()
-                lat.append(time.perf_counter() - t0)
-                await st.cancel()
-        finally:
-            ch.close()
+        t0 = time.perf_counter()
+        async with Stream(lib, sock) as st:
+            await st.recv()
+            lat.append(time.perf_counter() - t0)
     print(json.dumps({"probe": lat}), flush=True)
 
 
 # ----------------------------------------------------------------------------- controller
-async def controller(streams: int, uids: int, rotations: int, probes: int) -> None:
+async def controller(streams: int, uids: int, rotations: int, probes: int, lib: str) -> None:
     from cryptography import x509
 
     from issuer.ca.devpki import ensure_dev_upstream
@@ -220,6 +281,7 @@ async def controller(streams: int, uids: int, rotations: int, probes: int) -> No
             sys.executable,
             __file__,
             "--client",
+            lib,
             str(uid),
             stack.socket_path,
             str(per[k]),
@@ -235,6 +297,7 @@ async def controller(streams: int, uids: int, rotations: int, probes: int) -> No
         sys.executable,
         __file__,
         "--probe",
+        lib,
         str(BASE_UID),
         stack.socket_path,
         str(probes),
@@ -311,20 +374,22 @@ async def controller(streams: int, uids: int, rotations: int, probes: int) -> No
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
-        asyncio.run(client_main(int(sys.argv[2]), sys.argv[3], int(sys.argv[4])))
+        asyncio.run(client_main(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--probe":
-        asyncio.run(probe_main(int(sys.argv[2]), sys.argv[3], int(sys.argv[4])))
+        asyncio.run(probe_main(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])))
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", type=int, default=1000)
     ap.add_argument("--uids", type=int, default=100)
     ap.add_argument("--rotations", type=int, default=10)
     ap.add_argument("--probes", type=int, default=200)
+    ap.add_argument("--client-lib", choices=("grpcio", "grpclib"), default="grpcio",
+                    help="the workloads' gRPC library: grpcio (C-core, under py-spiffe) or grpclib")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: client processes drop to distinct uids to get distinct identities")
-    asyncio.run(controller(a.streams, a.uids, a.rotations, a.probes))
+    asyncio.run(controller(a.streams, a.uids, a.rotations, a.probes, a.client_lib))
 
 
 if __name__ == "__main__":
