@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -11,6 +12,17 @@ log = logging.getLogger("meshid.tasks")
 
 CANCEL_RETRY = 0.5  # seconds between cancellations of a task that has not ended
 STOP_GIVE_UP = 30.0
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], retry: float = CANCEL_RETRY) -> None:
+    """Cancel one task and wait until it has ended. Python 3.11's asyncio.wait_for swallows
+    a cancellation that lands just as its inner awaitable completes (gh-86296), so the task
+    is cancelled again until it is done. Its own exception, if any, is raised."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=retry)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class TaskOwner:

@@ -45,6 +45,7 @@ from issuer.datastore.base import DataStore
 from issuer.events.cloudevents import Mode, StoredEncoder, from_outbox, rfc3339
 from issuer.events.model import OutboxRow
 from meshid.errors import ConfigError
+from meshid.tasks import cancel_and_wait
 from meshid.telemetry import Telemetry, default_telemetry
 
 log = logging.getLogger(__name__)
@@ -254,13 +255,7 @@ class OutboxRelay:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            # Python 3.11's asyncio.wait_for swallows a cancellation that lands just as its
-            # inner awaitable completes (gh-86296): cancel again until the task has ended.
-            while not task.done():
-                task.cancel()
-                await asyncio.wait({task}, timeout=1.0)
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         await self._close_producer()
 
     def notify(self) -> None:

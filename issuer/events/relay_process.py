@@ -38,6 +38,7 @@ from issuer.events.cloudevents import rfc3339
 from issuer.events.relay import KafkaConfig, OutboxRelay
 from issuer.events.relay_wire import WAKE, WorkerSpec, record_from_wire, replay
 from meshid.backoff import Backoff
+from meshid.tasks import cancel_and_wait
 from meshid.telemetry import Telemetry, default_telemetry
 
 log = logging.getLogger("issuer.events.relay")  # the relay's logger, wherever it runs
@@ -153,11 +154,7 @@ class RelayProcess:
         self._close_stdin()  # EOF: the child stops its relay and exits
         await asyncio.wait({task}, timeout=self._stop_timeout)
         # Too slow (or never started): cancelling the supervisor kills and reaps the child.
-        while not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=1.0)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
     def notify(self) -> None:
         """Events were appended: wake the child. Synchronous and cheap: one byte, at most

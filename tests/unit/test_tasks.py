@@ -101,3 +101,22 @@ async def test_a_failed_task_is_logged(caplog: pytest.LogCaptureFixture) -> None
         await asyncio.sleep(0)
     assert "background task t:boom failed" in caplog.text
     await owner.stop()
+
+
+async def test_cancel_and_wait_cancels_again_a_task_that_swallowed_it() -> None:
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                swallowed += 1
+                if swallowed >= 2:
+                    raise
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await tasks.cancel_and_wait(task, retry=0.01)
+    assert task.cancelled() and swallowed == 2
