@@ -14,8 +14,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cryptography import x509
-
 from issuer.admission import Admission
 from issuer.ca import minting
 from issuer.ca.minting import LeafRequest, MintedLeaf
@@ -50,13 +48,6 @@ class X509Result:
     chain_der: tuple[bytes, ...] | None = None  # leaf, CA, upstream intermediates (DER)
     error_code: str = ""
     error: str = ""
-
-    @property
-    def chain(self) -> list[x509.Certificate] | None:
-        """The chain parsed; the agent API sends the DER as is and never needs this."""
-        if self.chain_der is None:
-            return None
-        return [x509.load_der_x509_certificate(d) for d in self.chain_der]
 
 
 class SigningService:

@@ -2,7 +2,8 @@
 and targeted change notification for Workload API streams.
 
 A stream watches the entry ids it currently matches; rotating one SVID wakes only the
-streams holding it, while entry-set and bundle changes wake everyone.
+streams holding it, an entry change only the streams whose selectors match the entry
+(before or after), and bundle changes wake everyone.
 """
 
 from __future__ import annotations
@@ -110,7 +111,6 @@ class SvidCache:
         # it, and the answer per caller selector set (callers of one shape repeat).
         self._matched_for: tuple[dict[str, Entry], int] | None = None
         self._by_selector: dict[Selector, list[Entry]] = {}
-        self._unconditional: list[Entry] = []
         self._matches: dict[frozenset[Selector], list[Entry]] = {}
 
     # ------------------------------------------------------------------ queries
@@ -126,7 +126,7 @@ class SvidCache:
             self._index_entries()
         found = self._matches.get(selectors)
         if found is None:
-            candidates: dict[str, Entry] = {e.id: e for e in self._unconditional}
+            candidates: dict[str, Entry] = {}  # an entry has at least one selector (Entry checks)
             for sel in selectors:
                 for e in self._by_selector.get(sel, ()):
                     if e.id not in candidates and all(s in selectors for s in e.selectors):
@@ -139,13 +139,10 @@ class SvidCache:
 
     def _index_entries(self) -> None:
         by_selector: dict[Selector, list[Entry]] = {}
-        unconditional: list[Entry] = []
         for e in self.entries.values():
-            if not e.selectors:
-                unconditional.append(e)  # all() of nothing: matches every caller
             for sel in set(e.selectors):
                 by_selector.setdefault(sel, []).append(e)
-        self._by_selector, self._unconditional = by_selector, unconditional
+        self._by_selector = by_selector
         self._matches = {}
         self._matched_for = (self.entries, self.entries_version)
 
