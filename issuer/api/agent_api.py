@@ -81,19 +81,14 @@ def _chain_json(chain: list[Any]) -> list[str]:
     return [b64(c.public_bytes(serialization.Encoding.DER)) for c in chain]
 
 
-_CA_B64: dict[bytes, str] = {}  # the CA and upstream certificates, encoded once per key
-
-
-def _svid_json(chain_der: tuple[bytes, ...]) -> list[str]:
-    """A signed chain for the wire: the leaf encoded, the CA part from a small cache
-    (every SVID of a batch carries the same CA certificates)."""
+def _svid_json(chain_der: tuple[bytes, ...], ca_b64: dict[bytes, str]) -> list[str]:
+    """A signed chain for the wire: the leaf encoded, the CA part through `ca_b64`, one
+    response's memo (every SVID of a batch carries the same CA certificates)."""
     out = [b64(chain_der[0])]
     for der in chain_der[1:]:
-        text = _CA_B64.get(der)
+        text = ca_b64.get(der)
         if text is None:
-            if len(_CA_B64) >= 64:
-                _CA_B64.clear()
-            text = _CA_B64[der] = b64(der)
+            text = ca_b64[der] = b64(der)
         out.append(text)
     return out
 
@@ -244,9 +239,10 @@ class AgentApi:
             )
         results = await self.signing.sign_x509(request[AGENT_KEY], reqs)
         out: list[dict[str, Any]] = []
+        ca_b64: dict[bytes, str] = {}
         for r in results:
             if r.chain_der is not None:
-                out.append({"entry_id": r.entry_id, "svid": _svid_json(r.chain_der)})
+                out.append({"entry_id": r.entry_id, "svid": _svid_json(r.chain_der, ca_b64)})
             else:
                 out.append({"entry_id": r.entry_id, "error": {"code": r.error_code, "message": r.error}})
         return json_body({"results": out})
