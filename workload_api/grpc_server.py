@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import grpclib.server
+from grpclib.protocol import H2Protocol
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
@@ -70,23 +71,48 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+class _PeerCredProtocol(H2Protocol):
+    """grpclib's HTTP/2 protocol, with the peer's credentials read at accept time and the
+    transport's writes coalesced (CoalescingTransport)."""
+
+    def connection_made(self, transport: Any) -> None:
+        sock = transport.get_extra_info("socket")
+        coalescing = CoalescingTransport(transport)
+        try:
+            _CALLERS[coalescing] = peer_credentials(sock) if sock is not None else None
+        except (AttestationError, OSError) as exc:
+            log.info("could not read peer credentials: %s", exc)
+            _CALLERS[coalescing] = None
+        super().connection_made(coalescing)
+
+
+class _AcyclicHandler(grpclib.server.Handler):
+    """grpclib's per-connection request handler, leaving no reference cycle behind a
+    finished request. A stream ended by its client leaves its termination error on the
+    stream's Wrapper, and that error's traceback holds the handler's frames, which hold
+    the Wrapper: a cycle through the whole connection (h2 state, buffers, ~130 objects)
+    that only the cyclic GC could free. With 1000 streams open those collections took
+    1-5 ms each and landed on other workloads' new streams; cut, the connection is freed
+    by reference counting when its last request ends."""
+
+    def accept(self, stream: Any, headers: Any, release_stream: Any) -> None:
+        super().accept(stream, headers, release_stream)
+        self._tasks[stream].add_done_callback(lambda _task: _drop_error(stream))
+
+
+def _drop_error(stream: Any) -> None:
+    wrapper = getattr(stream, "wrapper", None)
+    if wrapper is not None:
+        wrapper._error = None
+
+
 class PeerCredServer(grpclib.server.Server):
-    def _protocol_factory(self) -> Any:
-        proto = super()._protocol_factory()
-        original = proto.connection_made
-
-        def connection_made(transport: Any) -> None:
-            sock = transport.get_extra_info("socket")
-            coalescing = CoalescingTransport(transport)
-            try:
-                _CALLERS[coalescing] = peer_credentials(sock) if sock is not None else None
-            except (AttestationError, OSError) as exc:
-                log.info("could not read peer credentials: %s", exc)
-                _CALLERS[coalescing] = None
-            original(coalescing)  # type: ignore[arg-type]  # duck-typed: Transport by delegation
-
-        proto.connection_made = connection_made  # type: ignore[method-assign]
-        return proto
+    def _protocol_factory(self) -> H2Protocol:
+        # grpclib's own factory, with the two classes above in place of its defaults.
+        self.__gc_step__()
+        handler = _AcyclicHandler(self._mapping, self._codec, self._status_details_codec, self.__dispatch__)
+        self._handlers.add(handler)
+        return _PeerCredProtocol(handler, self._config, self._h2_config)
 
 
 def caller_of(stream: grpclib.server.Stream[Any, Any]) -> Caller:
