@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import grpclib.server
-from grpclib.protocol import H2Protocol
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
+from grpclib.protocol import H2Protocol
 
 from attestors.workload.base import Caller
 from meshid.errors import AttestationError

@@ -54,6 +54,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(409, "already_exists", str(exc))
     except (MeshidError, ValueError) as exc:
         return error_response(400, "invalid_argument", str(exc))
+    except ConnectionResetError as exc:
+        # The caller went away mid-body (an agent stopping, a client timing out): nobody will
+        # read the answer and nothing is wrong here, so no "internal error" with a traceback
+        # (re-raised, aiohttp would log one too).
+        log.info("%s %s: connection lost before the request was read (%s)", request.method, request.path, exc)
+        return error_response(400, "invalid_argument", "connection lost before the request was read")
     except Exception:
         log.exception("internal error serving %s %s", request.method, request.path)
         return error_response(500, "internal", "internal error")

@@ -98,7 +98,8 @@ async def test_a_finished_stream_leaves_no_cycle_for_the_gc(tmp_path: Any) -> No
         server.__gc_collect__()  # grpclib forgets finished connections every 10th accept
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
-        left = [o for o in gc.garbage if isinstance(o, (_PeerCredProtocol, _AcyclicHandler, grpclib.server.Stream))]
+        ours = (_PeerCredProtocol, _AcyclicHandler, grpclib.server.Stream)
+        left = [o for o in gc.garbage if isinstance(o, ours)]
         assert left == []
     finally:
         gc.set_debug(0)
