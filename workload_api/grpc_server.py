@@ -83,7 +83,7 @@ class _PeerCredProtocol(H2Protocol):
         except (AttestationError, OSError) as exc:
             log.info("could not read peer credentials: %s", exc)
             _CALLERS[coalescing] = None
-        super().connection_made(coalescing)
+        super().connection_made(coalescing)  # type: ignore[arg-type]  # a Transport by delegation
 
 
 class _AcyclicHandler(grpclib.server.Handler):
