@@ -53,10 +53,13 @@ class CoalescingTransport:
         if not data:
             return
         if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self.flush)
         self._pending.append(data)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Send what is pending now. A handler that has written its whole message calls this
+        (flush_writes) rather than wait for the end of the turn: when a rotation wakes many
+        streams, each workload gets its message while the next stream's is being built."""
         if self._pending:
             data = b"".join(self._pending)
             self._pending.clear()
@@ -64,7 +67,7 @@ class CoalescingTransport:
                 self._transport.write(data)
 
     def close(self) -> None:
-        self._flush()  # a GOAWAY or an error status written just before closing still leaves
+        self.flush()  # a GOAWAY or an error status written just before closing still leaves
         self._transport.close()
 
     def __getattr__(self, name: str) -> Any:
@@ -122,6 +125,13 @@ def caller_of(stream: grpclib.server.Stream[Any, Any]) -> Caller:
     if caller is None:
         raise GRPCError(Status.UNAVAILABLE, "could not identify the caller (peer credentials unavailable)")
     return caller
+
+
+def flush_writes(stream: grpclib.server.Stream[Any, Any]) -> None:
+    """Send the stream's pending writes now (see CoalescingTransport.flush)."""
+    transport = stream.peer._transport
+    if isinstance(transport, CoalescingTransport):
+        transport.flush()
 
 
 def bind_unix_socket(path: str | Path, mode: int, dir_mode: int = 0o755) -> socket.socket:

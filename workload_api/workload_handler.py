@@ -31,7 +31,7 @@ from meshid.spiffe_id import SpiffeId, TrustDomain
 from workload_api._gen import workload_grpc, workload_pb2
 from workload_api.attestation import WorkloadAttestation
 from workload_api.cache import SvidCache, Watcher, X509Svid
-from workload_api.grpc_server import caller_of
+from workload_api.grpc_server import caller_of, flush_writes
 from workload_api.manager import SvidManager
 
 log = logging.getLogger("meshid.agent.workload_api")
@@ -137,6 +137,7 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
                 msg = build(selectors, watcher)
                 if msg is not None and msg != last:
                     await stream.send_message(msg)
+                    flush_writes(stream)
                     last = msg
                 await watcher.event.wait()
         finally:

@@ -45,6 +45,19 @@ async def test_writes_of_one_turn_leave_together_and_in_order() -> None:
     assert t.get_extra_info("peername") == "peer"  # everything else is the real transport's
 
 
+async def test_flush_sends_now_and_the_turns_flush_finds_nothing() -> None:
+    # What a handler does once its message is written (flush_writes): a rotation that wakes
+    # many streams gets each message out while the next one is built.
+    real = FakeTransport()
+    t = CoalescingTransport(real)  # type: ignore[arg-type]
+    t.write(b"HEADERS")
+    t.write(b"DATA")
+    t.flush()
+    assert real.sent == [b"HEADERSDATA"]
+    await asyncio.sleep(0)
+    assert real.sent == [b"HEADERSDATA"]
+
+
 async def test_close_sends_what_was_written_first() -> None:
     real = FakeTransport()
     t = CoalescingTransport(real)  # type: ignore[arg-type]
