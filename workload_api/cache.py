@@ -106,6 +106,9 @@ class SvidCache:
         self.entries_version = 0
         self._watchers: set[Watcher] = set()
         self._watchers_by_entry: dict[str, set[Watcher]] = {}
+        # For entry changes: the streams holding a selector, and those woken by any change.
+        self._watchers_by_selector: dict[Selector, set[Watcher]] = {}
+        self._watchers_of_any_entry: set[Watcher] = set()
         self.ready = asyncio.Event()
         # matching_entries answers for the current entry set: selector → entries holding
         # it, and the answer per caller selector set (callers of one shape repeat).
@@ -266,25 +269,42 @@ class SvidCache:
         answer depends on entries other than its own matches)."""
         w = Watcher(selectors, self._watchers_by_entry, any_entry_change)
         self._watchers.add(w)
+        if any_entry_change:
+            self._watchers_of_any_entry.add(w)
+        for sel in selectors:
+            self._watchers_by_selector.setdefault(sel, set()).add(w)
         return w
 
     def unwatch(self, w: Watcher) -> None:
         w.entry_ids = ()
+        if w not in self._watchers:
+            return
         self._watchers.discard(w)
+        self._watchers_of_any_entry.discard(w)
+        for sel in w.selectors:
+            holders = self._watchers_by_selector.get(sel)
+            if holders is not None:
+                holders.discard(w)
+                if not holders:
+                    del self._watchers_by_selector[sel]
 
     def _wake_concerned(self, changed: list[Entry]) -> None:
         """An entry change wakes the streams it concerns: with 1000 streams, waking them all
-        for one workload's entry costs tens of ms of loop time, pushes included."""
+        for one workload's entry costs tens of ms of loop time, pushes included. Found
+        through indexes, not a scan: those holding the entry, those whose selectors include
+        the entry's (looked up by one of its selectors), and those woken by any change."""
         if not changed:
             return
-        ids = {e.id for e in changed}
-        for w in self._watchers:
-            if (
-                w.any_entry_change
-                or not ids.isdisjoint(w.entry_ids)
-                or any(all(s in w.selectors for s in e.selectors) for e in changed)
-            ):
+        for w in self._watchers_of_any_entry:
+            w.event.set()
+        for e in changed:
+            for w in self._watchers_by_entry.get(e.id, ()):
                 w.event.set()
+            # An entry has at least one selector (Entry checks); a stream it matches holds
+            # them all, so it is among the holders of the first.
+            for w in self._watchers_by_selector.get(e.selectors[0], ()):
+                if not w.event.is_set() and all(s in w.selectors for s in e.selectors):
+                    w.event.set()
 
     def _wake_entries(self, entry_ids: Iterable[str]) -> None:
         for eid in entry_ids:

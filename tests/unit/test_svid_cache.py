@@ -110,3 +110,44 @@ def test_an_entry_change_wakes_the_streams_it_concerns() -> None:
     assert woken() == (True, False, True)
     cache.set_entries([cache.entries["e1"]], [AGENT, SpiffeId(TD, "/alias")])  # parents: everyone
     assert woken() == (True, True, True)
+
+
+def test_entry_change_wakes_exactly_who_a_scan_would() -> None:
+    """The watcher indexes (by entry held, by selector, any-change) against the definition:
+    a stream is woken when it holds a changed entry, its selectors match an old or new
+    version of one, or it asked for any change. Watchers come and go between rounds."""
+    rng = random.Random(11)
+    cache = SvidCache(TD)
+    entries = random_entries(rng, 30)
+    cache.set_entries(entries, [AGENT])
+    watchers = []
+    for _round in range(40):
+        for _ in range(rng.randint(0, 6)):
+            have = frozenset(rng.sample(POOL, rng.randint(1, 4)))
+            w = cache.watch(have, any_entry_change=rng.random() < 0.1)
+            w.entry_ids = [e.id for e in rng.sample(entries, rng.randint(0, 3))]
+            watchers.append(w)
+        for w in rng.sample(watchers, min(len(watchers), rng.randint(0, 3))):
+            cache.unwatch(w)
+            watchers.remove(w)
+        old = {e.id: e for e in entries}
+        for i in rng.sample(range(len(entries)), rng.randint(0, 4)):
+            entries[i] = entries[i].replace(selectors=tuple(sorted(set(rng.sample(POOL, rng.randint(1, 3))))))
+        new = {e.id: e for e in entries}
+        changed = [e for eid, e in new.items() if old[eid] != e]
+        changed += [old[eid] for eid in new if old[eid] != new[eid]]
+        expect = {
+            id(w) for w in watchers
+            if w.any_entry_change
+            or any(e.id in w.entry_ids or all(s in w.selectors for s in e.selectors) for e in changed)
+        }
+        for w in watchers:
+            w.event.clear()
+        cache.set_entries(entries, [AGENT])
+        assert {id(w) for w in watchers if w.event.is_set()} == (expect if changed else set())
+    for w in watchers:
+        cache.unwatch(w)
+    # Nothing of a closed stream stays behind in the indexes.
+    assert cache.watcher_count == 0
+    assert not cache._watchers_by_selector and not cache._watchers_by_entry
+    assert not cache._watchers_of_any_entry
