@@ -37,6 +37,32 @@ class EntryIndex:
         # sync call, and the snapshot never changes, so each answer is kept (bounded).
         self._authorized: dict[tuple[SpiffeId, frozenset[Selector]], Mapping[str, Entry]] = {}
 
+    def with_change(self, entry_id: str, after: Entry | None, revision: int) -> EntryIndex:
+        """This snapshot with one entry added, replaced or (after=None) removed, labelled
+        `revision`: what one write of this server did, without reloading every entry (a
+        reload per write made bulk registration quadratic in datastore reads and parsing).
+        Idempotent: a change the snapshot already holds leaves it as it was. The dicts are
+        copied (C-speed); only the touched parents' lists are rebuilt."""
+        new = EntryIndex((), self.server_id, revision)
+        new.by_id = dict(self.by_id)
+        new.by_parent = defaultdict(list, self.by_parent)  # lists shared, never mutated
+        new.node_entries = self.node_entries
+        before = new.by_id.pop(entry_id, None)
+        if before is not None:
+            siblings = [e for e in new.by_parent.get(before.parent_id, ()) if e.id != entry_id]
+            if siblings:
+                new.by_parent[before.parent_id] = siblings
+            else:
+                new.by_parent.pop(before.parent_id, None)
+            if before.parent_id == self.server_id:
+                new.node_entries = [e for e in new.node_entries if e.id != entry_id]
+        if after is not None:
+            new.by_id[entry_id] = after
+            new.by_parent[after.parent_id] = [*new.by_parent.get(after.parent_id, ()), after]
+            if after.parent_id == self.server_id:
+                new.node_entries = [*new.node_entries, after]
+        return new
+
     def node_aliases(self, node_selectors: Iterable[Selector]) -> list[SpiffeId]:
         have = frozenset(node_selectors)
         return sorted({e.spiffe_id for e in self.node_entries if matches_all(e.selectors, have)})

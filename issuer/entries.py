@@ -52,7 +52,7 @@ class EntryService:
             entry = entry.replace(id=str(uuid.uuid4()))
         entry = entry.replace(created_at=int(now), revision_number=0)
         created = await self.ds.create_entry(entry, [ocsf.entry_created(entry, now)])
-        await self._changed()
+        await self._changed(created.id, created)
         return created
 
     async def update(self, entry: Entry) -> Entry:
@@ -63,7 +63,7 @@ class EntryService:
         now = self.clock()
         entry = entry.replace(created_at=current.created_at, revision_number=current.revision_number + 1)
         updated = await self.ds.update_entry(entry, [ocsf.entry_updated(entry, now)])
-        await self._changed()
+        await self._changed(updated.id, updated)
         return updated
 
     async def delete(self, entry_id: str) -> Entry:
@@ -71,7 +71,7 @@ class EntryService:
         if current is None:
             raise NotFoundError(f"no entry with id {entry_id!r}")
         deleted = await self.ds.delete_entry(entry_id, [ocsf.entry_deleted(current, self.clock())])
-        await self._changed()
+        await self._changed(entry_id, None)
         return deleted
 
     async def get(self, entry_id: str) -> Entry:
@@ -83,9 +83,16 @@ class EntryService:
     async def list(self) -> list[Entry]:
         return await self.ds.list_entries()
 
-    async def _changed(self) -> None:
-        await self.ds.increment_meta(ENTRIES_REVISION)
-        self._index = None
+    async def _changed(self, entry_id: str, after: Entry | None) -> None:
+        revision = await self.ds.increment_meta(ENTRIES_REVISION)
+        idx = self._index
+        if idx is not None and idx.revision == revision - 1:
+            # Nobody else counted a write in between: apply our one change. Another replica's
+            # write shows here once it bumps the counter, as with any snapshot (the counter
+            # is the point of consistency; index() reloads when it moves past ours).
+            self._index = idx.with_change(entry_id, after, revision)
+        else:
+            self._index = None  # reloaded on next use
         for cb in self._listeners:
             cb()
 
