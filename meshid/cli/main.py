@@ -18,11 +18,13 @@ from meshid.errors import MeshidError
 
 
 def _setup_logging(level: str = "info") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    lvl = getattr(logging, level.upper(), logging.INFO)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=lvl, format=fmt, stream=sys.stderr)
+    if lvl > logging.DEBUG:
+        # grpclib says "Request was cancelled" at INFO each time a workload closes a
+        # Workload API stream: routine, and a line per workload restart across a fleet.
+        logging.getLogger("grpclib.server").setLevel(logging.WARNING)
 
 
 def _print(data: Any) -> None:

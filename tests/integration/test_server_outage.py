@@ -130,6 +130,11 @@ async def test_meshid_dev_command_serves_and_stops_on_sigint(short_tmp: Path) ->
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
         assert not sock.exists(), "socket left behind after shutdown"
+        assert proc.stderr is not None
+        log = (await proc.stderr.read()).decode()
+        assert "agent ready" in log
+        # A workload closing its stream is routine: no line per close, no traceback.
+        assert "Request was cancelled" not in log and "Traceback" not in log, log
     finally:
         if proc.returncode is None:
             proc.kill()
