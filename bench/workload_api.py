@@ -16,7 +16,11 @@ Last line: `streams=<n> p99_first_ms=<x> p99_push_ms=<y> fanout_ms=<z>`.
 The workloads use grpcio (gRPC C-core, which py-spiffe is built on) unless
 `--client-lib grpclib` (pure Python, slower per message: its own CPU shows in the figures).
 
-usage: python bench/workload_api.py [--streams 1000] [--uids 100] [--rotations 10] [--probes 200]
+Sample sizes: 500 new streams and 30 rotations (300 pushes). A rotation's pushes are one
+workload process's 10 streams and share its hiccups, so with 10 rotations the "p99" of 100
+pushes was in effect the worst rotation's last push, a maximum rather than a percentile.
+
+usage: python bench/workload_api.py [--streams 1000] [--uids 100] [--rotations 30] [--probes 500]
                                     [--client-lib grpcio|grpclib]
 """
 
@@ -382,8 +386,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", type=int, default=1000)
     ap.add_argument("--uids", type=int, default=100)
-    ap.add_argument("--rotations", type=int, default=10)
-    ap.add_argument("--probes", type=int, default=200)
+    ap.add_argument("--rotations", type=int, default=30)
+    ap.add_argument("--probes", type=int, default=500)
     ap.add_argument("--client-lib", choices=("grpcio", "grpclib"), default="grpcio",
                     help="the workloads' gRPC library: grpcio (C-core, under py-spiffe) or grpclib")
     a = ap.parse_args()
