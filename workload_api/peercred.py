@@ -17,6 +17,7 @@ import socket
 import struct
 
 from attestors.workload.base import Caller
+from attestors.workload.procfs import read_proc_text
 from meshid.errors import AttestationError
 
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
@@ -49,8 +50,7 @@ def process_start_time(pid: int, *, proc_root: str = "/proc") -> int | None:
         return None
     try:
         # One small read of a pseudo-file: fine inline on the event loop.
-        with open(f"{proc_root}/{pid}/stat", encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read()
+        text = read_proc_text(f"{proc_root}/{pid}/stat")
     except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
         return None
     try:

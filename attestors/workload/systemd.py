@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 
 from attestors.workload.base import Caller
+from attestors.workload.procfs import read_proc_text
 from meshid.errors import AttestationError
 from meshid.selector import Selector
 
@@ -79,9 +80,7 @@ class SystemdAttestor:
             raise AttestationError(f"invalid workload pid {pid}")
         try:
             # A small pseudo-file: a thread hop would cost more than the read.
-            path = f"{self._proc_root}/{pid}/cgroup"
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:  # noqa: ASYNC230
-                text = f.read()
+            text = read_proc_text(f"{self._proc_root}/{pid}/cgroup")
         except (FileNotFoundError, ProcessLookupError) as exc:
             raise AttestationError(f"workload process {pid} not found") from exc
         except OSError as exc:

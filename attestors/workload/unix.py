@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from attestors.workload.base import Caller
+from attestors.workload.procfs import read_proc_text
 from meshid.errors import AttestationError
 from meshid.selector import Selector
 
@@ -200,8 +201,7 @@ class UnixAttestor:
             raise AttestationError(f"invalid workload pid {pid}")
         try:
             # A few hundred bytes from a pseudo-file: a thread hop would cost more than the read.
-            with open(self._proc(pid, "status"), encoding="utf-8", errors="surrogateescape") as f:  # noqa: ASYNC230
-                creds = parse_status(f.read())
+            creds = parse_status(read_proc_text(self._proc(pid, "status")))
         except (FileNotFoundError, ProcessLookupError) as exc:
             raise AttestationError(f"workload process {pid} not found") from exc
         except (OSError, ValueError) as exc:
