@@ -79,14 +79,17 @@ class _PeerCredProtocol(H2Protocol):
     transport's writes coalesced (CoalescingTransport)."""
 
     def connection_made(self, transport: Any) -> None:
-        sock = transport.get_extra_info("socket")
         coalescing = CoalescingTransport(transport)
+        super().connection_made(coalescing)  # type: ignore[arg-type]  # a Transport by delegation
+        # Our SETTINGS go out first, before anything else is done: gRPC clients (C-core)
+        # send their request only once they have them.
+        coalescing.flush()
+        sock = transport.get_extra_info("socket")
         try:
             _CALLERS[coalescing] = peer_credentials(sock) if sock is not None else None
         except (AttestationError, OSError) as exc:
             log.info("could not read peer credentials: %s", exc)
             _CALLERS[coalescing] = None
-        super().connection_made(coalescing)  # type: ignore[arg-type]  # a Transport by delegation
 
 
 class _AcyclicHandler(grpclib.server.Handler):

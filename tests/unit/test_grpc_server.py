@@ -58,6 +58,22 @@ async def test_flush_sends_now_and_the_turns_flush_finds_nothing() -> None:
     assert real.sent == [b"HEADERSDATA"]
 
 
+async def test_our_settings_leave_at_accept_time() -> None:
+    # gRPC clients (C-core) hold their request until they have the server's SETTINGS: they
+    # go out from connection_made itself, not at the end of the loop turn.
+    from grpclib.config import Configuration
+    from h2.config import H2Configuration
+
+    from workload_api.grpc_server import _AcyclicHandler, _PeerCredProtocol
+
+    real = FakeTransport()
+    handler = _AcyclicHandler({}, None, None, None)  # type: ignore[arg-type]
+    proto = _PeerCredProtocol(handler, Configuration().__for_server__(), H2Configuration(client_side=False))
+    proto.connection_made(real)
+    assert real.sent and real.sent[0][3:4] == b"\x04"  # frame type 4: SETTINGS
+    proto.connection_lost(None)
+
+
 async def test_close_sends_what_was_written_first() -> None:
     real = FakeTransport()
     t = CoalescingTransport(real)  # type: ignore[arg-type]
