@@ -166,6 +166,11 @@ class DataStore(Protocol):
         """Record that the broker acknowledged these rows (delivered_at = now) and end
         their leases. Rows already delivered keep their first delivery time."""
 
+    async def release_outbox(self, owner: str) -> int:
+        """End `owner`'s leases on rows not yet delivered (its relay is stopping cleanly),
+        so another replica's relay takes them at once rather than when the lease runs out.
+        Returns how many rows were released."""
+
     async def prune_outbox(self, delivered_before: float) -> int:
         """Delete delivered rows with delivered_at < delivered_before; return how many.
         Undelivered rows are never pruned."""

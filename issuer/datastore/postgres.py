@@ -395,6 +395,14 @@ class PostgresDataStore:
             [int(s) for s in seqs],
         )
 
+    async def release_outbox(self, owner: str) -> int:
+        status = await self._db.execute(
+            "UPDATE outbox_state SET claimed_by = NULL, lease_until = NULL "
+            "WHERE claimed_by = $1 AND delivered_at IS NULL",
+            owner,
+        )
+        return int(status.split()[-1])  # "UPDATE <n>"
+
     async def prune_outbox(self, delivered_before: float) -> int:
         status = await self._db.execute(_PRUNE, delivered_before)
         return int(status.split()[-1])  # "DELETE <n>"

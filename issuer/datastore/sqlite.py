@@ -82,6 +82,10 @@ _UNDELIVERED = (
     f"SELECT {', '.join('o.' + c for c in _OUTBOX_COLS.split(', '))} FROM outbox_state AS s "
     "JOIN outbox AS o ON o.seq = s.seq WHERE s.delivered_at IS NULL AND s.seq > ? ORDER BY s.seq LIMIT ?"
 )
+_RELEASE = (
+    "UPDATE outbox_state SET claimed_by = NULL, lease_until = NULL "
+    "WHERE claimed_by = ? AND delivered_at IS NULL RETURNING seq"
+)
 _DELIVER = (
     "UPDATE outbox_state SET delivered_at = ?, claimed_by = NULL, lease_until = NULL "
     "WHERE delivered_at IS NULL AND seq IN (SELECT value FROM json_each(?))"
@@ -494,6 +498,10 @@ class SqliteDataStore:
         if seqs:
             # Only rows not yet delivered: a late duplicate mark changes nothing.
             await self._relay_write(_DELIVER, (now, codec.dumps([int(s) for s in seqs])))
+
+    async def release_outbox(self, owner: str) -> int:
+        rows = await self._relay_write(_RELEASE, (owner,))
+        return len(rows)
 
     async def prune_outbox(self, delivered_before: float) -> int:
         async with self._tx() as conn:

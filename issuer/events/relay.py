@@ -256,7 +256,21 @@ class OutboxRelay:
         task, self._task = self._task, None
         if task is not None:
             await cancel_and_wait(task)
+            await self._release_leases()
         await self._close_producer()
+
+    async def _release_leases(self) -> None:
+        # Rows this relay claimed but did not see acknowledged go back to the pool, so a
+        # rolling restart does not hold them for a lease (30 s or more). A publish cut
+        # short may have reached the broker: delivery is at least once either way, and
+        # the CloudEvents id (stable per row) lets consumers drop the repeat.
+        try:
+            released = await self._ds.release_outbox(self._owner)
+        except Exception as exc:  # stopping must not fail; the leases then just expire
+            log.warning("could not release outbox leases on stop (%s); they expire by themselves", exc)
+            return
+        if released:
+            log.info("released %d undelivered outbox rows for other relays", released)
 
     def notify(self) -> None:
         """Events were appended: publish now rather than at the next poll."""

@@ -390,3 +390,24 @@ async def test_stop_is_prompt_even_when_notified_at_the_same_moment(ds: SqliteDa
         relay.notify()
         await asyncio.wait_for(relay.stop(), 5)
         assert not relay.running
+
+
+async def test_a_clean_stop_hands_claimed_rows_to_other_relays_at_once(tansu: TansuBroker,
+                                                                      ds: SqliteDataStore) -> None:
+    """Rows a stopping relay had claimed but not seen acknowledged (here: the broker froze
+    mid-publish) go back to the pool on stop(), rather than wait out the lease (30 s and
+    more), so another replica's relay takes them on the spot."""
+    relay = await started(relay_for(ds, kafka(tansu)))
+    try:
+        await wait_for(lambda: relay.status()["kafka"] == "ok", 15, "the relay to connect")
+        tansu.pause()
+        await Appender(ds, relay).append(20)
+        # Leased to the stopping relay: nobody else may take them.
+        await asyncio.sleep(0.3)
+        assert await ds.claim_outbox("other", limit=100, lease_seconds=30, now=time.time()) == []
+        await asyncio.wait_for(relay.stop(), 10)
+        taken = await ds.claim_outbox("other", limit=100, lease_seconds=30, now=time.time())
+        assert len(taken) == 20
+    finally:
+        tansu.resume()
+        await relay.stop()

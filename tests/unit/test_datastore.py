@@ -655,6 +655,21 @@ async def test_claim_leases_rows_to_one_owner(store: DataStore) -> None:
     assert [r.seq for r in taken] == seqs[1:2]
 
 
+async def test_release_hands_an_owners_undelivered_rows_back_at_once(store: DataStore) -> None:
+    await store.append_events([ev(n, key=f"k{n}") for n in range(1, 5)])
+    seqs = [r.seq for r in await all_rows(store)]
+    assert [r.seq for r in await store.claim_outbox("a", limit=3, lease_seconds=30, now=1_000)] == seqs[:3]
+    assert [r.seq for r in await store.claim_outbox("b", limit=10, lease_seconds=30, now=1_000)] == seqs[3:]
+    await store.mark_delivered(seqs[:1], now=1_001)
+    # a stops cleanly: its two undelivered rows are free now, not at 1030; b's lease and
+    # the delivered row are untouched.
+    assert await store.release_outbox("a") == 2
+    assert await store.release_outbox("a") == 0
+    taken = await store.claim_outbox("c", limit=10, lease_seconds=30, now=1_002)
+    assert [r.seq for r in taken] == seqs[1:3]
+    assert await store.outbox_backlog() == 3
+
+
 async def test_claim_keeps_one_subject_with_one_relay(store: DataStore) -> None:
     await store.append_events([ev(1, "k1"), ev(2, "k2"), ev(3, "k1"), ev(4, "k2"), ev(5, "k3")])
     seqs = [r.seq for r in await all_rows(store)]
