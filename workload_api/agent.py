@@ -102,7 +102,8 @@ class Agent:
             log.warning("initial sync failed (%s); retrying in the background", exc)
         self.tasks.spawn("svid-manager", self.manager.run())
         identity = Identity(self.cache, self.manager, attestation)
-        handlers: list[Any] = [WorkloadApiHandler(identity, self.config.allow_unauthenticated_verifiers)]
+        handlers: list[Any] = [WorkloadApiHandler(identity, self.config.allow_unauthenticated_verifiers,
+                                                  self.config.allowed_foreign_jwt_claims)]
         sds = self._sds(identity)
         if sds is not None:
             handlers.append(sds)

@@ -97,6 +97,9 @@ class AgentConfig:
         "release the own trust domain's bundle (FetchX509Bundles, FetchJWTBundles) to workloads "
         "matching no entry, which are otherwise refused (SPIRE's option of the same name)",
         default=False)
+    allowed_foreign_jwt_claims: list[str] = doc(
+        "claims ValidateJWTSVID returns from another trust domain's JWT-SVIDs besides sub, exp and "
+        "aud; all others are dropped (SPIRE's option of the same name)", default_factory=list)
     sync_interval: Duration = doc("how often entries and bundle are synced", default=Duration(5))
     node_attestor: NodeAttestorConfig = field(default_factory=NodeAttestorConfig)
     workload_attestors: WorkloadAttestorsConfig = field(default_factory=WorkloadAttestorsConfig)

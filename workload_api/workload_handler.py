@@ -8,14 +8,16 @@ Bundles, as SPIRE's agent hands them out: a caller sees its own trust domain's b
 plus the federated bundles of the trust domains its matching entries federate with,
 never every bundle the agent holds. FetchX509Bundles/FetchJWTBundles refuse a caller
 matching no entry, unless `allow_unauthenticated_verifiers` lets it have the own bundle
-only; ValidateJWTSVID never refuses one, and checks tokens against that same set.
+only; ValidateJWTSVID never refuses one, and checks tokens against that same set; of a token
+from another trust domain it returns only sub, exp, aud and the claims listed in
+`allowed_foreign_jwt_claims`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from google.protobuf import json_format
@@ -40,6 +42,8 @@ HEADER = "workload.spiffe.io"
 READY_TIMEOUT = 10.0
 MAX_HINT = 1024
 MAX_CACHED_RESPONSES = 4096
+# Returned from every foreign JWT-SVID; `allowed_foreign_jwt_claims` adds to them.
+FOREIGN_JWT_CLAIMS = frozenset({"sub", "exp", "aud"})
 
 
 def check_header(stream: Stream[Any, Any]) -> None:
@@ -84,10 +88,16 @@ def unique_hints(svids: list[X509Svid]) -> list[str]:
 
 
 class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
-    def __init__(self, identity: Identity, allow_unauthenticated_verifiers: bool = False) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        allow_unauthenticated_verifiers: bool = False,
+        allowed_foreign_jwt_claims: Iterable[str] = (),
+    ) -> None:
         self.id = identity
         self.cache = identity.cache
         self.allow_unauthenticated_verifiers = allow_unauthenticated_verifiers
+        self.foreign_claims = FOREIGN_JWT_CLAIMS | frozenset(allowed_foreign_jwt_claims)
         self._responses: dict[tuple[int, int, tuple[bytes, ...]], bytes] = {}
 
     def x509_response(self, svids: list[X509Svid]) -> workload_pb2.X509SVIDResponse:
@@ -247,6 +257,10 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
             spiffe_id, claims = validate_jwt_svid(req.svid, req.audience, bundles)
         except InvalidJwtSvidError as exc:
             raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
+        if spiffe_id.trust_domain != self.cache.td:
+            # Another trust domain's issuer says what it likes in its tokens: as SPIRE, pass
+            # on only what identifies the token and what the operator chose to trust.
+            claims = {k: v for k, v in claims.items() if k in self.foreign_claims}
         resp = workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(spiffe_id))
         json_format.ParseDict(claims, resp.claims)
         await stream.send_message(resp)

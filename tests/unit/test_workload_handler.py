@@ -51,11 +51,11 @@ class Authority:
     bundle: Bundle
     jwt_key: ec.EllipticCurvePrivateKey
 
-    def token(self, path: str = "/w", audience: str = AUD) -> str:
+    def token(self, path: str = "/w", audience: str = AUD, **extra: Any) -> str:
         now = int(time.time())
         sub = str(SpiffeId(self.bundle.trust_domain, path))
         return jwt.encode(
-            {"sub": sub, "aud": [audience], "exp": now + 300, "iat": now},
+            {"sub": sub, "aud": [audience], "exp": now + 300, "iat": now, **extra},
             self.jwt_key,
             algorithm="ES256",
             headers={"kid": self.kid, "typ": "JWT"},
@@ -123,7 +123,8 @@ class Api:
 
 
 @asynccontextmanager
-async def serving(tmp: Path, allow_unauthenticated_verifiers: bool = False) -> AsyncIterator[Api]:
+async def serving(tmp: Path, allow_unauthenticated_verifiers: bool = False,
+                  allowed_foreign_jwt_claims: Iterable[str] = ()) -> AsyncIterator[Api]:
     cache = SvidCache(TD)
     cache.set_bundle(OWN.bundle)
     hold_federated(cache, {td: a.bundle for td, a in FED.items()})
@@ -131,7 +132,7 @@ async def serving(tmp: Path, allow_unauthenticated_verifiers: bool = False) -> A
     cache.ready.set()
     attestation = FakeAttestation()
     identity = Identity(cache, FakeManager(), attestation)  # type: ignore[arg-type]
-    handler = WorkloadApiHandler(identity, allow_unauthenticated_verifiers)
+    handler = WorkloadApiHandler(identity, allow_unauthenticated_verifiers, allowed_foreign_jwt_claims)
     sock = tmp / "api.sock"
     server = await serve_unix([handler], sock, 0o777)
     ch = Channel(path=str(sock))
@@ -380,6 +381,22 @@ async def test_validate_serves_unregistered_callers_against_the_own_bundle(
         assert "no bundle for trust domain a.org" in await refused(api, FED[A].token())
 
 
+@pytest.mark.parametrize("allowed", [(), ("role",)])
+async def test_foreign_tokens_return_only_sub_exp_aud_and_the_allowed_claims(
+    short_tmp: Path, allowed: tuple[str, ...]
+) -> None:
+    # As SPIRE's allowed_foreign_jwt_claims: a federated issuer's other claims are dropped.
+    async with serving(short_tmp, allowed_foreign_jwt_claims=allowed) as api:
+        api.caller(WEB)
+        own = await validate(api, OWN.token("/svc", role="admin", tenant="t1"))
+        assert set(own.claims.keys()) == {"sub", "aud", "exp", "iat", "role", "tenant"}
+        foreign = await validate(api, FED[A].token("/svc", role="admin", tenant="t1"))
+        assert foreign.spiffe_id == "spiffe://a.org/svc"
+        assert set(foreign.claims.keys()) == {"sub", "aud", "exp", *allowed}
+        if allowed:
+            assert foreign.claims["role"] == "admin"
+
+
 # ---------------------------------------------------------------------------- config
 
 AGENT_TOML = """\
@@ -398,6 +415,17 @@ def test_allow_unauthenticated_verifiers_defaults_off_and_loads_strictly(tmp_pat
     assert load_agent_config(path, env={}).allow_unauthenticated_verifiers is True
     path.write_text(AGENT_TOML + 'allow_unauthenticated_verifiers = "yes"\n')
     with pytest.raises(ConfigError, match="allow_unauthenticated_verifiers: expected true or false"):
+        load_agent_config(path, env={})
+
+
+def test_allowed_foreign_jwt_claims_loads_as_a_list_of_names(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(AGENT_TOML)
+    assert load_agent_config(path, env={}).allowed_foreign_jwt_claims == []
+    path.write_text(AGENT_TOML + 'allowed_foreign_jwt_claims = ["role", "tenant"]\n')
+    assert load_agent_config(path, env={}).allowed_foreign_jwt_claims == ["role", "tenant"]
+    path.write_text(AGENT_TOML + 'allowed_foreign_jwt_claims = "role"\n')
+    with pytest.raises(ConfigError, match="allowed_foreign_jwt_claims"):
         load_agent_config(path, env={})
 
 
