@@ -103,7 +103,9 @@ class _AcyclicHandler(grpclib.server.Handler):
 
     def accept(self, stream: Any, headers: Any, release_stream: Any) -> None:
         super().accept(stream, headers, release_stream)
-        self._tasks[stream].add_done_callback(lambda _task: _drop_error(stream))
+        task = self._tasks.get(stream)
+        if task is not None:
+            task.add_done_callback(lambda _task: _drop_error(stream))
 
 
 def _drop_error(stream: Any) -> None:
