@@ -11,6 +11,22 @@ from meshid import tasks
 from meshid.tasks import TaskOwner
 
 
+class Stubborn:
+    """A task body that swallows its first cancellation and gives in to the second."""
+
+    def __init__(self) -> None:
+        self.swallowed = 0
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.swallowed += 1
+                if self.swallowed >= 2:
+                    raise
+
+
 async def test_stop_cancels_and_awaits_every_task() -> None:
     owner = TaskOwner("t")
     started = asyncio.Event()
@@ -30,22 +46,11 @@ async def test_a_task_that_swallows_its_cancellation_is_cancelled_again(
 ) -> None:
     monkeypatch.setattr(tasks, "CANCEL_RETRY", 0.05)
     owner = TaskOwner("t")
-    swallowed = 0
-
-    async def stubborn() -> None:
-        nonlocal swallowed
-        while True:
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                swallowed += 1
-                if swallowed >= 2:
-                    raise
-
-    task = owner.spawn("stubborn", stubborn())
+    stubborn = Stubborn()
+    task = owner.spawn("stubborn", stubborn.run())
     await asyncio.sleep(0)
     await asyncio.wait_for(owner.stop(), 5)
-    assert task.cancelled() and swallowed == 2
+    assert task.cancelled() and stubborn.swallowed == 2
 
 
 async def test_tasks_spawned_while_stopping_are_stopped_too() -> None:
@@ -104,19 +109,8 @@ async def test_a_failed_task_is_logged(caplog: pytest.LogCaptureFixture) -> None
 
 
 async def test_cancel_and_wait_cancels_again_a_task_that_swallowed_it() -> None:
-    swallowed = 0
-
-    async def stubborn() -> None:
-        nonlocal swallowed
-        while True:
-            try:
-                await asyncio.sleep(10)
-            except asyncio.CancelledError:
-                swallowed += 1
-                if swallowed >= 2:
-                    raise
-
-    task = asyncio.create_task(stubborn())
+    stubborn = Stubborn()
+    task = asyncio.create_task(stubborn.run())
     await asyncio.sleep(0)
     await tasks.cancel_and_wait(task, retry=0.01)
-    assert task.cancelled() and swallowed == 2
+    assert task.cancelled() and stubborn.swallowed == 2
