@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from cryptography import x509
-from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
@@ -279,10 +278,7 @@ class EntryApi(entry_grpc.EntryBase):
     async def _unary(self, stream: Stream[Req, Resp], handle: Callable[[Req], Awaitable[Resp]]) -> None:
         try:
             await self.authorize(stream)
-            try:
-                request = await stream.recv_message()
-            except DecodeError as exc:
-                raise ValueError(f"malformed request message: {exc}") from None
+            request = await stream.recv_message()  # malformed: INVALID_ARGUMENT (GuardedProtoCodec)
             if request is None:
                 raise ValueError("missing request message")
             reply = await handle(request)

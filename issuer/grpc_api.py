@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import grpclib.server
 
 from issuer.entry_api import EntryApi
+from meshid.grpc_base import GuardedServer
 from meshid.spiffe_id import SpiffeId
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ async def start_entry_api(server: Server) -> grpclib.server.Server:
     # client_cert="required": only callers with an X509-SVID from our bundle get a handshake;
     # "h2" ALPN because gRPC clients (Go's included) insist on it over TLS.
     tls = server.tls_context(client_cert="required", alpn=("h2",))
-    grpc = grpclib.server.Server([api])
+    grpc = GuardedServer([api])
     await grpc.start(cfg.bind_address, cfg.grpc_port, ssl=tls.outer)
     server.grpc_port_bound = bound_port(grpc)
     log.info("Entry API listening on %s:%d (mutual TLS)", cfg.bind_address, server.grpc_port_bound)

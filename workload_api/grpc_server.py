@@ -14,28 +14,18 @@ from typing import Any
 
 import grpclib.server
 from grpclib.const import Status
-from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 
 from attestors.workload.base import Caller
 from meshid.errors import AttestationError
+from meshid.grpc_base import GuardedHandler, GuardedServer
 from meshid.listeners import prepare_socket_path, umask
 from workload_api.peercred import peer_credentials
 
 log = logging.getLogger("meshid.agent.grpc")
 
 _CALLERS: weakref.WeakKeyDictionary[Any, Caller | None] = weakref.WeakKeyDictionary()
-
-
-class PassThroughProtoCodec(ProtoCodec):
-    """Protobuf codec that also accepts already-encoded bytes, so one encoded response can be
-    sent to many streams without re-serializing it for each."""
-
-    def encode(self, message: Any, message_type: Any) -> bytes:
-        if isinstance(message, bytes):
-            return message
-        return super().encode(message, message_type)
 
 
 class CoalescingTransport:
@@ -92,34 +82,8 @@ class _PeerCredProtocol(H2Protocol):
             _CALLERS[coalescing] = None
 
 
-class _AcyclicHandler(grpclib.server.Handler):
-    """grpclib's per-connection request handler, leaving no reference cycle behind a
-    finished request. A stream ended by its client leaves its termination error on the
-    stream's Wrapper, and that error's traceback holds the handler's frames, which hold
-    the Wrapper: a cycle through the whole connection (h2 state, buffers, ~130 objects)
-    that only the cyclic GC could free. With 1000 streams open those collections took
-    1-5 ms each and landed on other workloads' new streams; cut, the connection is freed
-    by reference counting when its last request ends."""
-
-    def accept(self, stream: Any, headers: Any, release_stream: Any) -> None:
-        super().accept(stream, headers, release_stream)
-        task = self._tasks.get(stream)
-        if task is not None:
-            task.add_done_callback(lambda _task: _drop_error(stream))
-
-
-def _drop_error(stream: Any) -> None:
-    wrapper = getattr(stream, "wrapper", None)
-    if wrapper is not None:
-        wrapper._error = None
-
-
-class PeerCredServer(grpclib.server.Server):
-    def _protocol_factory(self) -> H2Protocol:
-        # grpclib's own factory, with the two classes above in place of its defaults.
-        self.__gc_step__()
-        handler = _AcyclicHandler(self._mapping, self._codec, self._status_details_codec, self.__dispatch__)
-        self._handlers.add(handler)
+class PeerCredServer(GuardedServer):
+    def _protocol(self, handler: GuardedHandler) -> H2Protocol:
         return _PeerCredProtocol(handler, self._config, self._h2_config)
 
 
@@ -156,7 +120,7 @@ def bind_unix_socket(path: str | Path, mode: int, dir_mode: int = 0o755) -> sock
 
 
 async def serve_unix(handlers: Sequence[Any], path: str | Path, mode: int) -> PeerCredServer:
-    server = PeerCredServer(list(handlers), codec=PassThroughProtoCodec())
+    server = PeerCredServer(list(handlers))
     sock = bind_unix_socket(path, mode)
     # grpclib re-listens on the socket; keep a deep backlog for fleets of workloads starting at once.
     await server.start(sock=sock, backlog=4096)

@@ -390,6 +390,19 @@ async def test_undecodable_request_is_an_error_not_a_crash(server: Server, chann
     assert (await stub.CountEntries(CountReq(), timeout=TIMEOUT)).count == 0
 
 
+async def test_an_oversized_request_is_resource_exhausted(server: Server, channels: list[Channel]) -> None:
+    import struct
+
+    stub = await operator_stub(server, channels)
+    with pytest.raises(GRPCError) as err:
+        async with stub.ListEntries.open(timeout=TIMEOUT) as st:
+            await st.send_request()
+            await st._stream.send_data(b"\x00" + struct.pack(">I", 64 * 1024 * 1024))
+            await st.recv_message()
+    assert err.value.status is Status.RESOURCE_EXHAUSTED
+    assert (await stub.CountEntries(CountReq(), timeout=TIMEOUT)).count == 0
+
+
 async def _workload_svids(
     sock: str,
 ) -> dict[str, tuple[list[x509.Certificate], object, list[x509.Certificate]]]:

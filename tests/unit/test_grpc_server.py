@@ -64,10 +64,11 @@ async def test_our_settings_leave_at_accept_time() -> None:
     from grpclib.config import Configuration
     from h2.config import H2Configuration
 
-    from workload_api.grpc_server import _AcyclicHandler, _PeerCredProtocol
+    from meshid.grpc_base import GuardedHandler
+    from workload_api.grpc_server import _PeerCredProtocol
 
     real = FakeTransport()
-    handler = _AcyclicHandler({}, None, None, None)  # type: ignore[arg-type]
+    handler = GuardedHandler({}, None, None, None)  # type: ignore[arg-type]
     proto = _PeerCredProtocol(handler, Configuration().__for_server__(), H2Configuration(client_side=False))
     proto.connection_made(real)
     assert real.sent and real.sent[0][3:4] == b"\x04"  # frame type 4: SETTINGS
@@ -92,8 +93,9 @@ async def test_a_finished_stream_leaves_no_cycle_for_the_gc(tmp_path: Any) -> No
     import grpclib.const
     from grpclib.client import Channel
 
+    from meshid.grpc_base import GuardedHandler
     from workload_api._gen import workload_pb2
-    from workload_api.grpc_server import _AcyclicHandler, _PeerCredProtocol, serve_unix
+    from workload_api.grpc_server import _PeerCredProtocol, serve_unix
 
     finished = asyncio.Event()
 
@@ -127,7 +129,7 @@ async def test_a_finished_stream_leaves_no_cycle_for_the_gc(tmp_path: Any) -> No
         server.__gc_collect__()  # grpclib forgets finished connections every 10th accept
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
-        ours = (_PeerCredProtocol, _AcyclicHandler, grpclib.server.Stream)
+        ours = (_PeerCredProtocol, GuardedHandler, grpclib.server.Stream)
         left = [o for o in gc.garbage if isinstance(o, ours)]
         assert left == []
     finally:

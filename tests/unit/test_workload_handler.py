@@ -355,6 +355,20 @@ async def refused(api: Api, token: str) -> str:
     return exc.value.message or ""
 
 
+async def test_an_oversized_request_is_refused_and_the_agent_keeps_serving(api: Api) -> None:
+    # Any local user may connect: an announced 4 GiB request must not be read into memory.
+    import struct
+
+    api.caller(WEB)
+    with pytest.raises(GRPCError) as exc:
+        async with api.stub.ValidateJWTSVID.open(metadata=HEADER, timeout=10) as st:
+            await st.send_request()
+            await st._stream.send_data(b"\x00" + struct.pack(">I", 0xFFFFFFFF))
+            await st.recv_message()
+    assert exc.value.status == Status.RESOURCE_EXHAUSTED
+    assert (await validate(api, OWN.token("/svc"))).spiffe_id == "spiffe://example.org/svc"
+
+
 async def test_validate_uses_the_callers_bundles(api: Api) -> None:
     api.caller(WEB)
     assert (await validate(api, OWN.token("/svc"))).spiffe_id == "spiffe://example.org/svc"

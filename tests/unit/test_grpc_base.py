@@ -1,0 +1,155 @@
+"""meshid's grpclib servers (meshid/grpc_base.py): a request above the size limit is refused
+before its body is read, a malformed or compressed one gets a clear status, and the server
+keeps serving. Over a real socket with grpclib's client writing raw frames."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpclib.const
+import pytest
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+from h2.exceptions import StreamClosedError
+
+from meshid.grpc_base import MAX_MESSAGE_BYTES, GuardedServer
+from workload_api._gen import workload_pb2
+
+METHOD = "/SpiffeWorkloadAPI/ValidateJWTSVID"
+Req, Reply = workload_pb2.ValidateJWTSVIDRequest, workload_pb2.ValidateJWTSVIDResponse
+UNARY = grpclib.const.Cardinality.UNARY_UNARY
+
+
+class Echo:
+    """Answers each request with its audience as the SPIFFE ID."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    async def validate(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        self.seen.append(req)
+        await stream.send_message(Reply(spiffe_id=req.audience))
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return {METHOD: grpclib.const.Handler(self.validate, UNARY, Req, Reply)}
+
+
+@asynccontextmanager
+async def serving(tmp: Path, **kwargs: Any) -> AsyncIterator[tuple[Echo, Channel]]:
+    echo = Echo()
+    server = GuardedServer([echo], **kwargs)
+    await server.start(path=str(tmp / "g.sock"))
+    ch = Channel(path=str(tmp / "g.sock"))
+    try:
+        yield echo, ch
+    finally:
+        ch.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def call(ch: Channel, audience: str) -> Any:
+    async with ch.request(METHOD, UNARY, Req, Reply, timeout=10) as st:
+        await st.send_message(Req(audience=audience), end=True)
+        return await st.recv_message()
+
+
+async def raw_call(ch: Channel, frame: bytes, body: bytes = b"") -> GRPCError:
+    """Send `frame` (a message prefix, maybe with a body) as the request's first bytes and
+    return the status the server ends the call with."""
+    with pytest.raises(GRPCError) as err:
+        async with ch.request(METHOD, UNARY, Req, Reply, timeout=10) as st:
+            await st.send_request()
+            await st._stream.send_data(frame + body)
+            await st.recv_message()
+    return err.value
+
+
+async def test_a_message_above_the_limit_is_refused_before_its_body(short_tmp: Path) -> None:
+    async with serving(short_tmp) as (echo, ch):
+        # Only the prefix: had the server waited for the announced body, this would time out.
+        err = await raw_call(ch, b"\x00" + struct.pack(">I", MAX_MESSAGE_BYTES + 1))
+        assert err.status is Status.RESOURCE_EXHAUSTED
+        assert f"{MAX_MESSAGE_BYTES + 1} bytes exceeds the limit of {MAX_MESSAGE_BYTES}" in str(err.message)
+        assert echo.seen == []
+        assert (await call(ch, "still-serving")).spiffe_id == "still-serving"
+
+
+async def test_the_limit_is_inclusive_and_configurable(short_tmp: Path) -> None:
+    async with serving(short_tmp, max_message_bytes=1024) as (echo, ch):
+        at_limit = Req(audience="a" * 1021)  # field tag + 2-byte length + 1021 = 1024 bytes
+        assert at_limit.ByteSize() == 1024
+        assert (await call(ch, at_limit.audience)).spiffe_id == at_limit.audience
+        err = await raw_call(ch, b"\x00" + struct.pack(">I", 1025))
+        assert err.status is Status.RESOURCE_EXHAUSTED
+
+
+async def test_a_caller_pushing_a_huge_body_is_cut_off_not_buffered(short_tmp: Path) -> None:
+    # 16 MiB announced and sent: the server answers at the prefix and acknowledges no more
+    # flow control, so the sender is stopped within a window (4 MiB), not taken in whole.
+    async with serving(short_tmp) as (echo, ch):
+        size, chunk, sent = 16 * 1024 * 1024, b"A" * (1 << 20), 0
+        with pytest.raises((GRPCError, StreamClosedError, StreamTerminatedError, asyncio.TimeoutError)):
+            async with ch.request(METHOD, UNARY, Req, Reply, timeout=10) as st:
+                await st.send_request()
+                await st._stream.send_data(b"\x00" + struct.pack(">I", size))
+                for _ in range(size // len(chunk)):
+                    await asyncio.wait_for(st._stream.send_data(chunk), 2)
+                    sent += len(chunk)
+                await st.recv_message()
+        assert sent <= 8 * 1024 * 1024
+        assert echo.seen == []
+        assert (await call(ch, "after")).spiffe_id == "after"
+
+
+async def test_a_malformed_message_is_invalid_argument_and_logs_no_traceback(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with serving(short_tmp) as (echo, ch):
+        junk = b"\xff\xff\xff"
+        err = await raw_call(ch, b"\x00" + struct.pack(">I", len(junk)), junk)
+        assert err.status is Status.INVALID_ARGUMENT
+        assert err.message == "malformed ValidateJWTSVIDRequest message"
+        assert (await call(ch, "ok")).spiffe_id == "ok"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_a_compressed_message_is_unimplemented(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with serving(short_tmp) as (echo, ch):
+        body = Req(audience="x").SerializeToString()
+        err = await raw_call(ch, b"\x01" + struct.pack(">I", len(body)), body)
+        assert err.status is Status.UNIMPLEMENTED
+        assert err.message == "compressed messages are not supported"
+        assert echo.seen == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_other_not_implemented_errors_stay_errors(short_tmp: Path) -> None:
+    class Unfinished(Echo):
+        async def validate(self, stream: Any) -> None:
+            await stream.recv_message()
+            raise NotImplementedError("todo")
+
+    server = GuardedServer([Unfinished()])
+    await server.start(path=str(short_tmp / "u.sock"))
+    ch = Channel(path=str(short_tmp / "u.sock"))
+    try:
+        with pytest.raises(GRPCError) as err:
+            await call(ch, "x")
+        assert err.value.status is Status.UNKNOWN  # grpclib's answer to an application error
+    finally:
+        ch.close()
+        server.close()
+        await server.wait_closed()
