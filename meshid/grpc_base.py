@@ -8,11 +8,19 @@ grpclib leaves to its users.
 - **Clear statuses for malformed requests.** A message that does not parse is
   INVALID_ARGUMENT, a compressed one (we offer no compression) UNIMPLEMENTED; grpclib would
   answer UNKNOWN "Internal Server Error" and log a traceback for the caller's mistake.
+- **Malformed HTTP/2 requests answered, not logged as our failures.** grpclib has h2's
+  header validation off (for speed) and indexes `:method` and `:path` unchecked, so a
+  request without them, with an undecodable `-bin` metadata value or with a non-ASCII
+  header left the caller without an answer and put a traceback in our log at ERROR, once
+  per request anyone could send. Such a stream is reset (PROTOCOL_ERROR, as RFC 9113 §8.1.1
+  asks), a non-ASCII header block ends the connection as h2's other protocol errors do.
 - **No reference cycle per finished request** (GuardedHandler).
 """
 
 from __future__ import annotations
 
+import binascii
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,7 +29,11 @@ from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
+from grpclib.metadata import decode_bin_value
 from grpclib.protocol import H2Protocol
+from h2.errors import ErrorCodes
+
+log = logging.getLogger("meshid.grpc")
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default largest received message
 
@@ -68,12 +80,49 @@ class GuardedHandler(grpclib.server.Handler):
     max_message_bytes = MAX_MESSAGE_BYTES
 
     def accept(self, stream: Any, headers: Any, release_stream: Any) -> None:
+        problem = malformed_request(headers)
+        if problem is not None:
+            # Debug only: anyone who can connect could otherwise fill the log.
+            log.debug("malformed gRPC request refused: %s", problem)
+            stream.reset_nowait(ErrorCodes.PROTOCOL_ERROR)
+            release_stream()
+            return
         # grpclib reads a message as recv_data(5) for the prefix, then recv_data(length).
         stream.recv_data = _bounded(stream.recv_data, self.max_message_bytes)
         super().accept(stream, headers, release_stream)
         task = self._tasks.get(stream)
         if task is not None:
             task.add_done_callback(lambda _task: _drop_error(stream))
+
+
+def malformed_request(headers: Any) -> str | None:
+    """What grpclib's request handler would fail on in these request headers, or None."""
+    names = set()
+    for name, value in headers:
+        names.add(name)
+        if name.endswith("-bin"):
+            try:
+                decode_bin_value(value.encode("ascii"))
+            except (binascii.Error, ValueError):
+                return f"undecodable binary metadata {name!r}"
+    missing = {":method", ":path"} - names
+    if missing:
+        return f"missing {' and '.join(sorted(missing))}"
+    return None
+
+
+class GuardedProtocol(H2Protocol):
+    """grpclib's HTTP/2 protocol, ending a connection whose header block is not ASCII (h2
+    decodes it with grpclib's `header_encoding="ascii"` and lets the UnicodeDecodeError out,
+    which asyncio reports as a fatal error with a traceback) as grpclib ends one with an h2
+    protocol error."""
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            super().data_received(data)
+        except UnicodeDecodeError:
+            log.debug("HTTP/2 header block is not ASCII; connection closed")
+            self.processor.close("Protocol error")
 
 
 def _drop_error(stream: Any) -> None:
@@ -114,4 +163,4 @@ class GuardedServer(grpclib.server.Server):
         return self._protocol(handler)
 
     def _protocol(self, handler: GuardedHandler) -> H2Protocol:
-        return H2Protocol(handler, self._config, self._h2_config)
+        return GuardedProtocol(handler, self._config, self._h2_config)

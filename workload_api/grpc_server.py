@@ -19,7 +19,7 @@ from grpclib.protocol import H2Protocol
 
 from attestors.workload.base import Caller
 from meshid.errors import AttestationError
-from meshid.grpc_base import GuardedHandler, GuardedServer
+from meshid.grpc_base import GuardedHandler, GuardedProtocol, GuardedServer
 from meshid.listeners import prepare_socket_path, umask
 from workload_api.peercred import peer_credentials
 
@@ -64,7 +64,7 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
-class _PeerCredProtocol(H2Protocol):
+class _PeerCredProtocol(GuardedProtocol):
     """grpclib's HTTP/2 protocol, with the peer's credentials read at accept time and the
     transport's writes coalesced (CoalescingTransport)."""
 

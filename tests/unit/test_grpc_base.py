@@ -153,3 +153,81 @@ async def test_other_not_implemented_errors_stay_errors(short_tmp: Path) -> None
         ch.close()
         server.close()
         await server.wait_closed()
+
+
+# ----------------------------------------------------------------------------- malformed HTTP/2
+async def raw_h2(sock: str, headers: list[tuple[Any, Any]]) -> list[Any]:
+    """Send one request with exactly these headers (h2's own checks off, as a hostile client
+    would) and return what the server answered: h2 events, or "closed"."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    reader, writer = await asyncio.open_unix_connection(sock)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False))
+    conn.initiate_connection()
+    conn.send_headers(1, headers)
+    conn.send_data(1, b"\x00\x00\x00\x00\x00", end_stream=True)
+    writer.write(conn.data_to_send())
+    seen: list[Any] = []
+    try:
+        while not seen:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            if not data:
+                seen.append("closed")
+                break
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.StreamReset | h2.events.ResponseReceived):
+                    seen.append(ev)
+            writer.write(conn.data_to_send())
+    except (BrokenPipeError, ConnectionResetError):
+        seen.append("closed")
+    finally:
+        writer.close()
+    return seen
+
+
+GOOD = [(":method", "POST"), (":scheme", "http"), (":path", METHOD), (":authority", "x"),
+        ("content-type", "application/grpc"), ("te", "trailers")]
+
+
+@pytest.mark.parametrize("headers", [
+    [h for h in GOOD if h[0] != ":method"],
+    [h for h in GOOD if h[0] != ":path"],
+    [*GOOD, ("trace-bin", "!!!not base64")],
+], ids=["no-method", "no-path", "bad-bin-metadata"])
+async def test_a_malformed_request_is_reset_quietly(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture, headers: list[tuple[str, str]]
+) -> None:
+    import h2.errors
+    import h2.events
+
+    caplog.set_level(logging.INFO)
+    async with serving(short_tmp) as (echo, ch):
+        (answer,) = await raw_h2(str(short_tmp / "g.sock"), headers)
+        assert isinstance(answer, h2.events.StreamReset)
+        assert answer.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        assert echo.seen == []
+        assert (await call(ch, "ok")).spiffe_id == "ok"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+@pytest.mark.parametrize("extra", [("x-note", "café".encode()), ("x-café".encode(), b"1")],
+                         ids=["value", "name"])
+async def test_a_non_ascii_header_ends_the_connection_quietly(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture, extra: tuple[Any, Any]
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with serving(short_tmp) as (echo, ch):
+        assert await raw_h2(str(short_tmp / "g.sock"), [*GOOD, extra]) == ["closed"]
+        assert (await call(ch, "ok")).spiffe_id == "ok"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_well_formed_headers_pass() -> None:
+    from grpclib.metadata import encode_bin_value
+
+    from meshid.grpc_base import malformed_request
+
+    assert malformed_request([*GOOD, ("trace-bin", encode_bin_value(b"\x01\x02").decode())]) is None
