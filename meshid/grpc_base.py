@@ -22,7 +22,7 @@ from __future__ import annotations
 import binascii
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpclib.server
 from google.protobuf.message import DecodeError
@@ -34,6 +34,8 @@ from grpclib.protocol import H2Protocol
 from h2.errors import ErrorCodes
 
 log = logging.getLogger("meshid.grpc")
+
+_Request = TypeVar("_Request")
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default largest received message
 
@@ -55,6 +57,15 @@ class GuardedProtoCodec(ProtoCodec):
             return super().decode(data, message_type)
         except DecodeError as exc:
             raise GRPCError(Status.INVALID_ARGUMENT, f"malformed {message_type.__name__} message") from exc
+
+
+async def recv_request(stream: grpclib.server.Stream[_Request, Any]) -> _Request:
+    """The call's request message: a call the client ended without one is its error,
+    INVALID_ARGUMENT, not an assertion failure logged as ours."""
+    message = await stream.recv_message()
+    if message is None:
+        raise GRPCError(Status.INVALID_ARGUMENT, "missing request message")
+    return message
 
 
 def _bounded(recv_data: Callable[[int], Awaitable[bytes]], limit: int) -> Callable[[int], Awaitable[bytes]]:

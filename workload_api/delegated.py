@@ -27,6 +27,7 @@ from attestors.workload.unix import parse_status
 from meshid._gen.spire.api.types import jwtsvid_pb2, selector_pb2, spiffeid_pb2, x509svid_pb2
 from meshid.entry import Entry
 from meshid.errors import AttestationError, InvalidSelectorError
+from meshid.grpc_base import recv_request
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from workload_api._gen.spire.api.agent.delegatedidentity.v1 import delegatedidentity_grpc
@@ -165,8 +166,7 @@ class DelegatedIdentityHandler(delegatedidentity_grpc.DelegatedIdentityBase):
     async def SubscribeToX509SVIDs(
         self, stream: Stream[pb.SubscribeToX509SVIDsRequest, pb.SubscribeToX509SVIDsResponse]
     ) -> None:
-        req = await stream.recv_message()
-        assert req is not None
+        req = await recv_request(stream)
         caller = await self._authorized_caller(stream)
         target = await self._target(req.selectors, req.pid)
 
@@ -191,8 +191,7 @@ class DelegatedIdentityHandler(delegatedidentity_grpc.DelegatedIdentityBase):
         )
 
     async def FetchJWTSVIDs(self, stream: Stream[pb.FetchJWTSVIDsRequest, pb.FetchJWTSVIDsResponse]) -> None:
-        req = await stream.recv_message()
-        assert req is not None
+        req = await recv_request(stream)
         audience = [a for a in req.audience if a]
         if not audience:
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")

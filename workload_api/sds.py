@@ -34,6 +34,7 @@ from grpclib.server import Stream
 
 from meshid.bundle import Bundle
 from meshid.errors import InvalidSpiffeIdError
+from meshid.grpc_base import recv_request
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from workload_api.cache import SvidCache, X509Svid
@@ -274,8 +275,7 @@ class SdsHandler(SecretDiscoveryServiceBase):
         return CallerView.from_cache(self.cache, selectors)
 
     async def FetchSecrets(self, stream: Stream[DiscoveryRequest, DiscoveryResponse]) -> None:
-        req = await stream.recv_message()
-        assert req is not None
+        req = await recv_request(stream)
         check_type_url(req)
         selectors = await self.id.selectors(stream)
         await self.id.wait_ready()

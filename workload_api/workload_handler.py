@@ -27,6 +27,7 @@ from grpclib.server import Stream
 
 from meshid.bundle import Bundle
 from meshid.errors import AttestationError
+from meshid.grpc_base import recv_request
 from meshid.jwtsvid import InvalidJwtSvidError, validate_jwt_svid
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
@@ -195,8 +196,7 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
         self, stream: Stream[workload_pb2.JWTSVIDRequest, workload_pb2.JWTSVIDResponse]
     ) -> None:
         check_header(stream)
-        req = await stream.recv_message()
-        assert req is not None
+        req = await recv_request(stream)
         audience = [a for a in req.audience if a]
         if not audience:
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
@@ -242,8 +242,7 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
         self, stream: Stream[workload_pb2.ValidateJWTSVIDRequest, workload_pb2.ValidateJWTSVIDResponse]
     ) -> None:
         check_header(stream)
-        req = await stream.recv_message()
-        assert req is not None
+        req = await recv_request(stream)
         if not req.audience:
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
         if not req.svid:

@@ -369,6 +369,24 @@ async def test_an_oversized_request_is_refused_and_the_agent_keeps_serving(api: 
     assert (await validate(api, OWN.token("/svc"))).spiffe_id == "spiffe://example.org/svc"
 
 
+@pytest.mark.parametrize("method", ["FetchJWTSVID", "ValidateJWTSVID"])
+async def test_a_call_ended_without_its_request_is_invalid_argument(
+    api: Api, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO)
+    api.caller(WEB)
+    with pytest.raises(GRPCError) as exc:
+        async with getattr(api.stub, method).open(metadata=HEADER, timeout=10) as st:
+            await st.send_request()
+            await st._stream.end()  # grpclib's client would not let us end a unary call unsent
+            await st.recv_message()
+    assert exc.value.status == Status.INVALID_ARGUMENT
+    assert exc.value.message == "missing request message"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
 async def test_validate_uses_the_callers_bundles(api: Api) -> None:
     api.caller(WEB)
     assert (await validate(api, OWN.token("/svc"))).spiffe_id == "spiffe://example.org/svc"
