@@ -14,6 +14,8 @@ grpclib leaves to its users.
   header left the caller without an answer and put a traceback in our log at ERROR, once
   per request anyone could send. Such a stream is reset (PROTOCOL_ERROR, as RFC 9113 §8.1.1
   asks), a non-ASCII header block ends the connection as h2's other protocol errors do.
+- **Bounded error messages.** A status message quoting the request is cut to 1 KiB
+  (bounded_status_message): hpack's encoder is quadratic in a header's length.
 - **No reference cycle per finished request** (GuardedHandler).
 """
 
@@ -38,6 +40,7 @@ log = logging.getLogger("meshid.grpc")
 _Request = TypeVar("_Request")
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default largest received message
+MAX_STATUS_MESSAGE = 1024  # characters of an error message sent back (bounded_status_message)
 
 _COMPRESSION_REFUSED = "Compression not implemented"  # grpclib's words for a compressed message
 
@@ -142,10 +145,26 @@ def _drop_error(stream: Any) -> None:
         wrapper._error = None
 
 
-def _refusing_compression(func: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+def bounded_status_message(message: str | None) -> str | None:
+    """At most MAX_STATUS_MESSAGE characters of an error message for the grpc-message
+    trailer. Messages may quote the request (a name, an audience), and hpack's pure-Python
+    Huffman encoder is quadratic: a 200 KB trailer held the event loop for 4 s, a 2 MB one
+    for minutes, for every caller of the process."""
+    if message is None or len(message) <= MAX_STATUS_MESSAGE:
+        return message
+    return f"{message[:MAX_STATUS_MESSAGE]}... ({len(message) - MAX_STATUS_MESSAGE} more characters)"
+
+
+def _answered(func: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+    """A method handler whose errors reach the caller as a clear, bounded status."""
+
     async def handle(stream: Any) -> None:
         try:
             await func(stream)
+        except GRPCError as exc:
+            if exc.message is not None and len(exc.message) > MAX_STATUS_MESSAGE:
+                raise GRPCError(exc.status, bounded_status_message(exc.message), exc.details) from None
+            raise
         except NotImplementedError as exc:
             if str(exc) != _COMPRESSION_REFUSED:
                 raise
@@ -162,7 +181,7 @@ class GuardedServer(grpclib.server.Server):
         super().__init__(handlers, **kwargs)
         self._max_message_bytes = max_message_bytes
         self._mapping = {
-            name: h._replace(func=_refusing_compression(h.func)) for name, h in self._mapping.items()
+            name: h._replace(func=_answered(h.func)) for name, h in self._mapping.items()
         }
 
     def _protocol_factory(self) -> H2Protocol:

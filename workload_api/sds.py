@@ -52,6 +52,10 @@ ALL_BUNDLES_NAME = "ALL"
 DISABLE_SPIFFE_VALIDATION_KEY = "disable_spiffe_cert_validation"
 # The SPIFFE certificate validator first shipped in Envoy 1.18.
 LAST_ENVOY_WITHOUT_SPIFFE_VALIDATOR = (1, 17)
+# One workload's secrets are a handful of names; a request of 100k names held the event loop
+# (every workload on the node) for a second of parsing.
+MAX_RESOURCE_NAMES = 1024
+MAX_NAMES_IN_ERROR = 10
 
 
 # ---------------------------------------------------------------------------- errors
@@ -64,7 +68,10 @@ class SdsError(Exception):
 class UnknownResourceError(SdsError):
     def __init__(self, names: Iterable[str]) -> None:
         self.names = sorted(set(names))
-        super().__init__(f"workload is not authorized for the requested identities {self.names}")
+        shown = self.names[:MAX_NAMES_IN_ERROR]
+        more = len(self.names) - len(shown)
+        super().__init__(f"workload is not authorized for the requested identities {shown}"
+                         + (f" and {more} more" if more else ""))
 
 
 class UnsupportedResourceError(SdsError):
@@ -165,7 +172,10 @@ def resolve(names: Sequence[str], view: CallerView, spiffe_validator: bool) -> l
     """The secrets answering `names` (SPEC §4 table), in request order.
 
     Raises UnknownResourceError for names the caller may not have, NotIssuedYetError when a
-    held identity has no SVID yet, UnsupportedResourceError for ALL on an old Envoy."""
+    held identity has no SVID yet, UnsupportedResourceError for ALL on an old Envoy, and
+    SdsError for more than MAX_RESOURCE_NAMES names."""
+    if len(names) > MAX_RESOURCE_NAMES:
+        raise SdsError(f"at most {MAX_RESOURCE_NAMES} resource names per request, got {len(names)}")
     wanted = list(dict.fromkeys(n for n in names if n))  # Envoy may repeat names; answer each once
     by_id = {s.spiffe_id: s for s in view.svids}
     if not wanted:

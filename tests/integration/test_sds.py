@@ -316,6 +316,23 @@ async def test_unknown_resource_is_invalid_argument(dev_stack: DevStack, name: s
         assert err.value.status == Status.INVALID_ARGUMENT
 
 
+async def test_many_names_are_refused_at_once_and_errors_stay_short(dev_stack: DevStack) -> None:
+    # A request of 100k names held the agent's loop for a second of parsing, and the error
+    # quoting all of them (2 MB) for minutes of hpack encoding: every workload waited.
+    async with sds(dev_stack) as stub:
+        with pytest.raises(GRPCError) as err:
+            await asyncio.wait_for(stub.FetchSecrets(request([f"bogus-{i}" for i in range(100_000)])), 10)
+        assert err.value.status == Status.INVALID_ARGUMENT
+        assert err.value.message == "at most 1024 resource names per request, got 100000"
+        with pytest.raises(GRPCError) as err:
+            await asyncio.wait_for(stub.FetchSecrets(request([f"bogus-{i:04}" for i in range(1000)])), 10)
+        assert err.value.status == Status.INVALID_ARGUMENT
+        message = err.value.message or ""
+        assert "'bogus-0000'" in message and "'bogus-0010'" not in message
+        assert message.endswith("and 990 more")
+        assert (await stub.FetchSecrets(request(["default"]))).resources
+
+
 async def test_wrong_type_url_and_delta_secrets(dev_stack: DevStack) -> None:
     async with sds(dev_stack) as stub:
         bad = request(["default"])

@@ -136,6 +136,32 @@ async def test_a_compressed_message_is_unimplemented(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
+async def test_an_error_quoting_a_huge_request_is_cut_short(short_tmp: Path) -> None:
+    # hpack's encoder is quadratic: a 2 MB grpc-message took minutes of the event loop.
+    class Quoting(Echo):
+        async def validate(self, stream: Any) -> None:
+            req = await stream.recv_message()
+            raise GRPCError(Status.INVALID_ARGUMENT, f"audience {req.audience!r} is not ours")
+
+    server = GuardedServer([Quoting()])
+    await server.start(path=str(short_tmp / "q.sock"))
+    ch = Channel(path=str(short_tmp / "q.sock"))
+    try:
+        with pytest.raises(GRPCError) as err:
+            await asyncio.wait_for(call(ch, "a" * 2_000_000), 10)
+        assert err.value.status is Status.INVALID_ARGUMENT
+        message = str(err.value.message)
+        assert message.startswith("audience 'aaa") and message.endswith(" more characters)")
+        assert len(message) < 1100
+        with pytest.raises(GRPCError) as err:
+            await call(ch, "short")
+        assert err.value.message == "audience 'short' is not ours"  # short ones are untouched
+    finally:
+        ch.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_other_not_implemented_errors_stay_errors(short_tmp: Path) -> None:
     class Unfinished(Echo):
         async def validate(self, stream: Any) -> None:
