@@ -42,6 +42,7 @@ from meshid.errors import (
     PermissionDeniedError,
     UnauthenticatedError,
 )
+from meshid.grpc_base import recv_request
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from meshid.tls import peer_certificate, peer_spiffe_id
@@ -278,9 +279,7 @@ class EntryApi(entry_grpc.EntryBase):
     async def _unary(self, stream: Stream[Req, Resp], handle: Callable[[Req], Awaitable[Resp]]) -> None:
         try:
             await self.authorize(stream)
-            request = await stream.recv_message()  # malformed: INVALID_ARGUMENT (GuardedProtoCodec)
-            if request is None:
-                raise ValueError("missing request message")
+            request = await recv_request(stream)  # malformed or missing: INVALID_ARGUMENT
             reply = await handle(request)
         except GRPCError:
             raise

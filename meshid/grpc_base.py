@@ -109,6 +109,12 @@ class GuardedHandler(grpclib.server.Handler):
             task.add_done_callback(lambda _task: _drop_error(stream))
 
 
+def _drop_error(stream: Any) -> None:
+    wrapper = getattr(stream, "wrapper", None)
+    if wrapper is not None:
+        wrapper._error = None
+
+
 def malformed_request(headers: Any) -> str | None:
     """What grpclib's request handler would fail on in these request headers, or None."""
     names = set()
@@ -139,12 +145,6 @@ class GuardedProtocol(H2Protocol):
             self.processor.close("Protocol error")
 
 
-def _drop_error(stream: Any) -> None:
-    wrapper = getattr(stream, "wrapper", None)
-    if wrapper is not None:
-        wrapper._error = None
-
-
 def bounded_status_message(message: str | None) -> str | None:
     """At most MAX_STATUS_MESSAGE characters of an error message for the grpc-message
     trailer. Messages may quote the request (a name, an audience), and hpack's pure-Python
@@ -162,9 +162,10 @@ def _answered(func: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitab
         try:
             await func(stream)
         except GRPCError as exc:
-            if exc.message is not None and len(exc.message) > MAX_STATUS_MESSAGE:
-                raise GRPCError(exc.status, bounded_status_message(exc.message), exc.details) from None
-            raise
+            message = bounded_status_message(exc.message)
+            if message is exc.message:
+                raise
+            raise GRPCError(exc.status, message, exc.details) from None
         except NotImplementedError as exc:
             if str(exc) != _COMPRESSION_REFUSED:
                 raise
