@@ -22,6 +22,15 @@ The workloads use grpcio's asyncio API (gRPC C-core, which py-spiffe is built on
 py-spiffe itself reads each stream from a thread with grpcio's blocking API; tried here,
 1000 such threads cost more CPU than the agent and every figure got worse.
 
+Where the push tail goes with grpcio (strace of workloads during this bench): a message reaches
+the application after four thread hand-offs inside the client. C-core's epoll thread wakes a
+C-core worker, which reads the socket and signals grpcio's poller thread, which wakes the
+asyncio loop. Each hand-off needs a CPU. On 2 cores shared with the agent and the server, one
+now and then waits 3-4 ms. That happens after the agent has already handed all 10 messages to
+the kernel (the agent's part is printed separately). Pinning the clients to one core and the
+agent and server to the other brought the agent's part under 1 ms at p99, but made the
+end-to-end push worse (p50 2-4 ms), so the bench does not pin.
+
 Sample sizes: 500 new streams and 30 rotations (300 pushes). A rotation's pushes are one
 workload process's 10 streams and share its hiccups, so with 10 rotations the "p99" of 100
 pushes was in effect the worst rotation's last push, a maximum rather than a percentile.
