@@ -46,6 +46,9 @@ log = logging.getLogger("meshid.agent_api")
 MAX_CSR_BYTES = 16 * 1024
 MAX_KNOWN = 100_000
 MAX_FEDERATED = 1000
+# scheduled_rotation_at is a Unix time that goes into the issuance event as an RFC 3339
+# timestamp: it must be one (years 1970-9999).
+MAX_UNIX_TIME = 253_402_300_799
 
 AGENT_KEY = web.RequestKey("agent", AgentRecord)
 
@@ -229,6 +232,8 @@ class AgentApi:
             if not isinstance(item, dict) or not isinstance(item.get("entry_id"), str):
                 raise ValueError(f"requests[{i}] needs entry_id and csr")
             sched = item.get("scheduled_rotation_at")
+            if isinstance(sched, (int, float)) and not 0 <= sched <= MAX_UNIX_TIME:
+                raise ValueError(f"requests[{i}].scheduled_rotation_at must be a Unix time")
             reqs.append(
                 X509Request(
                     item["entry_id"],

@@ -1,0 +1,114 @@
+"""The agent API (issuer/api/agent_api.py) against hostile input from a legitimately
+attested agent and from unauthenticated callers: bad input is a 4xx JSON error, never an
+internal error with a traceback."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from attestors.node.join_token import new_token
+from issuer.ca.devpki import ensure_dev_upstream
+from issuer.config import server_config_from_dict
+from issuer.server import Server
+from meshid.entry import Entry
+from meshid.selector import Selector
+from meshid.spiffe_id import SpiffeId
+from meshid.tls import client_context
+from workload_api.keys import csr_for, new_key
+
+pytestmark = pytest.mark.integration
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@dataclass
+class Attested:
+    server: Server
+    url: str
+    session: aiohttp.ClientSession  # presents the agent SVID
+    anonymous: aiohttp.ClientSession  # no client certificate
+    agent_id: SpiffeId
+    entry: Entry
+
+
+async def _post(session: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
+    async with session.post(url, json=body) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+@pytest.fixture
+async def attested(short_tmp: Path) -> AsyncIterator[Attested]:
+    """A server alone (SQLite, dev upstream) and one agent attested with a join token."""
+    upstream = ensure_dev_upstream(short_tmp / "upstream")
+    secret = short_tmp / "master.secret"
+    secret.write_text("hostile-test-master-secret-0123456789\n")
+    secret.chmod(0o600)
+    server = Server(server_config_from_dict({
+        "trust_domain": "example.org",
+        "data_dir": str(short_tmp / "server"),
+        "server": {
+            "bind_address": "127.0.0.1", "agent_api_port": 0, "grpc_port": 0, "health_port": 0,
+            "admin_socket_path": str(short_tmp / "admin.sock"),
+            "master_secret_file": str(secret), "master_secret_env": "",
+        },
+        "upstream": {"disk": {"cert_file": str(upstream.cert_file), "key_file": str(upstream.key_file),
+                              "bundle_file": str(upstream.bundle_file)}},
+    }))
+    await server.start()
+    sessions: list[aiohttp.ClientSession] = []
+    try:
+        assert server.ds is not None
+        roots = list(server.ca.bundle.x509_authorities)
+        url = f"https://127.0.0.1:{server.agent_api_port}/v1"
+        anonymous = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context(roots)))
+        sessions.append(anonymous)
+        tok = new_token(600)
+        await server.ds.create_join_token(tok.token_hash, tok.token_id, tok.expires_at)
+        key = new_key()
+        status, body = await _post(anonymous, f"{url}/agent/attest", {
+            "attestor": "join_token", "payload": {"token": tok.token}, "csr": b64(csr_for(key))})
+        assert status == 200, body
+        chain = [x509.load_der_x509_certificate(base64.b64decode(c)) for c in body["svid"]]
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=client_context(roots, chain, key)))
+        sessions.append(session)
+        agent_id = SpiffeId.parse(body["agent_id"])
+        entry = await server.entries.create(Entry(
+            "", SpiffeId(server.td, "/hostile/w"), agent_id, (Selector("unix", "uid:1000"),)))
+        yield Attested(server, url, session, anonymous, agent_id, entry)
+    finally:
+        for s in sessions:
+            await s.close()
+        await server.stop()
+
+
+@pytest.mark.parametrize("when", [1e308, -1e308, 2**63, 2**64 + 5, 1e13])
+async def test_sign_x509_scheduled_rotation_out_of_range_is_invalid_argument(
+    attested: Attested, when: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scheduled_rotation_at no clock can show is the caller's error (it went into the
+    issuance event's timestamp: OverflowError / ValueError after the leaf was minted)."""
+    csr = b64(csr_for(ec.generate_private_key(ec.SECP256R1())))
+    with caplog.at_level(logging.WARNING):
+        status, body = await _post(attested.session, f"{attested.url}/agent/sign/x509", {
+            "requests": [{"entry_id": attested.entry.id, "csr": csr, "scheduled_rotation_at": when}]})
+    assert status == 400, body
+    assert body["error"]["code"] == "invalid_argument"
+    assert "scheduled_rotation_at" in body["error"]["message"]
+    assert "internal error" not in caplog.text
+    # A real schedule is still accepted.
+    status, body = await _post(attested.session, f"{attested.url}/agent/sign/x509", {
+        "requests": [{"entry_id": attested.entry.id, "csr": csr, "scheduled_rotation_at": 1.8e9}]})
+    assert status == 200 and "svid" in body["results"][0], body
