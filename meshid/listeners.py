@@ -7,13 +7,21 @@ plain HTTP is only for health and metrics and binds loopback unless told otherwi
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import ssl
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+# A connection with no complete request (idle after its last response, fresh out of the TLS
+# handshake, or still trickling headers) is closed after this. aiohttp's default is an
+# hour: anyone who could connect held ~270 KB (asyncio's TLS buffers) per connection for it.
+IDLE_TIMEOUT = 60.0
 
 
 class Listener:
@@ -34,8 +42,25 @@ class Listener:
             Path(self.address).unlink(missing_ok=True)  # noqa: ASYNC240 - shutdown; no stale socket
 
 
+class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's connection-level log: a request aiohttp refuses as malformed HTTP (request
+    line or header too long, bad header, bad chunked framing, undecodable Content-Encoding)
+    is answered 400 and logged at debug, so callers cannot fill the log with ERROR
+    tracebacks; anything else stays at ERROR."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        level = logging.DEBUG if isinstance(exc, HttpProcessingError) else logging.ERROR
+        self.log(level, msg, *args, exc_info=exc_info, **kwargs)
+
+
+_SERVER_LOG = cast(logging.Logger, _ServerLog(logging.getLogger("aiohttp.server"), {}))
+
+
 async def _runner(app: web.Application) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, keepalive_timeout=IDLE_TIMEOUT, logger=_SERVER_LOG
+    )
     await runner.setup()
     return runner
 

@@ -1,0 +1,67 @@
+"""meshid/listeners.py against hostile HTTP callers: a caller that trickles its headers (or
+sends nothing) is disconnected, and a malformed request is answered 400 without an ERROR
+traceback in the log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+from meshid import listeners
+
+
+async def _ready() -> tuple[bool, dict[str, object]]:
+    return True, {}
+
+
+async def test_trickled_headers_are_cut_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(listeners, "IDLE_TIMEOUT", 0.5)
+    listener = await listeners.plain_listener(listeners.health_app(_ready), "127.0.0.1", 0)
+    try:
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", listener.port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(b"GET /live HTTP/1.1\r\nHost: x\r\n")
+        start = time.monotonic()
+        closed = False
+        while time.monotonic() - start < 5:
+            writer.write(b"X-Slow: 1\r\n")  # never the blank line that ends the headers
+            await writer.drain()
+            try:
+                if await asyncio.wait_for(reader.read(1), 0.2) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+        assert closed, "a caller trickling headers was never disconnected"
+        assert await asyncio.wait_for(idle_r.read(1), 2) == b""  # nothing sent at all
+        writer.close()
+        idle_w.close()
+    finally:
+        await listener.stop()
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /live HTTP/1.1\r\nHost: x\r\nBad Name: a\r\n\r\n",
+    b"GET /live HTTP/9.9\r\nHost: x\r\n\r\n",
+    b"POST /live HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+])
+async def test_malformed_http_is_a_400_without_error_traceback(
+    request_bytes: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = await listeners.plain_listener(listeners.health_app(_ready), "127.0.0.1", 0)
+    try:
+        with caplog.at_level(logging.INFO):
+            reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+            writer.write(request_bytes)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            await asyncio.sleep(0.05)
+        assert answer.split(b"\r\n", 1)[0].endswith(b"400 Bad Request")
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    finally:
+        await listener.stop()
