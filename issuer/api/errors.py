@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from meshid.errors import (
     AlreadyExistsError,
@@ -21,6 +23,10 @@ from meshid.errors import (
 log = logging.getLogger("meshid.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# How long a request body may take to arrive once its headers have: without a bound, a
+# caller trickling bytes (or leaving a chunked body unfinished) held its handler forever.
+BODY_TIMEOUT = 60.0
 
 
 def error_response(
@@ -66,15 +72,28 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 async def read_json(request: web.Request) -> dict[str, object]:
-    """Parse a JSON object body; size is bounded by the app's client_max_size."""
+    """Parse a JSON object body; size is bounded by the app's client_max_size, the time it
+    takes to arrive by BODY_TIMEOUT."""
     if request.content_type != "application/json":
         raise ValueError("request body must be application/json")
     try:
         # orjson: batches of 500 CSRs parse ~3x faster; it is stricter (no NaN, bad UTF-8
         # or nesting beyond 1024 levels), each a ValueError like the stdlib's errors.
-        body = await request.json(loads=orjson.loads)
+        async with asyncio.timeout(BODY_TIMEOUT):
+            body = await request.json(loads=orjson.loads)
     except web.HTTPRequestEntityTooLarge:
         raise
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(
+            text=orjson.dumps({"error": {"code": "deadline_exceeded", "message": (
+                f"request body not received within {BODY_TIMEOUT:g} s")}}).decode(),
+            content_type="application/json",
+        ) from None
+    except web.RequestPayloadError as exc:
+        # Content-Encoding that does not decode, broken chunked framing: the caller's error.
+        cause = exc.__cause__
+        reason = cause.message if isinstance(cause, HttpProcessingError) else "malformed body"
+        raise ValueError(f"request body could not be read: {reason}") from None
     except ValueError as exc:
         raise ValueError(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
