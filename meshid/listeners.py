@@ -46,11 +46,13 @@ class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """aiohttp's connection-level log: a request aiohttp refuses as malformed HTTP (request
     line or header too long, bad header, bad chunked framing, undecodable Content-Encoding)
     is answered 400 and logged at debug, so callers cannot fill the log with ERROR
-    tracebacks; anything else stays at ERROR."""
+    tracebacks; anything else stays at ERROR. (A body that fails to decode is raised again,
+    as RequestPayloadError, when aiohttp drains what the handler left unread.)"""
 
     def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
         exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
-        level = logging.DEBUG if isinstance(exc, HttpProcessingError) else logging.ERROR
+        caller = isinstance(exc, (HttpProcessingError, web.RequestPayloadError))
+        level = logging.DEBUG if caller else logging.ERROR
         self.log(level, msg, *args, exc_info=exc_info, **kwargs)
 
 

@@ -9,6 +9,7 @@ import logging
 import time
 
 import pytest
+from aiohttp import web
 
 from meshid import listeners
 
@@ -62,6 +63,35 @@ async def test_malformed_http_is_a_400_without_error_traceback(
             writer.close()
             await asyncio.sleep(0.05)
         assert answer.split(b"\r\n", 1)[0].endswith(b"400 Bad Request")
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    finally:
+        await listener.stop()
+
+
+async def test_undecodable_body_is_not_an_error_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """A body claiming gzip that is not: the handler answers 400; aiohttp meets the same
+    decoding error again when it drains the unread body, which is the caller's fault too."""
+
+    async def handler(request: web.Request) -> web.Response:
+        try:
+            await request.read()
+        except web.RequestPayloadError:
+            return web.Response(status=400, text="bad body")
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/x", handler)
+    listener = await listeners.plain_listener(app, "127.0.0.1", 0)
+    try:
+        with caplog.at_level(logging.INFO):
+            reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+            writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+                         b"Content-Length: 4\r\n\r\nabcd")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            await asyncio.sleep(0.05)
+        assert answer.startswith(b"HTTP/1.1 400"), answer
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     finally:
         await listener.stop()
