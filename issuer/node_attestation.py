@@ -18,6 +18,7 @@ from cryptography import x509
 
 from attestors.node.base import AttestationRequest, Challenge, NodeAttestor
 from issuer.admission import TokenBucket
+from issuer.ca import minting
 from issuer.ca.slots import CaManager, svid_chain
 from issuer.datastore.base import AgentRecord, DataStore
 from issuer.events import ocsf
@@ -98,6 +99,9 @@ class AgentService:
         """First step: either a challenge (session id, nonce) or, without one, the agent SVID."""
         self._limit(request.source)
         attestor = self._attestor(request.attestor)
+        # A CSR that cannot be signed is refused now, not after the attestor has spent
+        # single-use evidence (a join token) on an attempt that cannot succeed.
+        minting.load_csr_public_key(csr)
         try:
             challenge = await attestor.challenge(request)
         except AttestationError as exc:

@@ -112,3 +112,21 @@ async def test_sign_x509_scheduled_rotation_out_of_range_is_invalid_argument(
     status, body = await _post(attested.session, f"{attested.url}/agent/sign/x509", {
         "requests": [{"entry_id": attested.entry.id, "csr": csr, "scheduled_rotation_at": 1.8e9}]})
     assert status == 200 and "svid" in body["results"][0], body
+
+
+async def test_bad_csr_does_not_use_up_the_join_token(attested: Attested) -> None:
+    """A CSR the server would refuse to sign is refused before attestation: the join token
+    (single use) is not spent on an attempt that cannot succeed."""
+    assert attested.server.ds is not None
+    tok = new_token(600)
+    await attested.server.ds.create_join_token(tok.token_hash, tok.token_id, tok.expires_at)
+    url = f"{attested.url}/agent/attest"
+    bad = csr_for(new_key())
+    bad = bad[:-3] + bytes([bad[-3] ^ 1]) + bad[-2:]  # signature no longer matches
+    for csr in (b"\0\0\0", bad):
+        status, body = await _post(attested.anonymous, url, {
+            "attestor": "join_token", "payload": {"token": tok.token}, "csr": b64(csr)})
+        assert status == 400 and body["error"]["code"] == "invalid_argument", body
+    status, body = await _post(attested.anonymous, url, {
+        "attestor": "join_token", "payload": {"token": tok.token}, "csr": b64(csr_for(new_key()))})
+    assert status == 200, body
