@@ -44,6 +44,11 @@ from meshid.tls import peer_certificate, spiffe_id_of_cert
 log = logging.getLogger("meshid.agent_api")
 
 MAX_CSR_BYTES = 16 * 1024
+# Body limit of the two calls open to callers without an SVID (the largest real evidence,
+# an x509pop chain of five certificates with the CSR, is tens of KiB). The app-wide limit
+# (max_request_bytes, 4 MiB) let anyone send 4 MiB of JSON that parses into ~100 MB of
+# Python objects, held across the attestation's awaits.
+MAX_ATTEST_BODY = 256 * 1024
 MAX_KNOWN = 100_000
 MAX_FEDERATED = 1000
 # scheduled_rotation_at is a Unix time that goes into the issuance event as an RFC 3339
@@ -154,7 +159,7 @@ class AgentApi:
         )
 
     async def attest(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
+        body = await read_json(request, MAX_ATTEST_BODY)
         attestor = body.get("attestor")
         payload = body.get("payload", {})
         if not isinstance(attestor, str) or not attestor:
@@ -170,7 +175,7 @@ class AgentApi:
         return web.json_response({"session": session, "challenge": b64(nonce)})
 
     async def answer(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
+        body = await read_json(request, MAX_ATTEST_BODY)
         session = body.get("session")
         if not isinstance(session, str) or not session or len(session) > 128:
             raise ValueError("session must be the string returned by /v1/agent/attest")

@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from attestors.node.join_token import new_token
+from issuer.api.agent_api import MAX_ATTEST_BODY
 from issuer.ca.devpki import ensure_dev_upstream
 from issuer.config import server_config_from_dict
 from issuer.server import Server
@@ -45,7 +46,9 @@ class Attested:
 
 async def _post(session: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
     async with session.post(url, json=body) as resp:
-        return resp.status, await resp.json(content_type=None)
+        if resp.content_type != "application/json":
+            return resp.status, await resp.text()
+        return resp.status, await resp.json()
 
 
 @pytest.fixture
@@ -129,4 +132,17 @@ async def test_bad_csr_does_not_use_up_the_join_token(attested: Attested) -> Non
         assert status == 400 and body["error"]["code"] == "invalid_argument", body
     status, body = await _post(attested.anonymous, url, {
         "attestor": "join_token", "payload": {"token": tok.token}, "csr": b64(csr_for(new_key()))})
+    assert status == 200, body
+
+
+@pytest.mark.parametrize("path", ["attest", "attest/answer"])
+async def test_unauthenticated_bodies_are_small(attested: Attested, path: str) -> None:
+    """Without an SVID a caller may send MAX_ATTEST_BODY, not the 4 MiB sync and sign
+    batches need: 4 MiB of '[],' parses into ~100 MB of lists, held per request."""
+    pad = MAX_ATTEST_BODY
+    status, _ = await _post(attested.anonymous, f"{attested.url}/agent/{path}", {"pad": [[]] * (pad // 3)})
+    assert status == 413
+    # The limit is only on these two: an agent's call takes the app-wide limit.
+    status, body = await _post(attested.session, f"{attested.url}/agent/report",
+                               {"pad": [[]] * (pad // 3), "workload_attestation_failures": []})
     assert status == 200, body
