@@ -239,11 +239,14 @@ class AgentApi:
             sched = item.get("scheduled_rotation_at")
             if isinstance(sched, (int, float)) and not 0 <= sched <= MAX_UNIX_TIME:
                 raise ValueError(f"requests[{i}].scheduled_rotation_at must be a Unix time")
+            reason = item.get("rotation_reason", "initial")
+            if not isinstance(reason, str):
+                raise ValueError(f"requests[{i}].rotation_reason must be a string")
             reqs.append(
                 X509Request(
                     item["entry_id"],
                     unb64(item.get("csr"), f"requests[{i}].csr"),
-                    str(item.get("rotation_reason", "initial")),
+                    reason,
                     float(sched) if isinstance(sched, (int, float)) else None,
                 )
             )

@@ -146,3 +146,21 @@ async def test_unauthenticated_bodies_are_small(attested: Attested, path: str) -
     status, body = await _post(attested.session, f"{attested.url}/agent/report",
                                {"pad": [[]] * (pad // 3), "workload_attestation_failures": []})
     assert status == 200, body
+
+
+async def test_sign_x509_rotation_reason_must_be_a_string(
+    attested: Attested, caplog: pytest.LogCaptureFixture
+) -> None:
+    """rotation_reason was str()-ed whatever it was: a list nested 1000 deep (orjson allows
+    1024) made repr() raise RecursionError, a 500 with a traceback at ERROR."""
+    csr = b64(csr_for(new_key()))
+    url = f"{attested.url}/agent/sign/x509"
+    headers = {"Content-Type": "application/json"}
+    with caplog.at_level(logging.WARNING):
+        for reason in (b"[" * 1000 + b"]" * 1000, b"5", b'{"a": 1}'):
+            raw = (b'{"requests": [{"entry_id": "%s", "csr": "%s", "rotation_reason": %s}]}'
+                   % (attested.entry.id.encode(), csr.encode(), reason))
+            async with attested.session.post(url, data=raw, headers=headers) as resp:
+                body = await resp.json(content_type=None)
+                assert resp.status == 400 and "rotation_reason" in body["error"]["message"], body
+    assert "internal error" not in caplog.text
