@@ -25,13 +25,13 @@ from issuer.events.model import Event
 from meshid import telemetry
 from meshid.entry import Entry
 from meshid.errors import PermissionDeniedError
+from meshid.jwtsvid import check_audience_bounds
 
 log = logging.getLogger("meshid.signing")
 
 MAX_BATCH = 500
 EXECUTOR_THRESHOLD = 8
 ROTATION_REASONS = ("initial", "scheduled", "forced", "tainted", "expired", "entry_changed")
-MAX_AUDIENCES = 32
 
 
 @dataclass(frozen=True)
@@ -199,12 +199,9 @@ class SigningService:
         return run()
 
     async def sign_jwt(self, agent: AgentRecord, entry_id: str, audience: list[str]) -> tuple[str, int]:
-        if (
-            not audience
-            or not all(isinstance(a, str) and a for a in audience)
-            or len(audience) > MAX_AUDIENCES
-        ):
+        if not audience or not all(isinstance(a, str) and a for a in audience):
             raise ValueError("audience must be a non-empty list of non-empty strings")
+        check_audience_bounds(audience)
         async with self.admission.admit(str(agent.agent_id), 1, kind="jwt"):
             index = await self.entries.index()
             entry = index.authorized(agent.agent_id, agent.selectors).get(entry_id)

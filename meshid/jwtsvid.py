@@ -7,7 +7,7 @@ signatures, expired tokens, a wrong audience and a `sub` that is not a SPIFFE ID
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jwt
@@ -19,10 +19,27 @@ from meshid.spiffe_id import SpiffeId, TrustDomain
 ALLOWED_ALGS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512")
 MAX_TOKEN_BYTES = 16 * 1024
 CLOCK_SKEW = 30.0
+# Bounds on the audiences of a JWT-SVID request, far above any real deployment (SPIRE sets
+# none; tokens are sent in HTTP headers, where a few KiB is already much): without them a
+# 4 MB audience made a 5.5 MB token and a 4 MB issuance event.
+MAX_AUDIENCES = 64
+MAX_AUDIENCE_LENGTH = 2048
 
 
 class InvalidJwtSvidError(MeshidError, ValueError):
     pass
+
+
+def check_audience_bounds(audience: Sequence[object]) -> None:
+    """Refuse (ValueError) more than MAX_AUDIENCES values or one above MAX_AUDIENCE_LENGTH
+    characters; the agent's Workload API and the server's signing both apply it."""
+    if len(audience) > MAX_AUDIENCES:
+        raise ValueError(f"at most {MAX_AUDIENCES} audience values are allowed, got {len(audience)}")
+    for value in audience:
+        if isinstance(value, str) and len(value) > MAX_AUDIENCE_LENGTH:
+            raise ValueError(
+                f"an audience value may be at most {MAX_AUDIENCE_LENGTH} characters, got one of {len(value)}"
+            )
 
 
 def validate_jwt_svid(

@@ -28,6 +28,7 @@ from meshid._gen.spire.api.types import jwtsvid_pb2, selector_pb2, spiffeid_pb2,
 from meshid.entry import Entry
 from meshid.errors import AttestationError, InvalidSelectorError
 from meshid.grpc_base import recv_request
+from meshid.jwtsvid import check_audience_bounds
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from workload_api._gen.spire.api.agent.delegatedidentity.v1 import delegatedidentity_grpc
@@ -195,6 +196,10 @@ class DelegatedIdentityHandler(delegatedidentity_grpc.DelegatedIdentityBase):
         audience = [a for a in req.audience if a]
         if not audience:
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
+        try:
+            check_audience_bounds(audience)
+        except ValueError as exc:
+            raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
         await self._authorized_caller(stream)
         target = await self._target(req.selectors, req.pid)
         entries = handed_out(self.cache.matching_entries(target))

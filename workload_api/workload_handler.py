@@ -28,7 +28,7 @@ from grpclib.server import Stream
 from meshid.bundle import Bundle
 from meshid.errors import AttestationError
 from meshid.grpc_base import recv_request
-from meshid.jwtsvid import InvalidJwtSvidError, validate_jwt_svid
+from meshid.jwtsvid import InvalidJwtSvidError, check_audience_bounds, validate_jwt_svid
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from workload_api._gen import workload_grpc, workload_pb2
@@ -200,6 +200,10 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
         audience = [a for a in req.audience if a]
         if not audience:
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
+        try:
+            check_audience_bounds(audience)
+        except ValueError as exc:
+            raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
         wanted: SpiffeId | None = None
         if req.spiffe_id:
             try:
@@ -245,6 +249,10 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
         req = await recv_request(stream)
         if not req.audience:
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
+        try:
+            check_audience_bounds([req.audience])
+        except ValueError as exc:
+            raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
         if not req.svid:
             raise GRPCError(Status.INVALID_ARGUMENT, "svid must be specified")
         # As SPIRE: the caller's own bundles decide, and a caller matching no entry is not

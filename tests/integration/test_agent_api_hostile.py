@@ -22,6 +22,7 @@ from issuer.ca.devpki import ensure_dev_upstream
 from issuer.config import server_config_from_dict
 from issuer.server import Server
 from meshid.entry import Entry
+from meshid.jwtsvid import MAX_AUDIENCE_LENGTH, MAX_AUDIENCES
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId
 from meshid.tls import client_context
@@ -164,3 +165,19 @@ async def test_sign_x509_rotation_reason_must_be_a_string(
                 body = await resp.json(content_type=None)
                 assert resp.status == 400 and "rotation_reason" in body["error"]["message"], body
     assert "internal error" not in caplog.text
+
+
+async def test_sign_jwt_audience_is_bounded(attested: Attested) -> None:
+    """A 4 MB audience made a 5.5 MB token and a 4 MB issuance event."""
+    url = f"{attested.url}/agent/sign/jwt"
+    eid = attested.entry.id
+    for audience, limit in (
+        (["a" * (MAX_AUDIENCE_LENGTH + 1)], f"at most {MAX_AUDIENCE_LENGTH} characters"),
+        ([f"aud{i}" for i in range(MAX_AUDIENCES + 1)], f"at most {MAX_AUDIENCES} audience values"),
+    ):
+        status, body = await _post(attested.session, url, {"entry_id": eid, "audience": audience})
+        assert status == 400 and body["error"]["code"] == "invalid_argument", body
+        assert limit in body["error"]["message"]
+    at_limit = [f"{i:02d}".ljust(MAX_AUDIENCE_LENGTH, "a") for i in range(MAX_AUDIENCES)]
+    status, body = await _post(attested.session, url, {"entry_id": eid, "audience": at_limit})
+    assert status == 200 and body["token"], body

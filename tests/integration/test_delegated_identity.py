@@ -36,6 +36,7 @@ from meshid._gen.spire.api.types import selector_pb2
 from meshid.cli.dev import DevStack, start_dev
 from meshid.der import load_der_certificates
 from meshid.entry import Entry
+from meshid.jwtsvid import MAX_AUDIENCE_LENGTH
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId
 from workload_api._gen.spire.api.agent.delegatedidentity.v1 import delegatedidentity_grpc
@@ -312,6 +313,10 @@ async def test_request_validation(stack: DevStack) -> None:
             await expect_status(svids.next(), Status.INVALID_ARGUMENT)
         await expect_status(stub.FetchJWTSVIDs(pb.FetchJWTSVIDsRequest(selectors=[CILIUM_PB])),
                             Status.INVALID_ARGUMENT)  # no audience
+        # Audience bounds come first (without them: PERMISSION_DENIED, nothing is registered).
+        too_long = pb.FetchJWTSVIDsRequest(audience=["a" * (MAX_AUDIENCE_LENGTH + 1)], selectors=[CILIUM_PB])
+        message = await expect_status(stub.FetchJWTSVIDs(too_long), Status.INVALID_ARGUMENT)
+        assert f"at most {MAX_AUDIENCE_LENGTH} characters" in message
         # Nothing is registered for these selectors yet.
         cilium_jwt = pb.FetchJWTSVIDsRequest(audience=["a"], selectors=[CILIUM_PB])
         await expect_status(stub.FetchJWTSVIDs(cilium_jwt), Status.PERMISSION_DENIED)

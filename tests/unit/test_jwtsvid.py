@@ -13,7 +13,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshid.bundle import Bundle
-from meshid.jwtsvid import InvalidJwtSvidError, validate_jwt_svid
+from meshid.jwtsvid import (
+    MAX_AUDIENCE_LENGTH,
+    MAX_AUDIENCES,
+    InvalidJwtSvidError,
+    check_audience_bounds,
+    validate_jwt_svid,
+)
 from meshid.spiffe_id import SpiffeId, TrustDomain
 
 TD = TrustDomain("example.org")
@@ -212,3 +218,11 @@ def test_non_numeric_exp_is_refused(value: Any) -> None:
         validate(token)
     with pytest.raises(InvalidJwtSvidError):
         validate(token, now=None)
+
+
+def test_audience_bounds_are_inclusive_and_named_in_the_refusal() -> None:
+    check_audience_bounds(["a" * MAX_AUDIENCE_LENGTH] * MAX_AUDIENCES)
+    with pytest.raises(ValueError, match=f"at most {MAX_AUDIENCES} audience values"):
+        check_audience_bounds(["a"] * (MAX_AUDIENCES + 1))
+    with pytest.raises(ValueError, match=f"at most {MAX_AUDIENCE_LENGTH} characters"):
+        check_audience_bounds(["a", "a" * (MAX_AUDIENCE_LENGTH + 1)])

@@ -27,6 +27,7 @@ from attestors.workload.base import Caller
 from meshid.bundle import Bundle
 from meshid.entry import Entry
 from meshid.errors import ConfigError
+from meshid.jwtsvid import MAX_AUDIENCE_LENGTH, MAX_AUDIENCES
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from workload_api._gen import workload_grpc, workload_pb2
@@ -385,6 +386,33 @@ async def test_a_call_ended_without_its_request_is_invalid_argument(
     assert exc.value.status == Status.INVALID_ARGUMENT
     assert exc.value.message == "missing request message"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_audience_bounds_are_checked_before_anything_else(api: Api) -> None:
+    """A 4 MB audience went on to the server (FetchJWTSVID) or into PyJWT (Validate)."""
+    api.caller(WEB)
+    long = "a" * (MAX_AUDIENCE_LENGTH + 1)
+    for call in (
+        api.stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=[AUD, long]), metadata=HEADER, timeout=10),
+        api.stub.FetchJWTSVID(
+            workload_pb2.JWTSVIDRequest(audience=[AUD] * (MAX_AUDIENCES + 1)), metadata=HEADER, timeout=10
+        ),
+        validate(api, OWN.token("/svc"), audience=long),
+    ):
+        with pytest.raises(GRPCError) as exc:
+            await call
+        assert exc.value.status == Status.INVALID_ARGUMENT
+        assert "at most" in (exc.value.message or "")
+    # At the limit, the audience is simply one the token does not carry.
+    message = await refused_with(api, OWN.token("/svc"), "a" * MAX_AUDIENCE_LENGTH)
+    assert "token audience does not include" in message
+
+
+async def refused_with(api: Api, token: str, audience: str) -> str:
+    with pytest.raises(GRPCError) as exc:
+        await validate(api, token, audience)
+    assert exc.value.status == Status.INVALID_ARGUMENT
+    return exc.value.message or ""
 
 
 async def test_validate_uses_the_callers_bundles(api: Api) -> None:
