@@ -89,7 +89,7 @@ class Entry:
             if not isinstance(selectors, list):
                 raise ValueError("selectors must be a list of 'type:value' strings")
             return cls(
-                id=str(data.get("id", "")),
+                id=_str(data.get("id", ""), "id"),
                 spiffe_id=SpiffeId.parse(data["spiffe_id"]),
                 parent_id=SpiffeId.parse(data["parent_id"]),
                 selectors=parse_selectors(selectors),
@@ -99,13 +99,13 @@ class Entry:
                 federates_with=tuple(
                     TrustDomain.parse(t) for t in _str_list(data.get("federates_with", []), "federates_with")
                 ),
-                admin=bool(data.get("admin", False)),
-                downstream=bool(data.get("downstream", False)),
-                hint=str(data.get("hint", "")),
+                admin=_bool(data.get("admin", False), "admin"),
+                downstream=_bool(data.get("downstream", False), "downstream"),
+                hint=_str(data.get("hint", ""), "hint"),
                 revision_number=_int(data.get("revision_number", 0), "revision_number"),
                 created_at=_int(data.get("created_at", 0), "created_at"),
                 expires_at=_int(data.get("expires_at", 0), "expires_at"),
-                store_svid=bool(data.get("store_svid", False)),
+                store_svid=_bool(data.get("store_svid", False), "store_svid"),
             )
         except KeyError as exc:
             raise ValueError(f"entry is missing required field {exc.args[0]!r}") from None
@@ -114,6 +114,19 @@ class Entry:
 def _int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer")
+    return value
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):  # bool("false") is True
+        raise ValueError(f"{name} must be a boolean")
+    return value
+
+
+def _str(value: Any, name: str) -> str:
+    # Not str()-ed: a list nested 1000 deep (orjson allows 1024) made repr() raise RecursionError.
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string")
     return value
 
 

@@ -23,6 +23,7 @@ from meshid.entry import Entry
 from meshid.errors import PermissionDeniedError
 from meshid.spiffe_id import SpiffeId
 
+MIN_TOKEN_TTL = 1
 MAX_TOKEN_TTL = 7 * 24 * 3600
 
 
@@ -141,8 +142,13 @@ class AdminApi:
     async def create_token(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         ttl = body.get("ttl", self.token_ttl)
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TOKEN_TTL:
-            raise ValueError(f"ttl must be between 1 and {MAX_TOKEN_TTL} seconds")
+        # At least a second: a ttl of 0.0001 made a token that had expired when it was shown.
+        if (
+            isinstance(ttl, bool)
+            or not isinstance(ttl, (int, float))
+            or not MIN_TOKEN_TTL <= ttl <= MAX_TOKEN_TTL
+        ):
+            raise ValueError(f"ttl must be between {MIN_TOKEN_TTL} and {MAX_TOKEN_TTL} seconds")
         tok = new_token(float(ttl), self.entries.clock())
         await self.ds.create_join_token(tok.token_hash, tok.token_id, tok.expires_at)
         agent_id = f"spiffe://{self.trust_domain}/meshid/agent/join_token/{tok.token_id}"
@@ -161,7 +167,11 @@ class AdminApi:
 
     async def _agent_id(self, request: web.Request) -> SpiffeId:
         body = await read_json(request)
-        return SpiffeId.parse(str(body.get("agent_id", "")))
+        agent_id = body.get("agent_id")
+        # Not str()-ed: a list nested 1000 deep (orjson allows 1024) made repr() raise RecursionError.
+        if not isinstance(agent_id, str) or not agent_id:
+            raise ValueError("agent_id (a SPIFFE ID string) is required")
+        return SpiffeId.parse(agent_id)
 
     async def evict(self, request: web.Request) -> web.Response:
         await self.agents.evict(await self._agent_id(request))
@@ -203,6 +213,9 @@ class AdminApi:
         if op == "taint":
             return web.json_response(key_json(await self.ca.taint(key_id)))
         if op == "revoke":
-            await self.ca.revoke(key_id, force=bool(body.get("force", False)))
+            force = body.get("force", False)
+            if not isinstance(force, bool):  # bool("false") is True
+                raise ValueError("force must be a boolean")
+            await self.ca.revoke(key_id, force=force)
             return web.json_response({})
         raise web.HTTPNotFound(text="unknown CA operation")

@@ -1,0 +1,108 @@
+"""The admin API (issuer/api/admin_api.py) against bad input from its (root) caller: a
+clear 400, never an internal error with a traceback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from issuer.api.admin_api import MAX_TOKEN_TTL
+from issuer.ca.devpki import ensure_dev_upstream
+from issuer.config import server_config_from_dict
+from issuer.server import Server
+
+pytestmark = pytest.mark.integration
+
+DEEP = b"[" * 1000 + b"]" * 1000  # orjson accepts nesting up to 1024; repr() of it recurses too deep
+
+
+@pytest.fixture
+async def admin(short_tmp: Path) -> AsyncIterator[aiohttp.ClientSession]:
+    upstream = ensure_dev_upstream(short_tmp / "upstream")
+    secret = short_tmp / "master.secret"
+    secret.write_text("hostile-admin-master-secret-0123456789\n")
+    secret.chmod(0o600)
+    sock = short_tmp / "admin.sock"
+    server = Server(server_config_from_dict({
+        "trust_domain": "example.org",
+        "data_dir": str(short_tmp / "server"),
+        "server": {
+            "bind_address": "127.0.0.1", "agent_api_port": 0, "grpc_port": 0, "health_port": 0,
+            "admin_socket_path": str(sock), "master_secret_file": str(secret), "master_secret_env": "",
+        },
+        "upstream": {"disk": {"cert_file": str(upstream.cert_file), "key_file": str(upstream.key_file),
+                              "bundle_file": str(upstream.bundle_file)}},
+    }))
+    await server.start()
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as session:
+            yield session
+    finally:
+        await server.stop()
+
+
+async def call(session: aiohttp.ClientSession, method: str, path: str, raw: bytes) -> tuple[int, Any]:
+    async with session.request(method, f"http://meshid{path}", data=raw,
+                               headers={"Content-Type": "application/json"}) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+ENTRY = (b'"spiffe_id": "spiffe://example.org/w", "parent_id": "spiffe://example.org/agent", '
+         b'"selectors": ["unix:uid:1000"]')
+
+
+@pytest.mark.parametrize("path", ["/v1/agents/evict", "/v1/agents/ban"])
+async def test_agent_id_must_be_a_string(
+    admin: aiohttp.ClientSession, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """agent_id was str()-ed whatever it was: the deep list was a 500 (RecursionError)."""
+    with caplog.at_level(logging.WARNING):
+        for value in (DEEP, b"5", b'{"a": 1}', b"null"):
+            status, body = await call(admin, "POST", path, b'{"agent_id": %s}' % value)
+            assert status == 400 and "agent_id" in body["error"]["message"], body
+    assert "internal error" not in caplog.text
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("id", DEEP), ("id", b"5"),
+    ("admin", b'"false"'), ("admin", b"1"), ("downstream", b'"no"'), ("downstream", b"0"),
+    ("store_svid", b"[]"), ("hint", DEEP), ("hint", b"5"), ("hint", b"null"),
+])
+async def test_entry_fields_have_their_type(
+    admin: aiohttp.ClientSession, field: str, value: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """admin/downstream/store_svid were bool()-ed ("false" made an admin entry), id and
+    hint str()-ed (the deep list was a 500)."""
+    with caplog.at_level(logging.WARNING):
+        raw = b'{%s, "%s": %s}' % (ENTRY, field.encode(), value)
+        status, body = await call(admin, "POST", "/v1/entries", raw)
+        assert status == 400 and body["error"]["code"] == "invalid_argument", body
+        assert field in body["error"]["message"]
+        status, created = await call(admin, "POST", "/v1/entries", b"{%s}" % ENTRY)
+        assert status == 201 and created["admin"] is False, created
+        if field != "id":  # an update keeps the entry's id whatever the body says
+            status, body = await call(admin, "PUT", f"/v1/entries/{created['id']}",
+                                      b'{"%s": %s}' % (field.encode(), value))
+            assert status == 400 and field in body["error"]["message"], body
+    assert "internal error" not in caplog.text
+
+
+async def test_join_token_ttl_is_at_least_a_second(admin: aiohttp.ClientSession) -> None:
+    """A ttl of 0.0001 made a token that had expired before it was shown."""
+    for ttl in (b"0.0001", b"0.999", b"0", b"-1", b"%d" % (MAX_TOKEN_TTL + 1), b'"600"', b"true"):
+        status, body = await call(admin, "POST", "/v1/tokens", b'{"ttl": %s}' % ttl)
+        assert status == 400 and "ttl must be between 1 and" in body["error"]["message"], (ttl, body)
+    for ttl in (b"1", b"%d" % MAX_TOKEN_TTL):
+        status, body = await call(admin, "POST", "/v1/tokens", b'{"ttl": %s}' % ttl)
+        assert status == 201 and body["token"], body
+
+
+async def test_ca_revoke_force_must_be_a_boolean(admin: aiohttp.ClientSession) -> None:
+    """force was bool()-ed: "false" forced a revocation."""
+    status, body = await call(admin, "POST", "/v1/ca/revoke", b'{"key_id": "k", "force": "false"}')
+    assert status == 400 and "force must be a boolean" in body["error"]["message"], body
