@@ -39,6 +39,9 @@ def error_response(
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except web.HTTPRequestEntityTooLarge as exc:
+        # aiohttp's own answer is plain text; every other error here is JSON.
+        return error_response(413, "resource_exhausted", exc.text or "request body is too large")
     except web.HTTPException:
         raise
     except OverloadedError as exc:

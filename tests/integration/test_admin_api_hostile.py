@@ -106,3 +106,9 @@ async def test_ca_revoke_force_must_be_a_boolean(admin: aiohttp.ClientSession) -
     """force was bool()-ed: "false" forced a revocation."""
     status, body = await call(admin, "POST", "/v1/ca/revoke", b'{"key_id": "k", "force": "false"}')
     assert status == 400 and "force must be a boolean" in body["error"]["message"], body
+
+
+async def test_a_body_above_the_limit_is_a_json_413(admin: aiohttp.ClientSession) -> None:
+    """aiohttp's own 413 is plain text; every other error of these APIs is JSON."""
+    status, body = await call(admin, "POST", "/v1/entries", b'{"pad": "%s"}' % (b"a" * (1 << 20)))
+    assert status == 413 and body["error"]["code"] == "resource_exhausted", body

@@ -141,8 +141,10 @@ async def test_unauthenticated_bodies_are_small(attested: Attested, path: str) -
     """Without an SVID a caller may send MAX_ATTEST_BODY, not the 4 MiB sync and sign
     batches need: 4 MiB of '[],' parses into ~100 MB of lists, held per request."""
     pad = MAX_ATTEST_BODY
-    status, _ = await _post(attested.anonymous, f"{attested.url}/agent/{path}", {"pad": [[]] * (pad // 3)})
-    assert status == 413
+    status, body = await _post(attested.anonymous, f"{attested.url}/agent/{path}", {"pad": [[]] * (pad // 3)})
+    # JSON like every other error of the API (aiohttp's own 413 is plain text).
+    assert status == 413 and body["error"]["code"] == "resource_exhausted", body
+    assert f"Maximum request body size {pad} exceeded" in body["error"]["message"]
     # The limit is only on these two: an agent's call takes the app-wide limit.
     status, body = await _post(attested.session, f"{attested.url}/agent/report",
                                {"pad": [[]] * (pad // 3), "workload_attestation_failures": []})
