@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
@@ -68,7 +69,7 @@ class AgentService:
         self.agent_svid_ttl = agent_svid_ttl
         self.clock = clock
         self._rate = attest_rate_per_minute
-        self._sources: dict[str, TokenBucket] = {}
+        self._sources: OrderedDict[str, TokenBucket] = OrderedDict()  # least recently used first
         self._sessions: dict[str, _Session] = {}
         self._lock = asyncio.Lock()
         # Called once events are in the outbox (the server wakes its relay): sync and cheap.
@@ -83,8 +84,15 @@ class AgentService:
         bucket = self._sources.get(source)
         if bucket is None:
             if len(self._sources) >= MAX_SOURCES:
-                self._sources.clear()
+                # The least recently used address goes, not the whole table: a wipe reset
+                # every address's limit, so a flood of new addresses reset the flooder's own.
+                # Used longest ago, its bucket is the likeliest to be full again (dropping a
+                # full bucket loses nothing); to push out one still draining takes
+                # MAX_SOURCES addresses used since, each with a full bucket of its own.
+                self._sources.popitem(last=False)
             bucket = self._sources[source] = TokenBucket(self._rate / 60.0, max(1, self._rate))
+        else:
+            self._sources.move_to_end(source)
         wait = bucket.try_take(1)
         if wait > 0:
             raise OverloadedError("too many attestation attempts from this address", retry_after=wait)
