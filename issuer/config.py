@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from attestors.node.join_token import MAX_TOKEN_TTL, MIN_TOKEN_TTL
 from meshid.configload import Duration, build, check_identity_basics, check_spiffe_ids, doc, load_file
 from meshid.errors import ConfigError
 from meshid.spiffe_id import SpiffeId, TrustDomain
@@ -130,6 +131,13 @@ class UpstreamConfig:
 @dataclass
 class JoinTokenConfig:
     default_ttl: Duration = doc("lifetime of tokens made by `meshid token create`", default=Duration(3600))
+
+    def validate(self) -> None:
+        if not MIN_TOKEN_TTL <= self.default_ttl <= MAX_TOKEN_TTL:
+            raise ConfigError(
+                "node_attestors.join_token.default_ttl: must be between "
+                f"{MIN_TOKEN_TTL}s and {MAX_TOKEN_TTL}s"
+            )
 
 
 @dataclass

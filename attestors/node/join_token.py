@@ -19,6 +19,9 @@ from meshid.spiffe_id import TrustDomain
 
 NAME = "join_token"
 MAX_TOKEN_LENGTH = 256
+# A token's lifetime: at least a second (0.0001 made a token expired when shown), at most a week.
+MIN_TOKEN_TTL = 1
+MAX_TOKEN_TTL = 7 * 24 * 3600
 
 ConsumeFn = Callable[[str, int], Awaitable[str | None]]
 

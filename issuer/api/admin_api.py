@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from attestors.node.join_token import new_token
+from attestors.node.join_token import MAX_TOKEN_TTL, MIN_TOKEN_TTL, new_token
 from issuer.api.errors import error_middleware, read_json
 from issuer.ca.slots import JWT, X509, CaManager, LoadedKey
 from issuer.datastore.base import AgentRecord, DataStore
@@ -22,9 +22,6 @@ from issuer.node_attestation import AgentService
 from meshid.entry import Entry
 from meshid.errors import PermissionDeniedError
 from meshid.spiffe_id import SpiffeId
-
-MIN_TOKEN_TTL = 1
-MAX_TOKEN_TTL = 7 * 24 * 3600
 
 
 def _peer_uid(request: web.Request) -> int | None:

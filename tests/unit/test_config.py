@@ -67,6 +67,9 @@ def test_durations_accept_units_and_seconds(tmp_path: Path) -> None:
         ('[server]\nadmin_ids = ["spiffe://Example.org/admin"]\n', "server.admin_ids[0]", "lowercase"),
         ('log_level = "verbose"\n', "log_level", "must be"),
         ('[upstream.disk]\ncert_file = "/x.pem"\n', "upstream.disk", "must be set"),
+        # a default that would make every `meshid token create` fail
+        ('[node_attestors.join_token]\ndefault_ttl = "0s"\n', "join_token.default_ttl", "between"),
+        ('[node_attestors.join_token]\ndefault_ttl = "8d"\n', "join_token.default_ttl", "between"),
     ],
 )
 def test_mistakes_name_file_key_and_reason(tmp_path: Path, text: str, key: str, reason: str) -> None:
