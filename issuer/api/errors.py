@@ -29,6 +29,20 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 BODY_TIMEOUT = 60.0
 
 
+# The error codes of aiohttp's own HTTP errors, in the vocabulary of our JSON errors.
+_HTTP_CODES = {
+    400: "invalid_argument",
+    401: "unauthenticated",
+    403: "permission_denied",
+    404: "not_found",
+    405: "unimplemented",
+    408: "deadline_exceeded",
+    409: "already_exists",
+    413: "resource_exhausted",
+    429: "resource_exhausted",
+}
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
@@ -39,11 +53,14 @@ def error_response(
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except web.HTTPRequestEntityTooLarge as exc:
-        # aiohttp's own answer is plain text; every other error here is JSON.
-        return error_response(413, "resource_exhausted", exc.text or "request body is too large")
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        # aiohttp's own answers (unknown route 404, 405, body too large 413) are plain text;
+        # every error here is JSON.
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        code = _HTTP_CODES.get(exc.status, "internal" if exc.status >= 500 else "invalid_argument")
+        keep = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        return error_response(exc.status, code, exc.text or exc.reason, keep)
     except OverloadedError as exc:
         retry = max(0.05, exc.retry_after)
         return web.json_response(

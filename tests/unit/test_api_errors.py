@@ -105,3 +105,42 @@ async def test_body_that_never_arrives_times_out(monkeypatch: pytest.MonkeyPatch
         assert answer.startswith(b"HTTP/1.1 408"), answer
     finally:
         await runner.cleanup()
+
+
+async def test_aiohttp_own_errors_are_json_with_our_codes() -> None:
+    """Unknown route, wrong method and a handler's plain HTTPNotFound: JSON like every
+    other error of these APIs, with the Allow header of a 405 kept."""
+    import aiohttp
+
+    async def gone(request: web.Request) -> web.Response:
+        raise web.HTTPNotFound(text="unknown CA operation")
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_post("/gone", gone)
+    app.router.add_get("/ok", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            cases = [("GET", "/nowhere", 404, "not_found"), ("POST", "/ok", 405, "unimplemented"),
+                     ("POST", "/gone", 404, "not_found")]
+            for method, path, status, code in cases:
+                async with http.request(method, path) as resp:
+                    assert resp.status == status
+                    assert resp.content_type == "application/json"
+                    body = await resp.json()
+                    assert body["error"]["code"] == code and body["error"]["message"]
+                    if status == 405:
+                        assert resp.headers["Allow"] == "GET,HEAD"
+            async with http.post("/gone") as resp:
+                assert (await resp.json())["error"]["message"] == "unknown CA operation"
+            async with http.get("/ok") as resp:
+                assert resp.status == 200 and await resp.json() == {"ok": True}
+    finally:
+        await runner.cleanup()
