@@ -11,16 +11,15 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from pg import PostgresCluster, _clean_env, postgres_cluster, postgres_db, postgres_dsn  # noqa: F401
 from spiffe import WorkloadApiClient
+from waiting import wait_for
 
 from meshid.cli.dev import DevStack, start_dev
 from meshid.entry import Entry
@@ -60,19 +59,6 @@ def fetch_ids(sock: str) -> dict[str, x509.Certificate]:
         return {str(s.spiffe_id): s.leaf for s in client.fetch_x509_context().x509_svids}
     finally:
         client.close()
-
-
-async def wait_for(cond: Callable[[], Any], within: float, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = cond()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def meshid(*args: str) -> tuple[int, str]:

@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
 from pg import postgres_cluster, postgres_db, postgres_dsn  # noqa: F401  (registers the fixtures)
 from spiffe import WorkloadApiClient
+from waiting import wait_for
 
 from issuer.ca.keys import DiskKeyManager
 from issuer.ca.sealing import KeySealer
@@ -51,22 +51,6 @@ async def stack(dsn: str, short_tmp: Path) -> AsyncIterator[DevStack]:
         yield s
     finally:
         await s.stop()
-
-
-async def wait_for(cond: Callable[[], Any], within: float, what: str,
-                   poke: Callable[[], None] | None = None) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = cond()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        if poke is not None:
-            poke()
-        await asyncio.sleep(0.1)
 
 
 def fetch_ids(sock: str) -> dict[str, x509.Certificate]:

@@ -31,6 +31,7 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from h2.exceptions import StreamClosedError
+from waiting import wait_for
 
 from meshid._gen.spire.api.types import selector_pb2
 from meshid.cli.dev import DevStack, start_dev
@@ -101,14 +102,6 @@ async def stack(short_tmp: Path) -> AsyncIterator[DevStack]:
 
 def admin_socket(stack: DevStack) -> str:
     return stack.agent.config.admin_socket_path
-
-
-async def wait_until(pred: Callable[[], bool], what: str) -> None:
-    for _ in range(int(TIMEOUT / 0.05)):
-        if pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def add(stack: DevStack, path: str, selectors: tuple[Selector, ...] = (CILIUM,),
@@ -330,14 +323,14 @@ async def test_request_validation(stack: DevStack) -> None:
 async def test_pid_is_attested_as_a_workload(stack: DevStack, short_tmp: Path) -> None:
     await add(stack, "/user/nobody", selectors=(Selector("unix", f"uid:{NOBODY}"),))
     nobody_id = SpiffeId.parse(f"spiffe://{TD}/user/nobody")
-    await wait_until(lambda: any(s.spiffe_id == nobody_id for s in stack.agent.cache.svids.values()),
-                     "the nobody SVID")
+    await wait_for(lambda: any(s.spiffe_id == nobody_id for s in stack.agent.cache.svids.values()),
+        TIMEOUT, "the nobody SVID")
     proc = await asyncio.create_subprocess_exec(
         "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sleep", "60", cwd="/")
     try:
         # setpriv execs sleep in the same pid once the uid is dropped.
         comm = Path(f"/proc/{proc.pid}/comm")
-        await wait_until(lambda: comm.read_text().strip() == "sleep", "setpriv to exec sleep")
+        await wait_for(lambda: comm.read_text().strip() == "sleep", TIMEOUT, "setpriv to exec sleep")
         async with delegated(stack) as stub:
             req = pb.SubscribeToX509SVIDsRequest(pid=proc.pid)
             async with subscribe(stub.SubscribeToX509SVIDs, req) as svids:
@@ -368,8 +361,8 @@ async def test_caller_not_authorized(stack: DevStack) -> None:
     assert got == {"status": "PERMISSION_DENIED", "message": "no identity issued", "uid": NOBODY}
     await add(stack, "/user/nobody", selectors=(Selector("unix", f"uid:{NOBODY}"),))
     nobody_id = SpiffeId.parse(f"spiffe://{TD}/user/nobody")
-    await wait_until(lambda: any(e.spiffe_id == nobody_id for e in stack.agent.cache.entries.values()),
-                     "the nobody entry at the agent")
+    await wait_for(lambda: any(e.spiffe_id == nobody_id for e in stack.agent.cache.entries.values()),
+        TIMEOUT, "the nobody entry at the agent")
     got = await as_nobody()
     not_delegate = "caller not configured as an authorized delegate"
     assert got == {"status": "PERMISSION_DENIED", "message": not_delegate, "uid": NOBODY}

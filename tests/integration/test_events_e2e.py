@@ -18,7 +18,7 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from tansu import TansuBroker, free_port, tansu_broker  # noqa: F401  (registers the `tansu` fixture)
+from waiting import wait_for
 
 from attestors.workload.base import Caller
 from issuer.ca.devpki import ensure_dev_upstream
@@ -53,22 +54,6 @@ pytestmark = pytest.mark.integration
 HERE = Path(__file__).resolve().parent
 TOPIC = "meshid.events"
 TD = "example.org"
-
-
-async def wait_for(cond: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-async def wait_for_async(cond: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not await cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 # --- a plain consumer on every partition of the events topic --------------------------------
@@ -278,7 +263,7 @@ async def test_workload_attestation_failures_reach_the_outbox_aggregated(
         for _ in range(n // 10):
             await asyncio.gather(*(refused_call(stack.socket_path) for _ in range(10)))
         assert refusing.refused == n
-        await wait_for_async(lambda: counted(n), 20, f"{n} refusals counted in the outbox")
+        await wait_for(lambda: counted(n), 20, f"{n} refusals counted in the outbox")
         got = await failures()
         assert len(got) < n  # aggregated
         reasons = {f"test refusal #{i}" for i in range(12)}
@@ -302,7 +287,7 @@ async def test_workload_attestation_failures_reach_the_outbox_aggregated(
         # reports again: spend the budget, then add counts behind the agent API's back.
         agg.add(agent_id, "held back by the test", server.clock(), uid=4242, count=7)
         held = [row.seq async for row in iter_outbox(ds)]
-        await wait_for_async(lambda: counted(n + 7), 10, "the tick to flush the held-back counts")
+        await wait_for(lambda: counted(n + 7), 10, "the tick to flush the held-back counts")
         new = [d for d in await failures() if d["unmapped"]["reason"] == "held back by the test"]
         assert len(new) == 1 and new[0]["count"] == 7 and new[0]["unmapped"]["caller_uid"] == 4242
         assert agg.pending() == 0
@@ -378,7 +363,7 @@ auto_create_topics = true
                 stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL)
         finally:
             log.close()  # the child has its own copy
-        await wait_for_async(self._ready, 30, f"the server to be ready (log: {self.log})")
+        await wait_for(self._ready, 30, f"the server to be ready (log: {self.log})")
 
     async def _ready(self) -> bool:
         assert self.proc is not None
@@ -464,7 +449,7 @@ async def test_server_killed_with_undelivered_events_loses_nothing(
     tansu.stop()  # the broker is down: every event waits in the outbox
     srv.write_config(enable_idempotence=False)
     await srv.start()
-    await wait_for_async(lambda: _kafka_state(srv, "error"), 20, "the relay to report the broker down")
+    await wait_for(lambda: _kafka_state(srv, "error"), 20, "the relay to report the broker down")
 
     agent = await agent_for(srv, short_tmp)
     try:
@@ -518,7 +503,7 @@ async def test_idempotence_refused_is_visible_then_nothing_lost(
     await srv.start()
     tok = await srv.admin("POST", "/v1/tokens", {"ttl": 600})
     await create_entries(srv, tok["agent_id"], 5, "idem")
-    await wait_for_async(lambda: _kafka_state(srv, "error"), 20, "the refusal to show on /ready")
+    await wait_for(lambda: _kafka_state(srv, "error"), 20, "the refusal to show on /ready")
 
     detail = (await srv.ready())["events"]
     assert "InitProducerId" in detail["kafka"] and "enable_idempotence=false" in detail["kafka"]

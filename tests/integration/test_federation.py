@@ -13,7 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from grpclib.client import Channel
 from spiffe import WorkloadApiClient
+from waiting import wait_for
 
 from issuer.ca.devpki import ensure_dev_upstream
 from meshid.bundle import Bundle
@@ -44,14 +45,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def wait_until(pred: Callable[[], bool], what: str) -> None:
-    for _ in range(int(TIMEOUT / 0.05)):
-        if pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def federation_overrides(port: int, peer: TrustDomain, peer_port: int, peer_root: Path) -> dict[str, Any]:
@@ -193,8 +186,11 @@ async def federate(p: Pair) -> tuple[Entry, Entry]:
     server = await add_federated_entry(p.two, "/fed/server", ONE)
     for stack, peer, entry in ((p.one, TWO, client), (p.two, ONE, server)):
         cache = stack.agent.cache
-        await wait_until(lambda c=cache, t=peer, e=entry: t in c.federated and e.id in c.svids,  # type: ignore[misc]
-                         f"{stack.server.td} agent to hold {peer}'s bundle and the federated SVID")
+        def holds(c: Any = cache, t: TrustDomain = peer, e: Entry = entry) -> bool:
+            return t in c.federated and e.id in c.svids
+
+        what = f"{stack.server.td} agent to hold {peer}'s bundle and the federated SVID"
+        await wait_for(holds, TIMEOUT, what)
     return client, server
 
 
@@ -253,8 +249,8 @@ async def test_workloads_see_only_the_bundles_their_entries_federate_with(pair: 
     one_sock = pair.one.socket_path
     await add_federated_entry(pair.one, "/local-only", None, uid=1)
     cache = pair.one.agent.cache
-    await wait_until(lambda: any(e.spiffe_id.path == "/local-only" for e in cache.entries.values()),
-                     "the agent to receive the uid 1 entry")
+    await wait_for(lambda: any(e.spiffe_id.path == "/local-only" for e in cache.entries.values()),
+        TIMEOUT, "the agent to receive the uid 1 entry")
     local = await run_as(1, one_sock, "bundles")
     assert local == {"uid": 1, "x509": ["spiffe://one.org"], "jwt": ["spiffe://one.org"]}, local
     nobody = await run_as(65534, one_sock, "bundles")
@@ -311,7 +307,8 @@ async def test_last_good_bundle_kept_when_foreign_endpoint_is_down_and_across_re
     await pair.two.stop()
     pair.two = None  # type: ignore[assignment]
     failures = poller.failures(TWO)
-    await wait_until(lambda: poller.failures(TWO) >= failures + 2, "one.org to fail polling two.org twice")
+    await wait_for(lambda: poller.failures(TWO) >= failures + 2,
+        TIMEOUT, "one.org to fail polling two.org twice")
     assert fed.bundles[TWO] == before
     assert pair.one.agent.cache.federated[TWO] == before
     mine = await fetch_x509(pair.one.socket_path)
@@ -328,6 +325,7 @@ async def test_last_good_bundle_kept_when_foreign_endpoint_is_down_and_across_re
     fed = pair.one.server.federation
     assert fed is not None and fed.bundles[TWO] == before
     cache = pair.one.agent.cache
-    await wait_until(lambda: TWO in cache.federated and client.id in cache.svids, "the restarted agent")
+    await wait_for(lambda: TWO in cache.federated and client.id in cache.svids,
+        TIMEOUT, "the restarted agent")
     res = await validate(pair.one.socket_path, token, str(client.spiffe_id))
     assert res.spiffe_id == str(server.spiffe_id)

@@ -363,7 +363,6 @@ class RefusingUpstream:
         raise RuntimeError("upstream is down")
 
 
-
 def _destroy_failures() -> float:
     total = 0.0
     for metric in telemetry.default_telemetry().collect():

@@ -11,7 +11,7 @@ import io
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from tansu import TansuBroker, tansu_broker  # noqa: F401  (registers the `tansu` fixture)
+from waiting import wait_for
 
 from issuer.datastore.sqlite import SqliteDataStore
 from issuer.events import ocsf
@@ -28,6 +29,7 @@ from issuer.events.detector import Detector
 from issuer.events.detector_rules import DetectorConfig
 from issuer.events.model import Event
 from issuer.events.relay import KafkaConfig, OutboxRelay, iter_outbox, tail_outbox
+from issuer.events.relay_process import RelayProcess
 from meshid.telemetry import Telemetry
 
 pytestmark = pytest.mark.integration
@@ -36,14 +38,6 @@ SOURCE = "meshid://example.org/server/relay-test"
 TOPIC = "meshid.events"
 PARTITIONS = 6
 KEYS = [f"spiffe://example.org/w{i}" for i in range(10)]
-
-
-async def wait_for(cond: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def kafka(broker: TansuBroker, **kw: Any) -> KafkaConfig:
@@ -59,11 +53,10 @@ def relay_for(ds: SqliteDataStore, cfg: KafkaConfig, telemetry: Telemetry | None
                        backoff_base=0.05, backoff_cap=0.5, **kw)
 
 
-
 class Appender:
     """Writes test events to the outbox: per key a counter `n`, and a unique `uid`."""
 
-    def __init__(self, ds: SqliteDataStore, relay: OutboxRelay | None = None) -> None:
+    def __init__(self, ds: SqliteDataStore, relay: OutboxRelay | RelayProcess | None = None) -> None:
         self.ds, self.relay = ds, relay
         self.counters: dict[str, int] = defaultdict(int)
         self.uids: list[str] = []

@@ -208,7 +208,7 @@ async def test_wake_ups_are_coalesced_and_never_lost(tansu: TansuBroker, ds: Sql
             writes.append(data)
             write(data)
 
-        proc.stdin.write = counting  # type: ignore[method-assign]
+        proc.stdin.write = counting  # type: ignore[method-assign, assignment]
         await asyncio.sleep(0.3)  # the first, idle round is over: the relay sleeps for 600 s
 
         # A burst of notifies: one byte now, one more (folding the rest) once acknowledged.

@@ -23,6 +23,7 @@ from cryptography import x509
 from pg import postgres_cluster, postgres_db, postgres_dsn  # noqa: F401  (registers the fixtures)
 from spiffe import WorkloadApiClient
 from tansu import TansuBroker, tansu_broker  # noqa: F401  (registers the `tansu` fixture)
+from waiting import wait_for
 
 import issuer.server
 from attestors.node.join_token import new_token
@@ -45,22 +46,6 @@ pytestmark = pytest.mark.integration
 TD = "example.org"
 TOPIC = "meshid.events"
 PARTITIONS = 3
-
-
-async def wait_for(cond: Callable[[], Any], within: float, what: str,
-                   poke: Callable[[], None] | None = None) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = cond()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        if poke is not None:
-            poke()
-        await asyncio.sleep(0.1)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from meshid.cli.dev import DevStack, start_dev
 from meshid.entry import Entry
@@ -32,13 +33,6 @@ pytestmark = pytest.mark.integration
 N_WORKLOADS = 200
 TTL = 120
 BUCKET = 2.0
-
-
-async def wait_for(cond: object, limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def restart_agent(stack: DevStack, before_start: object = None) -> Agent:
@@ -83,7 +77,7 @@ async def test_schedules_survive_syncs_and_agent_restart(short_tmp: Path) -> Non
         for _ in range(10):
             last = manager.last_sync_ok
             manager.poke()
-            await wait_for(lambda last=last: manager.last_sync_ok != last, 10, "a sync round")
+            await wait_for(lambda: manager.last_sync_ok != last, 10, "a sync round")  # noqa: B023 (awaited here)
         assert agent.cache.svids[eid] is first
         assert agent.cache.svids[eid].schedule is first.schedule
         assert agent.node.schedule is agent_schedule

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpclib.client import Channel
+from waiting import wait_for
 
 from issuer.ca.minting import random_serial
 from meshid.cli.admin_client import AdminClient, AdminError
@@ -45,13 +46,6 @@ HEADER = {"workload.spiffe.io": "true"}
 WINDOW = 6.0
 NO_UPSTREAM = {"upstream": {"disk": {"cert_file": "", "key_file": "", "bundle_file": ""}}}
 EXTRA_WORKLOADS = 30
-
-
-async def wait_for(cond: Any, limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def admin(stack: DevStack, method: str, path: str, body: Any = None) -> Any:

@@ -23,6 +23,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from spiffe import SpiffeId as PySpiffeId
 from spiffe import WorkloadApiClient, X509Source
+from waiting import wait_for
 
 from meshid.cli.dev import DevStack
 from meshid.entry import Entry
@@ -60,6 +61,8 @@ async def add_entry(stack: DevStack, path: str, uid: int) -> Entry:
         Entry("", SpiffeId(stack.server.td, path), agent_id, (Selector("unix", f"uid:{uid}"),))
     )
     stack.agent.manager.poke()
+    # A workload asking before the agent's next sync would be refused (PERMISSION_DENIED).
+    await wait_for(lambda: entry.id in stack.agent.cache.svids, 20, f"the agent to hold an SVID for {path}")
     return entry
 
 
