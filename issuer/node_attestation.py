@@ -72,6 +72,7 @@ class AgentService:
         self._sources: OrderedDict[str, TokenBucket] = OrderedDict()  # least recently used first
         self._sessions: dict[str, _Session] = {}
         self._lock = asyncio.Lock()
+        self._renewing: set[SpiffeId] = set()
         # Called once events are in the outbox (the server wakes its relay): sync and cheap.
         self.on_events = on_events
 
@@ -226,6 +227,23 @@ class AgentService:
         return record
 
     async def renew(self, agent: AgentRecord, csr: bytes) -> IssuedAgentSvid:
+        """Sign a new agent SVID; `agent` is the record authenticate() returned for the SVID
+        presented. One renewal per agent at a time, and only from its latest SVID: renewals
+        racing with one SVID all passed authentication, each minted and stored its own SVID,
+        and the agent could keep one the server no longer accepted. (In-process: replicas
+        sharing a database do not see each other's renewals under way.)"""
+        if agent.agent_id in self._renewing:
+            raise OverloadedError("a renewal of this agent's SVID is already under way", retry_after=1.0)
+        self._renewing.add(agent.agent_id)
+        try:
+            current = await self.ds.get_agent(agent.agent_id)
+            if current is None or current.banned or current.serial != agent.serial:
+                raise PermissionDeniedError("agent SVID has been superseded; use the latest one")
+            return await self._renew(current, csr)
+        finally:
+            self._renewing.discard(agent.agent_id)
+
+    async def _renew(self, agent: AgentRecord, csr: bytes) -> IssuedAgentSvid:
         chain = await self._mint(agent.agent_id, csr)
         now = self.clock()
         record = replace(

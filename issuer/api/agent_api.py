@@ -184,7 +184,11 @@ class AgentApi:
 
     async def renew(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        issued = await self.agents.renew(request[AGENT_KEY], unb64(body.get("csr"), "csr"))
+        csr = unb64(body.get("csr"), "csr")
+        agent = request[AGENT_KEY]
+        # A renewal is a signing: it takes from the agent's signing bucket like any CSR.
+        async with self.signing.admission.admit(str(agent.agent_id), 1):
+            issued = await self.agents.renew(agent, csr)
         return web.json_response({"svid": _chain_json(issued.chain)})
 
     async def sync(self, request: web.Request) -> web.Response:

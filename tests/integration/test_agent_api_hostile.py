@@ -4,6 +4,7 @@ internal error with a traceback."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from collections.abc import AsyncIterator
@@ -183,3 +184,41 @@ async def test_sign_jwt_audience_is_bounded(attested: Attested) -> None:
     at_limit = [f"{i:02d}".ljust(MAX_AUDIENCE_LENGTH, "a") for i in range(MAX_AUDIENCES)]
     status, body = await _post(attested.session, url, {"entry_id": eid, "audience": at_limit})
     assert status == 200 and body["token"], body
+
+
+def _agent_session(attested: Attested, chain: list[x509.Certificate], key: Any) -> aiohttp.ClientSession:
+    ctx = client_context(list(attested.server.ca.bundle.x509_authorities), chain, key)
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx))
+
+
+async def test_concurrent_renewals_with_one_svid_sign_once(attested: Attested) -> None:
+    """Renewals presenting the same SVID at once all passed authentication, and each one
+    minted and stored a new SVID (the last write won, so the agent could keep an SVID the
+    server no longer accepts). Now one is signed; the others are refused and nothing else
+    is minted, and the SVID it returned is the one the server accepts."""
+    assert attested.server.ds is not None
+    url = f"{attested.url}/agent/renew"
+    key = new_key()
+    csr = {"csr": b64(csr_for(key))}
+    results = await asyncio.gather(*(_post(attested.session, url, csr) for _ in range(8)))
+    ok = [body for status, body in results if status == 200]
+    assert len(ok) == 1, results
+    refused = {(status, body["error"]["code"]) for status, body in results if status != 200}
+    assert refused <= {(429, "resource_exhausted"), (403, "permission_denied")}, refused
+    chain = [x509.load_der_x509_certificate(base64.b64decode(c)) for c in ok[0]["svid"]]
+    record = await attested.server.ds.get_agent(attested.agent_id)
+    assert record is not None and record.serial == f"{chain[0].serial_number:x}"
+    async with _agent_session(attested, chain, key) as renewed:
+        status, body = await _post(renewed, f"{attested.url}/agent/sync", {"known": {}})
+        assert status == 200, body
+
+
+async def test_renewal_is_a_signing_under_admission(attested: Attested) -> None:
+    """A renewal takes from the agent's signing bucket like any CSR it sends, so an agent
+    looping on renew is held to the signing rate the operator set."""
+    bucket = attested.server.admission._bucket(str(attested.agent_id))
+    bucket.tokens, bucket.rate = 0.0, 1e-6
+    csr = {"csr": b64(csr_for(new_key()))}
+    status, body = await _post(attested.session, f"{attested.url}/agent/renew", csr)
+    assert status == 429 and body["error"]["code"] == "resource_exhausted", body
+    assert "agent signing rate exceeded" in body["error"]["message"]
