@@ -6,12 +6,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from issuer.api import errors
 from issuer.api.errors import error_middleware, read_json
+
+
+async def _serve(app: web.Application, **runner_kw: Any) -> tuple[web.AppRunner, int]:
+    """Run app on a free loopback port: the runner (to clean up) and the port."""
+    runner = web.AppRunner(app, **runner_kw)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
 
 async def test_connection_lost_mid_body_is_not_an_internal_error(caplog: pytest.LogCaptureFixture) -> None:
@@ -27,11 +37,7 @@ async def test_connection_lost_mid_body_is_not_an_internal_error(caplog: pytest.
 
     app = web.Application(middlewares=[error_middleware])
     app.router.add_post("/x", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await _serve(app)
     try:
         with caplog.at_level(logging.INFO):
             _, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -58,11 +64,7 @@ async def _json_app() -> tuple[web.AppRunner, int]:
     app = web.Application(middlewares=[error_middleware])
     app.router.add_post("/x", handler)
     # No lingering: the abandoned body's connection closes at once (cleanup is quick).
-    runner = web.AppRunner(app, lingering_time=0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return await _serve(app, lingering_time=0)
 
 
 async def test_undecodable_content_encoding_is_invalid_argument(caplog: pytest.LogCaptureFixture) -> None:
@@ -121,11 +123,7 @@ async def test_aiohttp_own_errors_are_json_with_our_codes() -> None:
     app = web.Application(middlewares=[error_middleware])
     app.router.add_post("/gone", gone)
     app.router.add_get("/ok", ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await _serve(app)
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
             cases = [("GET", "/nowhere", 404, "not_found"), ("POST", "/ok", 405, "unimplemented"),
