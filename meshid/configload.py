@@ -44,11 +44,13 @@ def parse_duration(value: Any) -> Duration:
     raise ValueError(f"expected a duration like '1h', '5m', '30s' or seconds, got {value!r}")
 
 
-def doc(text: str, **kw: Any) -> Any:
-    """Field helper: `x: int = doc("what it is", default=3)`."""
+def doc(text: str, *, secret: bool = False, **kw: Any) -> Any:
+    """Field helper: `x: int = doc("what it is", default=3)`; a `secret` one is left out of
+    the repr (config objects end up in logs and error messages)."""
+    meta = {"doc": text}
     if "default_factory" in kw:
-        return dataclasses.field(default_factory=kw["default_factory"], metadata={"doc": text})
-    return dataclasses.field(default=kw.get("default"), metadata={"doc": text})
+        return dataclasses.field(default_factory=kw["default_factory"], metadata=meta, repr=not secret)
+    return dataclasses.field(default=kw.get("default"), metadata=meta, repr=not secret)
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -34,13 +34,13 @@ class X509Svid:
     entry_id: str
     spiffe_id: SpiffeId
     chain: tuple[x509.Certificate, ...]  # leaf first, then intermediates
-    key: PrivateKeyTypes
+    key: PrivateKeyTypes = field(repr=False)  # private keys stay out of logs and error messages
     schedule: RenewalSchedule
     entry_revision: int
     hint: str = ""
     # DER forms, computed once per SVID rather than on every response.
     chain_der: bytes = b""
-    key_der: bytes = b""
+    key_der: bytes = field(default=b"", repr=False)
 
     @property
     def leaf(self) -> x509.Certificate:

@@ -13,7 +13,7 @@ from meshid.spiffe_id import TrustDomain
 
 @dataclass
 class JoinTokenAgentConfig:
-    token: str = doc("join token from `meshid token create` (single use)", default="")
+    token: str = doc("join token from `meshid token create` (single use)", default="", secret=True)
     token_file: str = doc("file holding the join token (preferred over `token`)", default="")
 
 

@@ -28,7 +28,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshid.backoff import Backoff, jittered
@@ -56,7 +56,7 @@ MAX_JWT_CACHE = 10_000
 
 @dataclass(frozen=True)
 class JwtSvid:
-    token: str
+    token: str = field(repr=False)  # a bearer credential: not for logs
     spiffe_id: SpiffeId
     expires_at: float
     schedule: RenewalSchedule

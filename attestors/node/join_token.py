@@ -11,7 +11,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from attestors.node.base import AttestationRequest, AttestationResult, Challenge, agent_id
 from meshid.errors import AttestationError
@@ -32,7 +32,7 @@ def hash_token(token: str) -> str:
 
 @dataclass(frozen=True)
 class NewToken:
-    token: str  # shown once to the operator, never stored
+    token: str = field(repr=False)  # shown once to the operator, never stored or logged
     token_id: str
     token_hash: str
     expires_at: int

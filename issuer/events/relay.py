@@ -24,7 +24,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from aiokafka import AIOKafkaProducer
@@ -70,7 +70,7 @@ class KafkaConfig:
     ssl_keyfile: str = ""
     sasl_mechanism: str = ""  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
     sasl_username: str = ""
-    sasl_password: str = ""
+    sasl_password: str = field(default="", repr=False)
     auto_create_topics: bool = False
     topic_partitions: int = 6  # used only when auto-creating
     topic_replication_factor: int = 1
