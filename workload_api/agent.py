@@ -25,7 +25,7 @@ from meshid.tasks import TaskOwner
 from workload_api.attestation import WorkloadAttestation
 from workload_api.cache import SvidCache
 from workload_api.config import AgentConfig
-from workload_api.grpc_server import PeerCredServer, serve_unix
+from workload_api.grpc_server import FD_RESERVE, ConnectionLimit, PeerCredServer, raise_fd_limit, serve_unix
 from workload_api.manager import SvidManager
 from workload_api.node_identity import BUNDLE_FILE, NodeIdentity
 from workload_api.rotation import RotationPolicy
@@ -107,7 +107,9 @@ class Agent:
         sds = self._sds(identity)
         if sds is not None:
             handlers.append(sds)
-        self.grpc.append(await serve_unix(handlers, self.config.socket_path, WORKLOAD_SOCKET_MODE))
+        fds = raise_fd_limit()
+        limit = ConnectionLimit(self.config.max_connections_per_uid, max(1, fds - FD_RESERVE))
+        self.grpc.append(await serve_unix(handlers, self.config.socket_path, WORKLOAD_SOCKET_MODE, limit))
         if self.config.admin_socket_path:
             delegated = self._delegated(identity)
             if delegated is not None:

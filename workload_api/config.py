@@ -101,6 +101,11 @@ class AgentConfig:
         "claims ValidateJWTSVID returns from another trust domain's JWT-SVIDs besides sub, exp and "
         "aud; all others are dropped (SPIRE's option of the same name)", default_factory=list)
     sync_interval: Duration = doc("how often entries and bundle are synced", default=Duration(5))
+    max_connections_per_uid: int = doc(
+        "Workload API (and SDS) connections one caller uid may hold open; its further ones are closed "
+        "at once, so one local user cannot take every file descriptor the agent has. All connections "
+        "together are also held to the agent's RLIMIT_NOFILE (raised to the hard limit at start) "
+        "minus 256", default=2048)
     node_attestor: NodeAttestorConfig = field(default_factory=NodeAttestorConfig)
     workload_attestors: WorkloadAttestorsConfig = field(default_factory=WorkloadAttestorsConfig)
     rotation: RotationConfig = field(default_factory=RotationConfig)
@@ -121,6 +126,8 @@ class AgentConfig:
         check_spiffe_ids(self.authorized_delegates, "authorized_delegates")
         if self.sync_interval < 0.05:
             raise ConfigError("sync_interval: must be at least 50ms")
+        if self.max_connections_per_uid < 1:
+            raise ConfigError("max_connections_per_uid: must be at least 1")
 
     @property
     def td(self) -> TrustDomain:

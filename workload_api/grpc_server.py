@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import socket
+import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,27 +68,122 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+# File descriptors kept out of the Workload API's reach: the agent's own connections to the
+# server, /proc reads for attestation, its state files, its other sockets.
+FD_RESERVE = 256
+_REFUSAL_LOG_INTERVAL = 60.0
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to the hard limit, as Go programs (SPIRE's
+    agent among them) do at start; return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # e.g. RLIM_INFINITY refused: keep what we have
+    return soft
+
+
+class ConnectionLimit:
+    """Open connections per caller uid, and in all, on one Unix socket: above either cap a
+    connection is closed at once. Every local user may connect to the Workload API, and
+    without a cap one of them could hold every file descriptor the agent may open, leaving
+    it unable to reach its server or read /proc for anyone else."""
+
+    def __init__(self, per_uid: int, total: int) -> None:
+        self.per_uid = per_uid
+        self.total = total
+        self.open: dict[int | None, int] = {}
+        self.count = 0
+        self.refused = 0
+        self._logged: dict[int | None, float] = {}
+
+    def admit(self, uid: int | None) -> bool:
+        held = self.open.get(uid, 0)
+        if held >= self.per_uid or self.count >= self.total:
+            self.refused += 1
+            self._log_refusal(uid, held)
+            return False
+        self.open[uid] = held + 1
+        self.count += 1
+        return True
+
+    def release(self, uid: int | None) -> None:
+        held = self.open.get(uid, 0) - 1
+        if held > 0:
+            self.open[uid] = held
+        else:
+            self.open.pop(uid, None)
+        self.count -= 1
+
+    def _log_refusal(self, uid: int | None, held: int) -> None:
+        # Once a minute per uid: a caller looping on connect must not fill the log.
+        now = time.monotonic()
+        if now - self._logged.get(uid, -_REFUSAL_LOG_INTERVAL) < _REFUSAL_LOG_INTERVAL:
+            return
+        if len(self._logged) >= 1024:
+            self._logged.clear()
+        self._logged[uid] = now
+        if held >= self.per_uid:
+            log.warning("uid %s holds %d Workload API connections (max_connections_per_uid); "
+                        "closing its new ones", uid, held)
+        else:
+            log.warning("%d Workload API connections open (the agent's file descriptor budget); "
+                        "closing new ones", self.count)
+
+
 class _PeerCredProtocol(GuardedProtocol):
-    """grpclib's HTTP/2 protocol, with the peer's credentials read at accept time and the
-    transport's writes coalesced (CoalescingTransport)."""
+    """grpclib's HTTP/2 protocol, with the peer's credentials read at accept time, the
+    connection counted against its uid's cap (ConnectionLimit) and the transport's writes
+    coalesced (CoalescingTransport)."""
+
+    def __init__(self, *args: Any, limit: ConnectionLimit | None = None) -> None:
+        super().__init__(*args)
+        self._limit = limit
+        self._counted = False
+        self._uid: int | None = None
 
     def connection_made(self, transport: Any) -> None:
+        sock = transport.get_extra_info("socket")
+        caller: Caller | None
+        try:
+            caller = peer_credentials(sock) if sock is not None else None
+        except (AttestationError, OSError) as exc:
+            log.info("could not read peer credentials: %s", exc)
+            caller = None
+        self._uid = caller.uid if caller is not None else None
+        if self._limit is not None:
+            if not self._limit.admit(self._uid):
+                transport.close()  # before any HTTP/2: the caller sees the connection end
+                self.handler.close()  # so the server forgets this connection's handler
+                return
+            self._counted = True
         coalescing = CoalescingTransport(transport)
         super().connection_made(coalescing)  # type: ignore[arg-type]  # a Transport by delegation
         # Our SETTINGS go out first, before anything else is done: gRPC clients (C-core)
         # send their request only once they have them.
         coalescing.flush()
-        sock = transport.get_extra_info("socket")
-        try:
-            _CALLERS[coalescing] = peer_credentials(sock) if sock is not None else None
-        except (AttestationError, OSError) as exc:
-            log.info("could not read peer credentials: %s", exc)
-            _CALLERS[coalescing] = None
+        _CALLERS[coalescing] = caller
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._limit is not None:
+            if not self._counted:
+                return  # refused in connection_made: grpclib never saw this connection
+            self._limit.release(self._uid)
+            self._counted = False
+        super().connection_lost(exc)
 
 
 class PeerCredServer(GuardedServer):
+    def __init__(self, handlers: Any, *, limit: ConnectionLimit | None = None, **kwargs: Any) -> None:
+        super().__init__(handlers, **kwargs)
+        self.limit = limit
+
     def _protocol(self, handler: GuardedHandler) -> H2Protocol:
-        return _PeerCredProtocol(handler, self._config, self._h2_config)
+        return _PeerCredProtocol(handler, self._config, self._h2_config, limit=self.limit)
 
 
 def caller_of(stream: grpclib.server.Stream[Any, Any]) -> Caller:
@@ -121,8 +218,10 @@ def bind_unix_socket(path: str | Path, mode: int, dir_mode: int = 0o755) -> sock
     return sock
 
 
-async def serve_unix(handlers: Sequence[Any], path: str | Path, mode: int) -> PeerCredServer:
-    server = PeerCredServer(list(handlers))
+async def serve_unix(
+    handlers: Sequence[Any], path: str | Path, mode: int, limit: ConnectionLimit | None = None
+) -> PeerCredServer:
+    server = PeerCredServer(list(handlers), limit=limit)
     sock = bind_unix_socket(path, mode)
     # grpclib re-listens on the socket; keep a deep backlog for fleets of workloads starting at once.
     await server.start(sock=sock, backlog=4096)

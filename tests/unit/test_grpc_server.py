@@ -1,14 +1,18 @@
-"""The Workload API socket's transport wrapper (workload_api/grpc_server.py): what grpclib
-writes in one event-loop turn leaves in one send, in order, and nothing is lost on close."""
+"""The Workload API socket's server parts (workload_api/grpc_server.py): the transport
+wrapper (what grpclib writes in one event-loop turn leaves in one send, in order, and nothing
+is lost on close) and the connection caps."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import resource
 from typing import Any
 
 import grpclib.server
+import pytest
 
-from workload_api.grpc_server import CoalescingTransport
+from workload_api.grpc_server import CoalescingTransport, ConnectionLimit, raise_fd_limit
 
 
 class FakeTransport:
@@ -138,3 +142,27 @@ async def test_a_finished_stream_leaves_no_cycle_for_the_gc(tmp_path: Any) -> No
         gc.enable()
         server.close()
         await server.wait_closed()
+
+
+def test_connection_limit_per_uid_and_in_all(caplog: pytest.LogCaptureFixture) -> None:
+    limit = ConnectionLimit(per_uid=2, total=3)
+    with caplog.at_level(logging.WARNING):
+        assert limit.admit(1000) and limit.admit(1000)
+        assert not limit.admit(1000) and not limit.admit(1000)  # uid 1000 is at its cap
+        assert limit.admit(None)  # peer credentials unreadable: counted under None
+        assert not limit.admit(1001)  # the agent's budget is spent
+        limit.release(1000)
+        assert limit.admit(1001) and limit.count == 3
+    assert limit.refused == 3
+    # One warning per uid per minute, not one per refused connection.
+    assert caplog.text.count("max_connections_per_uid") == 1
+    assert caplog.text.count("file descriptor budget") == 1
+
+
+def test_raise_fd_limit_reaches_the_hard_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+        assert raise_fd_limit() == hard == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -1,0 +1,82 @@
+"""One local user cannot take every file descriptor of the agent: Workload API connections
+are capped per caller uid (`max_connections_per_uid`), the connections above the cap are
+closed at once, and everyone else is still served."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshid.cli.dev import start_dev
+
+pytestmark = pytest.mark.integration
+
+NOBODY = 65534
+CAP = 5
+
+# Runs as NOBODY: opens CAP + 3 connections and holds them; per connection, whether the
+# agent's HTTP/2 SETTINGS arrived ("open") or the agent closed it ("closed"). Then waits for
+# a line on stdin, closes them all, and reports whether a new connection is served again.
+HOLDER = """
+import json, os, socket, sys
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+path, n = sys.argv[1], int(sys.argv[2])
+
+def probe():
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    s.connect(path)
+    try:
+        data = s.recv(64)
+    except socket.timeout:
+        data = None
+    return s, ("open" if data else "closed")
+
+held = [probe() for _ in range(n)]
+print(json.dumps([state for _, state in held]), flush=True)
+sys.stdin.readline()
+for s, _ in held:
+    s.close()
+import time; time.sleep(0.3)
+s, state = probe()
+print(json.dumps(state), flush=True)
+"""
+
+
+async def test_connections_above_the_per_uid_cap_are_closed(short_tmp: Path) -> None:
+    stack = await start_dev(short_tmp / "d", "example.org", str(short_tmp / "s" / "api.sock"),
+                            agent_overrides={"max_connections_per_uid": CAP})
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", HOLDER, stack.socket_path, str(CAP + 3),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdin is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), 60)
+            assert line, (await proc.stderr.read()).decode() if proc.stderr else ""
+            states = json.loads(line)
+            assert states == ["open"] * CAP + ["closed"] * 3, states
+            # Another uid (this test, root) is served while nobody holds its cap.
+            from spiffe import WorkloadApiClient
+
+            client = WorkloadApiClient(socket_path=f"unix://{stack.socket_path}")
+            try:
+                svid = await asyncio.to_thread(client.fetch_x509_svid)
+            finally:
+                client.close()
+            assert str(svid.spiffe_id) == str(stack.spiffe_id)
+            # Closed connections give their places back.
+            proc.stdin.write(b"go\n")
+            await proc.stdin.drain()
+            again = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
+            assert again == "open"
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+    finally:
+        await stack.stop()
