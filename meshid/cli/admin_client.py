@@ -10,7 +10,8 @@ import aiohttp
 from meshid.errors import MeshidError
 
 SOCKET_ENV = "MESHID_SERVER_SOCKET"
-DEFAULT_SOCKET = "/run/meshid/server/admin.sock"
+# Where deploy/systemd/server.toml (and README's minimal config) put the server's admin socket.
+DEFAULT_SOCKET = "/run/meshid/admin.sock"
 
 
 class AdminError(MeshidError):

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from meshid.cli.admin_client import AdminClient, AdminError, socket_path
+from meshid.cli.admin_client import DEFAULT_SOCKET, SOCKET_ENV, AdminClient, AdminError, socket_path
 from meshid.errors import MeshidError
 
 
@@ -286,7 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def admin_parser(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--server-socket", help="admin socket (default $MESHID_SERVER_SOCKET)")
+        sp.add_argument(
+            "--server-socket",
+            help=f"the server's admin socket (server.admin_socket_path); default ${SOCKET_ENV}, "
+            f"else {DEFAULT_SOCKET}",
+        )
 
     dev = sub.add_parser("dev", help="server + agent in one process on SQLite, for one machine")
     dev.add_argument("--trust-domain", default="example.org")

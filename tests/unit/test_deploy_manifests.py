@@ -422,3 +422,22 @@ def _write_test_ca(path: Path) -> None:
         .sign(key, hashes.SHA256())
     )
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _readme_minimal_server_config() -> dict[str, Any]:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("Minimal server config:", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    return tomllib.loads(block)
+
+
+def test_admin_commands_find_the_documented_admin_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`meshid entry ...` without --server-socket or MESHID_SERVER_SOCKET reaches the server
+    configured as README's minimal config and deploy/systemd/server.toml say."""
+    from meshid.cli.admin_client import SOCKET_ENV, socket_path
+
+    monkeypatch.delenv(SOCKET_ENV, raising=False)
+    readme = server_config_from_dict(_readme_minimal_server_config(), "README.md", env={})
+    systemd = server_config_from_dict(
+        tomllib.loads((SYSTEMD / "server.toml").read_text()), "server.toml", env={}
+    )
+    assert socket_path(None) == readme.admin_socket_path == systemd.admin_socket_path
