@@ -18,7 +18,13 @@ from attestors.workload.systemd import SystemdAttestor
 from attestors.workload.unix import UnixAttestor
 from meshid import telemetry
 from meshid.bundle import Bundle
-from meshid.errors import ConfigError, MeshidError
+from meshid.errors import (
+    AttestationError,
+    ConfigError,
+    MeshidError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
 from meshid.listeners import Listener, health_app, plain_listener
 from meshid.spiffe_id import SpiffeId
 from meshid.tasks import TaskOwner
@@ -96,8 +102,16 @@ class Agent:
         self.node.load()
         try:
             # A first round in the foreground so a healthy start is ready at once; failures
-            # are left to the background loop (cached SVIDs keep being served).
+            # are left to the background loop (cached SVIDs keep being served)...
             await asyncio.wait_for(self.manager.step(), timeout=30)
+        except ConfigError:
+            raise  # ...except node credentials the agent cannot read or has none of
+        except (PermissionDeniedError, UnauthenticatedError) as exc:
+            if not self.node.valid:
+                # ...and a server that refused to attest an agent with no identity at all:
+                # retrying the same credentials cannot help (a join token is single-use).
+                raise AttestationError(self._refused_message(exc)) from None
+            log.warning("initial sync failed (%s); retrying in the background", exc)
         except Exception as exc:
             log.warning("initial sync failed (%s); retrying in the background", exc)
         self.tasks.spawn("svid-manager", self.manager.run())
@@ -122,6 +136,13 @@ class Agent:
                 health_app(self.ready, telemetry.metrics_handler), h.address, h.port
             )
         log.info("agent ready: Workload API on unix://%s", self.config.socket_path)
+
+    def _refused_message(self, exc: Exception) -> str:
+        kind = self.config.node_attestor.kind
+        hint = ""
+        if kind == "join_token":
+            hint = " (join tokens are single-use: make a new one with `meshid token create`)"
+        return f"node attestation ({kind}) refused by the server: {exc}{hint}"
 
     def _sds(self, identity: Identity) -> Any:
         try:

@@ -34,7 +34,13 @@ from typing import Any
 from meshid.backoff import Backoff, jittered
 from meshid.bundle import Bundle
 from meshid.entry import Entry
-from meshid.errors import MeshidError, OverloadedError, PermissionDeniedError, UnauthenticatedError
+from meshid.errors import (
+    ConfigError,
+    MeshidError,
+    OverloadedError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
 from meshid.spiffe_id import SpiffeId
 from workload_api.cache import SvidCache, X509Svid
 from workload_api.keys import authority_key_id, chain_der, csr_for, new_key, pkcs8_der
@@ -128,6 +134,9 @@ class SvidManager:
                 except Exception as exc2:  # keep serving the cache whatever happens
                     delay = self.backoff.next()
                     log.warning("re-attestation failed (%s); retry in %.1fs", exc2, delay)
+            except ConfigError as exc:  # node credentials unreadable (say, a token file removed)
+                delay = self.backoff.next()
+                log.error("cannot attest the node (%s); retry in %.1fs", exc, delay)
             except asyncio.CancelledError:
                 raise
             except Exception:

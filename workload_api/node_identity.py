@@ -164,7 +164,9 @@ class NodeIdentity:
             try:
                 return Path(cfg.token_file).read_text().strip()
             except OSError as exc:
-                raise ConfigError(f"node_attestor.join_token.token_file: {exc.strerror}") from None
+                raise ConfigError(
+                    f"node_attestor.join_token.token_file {cfg.token_file}: cannot read it ({exc.strerror})"
+                ) from None
         if not cfg.token:
             raise ConfigError("node_attestor: no credentials configured (join_token, x509pop or k8s_psat)")
         return cfg.token
