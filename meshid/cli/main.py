@@ -174,7 +174,7 @@ async def cmd_entry(args: argparse.Namespace) -> int:
 
 async def cmd_token_create(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {}
-    if args.ttl:
+    if args.ttl is not None:  # 0 is the server's to refuse, not a silent "use the default"
         body["ttl"] = args.ttl
     out = await _admin(args, "POST", "/v1/tokens", body)
     if args.spiffe_id:
@@ -281,6 +281,16 @@ async def cmd_detect(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+def _seconds(text: str) -> int:
+    """argparse type of a lifetime: seconds, or a duration as in the config files ("1h", "30m")."""
+    from meshid.configload import parse_duration
+
+    try:
+        return int(parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshid", description="SPIFFE-compatible mesh identity issuer")
     sub = p.add_subparsers(dest="command", required=True)
@@ -335,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--selector", action="append", default=[], help="type:value (repeatable)")
             e.add_argument("--dns-name", action="append", default=[])
             e.add_argument("--federates-with", action="append", default=[])
-            e.add_argument("--x509-svid-ttl", type=int)
-            e.add_argument("--jwt-svid-ttl", type=int)
+            e.add_argument("--x509-svid-ttl", type=_seconds, help="seconds or e.g. 30m (default: server's)")
+            e.add_argument("--jwt-svid-ttl", type=_seconds, help="seconds or e.g. 5m (default: the server's)")
             e.add_argument("--hint")
             e.add_argument("--admin", action="store_true")
             e.add_argument("--downstream", action="store_true")
@@ -345,7 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="join tokens").add_subparsers(dest="token_op", required=True)
     t = token.add_parser("create")
     admin_parser(t)
-    t.add_argument("--ttl", type=int, help="seconds (default from server config)")
+    t.add_argument(
+        "--ttl", type=_seconds,
+        help="token lifetime: seconds or e.g. 1h (default: node_attestors.join_token.default_ttl)",
+    )
     t.add_argument("--spiffe-id", help="also register this ID as an alias of the agent")
     t.set_defaults(func=cmd_token_create)
 
