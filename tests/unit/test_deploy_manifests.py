@@ -441,3 +441,23 @@ def test_admin_commands_find_the_documented_admin_socket(monkeypatch: pytest.Mon
         tomllib.loads((SYSTEMD / "server.toml").read_text()), "server.toml", env={}
     )
     assert socket_path(None) == readme.admin_socket_path == systemd.admin_socket_path
+
+
+def test_systemd_server_and_agent_can_share_a_host() -> None:
+    """Both units on one host: stopping one must not delete the other's sockets (systemd
+    removes a unit's RuntimeDirectory on stop without reference counting), starting one
+    must not change the mode the other needs, and their listeners must not collide."""
+    server_unit, agent_unit = _unit("meshid-server.service"), _unit("meshid-agent.service")
+    server_dirs = set(" ".join(server_unit.get("RuntimeDirectory", [])).split())
+    agent_dirs = set(" ".join(agent_unit.get("RuntimeDirectory", [])).split())
+    if server_dirs & agent_dirs:
+        for unit in (server_unit, agent_unit):
+            assert unit.get("RuntimeDirectoryPreserve") == ["yes"]
+        assert server_unit["RuntimeDirectoryMode"] == agent_unit["RuntimeDirectoryMode"] == ["0755"]
+    server = server_config_from_dict(
+        tomllib.loads((SYSTEMD / "server.toml").read_text()), "server.toml", env={}
+    )
+    agent = agent_config_from_dict(tomllib.loads((SYSTEMD / "agent.toml").read_text()), "agent.toml")
+    server_ports = {server.server.agent_api_port, server.server.grpc_port, server.server.health_port}
+    assert agent.health.port not in server_ports
+    assert agent.socket_path != server.admin_socket_path
