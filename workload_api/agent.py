@@ -25,13 +25,14 @@ from meshid.errors import (
     PermissionDeniedError,
     UnauthenticatedError,
 )
+from meshid.fdlimit import raise_fd_limit
 from meshid.listeners import Listener, health_app, plain_listener
 from meshid.spiffe_id import SpiffeId
 from meshid.tasks import TaskOwner
 from workload_api.attestation import WorkloadAttestation
 from workload_api.cache import SvidCache
 from workload_api.config import AgentConfig
-from workload_api.grpc_server import FD_RESERVE, ConnectionLimit, PeerCredServer, raise_fd_limit, serve_unix
+from workload_api.grpc_server import FD_RESERVE, ConnectionLimit, PeerCredServer, serve_unix
 from workload_api.manager import SvidManager
 from workload_api.node_identity import BUNDLE_FILE, NodeIdentity
 from workload_api.rotation import RotationPolicy

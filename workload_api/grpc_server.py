@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
 import socket
 import time
 import weakref
@@ -72,19 +71,6 @@ class CoalescingTransport:
 # server, /proc reads for attestation, its state files, its other sockets.
 FD_RESERVE = 256
 _REFUSAL_LOG_INTERVAL = 60.0
-
-
-def raise_fd_limit() -> int:
-    """Raise this process's soft RLIMIT_NOFILE to the hard limit, as Go programs (SPIRE's
-    agent among them) do at start; return the soft limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass  # e.g. RLIM_INFINITY refused: keep what we have
-    return soft
 
 
 class ConnectionLimit:

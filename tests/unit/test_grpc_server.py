@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 from typing import Any
 
 import grpclib.server
 import pytest
 
-from workload_api.grpc_server import CoalescingTransport, ConnectionLimit, raise_fd_limit
+from workload_api.grpc_server import CoalescingTransport, ConnectionLimit
 
 
 class FakeTransport:
@@ -158,11 +157,3 @@ def test_connection_limit_per_uid_and_in_all(caplog: pytest.LogCaptureFixture) -
     assert caplog.text.count("max_connections_per_uid") == 1
     assert caplog.text.count("file descriptor budget") == 1
 
-
-def test_raise_fd_limit_reaches_the_hard_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
-        assert raise_fd_limit() == hard == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
