@@ -12,7 +12,9 @@ to another key record.
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -32,6 +34,17 @@ _TAG_BYTES = 16
 
 _MISMATCH = "master secret does not match (key could not be decrypted)"
 
+log = logging.getLogger("meshid.ca")
+
+
+def warn_if_others_can_read(fd: int, path: str, what: str) -> None:
+    """Log a warning when a secret file (open as `fd`) is readable by users other than its
+    owner and group: group access is left alone (Kubernetes mounts secrets 0440 for fsGroup)."""
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & 0o004:
+        log.warning("%s %s is readable by every user on this host (mode %04o): chmod 0600 (or 0400) it",
+                    what, path, mode)
+
 
 class SealError(MeshidError):
     """A sealed key could not be opened: wrong master secret, tampering, or a bad blob."""
@@ -47,6 +60,7 @@ def load_master_secret(file: str | None, env_var: str | None) -> bytes:
         try:
             with open(file, "rb") as fh:
                 secret = fh.read()
+                warn_if_others_can_read(fh.fileno(), file, "master secret file")
         except OSError as exc:
             raise ConfigError(
                 f"master secret file {file}: cannot read it ({exc.strerror or exc.__class__.__name__})"

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from issuer.ca import minting
 from issuer.ca.keys import PrivateKey
+from issuer.ca.sealing import warn_if_others_can_read
 from meshid.errors import ConfigError, InvalidSpiffeIdError
 from meshid.spiffe_id import SpiffeId, TrustDomain
 
@@ -147,12 +148,14 @@ def _spki(key: object) -> bytes:
     )
 
 
-def _read_file(path: str, what: str) -> bytes:
+def _read_file(path: str, what: str, secret: bool = False) -> bytes:
     if not path:
         raise ConfigError(f"{what} is not set")
     try:
         with open(path, "rb") as fh:
             data = fh.read(MAX_PEM_FILE_BYTES + 1)
+            if secret:
+                warn_if_others_can_read(fh.fileno(), path, what)
     except OSError as exc:
         reason = exc.strerror or exc.__class__.__name__
         raise ConfigError(f"{what} {path}: cannot read it ({reason})") from None
@@ -173,7 +176,7 @@ def _read_certs(path: str, what: str) -> list[x509.Certificate]:
 
 
 def _read_key(path: str) -> PrivateKey:
-    data = _read_file(path, "upstream key_file")
+    data = _read_file(path, "upstream key_file", secret=True)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:

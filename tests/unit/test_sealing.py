@@ -37,6 +37,20 @@ def test_file_takes_precedence_over_env(tmp_path, monkeypatch):
     assert load_master_secret(str(f), "MESHID_TEST_SECRET") == SECRET
 
 
+def test_secret_file_readable_by_everyone_is_warned_about(tmp_path, caplog):
+    f = tmp_path / "secret"
+    f.write_bytes(SECRET)
+    f.chmod(0o440)  # owner and group (Kubernetes' fsGroup mounts): fine
+    assert load_master_secret(str(f), None) == SECRET
+    assert not caplog.records
+    f.chmod(0o644)
+    assert load_master_secret(str(f), None) == SECRET
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert str(f) in record.getMessage() and "0644" in record.getMessage()
+    assert SECRET.decode() not in caplog.text
+
+
 def test_missing_file_names_path(tmp_path):
     path = str(tmp_path / "nope")
     with pytest.raises(ConfigError, match="cannot read") as exc:

@@ -251,6 +251,16 @@ def test_garbage_files(pki: Path):
         _upstream(pki, bundle="empty.pem").mint_x509_ca_sync(_csr(), 3600, _now())
 
 
+def test_key_file_readable_by_everyone_is_warned_about(pki: Path, caplog: pytest.LogCaptureFixture):
+    (pki / "int.key").chmod(0o600)
+    _upstream(pki).mint_x509_ca_sync(_csr(), 3600, _now())
+    assert not [r for r in caplog.records if "key_file" in r.getMessage()]
+    (pki / "int.key").chmod(0o644)
+    _upstream(pki).mint_x509_ca_sync(_csr(), 3600, _now())
+    (record,) = [r for r in caplog.records if "key_file" in r.getMessage()]
+    assert record.levelname == "WARNING" and str(pki / "int.key") in record.getMessage()
+
+
 def test_key_does_not_match_cert(pki: Path):
     _make_intermediate(pki, "other")
     with pytest.raises(ConfigError, match="does not match"):
