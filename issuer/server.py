@@ -34,6 +34,7 @@ from issuer.federation import FederationPoller, Relationship
 from issuer.node_attestation import AgentService
 from issuer.signing import SigningService
 from meshid import telemetry
+from meshid.configload import make_state_dir
 from meshid.errors import ConfigError
 from meshid.fdlimit import raise_fd_limit
 from meshid.listeners import Listener, health_app, plain_listener, tls_listener, unix_listener
@@ -76,7 +77,7 @@ class Server:
     async def start(self) -> None:
         cfg = self.config
         data_dir = Path(cfg.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once, at start-up
+        make_state_dir(data_dir)
         raise_fd_limit()  # a connection per agent: the common soft limit of 1024 is too few
         self.key_manager = _key_manager(cfg)
         self.server_id = cfg.server.server_id or _persistent_id(data_dir / SERVER_ID_FILE)

@@ -234,3 +234,15 @@ def check_spiffe_ids(values: list[str], key: str) -> None:
             SpiffeId.parse(sid)
         except ValueError as exc:
             raise ConfigError(f"{key}[{i}]: {exc}") from None
+
+
+def make_state_dir(path: Path) -> None:
+    """Create `data_dir` (0700) at start-up, or fail naming it: a plain OSError said only
+    "File exists" when the path was a file."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError:
+        raise ConfigError(f"data_dir {path}: exists and is not a directory") from None
+    except OSError as exc:
+        reason = exc.strerror or exc.__class__.__name__
+        raise ConfigError(f"data_dir {path}: cannot create it ({reason})") from None

@@ -18,6 +18,7 @@ from attestors.workload.systemd import SystemdAttestor
 from attestors.workload.unix import UnixAttestor
 from meshid import telemetry
 from meshid.bundle import Bundle
+from meshid.configload import make_state_dir
 from meshid.errors import (
     AttestationError,
     ConfigError,
@@ -97,7 +98,7 @@ class Agent:
             raise ConfigError(f"trust_bundle_path: cannot load root certificates: {exc}") from None
 
     async def start(self) -> None:
-        self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_state_dir(self.config.state_dir)
         self.client.set_roots(self._bootstrap_roots())
         attestation = WorkloadAttestation(self._attestors())
         self.node.load()

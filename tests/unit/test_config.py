@@ -3,6 +3,7 @@ environment variables override file values."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,25 @@ def test_from_dict_names_the_given_source() -> None:
     cfg = server_config_from_dict({"trust_domain": "example.org", "data_dir": "/d"},
                                   env={"MESHID_SERVER__AGENT_API_PORT": "1234"})
     assert cfg.server.agent_api_port == 1234
+
+
+async def test_data_dir_that_is_a_file_fails_the_start_naming_it(tmp_path: Path) -> None:
+    from issuer.server import Server
+    from workload_api.agent import Agent
+    from workload_api.config import agent_config_from_dict
+
+    not_a_dir = tmp_path / "data"
+    not_a_dir.write_text("")
+    refused = re.escape(f"data_dir {not_a_dir}: exists and is not a directory")
+    server = Server(server_config_from_dict({"trust_domain": "example.org", "data_dir": str(not_a_dir)}))
+    with pytest.raises(ConfigError, match=refused):
+        await server.start()
+    agent = Agent(agent_config_from_dict({
+        "trust_domain": "example.org", "data_dir": str(not_a_dir), "server_address": ["127.0.0.1:1"],
+        "trust_bundle_path": str(tmp_path / "root.pem"), "socket_path": str(tmp_path / "api.sock"),
+    }))
+    try:
+        with pytest.raises(ConfigError, match=refused):
+            await agent.start()
+    finally:
+        await agent.stop()
