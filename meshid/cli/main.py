@@ -90,7 +90,10 @@ async def cmd_server_backup(args: argparse.Namespace) -> int:
         await backup(args.output)
     finally:
         await ds.close()
-    print(f"backup written to {args.output} (keep the master secret with it: keys are encrypted)")
+    print(
+        f"backup written to {args.output} (its CA keys are encrypted: restoring needs the master "
+        "secret, which you should store apart from the backups)"
+    )
     return 0
 
 
