@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -152,10 +151,9 @@ def _entry_body(args: argparse.Namespace) -> dict[str, Any]:
     for field in ("x509_svid_ttl", "jwt_svid_ttl"):
         if getattr(args, field, None) is not None:
             body[field] = getattr(args, field)
-    if args.admin:
-        body["admin"] = True
-    if args.downstream:
-        body["downstream"] = True
+    for flag in ("admin", "downstream"):  # unset: not sent (create: off; update: unchanged)
+        if getattr(args, flag) is not None:
+            body[flag] = getattr(args, flag)
     return body
 
 
@@ -351,8 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--x509-svid-ttl", type=_seconds, help="seconds or e.g. 30m (default: server's)")
             e.add_argument("--jwt-svid-ttl", type=_seconds, help="seconds or e.g. 5m (default: the server's)")
             e.add_argument("--hint")
-            e.add_argument("--admin", action="store_true")
-            e.add_argument("--downstream", action="store_true")
+            e.add_argument("--admin", action=argparse.BooleanOptionalAction,
+                           help="the SVID may call the admin APIs (--no-admin on update takes it away)")
+            e.add_argument("--downstream", action=argparse.BooleanOptionalAction,
+                           help="the SVID may sign downstream CAs (--no-downstream takes it away)")
         e.set_defaults(func=cmd_entry)
 
     token = sub.add_parser("token", help="join tokens").add_subparsers(dest="token_op", required=True)
@@ -448,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `meshid entry list | head`: the reader left; say nothing more, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as exc:
         print(f"meshid: {exc}", file=sys.stderr)
         return 1
@@ -455,5 +459,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-_ = time

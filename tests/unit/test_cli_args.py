@@ -52,3 +52,17 @@ def test_bad_ttl_is_a_usage_error(
         cli.main(["token", "create", "--ttl", "1x"])
     assert info.value.code == 2
     assert "--ttl" in capsys.readouterr().err and not sent
+
+
+@pytest.mark.parametrize(
+    ("argv", "body"),
+    [
+        ([], {}),  # unchanged
+        (["--admin"], {"admin": True}),
+        (["--no-admin", "--no-downstream"], {"admin": False, "downstream": False}),  # could not be undone
+        (["--downstream"], {"downstream": True}),
+    ],
+)
+def test_entry_update_flags(sent: list[tuple[str, str, Any]], argv: list[str], body: dict[str, Any]) -> None:
+    assert cli.main(["entry", "update", "e1", *argv]) == 0
+    assert sent == [("PUT", "/v1/entries/e1", body)]
