@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from attestors.node.join_token import MAX_TOKEN_TTL, MIN_TOKEN_TTL
 from meshid.configload import Duration, build, check_identity_basics, check_spiffe_ids, doc, load_file
+from meshid.entry import MIN_SVID_TTL
 from meshid.errors import ConfigError
 from meshid.spiffe_id import SpiffeId, TrustDomain
 
@@ -105,8 +106,8 @@ class CaConfig:
             raise ConfigError("ca.ca_ttl: must be at least 2m")
         for name in ("x509_svid_ttl", "jwt_svid_ttl", "agent_svid_ttl"):
             ttl = getattr(self, name)
-            if ttl < 10:
-                raise ConfigError(f"ca.{name}: must be at least 10s")
+            if ttl < MIN_SVID_TTL:
+                raise ConfigError(f"ca.{name}: must be at least {MIN_SVID_TTL}s")
             if ttl > self.ca_ttl:
                 raise ConfigError(f"ca.{name}: must not exceed ca.ca_ttl ({int(self.ca_ttl)}s)")
 

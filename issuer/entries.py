@@ -11,7 +11,7 @@ from collections.abc import Callable
 from issuer.authorization import EntryIndex
 from issuer.datastore.base import DataStore
 from issuer.events import ocsf
-from meshid.entry import Entry
+from meshid.entry import MIN_SVID_TTL, Entry
 from meshid.errors import NotFoundError
 from meshid.spiffe_id import SpiffeId, TrustDomain
 
@@ -44,6 +44,10 @@ class EntryService:
             raise ValueError(f"parent_id {entry.parent_id} is not in trust domain {self.td}")
         if entry.spiffe_id == self.server_id:
             raise ValueError("the server's own SPIFFE ID cannot be registered")
+        # Here, not in Entry: entries stored before this rule still load.
+        for name in ("x509_svid_ttl", "jwt_svid_ttl"):
+            if 0 < getattr(entry, name) < MIN_SVID_TTL:
+                raise ValueError(f"{name} must be 0 (the server's default) or at least {MIN_SVID_TTL}s")
 
     async def create(self, entry: Entry) -> Entry:
         self._check(entry)

@@ -12,6 +12,8 @@ from meshid.spiffe_id import SpiffeId, TrustDomain
 
 MAX_HINT_BYTES = 1024
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+# The shortest SVID lifetime the server issues: its [ca] TTLs and an entry's own (0 = default).
+MIN_SVID_TTL = 10
 
 
 @dataclass(frozen=True, slots=True)

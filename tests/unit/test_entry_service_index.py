@@ -51,3 +51,22 @@ async def test_own_writes_are_applied_without_a_reload(ds: SqliteDataStore) -> N
     again = await svc.index()
     assert reloads == 2 and again.revision == idx.revision + 1
     assert shape(again) == shape(fresh)
+
+
+async def test_entry_ttls_below_the_svid_minimum_are_refused(ds: SqliteDataStore) -> None:
+    """`--x509-svid-ttl 5` (meant: 5m) made 5-second SVIDs the agent renewed every 3 s,
+    forever; an entry's TTL is 0 (the server's default) or at least MIN_SVID_TTL, like the
+    server's own [ca] TTLs."""
+    import pytest
+
+    from meshid.entry import MIN_SVID_TTL
+
+    svc = EntryService(ds, TD, SERVER)
+    base = Entry("", SpiffeId(TD, "/w"), AGENT, parse_selectors(["unix:uid:1"]))
+    for name in ("x509_svid_ttl", "jwt_svid_ttl"):
+        with pytest.raises(ValueError, match=f"{name} must be 0 .* or at least {MIN_SVID_TTL}s"):
+            await svc.create(base.replace(**{name: MIN_SVID_TTL - 1}))
+    made = await svc.create(base.replace(x509_svid_ttl=MIN_SVID_TTL))
+    with pytest.raises(ValueError, match="jwt_svid_ttl"):
+        await svc.update(made.replace(jwt_svid_ttl=1))
+    assert (await svc.update(made.replace(x509_svid_ttl=0))).x509_svid_ttl == 0
