@@ -164,7 +164,8 @@ class Server:
         if self.federation.polled:
             self.tasks.spawn("federation", self.federation.run())
         self._started = True
-        log.info("meshid server for %s started (server id %s)", self.td, self.server_id)
+        log.info("meshid server for %s started (server id %s); listening: %s", self.td, self.server_id,
+                 ", ".join(f"{name} {listener}" for name, listener in self.listeners.items()))
 
     async def _start_relay(self, ds: DataStore) -> None:
         k = self.config.events.kafka
@@ -293,6 +294,8 @@ class Server:
         close_keys = getattr(getattr(self, "key_manager", None), "close", None)
         if close_keys is not None:
             await close_keys()  # e.g. log out of the PKCS#11 token
+        if self._started:
+            log.info("meshid server for %s stopped", self.td)
         self._started = False
 
     # ------------------------------------------------------------------ periodic work

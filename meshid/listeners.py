@@ -36,6 +36,13 @@ class Listener:
     def port(self) -> int:
         return int(self.address[1]) if isinstance(self.address, tuple) else 0
 
+    def __str__(self) -> str:
+        """Where it listens, for the start-up log: unix:///path or host:port."""
+        if isinstance(self.address, str):
+            return f"unix://{self.address}"
+        host = self.address[0]
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
     async def stop(self) -> None:
         await self.runner.cleanup()
         if isinstance(self.address, str):

@@ -137,7 +137,8 @@ class Agent:
             self.health = await plain_listener(
                 health_app(self.ready, telemetry.metrics_handler), h.address, h.port
             )
-        log.info("agent ready: Workload API on unix://%s", self.config.socket_path)
+        log.info("agent ready: Workload API on unix://%s%s", self.config.socket_path,
+                 f", health on http://{self.health}" if self.health is not None else "")
 
     def _refused_message(self, exc: Exception) -> str:
         kind = self.config.node_attestor.kind
@@ -187,3 +188,4 @@ class Agent:
             await self.health.stop()
             self.health = None
         await self.client.close()
+        log.info("agent stopped")

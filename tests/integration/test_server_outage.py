@@ -132,7 +132,9 @@ async def test_meshid_dev_command_serves_and_stops_on_sigint(short_tmp: Path) ->
         assert not sock.exists(), "socket left behind after shutdown"
         assert proc.stderr is not None
         log = (await proc.stderr.read()).decode()
-        assert "agent ready" in log
+        assert "agent ready" in log and "agent stopped" in log
+        assert "listening: agent_api 127.0.0.1:" in log and "admin unix://" in log
+        assert "meshid server for example.org stopped" in log
         # A workload closing its stream is routine: no line per close, no traceback.
         assert "Request was cancelled" not in log and "Traceback" not in log, log
     finally:
