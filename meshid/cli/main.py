@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from meshid.cli.admin_client import DEFAULT_SOCKET, SOCKET_ENV, AdminClient, AdminError, socket_path
@@ -79,6 +80,9 @@ async def cmd_server_backup(args: argparse.Namespace) -> int:
     from issuer.datastore.factory import open_datastore
 
     config = load_server_config(args.config)
+    parent = Path(args.output).resolve().parent  # noqa: ASYNC240 - a one-shot CLI command
+    if not parent.is_dir():  # else the error names the temporary file written first
+        raise MeshidError(f"--output {args.output}: directory {parent} does not exist")
     ds = await open_datastore(config.dsn)
     try:
         backup = getattr(ds, "backup", None)

@@ -135,6 +135,9 @@ async def test_sqlite_online_backup_wipe_restore(short_tmp: Path) -> None:
 
         writing = asyncio.create_task(writer())
         await asyncio.sleep(0.2)
+        missing = short_tmp / "no-such-dir" / "b.sqlite3"
+        rc, out = await meshid("server", "backup", "--config", str(config), "--output", str(missing))
+        assert rc == 1 and f"--output {missing}: directory {missing.parent} does not exist" in out, out
         rc, out = await meshid("server", "backup", "--config", str(config), "--output", str(backup))
         stop_writing.set()
         written = await writing
