@@ -317,42 +317,47 @@ def build_parser() -> argparse.ArgumentParser:
     server = sub.add_parser("server", help="run and maintain the server").add_subparsers(
         dest="server_op", required=True
     )
-    s = server.add_parser("run")
-    s.add_argument("--config", required=True)
+    s = server.add_parser("run", help="run the server (CA, agent API, admin socket) until SIGINT/SIGTERM")
+    s.add_argument("--config", required=True, help="server TOML (keys: issuer/config.py)")
     s.set_defaults(func=cmd_server_run)
     s = server.add_parser("rewrap", help="re-encrypt every CA key under a new master secret")
     s.add_argument("--config", required=True)
-    s.add_argument("--new-secret-file")
-    s.add_argument("--new-secret-env")
+    s.add_argument("--new-secret-file", help="file holding the new master secret")
+    s.add_argument("--new-secret-env", help="environment variable holding the new master secret")
     s.set_defaults(func=cmd_server_rewrap)
     s = server.add_parser("backup", help="online, consistent backup of the SQLite datastore")
     s.add_argument("--config", required=True)
-    s.add_argument("--output", required=True)
+    s.add_argument("--output", required=True, help="backup file to write (0600)")
     s.set_defaults(func=cmd_server_backup)
     s = server.add_parser("restore", help="restore a SQLite backup (server stopped)")
     s.add_argument("--config", required=True)
-    s.add_argument("--input", required=True)
-    s.add_argument("--force", action="store_true")
+    s.add_argument("--input", required=True, help="backup file to restore")
+    s.add_argument("--force", action="store_true", help="replace an existing database")
     s.set_defaults(func=cmd_server_restore)
 
     entry = sub.add_parser("entry", help="registration entries").add_subparsers(
         dest="entry_op", required=True
     )
+    entry_help = {"create": "register a workload or node alias", "list": "list entries (filters optional)",
+                  "show": "show one entry", "update": "change the given fields of an entry",
+                  "delete": "delete an entry"}
     for op in ("create", "list", "show", "update", "delete"):
-        e = entry.add_parser(op)
+        e = entry.add_parser(op, help=entry_help[op])
         admin_parser(e)
         if op in ("show", "update", "delete"):
-            e.add_argument("id")
+            e.add_argument("id", help="entry id")
         if op in ("create", "update", "list"):
-            e.add_argument("--spiffe-id", dest="spiffe_id")
-            e.add_argument("--parent-id", dest="parent_id")
+            e.add_argument("--spiffe-id", dest="spiffe_id", help="the workload's SPIFFE ID")
+            e.add_argument("--parent-id", dest="parent_id",
+                           help="the agent (or node alias) it is issued through")
         if op in ("create", "update"):
             e.add_argument("--selector", action="append", default=[], help="type:value (repeatable)")
-            e.add_argument("--dns-name", action="append", default=[])
-            e.add_argument("--federates-with", action="append", default=[])
+            e.add_argument("--dns-name", action="append", default=[], help="DNS SAN (repeatable)")
+            e.add_argument("--federates-with", action="append", default=[],
+                           help="trust domain whose bundle the workload also gets (repeatable)")
             e.add_argument("--x509-svid-ttl", type=_seconds, help="seconds or e.g. 30m (default: server's)")
             e.add_argument("--jwt-svid-ttl", type=_seconds, help="seconds or e.g. 5m (default: the server's)")
-            e.add_argument("--hint")
+            e.add_argument("--hint", help="tells a workload's SVIDs apart (Workload API hint)")
             e.add_argument("--admin", action=argparse.BooleanOptionalAction,
                            help="the SVID may call the admin APIs (--no-admin on update takes it away)")
             e.add_argument("--downstream", action=argparse.BooleanOptionalAction,
@@ -360,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.set_defaults(func=cmd_entry)
 
     token = sub.add_parser("token", help="join tokens").add_subparsers(dest="token_op", required=True)
-    t = token.add_parser("create")
+    t = token.add_parser("create", help="make a single-use join token for one agent")
     admin_parser(t)
     t.add_argument(
         "--ttl", type=_seconds,
@@ -372,18 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
     agent = sub.add_parser("agent", help="run the agent, or manage agents").add_subparsers(
         dest="agent_op", required=True
     )
-    a = agent.add_parser("run")
-    a.add_argument("--config", required=True)
+    a = agent.add_parser("run", help="run the agent (Workload API on a Unix socket) until SIGINT/SIGTERM")
+    a.add_argument("--config", required=True, help="agent TOML (keys: workload_api/config.py)")
     a.set_defaults(func=cmd_agent_run)
+    agent_help = {"list": "list attested agents", "evict": "forget an agent (it must attest again)",
+                  "ban": "refuse an agent until it is evicted"}
     for op in ("list", "evict", "ban"):
-        a = agent.add_parser(op)
+        a = agent.add_parser(op, help=agent_help[op])
         admin_parser(a)
         if op != "list":
-            a.add_argument("agent_id")
+            a.add_argument("agent_id", help="the agent's SPIFFE ID")
         a.set_defaults(func=cmd_agent_admin)
 
-    bundle = sub.add_parser("bundle").add_subparsers(dest="bundle_op", required=True)
-    b = bundle.add_parser("show")
+    bundle = sub.add_parser("bundle", help="the trust bundle").add_subparsers(dest="bundle_op", required=True)
+    b = bundle.add_parser("show", help="print the trust domain's bundle")
     admin_parser(b)
     b.add_argument("--format", choices=("pem", "spiffe"), default="pem")
     b.set_defaults(func=cmd_bundle_show)
@@ -391,8 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("ca", help="CA keys: show, prepare, activate, taint, revoke").add_subparsers(
         dest="ca_op", required=True
     )
+    ca_help = {"show": "list CA keys and their states",
+               "prepare": "make the next key (published in the bundle)",
+               "activate": "sign with the prepared key", "taint": "re-issue everything signed by a key",
+               "revoke": "remove a key from the bundle"}
     for op in ("show", "prepare", "activate", "taint", "revoke"):
-        c = ca.add_parser(op)
+        c = ca.add_parser(op, help=ca_help[op])
         admin_parser(c)
         if op in ("prepare", "activate"):
             c.add_argument("--kind", choices=("x509", "jwt"), default="x509")
@@ -403,39 +414,41 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(func=cmd_ca)
 
     fetch = sub.add_parser("fetch", help="Workload API client").add_subparsers(dest="fetch_op", required=True)
-    f = fetch.add_parser("x509")
-    f.add_argument("--socket")
+    socket_help = "Workload API socket, unix:///path (default $SPIFFE_ENDPOINT_SOCKET)"
+    f = fetch.add_parser("x509", help="print the X509-SVIDs' SPIFFE IDs and expiry")
+    f.add_argument("--socket", help=socket_help)
     f.add_argument("--write", metavar="DIR", help="write svid.pem, svid.key, bundle.pem")
     f.set_defaults(func=cmd_fetch)
-    f = fetch.add_parser("jwt")
-    f.add_argument("--socket")
-    f.add_argument("--audience", action="append", required=True)
-    f.add_argument("--spiffe-id")
+    f = fetch.add_parser("jwt", help="print a JWT-SVID")
+    f.add_argument("--socket", help=socket_help)
+    f.add_argument("--audience", action="append", required=True, help="audience (repeatable)")
+    f.add_argument("--spiffe-id", help="which of the workload's identities (default: the first)")
     f.set_defaults(func=cmd_fetch)
-    f = fetch.add_parser("bundles")
-    f.add_argument("--socket")
+    f = fetch.add_parser("bundles", help="print the X.509 and JWT bundles")
+    f.add_argument("--socket", help=socket_help)
     f.set_defaults(func=cmd_fetch)
 
-    validate = sub.add_parser("validate").add_subparsers(dest="validate_op", required=True)
-    v = validate.add_parser("jwt")
-    v.add_argument("--socket")
-    v.add_argument("--audience", required=True)
-    v.add_argument("--token", required=True)
+    validate = sub.add_parser("validate", help="Workload API: validate a token").add_subparsers(
+        dest="validate_op", required=True)
+    v = validate.add_parser("jwt", help="validate a JWT-SVID (ValidateJWTSVID)")
+    v.add_argument("--socket", help=socket_help)
+    v.add_argument("--audience", required=True, help="the audience the token must name")
+    v.add_argument("--token", required=True, help="the JWT-SVID")
     v.set_defaults(func=cmd_validate)
 
-    events = sub.add_parser("events").add_subparsers(dest="events_op", required=True)
+    events = sub.add_parser("events", help="issuance events").add_subparsers(dest="events_op", required=True)
     ev = events.add_parser("tail", help="read the event outbox (works without Kafka)")
-    ev.add_argument("--config", required=True)
-    ev.add_argument("--follow", action="store_true")
+    ev.add_argument("--config", required=True, help="the server's TOML (for its datastore)")
+    ev.add_argument("--follow", action="store_true", help="keep printing new events")
     ev.set_defaults(func=cmd_events_tail)
 
     det = sub.add_parser("detect", help="reference anomaly detector (Kafka consumer group)")
     det.add_argument("--bootstrap", required=True, help="HOST:PORT")
     det.add_argument("--config", help="detector TOML (thresholds)")
-    det.add_argument("--state", default="meshid-detector-state.json")
-    det.add_argument("--group", default="meshid-detector")
-    det.add_argument("--events-topic", default="meshid.events")
-    det.add_argument("--alerts-topic", default="meshid.alerts")
+    det.add_argument("--state", default="meshid-detector-state.json", help="where its state is kept")
+    det.add_argument("--group", default="meshid-detector", help="Kafka consumer group")
+    det.add_argument("--events-topic", default="meshid.events", help="topic to read")
+    det.add_argument("--alerts-topic", default="meshid.alerts", help="topic to write alerts to")
     det.set_defaults(func=cmd_detect)
     return p
 
