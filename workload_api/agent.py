@@ -32,8 +32,9 @@ from meshid.spiffe_id import SpiffeId
 from meshid.tasks import TaskOwner
 from workload_api.attestation import WorkloadAttestation
 from workload_api.cache import SvidCache
+from workload_api.caller_limits import FD_RESERVE, CallerLimits
 from workload_api.config import AgentConfig
-from workload_api.grpc_server import FD_RESERVE, ConnectionLimit, PeerCredServer, serve_unix
+from workload_api.grpc_server import PeerCredServer, serve_unix
 from workload_api.manager import SvidManager
 from workload_api.node_identity import BUNDLE_FILE, NodeIdentity
 from workload_api.rotation import RotationPolicy
@@ -124,7 +125,8 @@ class Agent:
         if sds is not None:
             handlers.append(sds)
         fds = raise_fd_limit()
-        limit = ConnectionLimit(self.config.max_connections_per_uid, max(1, fds - FD_RESERVE))
+        limit = CallerLimits(self.config.max_connections_per_uid, self.config.max_streams_per_uid,
+                             max(1, fds - FD_RESERVE))
         self.grpc.append(await serve_unix(handlers, self.config.socket_path, WORKLOAD_SOCKET_MODE, limit))
         if self.config.admin_socket_path:
             delegated = self._delegated(identity)

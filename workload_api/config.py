@@ -106,6 +106,9 @@ class AgentConfig:
         "at once, so one local user cannot take every file descriptor the agent has. All connections "
         "together are also held to the agent's RLIMIT_NOFILE (raised to the hard limit at start) "
         "minus 256", default=2048)
+    max_streams_per_uid: int = doc(
+        "Workload API (and SDS) streams one caller uid may have open across its connections (each costs "
+        "the agent ~17 KB); further ones end at once with RESOURCE_EXHAUSTED", default=4096)
     node_attestor: NodeAttestorConfig = field(default_factory=NodeAttestorConfig)
     workload_attestors: WorkloadAttestorsConfig = field(default_factory=WorkloadAttestorsConfig)
     rotation: RotationConfig = field(default_factory=RotationConfig)
@@ -126,8 +129,9 @@ class AgentConfig:
         check_spiffe_ids(self.authorized_delegates, "authorized_delegates")
         if self.sync_interval < 0.05:
             raise ConfigError("sync_interval: must be at least 50ms")
-        if self.max_connections_per_uid < 1:
-            raise ConfigError("max_connections_per_uid: must be at least 1")
+        for name in ("max_connections_per_uid", "max_streams_per_uid"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1")
 
     @property
     def td(self) -> TrustDomain:

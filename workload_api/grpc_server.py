@@ -7,9 +7,8 @@ import asyncio
 import logging
 import os
 import socket
-import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from attestors.workload.base import Caller
 from meshid.errors import AttestationError
 from meshid.grpc_base import GuardedHandler, GuardedProtocol, GuardedServer
 from meshid.listeners import prepare_socket_path, umask
+from workload_api.caller_limits import CallerLimits
 from workload_api.peercred import peer_credentials
 
 log = logging.getLogger("meshid.agent.grpc")
@@ -67,66 +67,13 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
-# File descriptors kept out of the Workload API's reach: the agent's own connections to the
-# server, /proc reads for attestation, its state files, its other sockets.
-FD_RESERVE = 256
-_REFUSAL_LOG_INTERVAL = 60.0
-
-
-class ConnectionLimit:
-    """Open connections per caller uid, and in all, on one Unix socket: above either cap a
-    connection is closed at once. Every local user may connect to the Workload API, and
-    without a cap one of them could hold every file descriptor the agent may open, leaving
-    it unable to reach its server or read /proc for anyone else."""
-
-    def __init__(self, per_uid: int, total: int) -> None:
-        self.per_uid = per_uid
-        self.total = total
-        self.open: dict[int | None, int] = {}
-        self.count = 0
-        self.refused = 0
-        self._logged: dict[int | None, float] = {}
-
-    def admit(self, uid: int | None) -> bool:
-        held = self.open.get(uid, 0)
-        if held >= self.per_uid or self.count >= self.total:
-            self.refused += 1
-            self._log_refusal(uid, held)
-            return False
-        self.open[uid] = held + 1
-        self.count += 1
-        return True
-
-    def release(self, uid: int | None) -> None:
-        held = self.open.get(uid, 0) - 1
-        if held > 0:
-            self.open[uid] = held
-        else:
-            self.open.pop(uid, None)
-        self.count -= 1
-
-    def _log_refusal(self, uid: int | None, held: int) -> None:
-        # Once a minute per uid: a caller looping on connect must not fill the log.
-        now = time.monotonic()
-        if now - self._logged.get(uid, -_REFUSAL_LOG_INTERVAL) < _REFUSAL_LOG_INTERVAL:
-            return
-        if len(self._logged) >= 1024:
-            self._logged.clear()
-        self._logged[uid] = now
-        if held >= self.per_uid:
-            log.warning("uid %s holds %d Workload API connections (max_connections_per_uid); "
-                        "closing its new ones", uid, held)
-        else:
-            log.warning("%d Workload API connections open (the agent's file descriptor budget); "
-                        "closing new ones", self.count)
-
 
 class _PeerCredProtocol(GuardedProtocol):
     """grpclib's HTTP/2 protocol, with the peer's credentials read at accept time, the
-    connection counted against its uid's cap (ConnectionLimit) and the transport's writes
+    connection counted against its uid's caps (CallerLimits) and the transport's writes
     coalesced (CoalescingTransport)."""
 
-    def __init__(self, *args: Any, limit: ConnectionLimit | None = None) -> None:
+    def __init__(self, *args: Any, limit: CallerLimits | None = None) -> None:
         super().__init__(*args)
         self._limit = limit
         self._counted = False
@@ -142,7 +89,7 @@ class _PeerCredProtocol(GuardedProtocol):
             caller = None
         self._uid = caller.uid if caller is not None else None
         if self._limit is not None:
-            if not self._limit.admit(self._uid):
+            if not self._limit.admit_connection(self._uid):
                 transport.close()  # before any HTTP/2: the caller sees the connection end
                 self.handler.close()  # so the server forgets this connection's handler
                 return
@@ -158,18 +105,37 @@ class _PeerCredProtocol(GuardedProtocol):
         if self._limit is not None:
             if not self._counted:
                 return  # refused in connection_made: grpclib never saw this connection
-            self._limit.release(self._uid)
+            self._limit.release_connection(self._uid)
             self._counted = False
         super().connection_lost(exc)
 
 
 class PeerCredServer(GuardedServer):
-    def __init__(self, handlers: Any, *, limit: ConnectionLimit | None = None, **kwargs: Any) -> None:
+    def __init__(self, handlers: Any, *, limit: CallerLimits | None = None, **kwargs: Any) -> None:
         super().__init__(handlers, **kwargs)
         self.limit = limit
+        if limit is not None:
+            self._mapping = {n: h._replace(func=_counted(h.func, limit)) for n, h in self._mapping.items()}
 
     def _protocol(self, handler: GuardedHandler) -> H2Protocol:
         return _PeerCredProtocol(handler, self._config, self._h2_config, limit=self.limit)
+
+
+def _counted(func: Callable[[Any], Awaitable[None]], limit: CallerLimits) -> Callable[[Any], Awaitable[None]]:
+    """A method handler that counts its stream against the caller uid's cap while it runs."""
+
+    async def handle(stream: Any) -> None:
+        caller = _CALLERS.get(stream.peer._transport)
+        uid = caller.uid if caller is not None else None
+        refusal = limit.stream_refusal(uid)
+        if refusal is not None:
+            raise GRPCError(Status.RESOURCE_EXHAUSTED, refusal)
+        try:
+            await func(stream)
+        finally:
+            limit.release_stream(uid)
+
+    return handle
 
 
 def caller_of(stream: grpclib.server.Stream[Any, Any]) -> Caller:
@@ -205,7 +171,7 @@ def bind_unix_socket(path: str | Path, mode: int, dir_mode: int = 0o755) -> sock
 
 
 async def serve_unix(
-    handlers: Sequence[Any], path: str | Path, mode: int, limit: ConnectionLimit | None = None
+    handlers: Sequence[Any], path: str | Path, mode: int, limit: CallerLimits | None = None
 ) -> PeerCredServer:
     server = PeerCredServer(list(handlers), limit=limit)
     sock = bind_unix_socket(path, mode)

@@ -8,6 +8,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,4 +80,48 @@ async def test_connections_above_the_per_uid_cap_are_closed(short_tmp: Path) -> 
                 proc.kill()
             await proc.wait()
     finally:
+        await stack.stop()
+
+
+async def test_streams_above_the_per_uid_cap_are_resource_exhausted(short_tmp: Path) -> None:
+    """Each open stream costs the agent ~17 KB, and one connection may carry 100: the
+    connection cap alone let one uid hold 200,000 streams (3.4 GB). Streams are capped per
+    uid as well, across its connections, with a clear status; a closed one frees its place."""
+    from grpclib.client import Channel
+    from grpclib.const import Status
+    from grpclib.exceptions import GRPCError
+
+    from workload_api._gen import workload_grpc, workload_pb2
+
+    stack = await start_dev(short_tmp / "d", "example.org", str(short_tmp / "s" / "api.sock"),
+                            agent_overrides={"max_streams_per_uid": 3})
+    channels = [Channel(path=stack.socket_path) for _ in range(2)]
+    opened: list[Any] = []
+
+    async def open_stream(ch: Channel) -> Any:
+        cm = workload_grpc.SpiffeWorkloadAPIStub(ch).FetchX509SVID.open(
+            metadata={"workload.spiffe.io": "true"}, timeout=20)
+        st = await cm.__aenter__()
+        opened.append(cm)
+        await st.send_message(workload_pb2.X509SVIDRequest(), end=True)
+        return st, await st.recv_message()
+
+    try:
+        streams = [await open_stream(channels[i % 2]) for i in range(3)]
+        assert all(msg is not None and msg.svids for _, msg in streams)
+        with pytest.raises(GRPCError) as err:
+            await open_stream(channels[1])
+        assert err.value.status is Status.RESOURCE_EXHAUSTED
+        assert "max_streams_per_uid" in (err.value.message or "")
+        await streams[0][0].cancel()
+        for _ in range(100):  # the agent sees the cancellation
+            try:
+                _, msg = await open_stream(channels[0])
+                break
+            except GRPCError:
+                await asyncio.sleep(0.05)
+        assert msg is not None and msg.svids
+    finally:
+        for ch in channels:
+            ch.close()
         await stack.stop()

@@ -11,7 +11,8 @@ from typing import Any
 import grpclib.server
 import pytest
 
-from workload_api.grpc_server import CoalescingTransport, ConnectionLimit
+from workload_api.caller_limits import CallerLimits
+from workload_api.grpc_server import CoalescingTransport
 
 
 class FakeTransport:
@@ -143,17 +144,24 @@ async def test_a_finished_stream_leaves_no_cycle_for_the_gc(tmp_path: Any) -> No
         await server.wait_closed()
 
 
-def test_connection_limit_per_uid_and_in_all(caplog: pytest.LogCaptureFixture) -> None:
-    limit = ConnectionLimit(per_uid=2, total=3)
+def test_caller_limits_per_uid_and_in_all(caplog: pytest.LogCaptureFixture) -> None:
+    limit = CallerLimits(connections_per_uid=2, streams_per_uid=2, total_connections=3)
     with caplog.at_level(logging.WARNING):
-        assert limit.admit(1000) and limit.admit(1000)
-        assert not limit.admit(1000) and not limit.admit(1000)  # uid 1000 is at its cap
-        assert limit.admit(None)  # peer credentials unreadable: counted under None
-        assert not limit.admit(1001)  # the agent's budget is spent
-        limit.release(1000)
-        assert limit.admit(1001) and limit.count == 3
-    assert limit.refused == 3
-    # One warning per uid per minute, not one per refused connection.
+        assert limit.admit_connection(1000) and limit.admit_connection(1000)
+        assert not limit.admit_connection(1000) and not limit.admit_connection(1000)  # at its cap
+        assert limit.admit_connection(None)  # peer credentials unreadable: counted under None
+        assert not limit.admit_connection(1001)  # the agent's budget is spent
+        limit.release_connection(1000)
+        assert limit.admit_connection(1001) and limit.connections.total == 3
+        # Streams: per uid, across its connections.
+        assert limit.stream_refusal(1000) is None and limit.stream_refusal(1000) is None
+        refusal = limit.stream_refusal(1000)
+        assert refusal is not None and "max_streams_per_uid" in refusal
+        assert limit.stream_refusal(1001) is None
+        limit.release_stream(1000)
+        assert limit.stream_refusal(1000) is None
+    assert limit.refused == 4
+    # One warning per uid and kind per minute, not one per refusal.
     assert caplog.text.count("max_connections_per_uid") == 1
     assert caplog.text.count("file descriptor budget") == 1
-
+    assert caplog.text.count("max_streams_per_uid") == 1
