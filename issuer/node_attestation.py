@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from cryptography import x509
 
 from attestors.node.base import AttestationRequest, Challenge, NodeAttestor
-from issuer.admission import TokenBucket
 from issuer.ca import minting
 from issuer.ca.slots import CaManager, svid_chain
 from issuer.datastore.base import AgentRecord, DataStore
@@ -27,6 +26,7 @@ from meshid import telemetry
 from meshid.errors import AttestationError, NotFoundError, OverloadedError, PermissionDeniedError
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
+from meshid.token_bucket import TokenBucket
 
 log = logging.getLogger("meshid.attestation")
 

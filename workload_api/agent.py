@@ -119,14 +119,15 @@ class Agent:
             log.warning("initial sync failed (%s); retrying in the background", exc)
         self.tasks.spawn("svid-manager", self.manager.run())
         identity = Identity(self.cache, self.manager, attestation)
-        handlers: list[Any] = [WorkloadApiHandler(identity, self.config.allow_unauthenticated_verifiers,
-                                                  self.config.allowed_foreign_jwt_claims)]
+        cfg = self.config
+        limit = CallerLimits(cfg.max_connections_per_uid, cfg.max_streams_per_uid,
+                             max(1, raise_fd_limit() - FD_RESERVE),
+                             cfg.jwt_svid_mint_rate_per_uid, cfg.jwt_svid_mint_burst_per_uid)
+        handlers: list[Any] = [WorkloadApiHandler(identity, cfg.allow_unauthenticated_verifiers,
+                                                  cfg.allowed_foreign_jwt_claims, limit)]
         sds = self._sds(identity)
         if sds is not None:
             handlers.append(sds)
-        fds = raise_fd_limit()
-        limit = CallerLimits(self.config.max_connections_per_uid, self.config.max_streams_per_uid,
-                             max(1, fds - FD_RESERVE))
         self.grpc.append(await serve_unix(handlers, self.config.socket_path, WORKLOAD_SOCKET_MODE, limit))
         if self.config.admin_socket_path:
             delegated = self._delegated(identity)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
+
+from meshid.token_bucket import TokenBucket
 
 log = logging.getLogger("meshid.agent.grpc")
 
@@ -15,6 +18,7 @@ log = logging.getLogger("meshid.agent.grpc")
 # server, /proc reads for attestation, its state files, its other sockets.
 FD_RESERVE = 256
 _REFUSAL_LOG_INTERVAL = 60.0
+_MAX_JWT_BUCKETS = 10_000
 
 Uid = int | None  # None: the peer's credentials could not be read
 
@@ -38,10 +42,17 @@ class _Counter:
 
 
 class CallerLimits:
-    def __init__(self, connections_per_uid: int, streams_per_uid: int, total_connections: int) -> None:
+    """Also new JWT-SVIDs per caller uid: each is a signing by the server, charged to this
+    agent's signing budget there, the budget that renews every workload's X509-SVIDs."""
+
+    def __init__(self, connections_per_uid: int, streams_per_uid: int, total_connections: int,
+                 jwt_rate: float = 10.0, jwt_burst: int = 100) -> None:
         self.connections_per_uid = connections_per_uid
         self.streams_per_uid = streams_per_uid
         self.total_connections = total_connections
+        self.jwt_rate = jwt_rate
+        self.jwt_burst = jwt_burst
+        self._jwt: OrderedDict[Uid, TokenBucket] = OrderedDict()  # least recently used first
         self.connections = _Counter()
         self.streams = _Counter()
         self.refused = 0
@@ -73,6 +84,22 @@ class CallerLimits:
 
     def release_stream(self, uid: Uid) -> None:
         self.streams.give_back(uid)
+
+    def jwt_refusal(self, uid: Uid, new: int) -> str | None:
+        """None if uid may have `new` JWT-SVIDs signed now (then charged), else why not."""
+        bucket = self._jwt.get(uid)
+        if bucket is None:
+            if len(self._jwt) >= _MAX_JWT_BUCKETS:
+                self._jwt.popitem(last=False)
+            bucket = self._jwt[uid] = TokenBucket(self.jwt_rate, self.jwt_burst)
+        self._jwt.move_to_end(uid)
+        wait = bucket.try_take(new)
+        if wait == 0:
+            return None
+        message = (f"uid {uid} asks for new JWT-SVIDs faster than jwt_svid_mint_rate_per_uid "
+                   f"({self.jwt_rate:g}/s); retry in {wait:.1f}s")
+        self._refuse("jwt", uid, message)
+        return message
 
     def _refuse(self, kind: str, uid: Uid, message: str) -> bool:
         self.refused += 1

@@ -109,6 +109,11 @@ class AgentConfig:
     max_streams_per_uid: int = doc(
         "Workload API (and SDS) streams one caller uid may have open across its connections (each costs "
         "the agent ~17 KB); further ones end at once with RESOURCE_EXHAUSTED", default=4096)
+    jwt_svid_mint_rate_per_uid: float = doc(
+        "new JWT-SVIDs (not yet cached: each is a signing by the server, charged to this agent's "
+        "signing budget there) one caller uid may ask for per second; beyond, RESOURCE_EXHAUSTED",
+        default=10.0)
+    jwt_svid_mint_burst_per_uid: int = doc("new JWT-SVIDs one caller uid may ask for at once", default=100)
     node_attestor: NodeAttestorConfig = field(default_factory=NodeAttestorConfig)
     workload_attestors: WorkloadAttestorsConfig = field(default_factory=WorkloadAttestorsConfig)
     rotation: RotationConfig = field(default_factory=RotationConfig)
@@ -129,9 +134,11 @@ class AgentConfig:
         check_spiffe_ids(self.authorized_delegates, "authorized_delegates")
         if self.sync_interval < 0.05:
             raise ConfigError("sync_interval: must be at least 50ms")
-        for name in ("max_connections_per_uid", "max_streams_per_uid"):
+        for name in ("max_connections_per_uid", "max_streams_per_uid", "jwt_svid_mint_burst_per_uid"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
+        if not self.jwt_svid_mint_rate_per_uid > 0:
+            raise ConfigError("jwt_svid_mint_rate_per_uid: must be above 0")
 
     @property
     def td(self) -> TrustDomain:

@@ -335,11 +335,19 @@ class SvidManager:
         self.cache.put_svids(fresh)
 
     # ------------------------------------------------------------------ JWT-SVIDs
+    def jwt_cached(self, entry: Entry, audience: list[str]) -> JwtSvid | None:
+        """The JWT-SVID jwt_svid() would return without asking the server, if any."""
+        cached = self._jwt.get((entry.id, tuple(sorted(set(audience)))))
+        now = self.clock()
+        if cached is not None and now < cached.schedule.renew_at and now < cached.expires_at:
+            return cached
+        return None
+
     async def jwt_svid(self, entry: Entry, audience: list[str]) -> JwtSvid:
         key = (entry.id, tuple(sorted(set(audience))))
         now = self.clock()
-        cached = self._jwt.get(key)
-        if cached is not None and now < cached.schedule.renew_at and now < cached.expires_at:
+        cached = self.jwt_cached(entry, audience)
+        if cached is not None:
             return cached
         token, expires_at = await self.client.sign_jwt(entry.id, list(key[1]))
         schedule = self.policy.schedule(now, max(now + 1, expires_at), self.rng)

@@ -34,6 +34,7 @@ from meshid.spiffe_id import SpiffeId, TrustDomain
 from workload_api._gen import workload_grpc, workload_pb2
 from workload_api.attestation import WorkloadAttestation
 from workload_api.cache import SvidCache, Watcher, X509Svid
+from workload_api.caller_limits import CallerLimits
 from workload_api.grpc_server import caller_of, flush_writes
 from workload_api.manager import SvidManager
 
@@ -94,8 +95,10 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
         identity: Identity,
         allow_unauthenticated_verifiers: bool = False,
         allowed_foreign_jwt_claims: Iterable[str] = (),
+        limits: CallerLimits | None = None,
     ) -> None:
         self.id = identity
+        self.limits = limits
         self.cache = identity.cache
         self.allow_unauthenticated_verifiers = allow_unauthenticated_verifiers
         self.foreign_claims = FOREIGN_JWT_CLAIMS | frozenset(allowed_foreign_jwt_claims)
@@ -217,6 +220,11 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
             entries = [e for e in entries if e.spiffe_id == wanted]
         if not entries:
             raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
+        new = sum(1 for e in entries if self.id.manager.jwt_cached(e, audience) is None)
+        if new and self.limits is not None:
+            refusal = self.limits.jwt_refusal(caller_of(stream).uid, new)
+            if refusal is not None:
+                raise GRPCError(Status.RESOURCE_EXHAUSTED, refusal)
         svids = []
         try:
             for e in entries:

@@ -125,3 +125,38 @@ async def test_streams_above_the_per_uid_cap_are_resource_exhausted(short_tmp: P
         for ch in channels:
             ch.close()
         await stack.stop()
+
+
+async def test_new_jwt_svids_are_rate_limited_per_uid(short_tmp: Path) -> None:
+    """Every JWT-SVID for a new audience is a signing by the server, charged to this agent's
+    signing budget there (the budget that also renews every other workload's X509-SVIDs on
+    the node). One local user asking for endless new audiences is held to its own rate;
+    cached JWT-SVIDs are still served."""
+    from grpclib.client import Channel
+    from grpclib.const import Status
+    from grpclib.exceptions import GRPCError
+
+    from workload_api._gen import workload_grpc, workload_pb2
+
+    stack = await start_dev(short_tmp / "d", "example.org", str(short_tmp / "s" / "api.sock"),
+                            agent_overrides={"jwt_svid_mint_rate_per_uid": 0.001,
+                                             "jwt_svid_mint_burst_per_uid": 3})
+    ch = Channel(path=stack.socket_path)
+    stub = workload_grpc.SpiffeWorkloadAPIStub(ch)
+    header = {"workload.spiffe.io": "true"}
+
+    async def fetch(audience: str) -> str:
+        resp = await stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=[audience]), metadata=header,
+                                       timeout=20)
+        return str(resp.svids[0].svid)
+
+    try:
+        tokens = [await fetch(f"aud-{i}") for i in range(3)]
+        with pytest.raises(GRPCError) as err:
+            await fetch("aud-3")
+        assert err.value.status is Status.RESOURCE_EXHAUSTED
+        assert "jwt_svid_mint_rate_per_uid" in (err.value.message or "")
+        assert await fetch("aud-0") == tokens[0]  # cached: no signing, not limited
+    finally:
+        ch.close()
+        await stack.stop()

@@ -8,9 +8,10 @@ import asyncio
 import pytest
 
 import issuer.admission as admission_mod
-from issuer.admission import Admission, TokenBucket
+from issuer.admission import Admission
 from meshid import telemetry
 from meshid.errors import OverloadedError
+from meshid.token_bucket import TokenBucket
 
 
 class Clock:
