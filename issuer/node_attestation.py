@@ -11,7 +11,6 @@ import datetime as dt
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
@@ -26,7 +25,7 @@ from meshid import telemetry
 from meshid.errors import AttestationError, NotFoundError, OverloadedError, PermissionDeniedError
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
-from meshid.token_bucket import TokenBucket
+from meshid.token_bucket import KeyedBuckets
 
 log = logging.getLogger("meshid.attestation")
 
@@ -68,8 +67,8 @@ class AgentService:
         self.attestors = attestors
         self.agent_svid_ttl = agent_svid_ttl
         self.clock = clock
-        self._rate = attest_rate_per_minute
-        self._sources: OrderedDict[str, TokenBucket] = OrderedDict()  # least recently used first
+        self._sources: KeyedBuckets[str] = KeyedBuckets(attest_rate_per_minute / 60.0,
+                                                        max(1, attest_rate_per_minute), MAX_SOURCES)
         self._sessions: dict[str, _Session] = {}
         self._lock = asyncio.Lock()
         self._renewing: set[SpiffeId] = set()
@@ -82,19 +81,7 @@ class AgentService:
 
     # ------------------------------------------------------------------ attestation
     def _limit(self, source: str) -> None:
-        bucket = self._sources.get(source)
-        if bucket is None:
-            if len(self._sources) >= MAX_SOURCES:
-                # The least recently used address goes, not the whole table: a wipe reset
-                # every address's limit, so a flood of new addresses reset the flooder's own.
-                # Used longest ago, its bucket is the likeliest to be full again (dropping a
-                # full bucket loses nothing); to push out one still draining takes
-                # MAX_SOURCES addresses used since, each with a full bucket of its own.
-                self._sources.popitem(last=False)
-            bucket = self._sources[source] = TokenBucket(self._rate / 60.0, max(1, self._rate))
-        else:
-            self._sources.move_to_end(source)
-        wait = bucket.try_take(1)
+        wait = self._sources.try_take(source)
         if wait > 0:
             raise OverloadedError("too many attestation attempts from this address", retry_after=wait)
 

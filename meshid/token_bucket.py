@@ -4,7 +4,11 @@ agent (new JWT-SVIDs per caller uid)."""
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
 
 
 class TokenBucket:
@@ -40,3 +44,34 @@ class TokenBucket:
         """Full once refilled to now (the stored count is only updated when the bucket is used)."""
         self._refill()
         return self.tokens >= self.burst
+
+
+class KeyedBuckets(Generic[K]):
+    """A token bucket per key (a source address, a caller uid), at most `max_keys` of them.
+    When full, the least recently used key goes, not the whole table: a wipe reset every
+    key's limit, so a flood of new keys reset the flooder's own. Used longest ago, its
+    bucket is the likeliest to be full again (dropping a full bucket loses nothing); to push
+    out one still draining takes `max_keys` keys used since, each with a full bucket."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[K, TokenBucket] = OrderedDict()  # least recently used first
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._buckets
+
+    def try_take(self, key: K, n: float = 1) -> float:
+        """Take n tokens from key's bucket; 0 on success, else the seconds to wait."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_keys:
+                self._buckets.popitem(last=False)
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst)
+        else:
+            self._buckets.move_to_end(key)
+        return bucket.try_take(n)

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 
-from meshid.token_bucket import TokenBucket
+from meshid.token_bucket import KeyedBuckets
 
 log = logging.getLogger("meshid.agent.grpc")
 
@@ -51,8 +50,7 @@ class CallerLimits:
         self.streams_per_uid = streams_per_uid
         self.total_connections = total_connections
         self.jwt_rate = jwt_rate
-        self.jwt_burst = jwt_burst
-        self._jwt: OrderedDict[Uid, TokenBucket] = OrderedDict()  # least recently used first
+        self._jwt: KeyedBuckets[Uid] = KeyedBuckets(jwt_rate, jwt_burst, _MAX_JWT_BUCKETS)
         self.connections = _Counter()
         self.streams = _Counter()
         self.refused = 0
@@ -87,13 +85,7 @@ class CallerLimits:
 
     def jwt_refusal(self, uid: Uid, new: int) -> str | None:
         """None if uid may have `new` JWT-SVIDs signed now (then charged), else why not."""
-        bucket = self._jwt.get(uid)
-        if bucket is None:
-            if len(self._jwt) >= _MAX_JWT_BUCKETS:
-                self._jwt.popitem(last=False)
-            bucket = self._jwt[uid] = TokenBucket(self.jwt_rate, self.jwt_burst)
-        self._jwt.move_to_end(uid)
-        wait = bucket.try_take(new)
+        wait = self._jwt.try_take(uid, new)
         if wait == 0:
             return None
         message = (f"uid {uid} asks for new JWT-SVIDs faster than jwt_svid_mint_rate_per_uid "
