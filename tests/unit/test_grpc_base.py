@@ -257,3 +257,63 @@ def test_well_formed_headers_pass() -> None:
     from meshid.grpc_base import malformed_request
 
     assert malformed_request([*GOOD, ("trace-bin", encode_bin_value(b"\x01\x02").decode())]) is None
+
+
+# ----------------------------------------------------------------------------- unread answers
+async def test_a_client_that_never_reads_is_not_read_either(short_tmp: Path) -> None:
+    """Every PING is answered: a client sending PINGs without reading made the server buffer
+    the answers without bound. The server stops reading such a connection once its answers
+    back up, and resumes when they are read."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+    from hyperframe.frame import PingFrame
+
+    async with serving(short_tmp) as (_echo, ch):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(str(short_tmp / "g.sock"))
+        sock.setblocking(False)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        ping = PingFrame(0)
+        ping.opaque_data = b"floodfld"
+        sock.sendall(conn.data_to_send())
+        pings = ping.serialize() * 4096  # 68 KB of PINGs; sent whole frames at a time
+        sent, budget, pos = 0, 16 * 1024 * 1024, 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3
+        while sent < budget and loop.time() < deadline:
+            try:
+                n = sock.send(pings[pos:])
+                sent += n
+                pos = (pos + n) % len(pings)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        # The kernel's socket buffers and the server's 64 KB high-water mark (0.6 MB in all
+        # here), not what the server can parse in 3 s (4.8 MB, all of it answered and buffered).
+        assert sent < 2 * 1024 * 1024, f"the server read {sent} bytes from a client that reads nothing"
+        # Once the client reads, the server reads again: the last PING is answered.
+        sock.setblocking(True)
+        sock.settimeout(10)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.ping(b"lastping")
+        rest = pings[pos:pos + (-pos) % len(ping.serialize())]  # end the frame cut short
+
+        def read_until_last_ack() -> int:
+            seen = b""
+            while b"lastping" not in seen[-64:]:
+                data = sock.recv(1 << 20)
+                assert data, "connection closed"
+                seen = seen[-64:] + data
+            return 1
+
+        reader = asyncio.create_task(asyncio.to_thread(read_until_last_ack))
+        await asyncio.to_thread(sock.sendall, rest + conn.data_to_send()[24:])  # no second preface
+        acks = await asyncio.wait_for(reader, 20)
+        sock.close()
+        assert acks > 0
+        assert (await call(ch, "ok")).spiffe_id == "ok"
