@@ -103,10 +103,38 @@ class GuardedHandler(grpclib.server.Handler):
             return
         # grpclib reads a message as recv_data(5) for the prefix, then recv_data(length).
         stream.recv_data = _bounded(stream.recv_data, self.max_message_bytes)
-        super().accept(stream, headers, release_stream)
+        release = _Once(release_stream)
+        super().accept(stream, headers, release)
         task = self._tasks.get(stream)
         if task is not None:
-            task.add_done_callback(lambda _task: _drop_error(stream))
+            task.add_done_callback(lambda _task: _finished(stream, release))
+
+
+class _Once:
+    """A stream's release, done at most once: grpclib's request handler releases the stream
+    in a `finally`, but a task cancelled before its first step never runs its body. A client
+    resetting each stream in the same read that opened it ("rapid reset") left every one
+    registered on the connection for its lifetime: 41,400 streams, +356 MB of agent memory
+    in 10 s from one unprivileged client. The task's done callback releases what the
+    handler did not."""
+
+    __slots__ = ("_release",)
+
+    def __init__(self, release: Callable[[], Any]) -> None:
+        self._release: Callable[[], Any] | None = release
+
+    def __call__(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+def _finished(stream: Any, release: _Once) -> None:
+    _drop_error(stream)
+    # The size-bounded recv_data holds the stream's own method: a cycle only the cyclic GC
+    # would free (with 10,000 such streams waiting, its collections held the loop for seconds).
+    stream.__dict__.pop("recv_data", None)
+    release()
 
 
 def _drop_error(stream: Any) -> None:
