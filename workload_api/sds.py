@@ -244,6 +244,15 @@ def check_type_url(req: DiscoveryRequest) -> None:
 
 
 # ---------------------------------------------------------------------------- stream state
+MAX_LOGGED_ERROR = 512  # characters of an Envoy NACK's message put in our log
+
+
+def _cut(message: str) -> str:
+    if len(message) <= MAX_LOGGED_ERROR:
+        return message
+    return f"{message[:MAX_LOGGED_ERROR]}... ({len(message) - MAX_LOGGED_ERROR} more characters)"
+
+
 @dataclass
 class _StreamState:
     """xDS state-of-the-world bookkeeping for one StreamSecrets call."""
@@ -255,6 +264,7 @@ class _StreamState:
     version: int = 0
     nonce: str = ""  # nonce of the last response sent ("" = none yet)
     sent: tuple[bytes, ...] | None = None  # resources of the last response
+    nacked: str | None = None  # nonce of the last response whose rejection was logged
 
     def accept(self, req: DiscoveryRequest) -> bool:
         """Record `req`; True if it changes what must be sent (new subscription or names)."""
@@ -264,8 +274,15 @@ class _StreamState:
                       req.response_nonce, self.nonce)
             return False
         if req.HasField("error_detail"):
-            log.warning("SDS: Envoy rejected version %s of %s: %s", req.version_info or "?",
-                        list(req.resource_names), req.error_detail.message)
+            # Once per response, cut short: the message is the caller's, and one that repeated
+            # a 1 MB NACK of the same response wrote 482 MB of warnings in 5 s.
+            names = list(req.resource_names[:MAX_NAMES_IN_ERROR])
+            if self.nacked != self.nonce:
+                self.nacked = self.nonce
+                log.warning("SDS: Envoy rejected version %s of %s: %s", req.version_info[:64] or "?",
+                            names, _cut(req.error_detail.message))
+            else:
+                log.debug("SDS: Envoy rejected version %s again", req.version_info[:64] or "?")
         elif self.nonce and req.version_info != str(self.version):
             log.debug("SDS: client is at version %r, expected %s", req.version_info, self.version)
         if req.HasField("node") or self.node is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -331,6 +332,24 @@ async def test_many_names_are_refused_at_once_and_errors_stay_short(dev_stack: D
         assert "'bogus-0000'" in message and "'bogus-0010'" not in message
         assert message.endswith("and 990 more")
         assert (await stub.FetchSecrets(request(["default"]))).resources
+
+
+async def test_repeated_nacks_are_logged_once_and_short(
+    dev_stack: DevStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The NACK message is the caller's: repeating a 1 MB NACK of one response wrote 482 MB
+    # of warnings in 5 s.
+    caplog.set_level(logging.DEBUG, logger="meshid.agent.sds")
+    async with secret_stream(dev_stack) as (st, responses):
+        await st.send_message(request(["default"]))
+        first = await responses.next()
+        for _ in range(20):
+            await st.send_message(request(["default"], nonce=first.nonce, error="x" * 100_000))
+        await responses.quiet()
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "meshid.agent.sds" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, len(warnings)
+    assert len(warnings[0]) < 1000 and warnings[0].endswith("(99488 more characters)")
 
 
 async def test_wrong_type_url_and_delta_secrets(dev_stack: DevStack) -> None:
