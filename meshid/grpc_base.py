@@ -21,6 +21,7 @@ grpclib leaves to its users.
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import logging
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,10 @@ from grpclib.exceptions import GRPCError
 from grpclib.metadata import decode_bin_value
 from grpclib.protocol import H2Protocol
 from h2.errors import ErrorCodes
+from h2.events import StreamReset
+from h2.exceptions import ProtocolError
+
+from meshid.token_bucket import TokenBucket
 
 log = logging.getLogger("meshid.grpc")
 
@@ -41,6 +46,14 @@ _Request = TypeVar("_Request")
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default largest received message
 MAX_STATUS_MESSAGE = 1024  # characters of an error message sent back (bounded_status_message)
+# Streams a client may reset per connection before it is told to calm down (GOAWAY
+# ENHANCE_YOUR_CALM) and closed: a burst, refilled at RESET_RATE per second. A client that
+# cancels calls now and then never comes near; HTTP/2 rapid reset (CVE-2023-44487) does at once.
+MAX_RESET_BURST = 200
+RESET_RATE = 20.0
+# Received bytes handled per event-loop turn: one 256 KB read carried ~9,000 stream opens,
+# which held the loop ~2.5 s when handled in one callback.
+READ_SLICE = 4096
 
 _COMPRESSION_REFUSED = "Compression not implemented"  # grpclib's words for a compressed message
 
@@ -172,30 +185,94 @@ class GuardedProtocol(H2Protocol):
     the answers without bound (+16 MB in 10 s, growing as fast as the agent could parse)
     with the event loop held 60-175 ms per read (other workloads' calls 4 -> 180-470 ms).
     Paused, its unread frames wait in the kernel's socket buffer at no cost to us (+1 MB,
-    calls 4 ms); reading resumes once it reads."""
+    calls 4 ms); reading resumes once it reads.
+
+    Reads are handled READ_SLICE bytes per loop turn (reading paused meanwhile), and a
+    connection resetting streams faster than MAX_RESET_BURST / RESET_RATE is sent GOAWAY
+    (ENHANCE_YOUR_CALM) and closed: HTTP/2 rapid reset."""
 
     _io: Any = None  # the transport given to connection_made
+    _write_paused = False
+    _backlog = b""  # received, not yet handled
+    _closed = False
 
     def connection_made(self, transport: Any) -> None:
         self._io = transport
+        self._resets = TokenBucket(RESET_RATE, MAX_RESET_BURST)
         super().connection_made(transport)
+
+    def _update_reading(self) -> None:
+        if self._io is None or self._io.is_closing():
+            return
+        if self._write_paused or self._backlog:
+            self._io.pause_reading()
+        else:
+            self._io.resume_reading()
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        if self._io is not None and not self._io.is_closing():
-            self._io.pause_reading()
+        self._write_paused = True
+        self._update_reading()
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        if self._io is not None and not self._io.is_closing():
-            self._io.resume_reading()
+        self._write_paused = False
+        self._update_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if self._backlog:  # a turn's slice is already pending: keep the order
+            self._backlog += data
+            return
+        self._backlog = data
+        self._handle_slice()
+
+    def _handle_slice(self) -> None:
+        if self._closed:
+            return
+        chunk, self._backlog = self._backlog[:READ_SLICE], self._backlog[READ_SLICE:]
+        self._feed(chunk)
+        if self._backlog and not self._closed:
+            asyncio.get_running_loop().call_soon(self._handle_slice)
+        self._update_reading()
+
+    def _feed(self, data: bytes) -> None:
+        # grpclib's H2Protocol.data_received, event by event, counting the client's resets.
         try:
-            super().data_received(data)
+            events = self.connection.feed(data)
+        except ProtocolError:
+            log.debug("HTTP/2 protocol error; connection closed", exc_info=True)
+            self._close("Protocol error")
+            return
         except UnicodeDecodeError:
             log.debug("HTTP/2 header block is not ASCII; connection closed")
-            self.processor.close("Protocol error")
+            self._close("Protocol error")
+            return
+        self.connection.flush()
+        for event in events:
+            if isinstance(event, StreamReset) and event.remote_reset and self._resets.try_take(1) > 0:
+                self._calm_down(event.stream_id)
+                return
+            self.processor.process(event)
+        self.connection.flush()
+
+    def _calm_down(self, stream_id: int) -> None:
+        log.debug("client reset streams faster than %d/s; GOAWAY and closed", RESET_RATE)
+        h2_conn = self.connection._connection
+        h2_conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=stream_id)
+        self.connection.flush()
+        self._close("Too many stream resets")
+
+    def _close(self, reason: str) -> None:
+        self._closed = True
+        self._backlog = b""
+        self.processor.close(reason)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._closed = True
+        self._backlog = b""
+        super().connection_lost(exc)
 
 
 def bounded_status_message(message: str | None) -> str | None:

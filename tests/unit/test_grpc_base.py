@@ -373,3 +373,55 @@ async def test_streams_reset_at_once_and_finished_ones_are_freed(short_tmp: Path
         finally:
             gc.enable()
         assert left <= 2, f"{left} finished streams wait for the cyclic GC"
+
+
+async def test_rapid_reset_is_cut_off_and_does_not_hold_the_loop(short_tmp: Path) -> None:
+    """HTTP/2 rapid reset (CVE-2023-44487): a client opening and at once resetting streams.
+    One 256 KB read carried ~9,000 stream opens, all handled in one callback: the event loop
+    stalled ~2.5 s per read, for every other caller. Now a connection may reset at most
+    MAX_RESET_BURST streams (refilled at RESET_RATE/s) before it is sent GOAWAY
+    (ENHANCE_YOUR_CALM) and closed, and a large read is handled a slice per loop turn."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    from meshid.grpc_base import MAX_RESET_BURST
+
+    async with serving(short_tmp) as (echo, ch):
+        assert (await call(ch, "warm")).spiffe_id == "warm"
+        stalls: list[float] = []
+
+        async def ticker() -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                t0 = loop.time()
+                await asyncio.sleep(0.005)
+                stalls.append(loop.time() - t0 - 0.005)
+
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        for sid in range(1, 2 * 6000, 2):
+            conn.send_headers(sid, GOOD)
+            conn.reset_stream(sid)
+        flood = conn.data_to_send()  # built before the clock starts: the client's own work
+        tick = asyncio.create_task(ticker())
+        reader, writer = await asyncio.open_unix_connection(str(short_tmp / "g.sock"))
+        writer.write(flood)
+        await writer.drain()
+        goaway = None
+        while goaway is None:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ConnectionTerminated):
+                    goaway = event
+        assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        assert goaway.last_stream_id <= 2 * (MAX_RESET_BURST + 200), goaway.last_stream_id
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed
+        writer.close()
+        # Everyone else is served, and was not held up meanwhile.
+        assert (await call(ch, "after")).spiffe_id == "after"
+        tick.cancel()
+        assert max(stalls) < 0.5, f"event loop held {max(stalls) * 1000:.0f} ms"
