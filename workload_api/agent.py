@@ -64,6 +64,7 @@ class Agent:
             self.cache, self.client, self.node, self.policy, self.rng, config.sync_interval, clock
         )
         self.grpc: list[PeerCredServer] = []
+        self.attestation: WorkloadAttestation | None = None
         self.health: Listener | None = None
 
     def _attestors(self) -> list[WorkloadAttestor]:
@@ -101,7 +102,7 @@ class Agent:
     async def start(self) -> None:
         make_state_dir(self.config.state_dir)
         self.client.set_roots(self._bootstrap_roots())
-        attestation = WorkloadAttestation(self._attestors())
+        self.attestation = attestation = WorkloadAttestation(self._attestors())
         self.node.load()
         try:
             # A first round in the foreground so a healthy start is ready at once; failures
@@ -191,4 +192,6 @@ class Agent:
             await self.health.stop()
             self.health = None
         await self.client.close()
+        if self.attestation is not None:
+            await self.attestation.close()
         log.info("agent stopped")

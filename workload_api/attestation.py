@@ -20,6 +20,12 @@ class WorkloadAttestation:
         self._inline = [a for a in self.attestors if getattr(a, "local", False)]
         self._concurrent = [a for a in self.attestors if not getattr(a, "local", False)]
 
+    async def close(self) -> None:
+        for attestor in self.attestors:
+            close = getattr(attestor, "close", None)
+            if close is not None:
+                await close()
+
     async def attest(self, caller: Caller) -> frozenset[Selector]:
         results = [await a.attest(caller) for a in self._inline]
         if len(self._concurrent) == 1:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from attestors.workload.base import Caller
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 DEFAULT_WORKLOAD_SIZE_LIMIT = 64 * 1024 * 1024
 _HASH_CACHE_SIZE = 1024
 _CHUNK = 1024 * 1024
+# Hashing runs on threads of its own, so hashes a user forces (touching its binary makes every
+# request a cache miss) cannot take the default executor's threads from NSS lookups.
+_HASH_THREADS = 2
 # Names resolved through NSS are kept this long (found or not): a lookup can cost
 # hundreds of µs (nss-systemd, LDAP) plus a thread hop, on every Workload API call.
 NAME_TTL_SECONDS = 30.0
@@ -161,6 +165,12 @@ class _DigestCache:
                 self._items.popitem(last=False)
 
 
+class _UidTurn:
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class _TooLarge(Exception):
     def __init__(self, size: int) -> None:
         super().__init__(size)
@@ -190,7 +200,15 @@ class UnixAttestor:
         self.workload_size_limit = workload_size_limit
         self._proc_root = proc_root.rstrip("/") or "/"
         self._digests = _DigestCache(_HASH_CACHE_SIZE)
+        self._hash_pool: ThreadPoolExecutor | None = None
+        self._hashing: dict[int, _UidTurn] = {}  # uid -> its hashes, one at a time
         self._by_creds = _CredentialCache(NAME_TTL_SECONDS, _NAME_CACHE_SIZE)
+
+    async def close(self) -> None:
+        """Stop the hashing threads (an agent shutting down does not wait for a hash)."""
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=False, cancel_futures=True)
+            self._hash_pool = None
 
     def _proc(self, pid: int, leaf: str) -> str:
         return f"{self._proc_root}/{pid}/{leaf}"
@@ -219,7 +237,7 @@ class UnixAttestor:
         selectors = list(selectors)  # the cached list is shared; path/sha256 are appended
         if path is not None:
             selectors.append(Selector("unix", f"path:{path}"))
-            digest = await self._sha256(pid)
+            digest = await self._sha256(pid, creds.uid)
             if digest is not None:
                 selectors.append(Selector("unix", f"sha256:{digest}"))
         return selectors
@@ -233,7 +251,22 @@ class UnixAttestor:
             # Kernel threads have no exe; EACCES means the agent lacks ptrace-read rights.
             raise AttestationError(f"cannot discover the binary of workload process {pid}: {exc}") from exc
 
-    async def _sha256(self, pid: int) -> str | None:
+    async def _sha256(self, pid: int, uid: int) -> str | None:
+        """The binary's digest: from the cache, else hashed, one hash at a time per uid (a
+        request waiting its turn may then find the digest cached by the one before it)."""
+        turn = self._hashing.get(uid)
+        if turn is None:
+            turn = self._hashing[uid] = _UidTurn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                return await self._sha256_now(pid)
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._hashing[uid]
+
+    async def _sha256_now(self, pid: int) -> str | None:
         limit = self.workload_size_limit
         if limit < 0:
             return None
@@ -259,7 +292,9 @@ class UnixAttestor:
             return None
         loop = asyncio.get_running_loop()
         try:
-            key, digest = await loop.run_in_executor(None, _hash_file, exe, limit)
+            if self._hash_pool is None:
+                self._hash_pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="meshid-sha256")
+            key, digest = await loop.run_in_executor(self._hash_pool, _hash_file, exe, limit)
         except _TooLarge as exc:
             log.warning(
                 "workload %d binary is %d bytes, over the %d-byte limit: no sha256 selector",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import pwd
@@ -296,3 +297,43 @@ async def test_systemd_real_process() -> None:
     assert all(s.type == "systemd" and s.value.startswith("id:") for s in got)
     with pytest.raises(AttestationError):
         await SystemdAttestor().attest(caller(_gone_pid()))
+
+
+@needs_root
+async def test_unix_sha256_is_hashed_once_per_uid_at_a_time(
+    sleeper_as_nobody: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A binary of up to workload_size_limit (64 MB) is hashed on a cache miss, and a user
+    can force misses (touch its binary) on many connections at once: every executor thread
+    hashed for it, and other workloads' attestations (NSS lookups) queued behind. Now one
+    uid's hashes run one at a time, on their own threads, and concurrent requests for one
+    binary share one hash."""
+    import threading
+    import time
+
+    pid = sleeper_as_nobody.pid
+    running, most, calls = 0, 0, 0
+    lock = threading.Lock()
+    real_hash = unix_mod._hash_file
+
+    def slow_hash(path: str, limit: int) -> tuple[unix_mod.FileKey, str]:
+        nonlocal running, most, calls
+        with lock:
+            running += 1
+            calls += 1
+            most = max(most, running)
+        time.sleep(0.1)
+        try:
+            return real_hash(path, limit)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(unix_mod, "_hash_file", slow_hash)
+    attestor = UnixAttestor(discover_workload_path=True)
+    results = await asyncio.gather(*(attestor.attest(caller(pid)) for _ in range(4)))
+    assert calls == 1, "concurrent requests for one binary each hashed it"
+    assert all(any(s.value.startswith("sha256:") for s in r) for r in results)
+    monkeypatch.setattr(attestor._digests, "get", lambda key: None)  # every request a miss
+    await asyncio.gather(*(attestor.attest(caller(pid)) for _ in range(4)))
+    assert most == 1, f"{most} hashes ran at once for one uid"
