@@ -193,7 +193,8 @@ class GuardedProtocol(H2Protocol):
 
     _io: Any = None  # the transport given to connection_made
     _write_paused = False
-    _backlog = b""  # received, not yet handled
+    _backlog = b""  # received, handled up to _pos
+    _pos = 0
     _closed = False
 
     def connection_made(self, transport: Any) -> None:
@@ -223,17 +224,20 @@ class GuardedProtocol(H2Protocol):
         if self._closed:
             return
         if self._backlog:  # a turn's slice is already pending: keep the order
-            self._backlog += data
+            self._backlog = self._backlog[self._pos:] + data
+            self._pos = 0
             return
-        self._backlog = data
+        self._backlog, self._pos = data, 0
         self._handle_slice()
 
     def _handle_slice(self) -> None:
         if self._closed:
             return
-        chunk, self._backlog = self._backlog[:READ_SLICE], self._backlog[READ_SLICE:]
-        self._feed(chunk)
-        if self._backlog and not self._closed:
+        start, self._pos = self._pos, self._pos + READ_SLICE
+        self._feed(self._backlog[start:self._pos])
+        if self._pos >= len(self._backlog):
+            self._backlog, self._pos = b"", 0
+        elif not self._closed:
             asyncio.get_running_loop().call_soon(self._handle_slice)
         self._update_reading()
 
@@ -275,14 +279,14 @@ class GuardedProtocol(H2Protocol):
         super().connection_lost(exc)
 
 
-def bounded_status_message(message: str | None) -> str | None:
-    """At most MAX_STATUS_MESSAGE characters of an error message for the grpc-message
-    trailer. Messages may quote the request (a name, an audience), and hpack's pure-Python
-    Huffman encoder is quadratic: a 200 KB trailer held the event loop for 4 s, a 2 MB one
-    for minutes, for every caller of the process."""
-    if message is None or len(message) <= MAX_STATUS_MESSAGE:
+def bounded_status_message(message: str | None, limit: int = MAX_STATUS_MESSAGE) -> str | None:
+    """At most `limit` characters of a caller-influenced message, saying how many were cut.
+    For the grpc-message trailer: messages may quote the request (a name, an audience), and
+    hpack's pure-Python Huffman encoder is quadratic: a 200 KB trailer held the event loop
+    for 4 s, a 2 MB one for minutes, for every caller of the process."""
+    if message is None or len(message) <= limit:
         return message
-    return f"{message[:MAX_STATUS_MESSAGE]}... ({len(message) - MAX_STATUS_MESSAGE} more characters)"
+    return f"{message[:limit]}... ({len(message) - limit} more characters)"
 
 
 def _answered(func: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:

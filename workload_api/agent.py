@@ -121,15 +121,15 @@ class Agent:
         self.tasks.spawn("svid-manager", self.manager.run())
         identity = Identity(self.cache, self.manager, attestation)
         cfg = self.config
-        limit = CallerLimits(cfg.max_connections_per_uid, cfg.max_streams_per_uid,
-                             max(1, raise_fd_limit() - FD_RESERVE),
-                             cfg.jwt_svid_mint_rate_per_uid, cfg.jwt_svid_mint_burst_per_uid)
+        limits = CallerLimits(cfg.max_connections_per_uid, cfg.max_streams_per_uid,
+                              max(1, raise_fd_limit() - FD_RESERVE),
+                              cfg.jwt_svid_mint_rate_per_uid, cfg.jwt_svid_mint_burst_per_uid)
         handlers: list[Any] = [WorkloadApiHandler(identity, cfg.allow_unauthenticated_verifiers,
-                                                  cfg.allowed_foreign_jwt_claims, limit)]
+                                                  cfg.allowed_foreign_jwt_claims, limits)]
         sds = self._sds(identity)
         if sds is not None:
             handlers.append(sds)
-        self.grpc.append(await serve_unix(handlers, self.config.socket_path, WORKLOAD_SOCKET_MODE, limit))
+        self.grpc.append(await serve_unix(handlers, cfg.socket_path, WORKLOAD_SOCKET_MODE, limits))
         if self.config.admin_socket_path:
             delegated = self._delegated(identity)
             if delegated is not None:

@@ -49,7 +49,6 @@ class CallerLimits:
         self.connections_per_uid = connections_per_uid
         self.streams_per_uid = streams_per_uid
         self.total_connections = total_connections
-        self.jwt_rate = jwt_rate
         self._jwt: KeyedBuckets[Uid] = KeyedBuckets(jwt_rate, jwt_burst, _MAX_JWT_BUCKETS)
         self.connections = _Counter()
         self.streams = _Counter()
@@ -89,7 +88,7 @@ class CallerLimits:
         if wait == 0:
             return None
         message = (f"uid {uid} asks for new JWT-SVIDs faster than jwt_svid_mint_rate_per_uid "
-                   f"({self.jwt_rate:g}/s); retry in {wait:.1f}s")
+                   f"({self._jwt.rate:g}/s); retry in {wait:.1f}s")
         self._refuse("jwt", uid, message)
         return message
 

@@ -67,15 +67,14 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
-
 class _PeerCredProtocol(GuardedProtocol):
     """grpclib's HTTP/2 protocol, with the peer's credentials read at accept time, the
     connection counted against its uid's caps (CallerLimits) and the transport's writes
     coalesced (CoalescingTransport)."""
 
-    def __init__(self, *args: Any, limit: CallerLimits | None = None) -> None:
+    def __init__(self, *args: Any, limits: CallerLimits | None = None) -> None:
         super().__init__(*args)
-        self._limit = limit
+        self._limits = limits
         self._counted = False
         self._uid: int | None = None
 
@@ -88,8 +87,8 @@ class _PeerCredProtocol(GuardedProtocol):
             log.info("could not read peer credentials: %s", exc)
             caller = None
         self._uid = caller.uid if caller is not None else None
-        if self._limit is not None:
-            if not self._limit.admit_connection(self._uid):
+        if self._limits is not None:
+            if not self._limits.admit_connection(self._uid):
                 transport.close()  # before any HTTP/2: the caller sees the connection end
                 self.handler.close()  # so the server forgets this connection's handler
                 return
@@ -102,38 +101,41 @@ class _PeerCredProtocol(GuardedProtocol):
         _CALLERS[coalescing] = caller
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._limit is not None:
+        if self._limits is not None:
             if not self._counted:
                 return  # refused in connection_made: grpclib never saw this connection
-            self._limit.release_connection(self._uid)
+            self._limits.release_connection(self._uid)
             self._counted = False
         super().connection_lost(exc)
 
 
 class PeerCredServer(GuardedServer):
-    def __init__(self, handlers: Any, *, limit: CallerLimits | None = None, **kwargs: Any) -> None:
+    def __init__(self, handlers: Any, *, limits: CallerLimits | None = None, **kwargs: Any) -> None:
         super().__init__(handlers, **kwargs)
-        self.limit = limit
-        if limit is not None:
-            self._mapping = {n: h._replace(func=_counted(h.func, limit)) for n, h in self._mapping.items()}
+        self.limits = limits
+        if limits is not None:
+            self._mapping = {n: h._replace(func=_counted(h.func, limits)) for n, h in self._mapping.items()}
 
     def _protocol(self, handler: GuardedHandler) -> H2Protocol:
-        return _PeerCredProtocol(handler, self._config, self._h2_config, limit=self.limit)
+        return _PeerCredProtocol(handler, self._config, self._h2_config, limits=self.limits)
 
 
-def _counted(func: Callable[[Any], Awaitable[None]], limit: CallerLimits) -> Callable[[Any], Awaitable[None]]:
+_Handler = Callable[[Any], Awaitable[None]]
+
+
+def _counted(func: _Handler, limits: CallerLimits) -> _Handler:
     """A method handler that counts its stream against the caller uid's cap while it runs."""
 
     async def handle(stream: Any) -> None:
         caller = _CALLERS.get(stream.peer._transport)
         uid = caller.uid if caller is not None else None
-        refusal = limit.stream_refusal(uid)
+        refusal = limits.stream_refusal(uid)
         if refusal is not None:
             raise GRPCError(Status.RESOURCE_EXHAUSTED, refusal)
         try:
             await func(stream)
         finally:
-            limit.release_stream(uid)
+            limits.release_stream(uid)
 
     return handle
 
@@ -171,9 +173,9 @@ def bind_unix_socket(path: str | Path, mode: int, dir_mode: int = 0o755) -> sock
 
 
 async def serve_unix(
-    handlers: Sequence[Any], path: str | Path, mode: int, limit: CallerLimits | None = None
+    handlers: Sequence[Any], path: str | Path, mode: int, limits: CallerLimits | None = None
 ) -> PeerCredServer:
-    server = PeerCredServer(list(handlers), limit=limit)
+    server = PeerCredServer(list(handlers), limits=limits)
     sock = bind_unix_socket(path, mode)
     # grpclib re-listens on the socket; keep a deep backlog for fleets of workloads starting at once.
     await server.start(sock=sock, backlog=4096)

@@ -337,16 +337,18 @@ class SvidManager:
     # ------------------------------------------------------------------ JWT-SVIDs
     def jwt_cached(self, entry: Entry, audience: list[str]) -> JwtSvid | None:
         """The JWT-SVID jwt_svid() would return without asking the server, if any."""
-        cached = self._jwt.get((entry.id, tuple(sorted(set(audience)))))
-        now = self.clock()
+        return self._jwt_cached(_jwt_key(entry, audience), self.clock())
+
+    def _jwt_cached(self, key: tuple[str, tuple[str, ...]], now: float) -> JwtSvid | None:
+        cached = self._jwt.get(key)
         if cached is not None and now < cached.schedule.renew_at and now < cached.expires_at:
             return cached
         return None
 
     async def jwt_svid(self, entry: Entry, audience: list[str]) -> JwtSvid:
-        key = (entry.id, tuple(sorted(set(audience))))
+        key = _jwt_key(entry, audience)
         now = self.clock()
-        cached = self.jwt_cached(entry, audience)
+        cached = self._jwt_cached(key, now)
         if cached is not None:
             return cached
         token, expires_at = await self.client.sign_jwt(entry.id, list(key[1]))
@@ -379,3 +381,8 @@ def _b64(data: bytes) -> str:
     import base64
 
     return base64.b64encode(data).decode()
+
+
+def _jwt_key(entry: Entry, audience: list[str]) -> tuple[str, tuple[str, ...]]:
+    """A JWT-SVID cache key: the entry and its audience as a set."""
+    return entry.id, tuple(sorted(set(audience)))

@@ -34,7 +34,7 @@ from grpclib.server import Stream
 
 from meshid.bundle import Bundle
 from meshid.errors import InvalidSpiffeIdError
-from meshid.grpc_base import recv_request
+from meshid.grpc_base import bounded_status_message, recv_request
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from workload_api.cache import SvidCache, X509Svid
@@ -247,12 +247,6 @@ def check_type_url(req: DiscoveryRequest) -> None:
 MAX_LOGGED_ERROR = 512  # characters of an Envoy NACK's message put in our log
 
 
-def _cut(message: str) -> str:
-    if len(message) <= MAX_LOGGED_ERROR:
-        return message
-    return f"{message[:MAX_LOGGED_ERROR]}... ({len(message) - MAX_LOGGED_ERROR} more characters)"
-
-
 @dataclass
 class _StreamState:
     """xDS state-of-the-world bookkeeping for one StreamSecrets call."""
@@ -280,7 +274,7 @@ class _StreamState:
             if self.nacked != self.nonce:
                 self.nacked = self.nonce
                 log.warning("SDS: Envoy rejected version %s of %s: %s", req.version_info[:64] or "?",
-                            names, _cut(req.error_detail.message))
+                            names, bounded_status_message(req.error_detail.message, MAX_LOGGED_ERROR))
             else:
                 log.debug("SDS: Envoy rejected version %s again", req.version_info[:64] or "?")
         elif self.nonce and req.version_info != str(self.version):

@@ -220,15 +220,15 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
             entries = [e for e in entries if e.spiffe_id == wanted]
         if not entries:
             raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
-        new = sum(1 for e in entries if self.id.manager.jwt_cached(e, audience) is None)
-        if new and self.limits is not None:
-            refusal = self.limits.jwt_refusal(caller_of(stream).uid, new)
+        cached = {e.id: j for e in entries if (j := self.id.manager.jwt_cached(e, audience)) is not None}
+        if len(cached) < len(entries) and self.limits is not None:
+            refusal = self.limits.jwt_refusal(caller_of(stream).uid, len(entries) - len(cached))
             if refusal is not None:
                 raise GRPCError(Status.RESOURCE_EXHAUSTED, refusal)
         svids = []
         try:
             for e in entries:
-                j = await self.id.manager.jwt_svid(e, audience)
+                j = cached.get(e.id) or await self.id.manager.jwt_svid(e, audience)
                 svids.append(workload_pb2.JWTSVID(spiffe_id=str(j.spiffe_id), svid=j.token, hint=e.hint))
         except GRPCError:
             raise
