@@ -349,7 +349,10 @@ async def test_replica_follows_keys_published_by_another(
         # A rotates the shared JWT key; B's tick adopts it and signs with it.
         await a.ca.prepare(JWT)
         new = await a.ca.activate(JWT)
-        await wait_for(lambda: b.ca.jwt_active.key_id == new.key_id, 10, "B to adopt the new JWT key")
+        # B's tick takes the key (its slots) and then, after a datastore read, its bundle: wait for both.
+        await wait_for(lambda: b.ca.jwt_active.key_id == new.key_id
+                       and b.ca.bundle.jwt_authorities.keys() == a.ca.bundle.jwt_authorities.keys(),
+                       10, "B to adopt the new JWT key and publish it")
         assert b.ca.bundle.jwt_authorities.keys() == a.ca.bundle.jwt_authorities.keys()
         assert len(a.ca.bundle.jwt_authorities) == 2  # the old key stays until its JWTs expire
     finally:
