@@ -217,8 +217,8 @@ class AgentService:
         """Sign a new agent SVID; `agent` is the record authenticate() returned for the SVID
         presented. One renewal per agent at a time, and only from its latest SVID: renewals
         racing with one SVID all passed authentication, each minted and stored its own SVID,
-        and the agent could keep one the server no longer accepted. (In-process: replicas
-        sharing a database do not see each other's renewals under way.)"""
+        and the agent could keep one the server no longer accepted. The in-process guard
+        spares the signing; the datastore's conditional write decides across replicas."""
         if agent.agent_id in self._renewing:
             raise OverloadedError("a renewal of this agent's SVID is already under way", retry_after=1.0)
         self._renewing.add(agent.agent_id)
@@ -239,10 +239,11 @@ class AgentService:
             expires_at=int(chain[0].not_valid_after_utc.timestamp()),
             updated_at=int(now),
         )
-        await self.ds.put_agent(
-            record,
-            [self._agent_svid_issued(chain[0], agent.agent_id, agent.selectors, now, renew=True)],
-        )
+        events = [self._agent_svid_issued(chain[0], agent.agent_id, agent.selectors, now, renew=True)]
+        if not await self.ds.renew_agent(record, agent.serial, events):
+            # Another replica renewed (or banned/evicted) this agent since we read it; the
+            # SVID just signed is dropped unseen.
+            raise PermissionDeniedError("agent SVID has been superseded; use the latest one")
         self._events_written()
         return IssuedAgentSvid(record, chain)
 

@@ -99,6 +99,13 @@ class DataStore(Protocol):
     async def put_agent(self, record: AgentRecord, events: Sequence[Event] = ()) -> None:
         """Insert or replace."""
 
+    async def renew_agent(
+        self, record: AgentRecord, previous_serial: str, events: Sequence[Event] = ()
+    ) -> bool:
+        """Store `record`'s serial, expiry and update time only if the stored agent still
+        has `previous_serial` and is not banned: one atomic check across every replica
+        sharing the database. False (nothing written, no events) otherwise."""
+
     async def list_agents(self) -> list[AgentRecord]: ...
 
     async def delete_agent(self, agent_id: SpiffeId, events: Sequence[Event] = ()) -> None:

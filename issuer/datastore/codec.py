@@ -133,6 +133,19 @@ AGENT_COLUMNS = (
 )
 
 
+def agent_renew_sql(param: Callable[[int], str]) -> str:
+    """The conditional write of a renewal: the new SVID's serial and expiry, only over the
+    one the renewal was made from, and never for a banned agent (see DataStore.renew_agent)."""
+    return (
+        f"UPDATE agents SET serial = {param(1)}, expires_at = {param(2)}, updated_at = {param(3)} "
+        f"WHERE agent_id = {param(4)} AND serial = {param(5)} AND NOT banned RETURNING agent_id"
+    )
+
+
+def agent_renew_params(record: AgentRecord, previous_serial: str) -> tuple[Any, ...]:
+    return (record.serial, record.expires_at, record.updated_at, str(record.agent_id), previous_serial)
+
+
 def agent_params(record: AgentRecord) -> tuple[Any, ...]:
     return (
         str(record.agent_id),

@@ -52,6 +52,7 @@ _ENTRY_UPDATE = (
 _SELECTOR_INSERT = "INSERT INTO entry_selectors (entry_id, type, value) VALUES ($1, $2, $3)"
 _AGENT_UPSERT = codec.upsert_sql("agents", codec.AGENT_COLUMNS, "agent_id", _p)
 _AGENT_SELECT = f"SELECT {', '.join(codec.AGENT_COLUMNS)} FROM agents"
+_AGENT_RENEW = codec.agent_renew_sql(_p)
 _CA_KEY_UPSERT = codec.upsert_sql("ca_keys", codec.CA_KEY_COLUMNS, "key_id", _p)
 _CA_KEY_SELECT = f"SELECT {', '.join(codec.CA_KEY_COLUMNS)} FROM ca_keys"
 _EVENT_INSERT = (
@@ -271,6 +272,16 @@ class PostgresDataStore:
         async with self._tx() as conn:
             await conn.execute(_AGENT_UPSERT, *params)
             await _insert_many(conn, _EVENT_INSERT, event_rows)
+
+    async def renew_agent(
+        self, record: AgentRecord, previous_serial: str, events: Sequence[Event] = ()
+    ) -> bool:
+        event_rows = [codec.event_params(e) for e in events]
+        async with self._tx() as conn:
+            if await conn.fetchval(_AGENT_RENEW, *codec.agent_renew_params(record, previous_serial)) is None:
+                return False
+            await _insert_many(conn, _EVENT_INSERT, event_rows)
+        return True
 
     async def list_agents(self) -> list[AgentRecord]:
         return [codec.agent_from_row(r) for r in await self._db.fetch(f"{_AGENT_SELECT} ORDER BY agent_id")]

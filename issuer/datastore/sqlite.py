@@ -54,6 +54,7 @@ _ENTRY_UPDATE = (
 _SELECTOR_INSERT = "INSERT INTO entry_selectors (entry_id, type, value) VALUES (?, ?, ?)"
 _AGENT_UPSERT = codec.upsert_sql("agents", codec.AGENT_COLUMNS, "agent_id", _q)
 _AGENT_SELECT = f"SELECT {', '.join(codec.AGENT_COLUMNS)} FROM agents"
+_AGENT_RENEW = codec.agent_renew_sql(_q)
 _CA_KEY_UPSERT = codec.upsert_sql("ca_keys", codec.CA_KEY_COLUMNS, "key_id", _q)
 _CA_KEY_SELECT = f"SELECT {', '.join(codec.CA_KEY_COLUMNS)} FROM ca_keys"
 _META_UPSERT = codec.upsert_sql("meta", ("key", "value"), "key", _q)
@@ -347,6 +348,19 @@ class SqliteDataStore:
         async with self._tx() as conn:
             await conn.execute(_AGENT_UPSERT, params)
             await conn.executemany(_EVENT_INSERT, event_rows)
+
+    async def renew_agent(
+        self, record: AgentRecord, previous_serial: str, events: Sequence[Event] = ()
+    ) -> bool:
+        event_rows = [codec.event_params(e) for e in events]
+        async with self._tx() as conn:
+            rows = await conn.execute_fetchall(
+                _AGENT_RENEW, codec.agent_renew_params(record, previous_serial)
+            )
+            if not list(rows):
+                return False
+            await conn.executemany(_EVENT_INSERT, event_rows)
+        return True
 
     async def list_agents(self) -> list[AgentRecord]:
         return [codec.agent_from_row(r) for r in await self._rows(f"{_AGENT_SELECT} ORDER BY agent_id")]

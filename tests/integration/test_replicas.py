@@ -314,6 +314,42 @@ async def test_join_token_race_between_replicas(replicas: tuple[Site, Server, Se
     assert sorted(str(r.agent_id) for r in await a.ds.list_agents()) == sorted(winners)
 
 
+async def test_renewals_from_one_svid_through_both_replicas_store_one(
+    replicas: tuple[Site, Server, Server],
+) -> None:
+    """Each replica serializes an agent's renewals only among its own requests; the write
+    is conditional on the serial renewed from, so across replicas one renewal wins, and
+    the SVID it returned is the one the server accepts."""
+    site, a, b = replicas
+    assert a.ds is not None
+    server_id = SpiffeId.parse(f"spiffe://{TD}/meshid/server")
+    clients = [ServerClient([address(s)], server_id) for s in (a, b)]
+    try:
+        for c in clients:
+            c.set_roots(site.trust_roots())
+        tok = new_token(600)
+        await a.ds.create_join_token(tok.token_hash, tok.token_id, tok.expires_at)
+        key = new_key()
+        attested = await clients[0].attest("join_token", {"token": tok.token}, csr_for(key))
+        chain = certs_from_json(attested["svid"])
+        for c in clients:
+            c.set_identity(chain, key)
+        results = await asyncio.gather(
+            *(c.renew(csr_for(key)) for c in clients for _ in range(3)), return_exceptions=True
+        )
+        ok = [r for r in results if isinstance(r, list)]
+        assert len(ok) == 1, results
+        assert all(isinstance(r, MeshidError) for r in results if not isinstance(r, list)), results
+        record = await a.ds.list_agents()
+        assert [r.serial for r in record] == [f"{ok[0][0].serial_number:x}"]
+        winner = clients[[isinstance(r, list) for r in results].index(True) // 3]
+        winner.set_identity(ok[0], key)
+        await winner.sync({}, -1)
+    finally:
+        for c in clients:
+            await c.close()
+
+
 async def test_replica_follows_keys_published_by_another(
     postgres_db: str, short_tmp: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
 ) -> None:

@@ -456,6 +456,31 @@ async def test_agents_put_get_list_delete(store: DataStore) -> None:
     assert [e.subject for e in await outbox_events(store)] == [ev(1).subject, ev(2).subject]
 
 
+async def test_renewal_is_written_only_over_the_serial_it_was_made_from(
+    store: DataStore, twin: DataStore
+) -> None:
+    """Replicas sharing the database: of renewals made from one SVID, one is stored; the
+    others write nothing, events included. Never over a banned or missing agent."""
+    await store.put_agent(agent("/agent/n1", serial="aa", expires_at=1_000, updated_at=10))
+    renewals = [agent("/agent/n1", serial=f"b{i}", expires_at=2_000 + i, updated_at=20) for i in range(10)]
+    won = await asyncio.gather(
+        *((store, twin)[i % 2].renew_agent(r, "aa", [ev(i)]) for i, r in enumerate(renewals))
+    )
+    assert won.count(True) == 1
+    winner = renewals[won.index(True)]
+    stored = await store.get_agent(sid("/agent/n1"))
+    assert stored == winner
+    assert [e.subject for e in await outbox_events(store)] == [ev(won.index(True)).subject]
+
+    next_one = agent("/agent/n1", serial="cc", expires_at=3_000, updated_at=30)
+    assert not await twin.renew_agent(next_one, "aa", [ev(50)])  # from a superseded SVID
+    await store.put_agent(agent("/agent/n1", serial=winner.serial, banned=True))
+    assert not await store.renew_agent(next_one, winner.serial, [ev(51)])  # banned
+    assert not await store.renew_agent(agent("/agent/gone", serial="dd"), "", [ev(52)])  # no such agent
+    assert (await store.get_agent(sid("/agent/n1"))).serial == winner.serial  # type: ignore[union-attr]
+    assert len(await outbox_events(store)) == 1
+
+
 # --- join tokens ------------------------------------------------------------------------------------
 async def test_join_token_is_single_use(store: DataStore) -> None:
     await store.create_join_token("h1", "tok-1", expires_at=1_000)
