@@ -38,7 +38,7 @@ from workload_api.grpc_server import PeerCredServer, serve_unix
 from workload_api.manager import SvidManager
 from workload_api.node_identity import BUNDLE_FILE, NodeIdentity
 from workload_api.rotation import RotationPolicy
-from workload_api.server_client import ServerClient
+from workload_api.server_client import ServerCertificateError, ServerClient
 from workload_api.workload_handler import Identity, WorkloadApiHandler
 
 log = logging.getLogger("meshid.agent")
@@ -59,6 +59,7 @@ class Agent:
         self.policy = RotationPolicy(config.rotation.window_start, config.rotation.window_end)
         self.cache = SvidCache(self.td)
         self.client = ServerClient(config.server_address, SpiffeId(self.td, "/meshid/server"))
+        self._roots_from_config = False  # set when trust_bundle_path, not a persisted bundle, is used
         self.node = NodeIdentity(config, self.client, self.policy, self.rng, clock)
         self.manager = SvidManager(
             self.cache, self.client, self.node, self.policy, self.rng, config.sync_interval, clock
@@ -94,6 +95,7 @@ class Agent:
                 return list(bundle.x509_authorities)
             except MeshidError:
                 log.warning("persisted bundle unreadable; falling back to trust_bundle_path")
+        self._roots_from_config = True
         try:
             return x509.load_pem_x509_certificates(Path(self.config.trust_bundle_path).read_bytes())
         except (OSError, ValueError) as exc:
@@ -110,6 +112,12 @@ class Agent:
             await asyncio.wait_for(self.manager.step(), timeout=30)
         except ConfigError:
             raise  # ...except node credentials the agent cannot read or has none of
+        except ServerCertificateError as exc:
+            if not self.node.valid:
+                # ...or a server the agent cannot authenticate while it has no identity to
+                # serve: nothing to wait for (SPIRE's agent exits here too).
+                raise ConfigError(self._untrusted_server_message(exc)) from None
+            log.warning("initial sync failed (%s); retrying in the background", exc)
         except (PermissionDeniedError, UnauthenticatedError) as exc:
             if not self.node.valid:
                 # ...and a server that refused to attest an agent with no identity at all:
@@ -143,6 +151,14 @@ class Agent:
             )
         log.info("agent ready: Workload API on unix://%s%s", self.config.socket_path,
                  f", health on http://{self.health}" if self.health is not None else "")
+
+    def _untrusted_server_message(self, exc: Exception) -> str:
+        if self._roots_from_config:
+            return (f"trust_bundle_path {self.config.trust_bundle_path}: no root in it verifies the "
+                    f"certificate of the server at {', '.join(self.config.server_address)}; it must hold the "
+                    f"root of the server's chain (the upstream root, or the server's own CA for a "
+                    f"self-signed server): {exc}")
+        return str(exc)
 
     def _refused_message(self, exc: Exception) -> str:
         kind = self.config.node_attestor.kind

@@ -42,6 +42,10 @@ class ServerUnavailableError(MeshidError):
     """No configured server answered; the agent keeps serving its cache and retries."""
 
 
+class ServerCertificateError(ServerUnavailableError):
+    """Every configured server answered with a certificate the agent's roots do not verify."""
+
+
 class IdentityRejectedError(UnauthenticatedError):
     """The server is up but no longer accepts the agent's SVID at the TLS layer; re-attest.
 
@@ -158,6 +162,7 @@ class ServerClient:
                        ) -> dict[str, Any]:
         session = await self._get_session(with_identity)
         last: Exception | None = None
+        cert_errors = 0
         for attempt in range(len(self.addresses)):
             addr = self.addresses[(self._current + attempt) % len(self.addresses)]
             try:
@@ -167,12 +172,14 @@ class ServerClient:
                     return self._check(resp.status, data, resp.headers)
             except (aiohttp.ClientConnectionError, TimeoutError, ssl.SSLError) as exc:
                 last = exc
+                cert_errors += isinstance(exc, aiohttp.ClientConnectorCertificateError)
                 log.debug("server %s unreachable: %s", addr, exc)
                 continue
         if isinstance(last, aiohttp.ClientConnectorCertificateError):
             # Our roots cannot authenticate the server: say what the operator must do, since
             # retrying alone only helps if the server goes back to a root we hold.
-            raise ServerUnavailableError(
+            error = ServerCertificateError if cert_errors == len(self.addresses) else ServerUnavailableError
+            raise error(
                 f"cannot verify the server's certificate with the agent's trust bundle ({last}); if the "
                 "server moved to a new root while the agent was offline, re-bootstrap the agent: put "
                 "the new root in trust_bundle_path and remove bundle.json from its data_dir")

@@ -118,3 +118,30 @@ async def test_unreachable_server_still_starts_and_retries(short_tmp: Path) -> N
         assert (short_tmp / "s" / "alone.sock").exists()
     finally:
         await asyncio.wait_for(agent.stop(), STEP_TIMEOUT)
+
+
+async def test_trust_bundle_that_does_not_verify_the_server_fails_the_start(
+    short_tmp: Path, master_secret: str
+) -> None:
+    """A new agent given the wrong root (another install's, a typo'd file) cannot
+    authenticate the server and has nothing to serve: it stops at start naming
+    trust_bundle_path, as SPIRE's agent does, instead of retrying forever."""
+    async with running_server(short_tmp) as srv:
+        port = srv.agent_api_port
+        token = await new_token(srv)
+        write_pem(short_tmp / "root.pem", make_ca()[0])  # not the server's root
+        agent = agent_for(short_tmp, "wrong-root", port, {"join_token": {"token": token}})
+        exc = await start_fails(agent)
+        assert isinstance(exc, ConfigError)
+        assert f"trust_bundle_path {short_tmp / 'root.pem'}" in str(exc) and "verif" in str(exc)
+        assert not (short_tmp / "s" / "wrong-root.sock").exists()
+
+        # The token was not spent on the server it could not authenticate: with the right
+        # root the same token attests.
+        (short_tmp / "root.pem").write_bytes(srv.ca.bundle.x509_pem())
+        agent = agent_for(short_tmp, "right-root", port, {"join_token": {"token": token}})
+        await asyncio.wait_for(agent.start(), STEP_TIMEOUT)
+        try:
+            assert agent.node.valid
+        finally:
+            await asyncio.wait_for(agent.stop(), STEP_TIMEOUT)
