@@ -285,6 +285,7 @@ async def start_server(root: Path, td: str) -> tuple[asyncio.subprocess.Process,
 
 async def controller(streams: int, uids: int, rotations: int, probes: int, lib: str) -> None:
     from meshid.cli.admin_client import AdminClient
+    from meshid.heap import freeze_startup_heap
     from meshid.spiffe_id import TrustDomain
     from workload_api.agent import Agent
     from workload_api.config import agent_config_from_dict
@@ -311,6 +312,7 @@ async def controller(streams: int, uids: int, rotations: int, probes: int, lib: 
                 "node_attestor": {"join_token": {"token": token["token"]}},
             }, "bench"))
             await agent.start()
+            freeze_startup_heap()  # as `meshid agent run` does once started
             try:
                 await measure(agent, admin, td, tmp, procs, streams, uids, rotations, probes, lib)
             finally:

@@ -22,6 +22,7 @@ from issuer.server import Server
 from meshid.configload import parse_duration
 from meshid.entry import Entry
 from meshid.errors import AlreadyExistsError, ConfigError
+from meshid.heap import freeze_startup_heap
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from workload_api.agent import Agent
@@ -173,6 +174,7 @@ async def run_dev(args: argparse.Namespace) -> int:
         raise ConfigError(f"--svid-ttl: {exc}") from None
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     stack = await start_dev(data_dir, args.trust_domain, args.socket, ttl)
+    freeze_startup_heap()
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -15,6 +15,7 @@ from typing import Any
 
 from meshid.cli.admin_client import DEFAULT_SOCKET, SOCKET_ENV, AdminClient, AdminError, socket_path
 from meshid.errors import MeshidError
+from meshid.heap import freeze_startup_heap
 
 
 def _setup_logging(level: str = "info") -> None:
@@ -44,6 +45,7 @@ async def run_until_signalled(
         loop.add_signal_handler(sig, done.set)
     try:
         await start()
+        freeze_startup_heap()
         await done.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
