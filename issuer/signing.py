@@ -7,10 +7,11 @@ not starved; each batch's issuance events are written to the outbox in one trans
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from issuer.events import ocsf
 from issuer.events.model import Event
 from meshid import telemetry
 from meshid.entry import Entry
-from meshid.errors import PermissionDeniedError
+from meshid.errors import OverloadedError, PermissionDeniedError
 from meshid.jwtsvid import check_audience_bounds
 
 log = logging.getLogger("meshid.signing")
@@ -32,6 +33,11 @@ log = logging.getLogger("meshid.signing")
 MAX_BATCH = 500
 EXECUTOR_THRESHOLD = 8
 ROTATION_REASONS = ("initial", "scheduled", "forced", "tainted", "expired", "entry_changed")
+# Overload refusals are `io.meshid.svid.refused` events too (SPEC-EVENTS), but a refusal
+# must stay cheap under the load it sheds: at most one event per agent and kind per this
+# many seconds, carrying the count of refused requests folded into it.
+OVERLOAD_EVENT_INTERVAL = 10.0
+MAX_OVERLOAD_TRACKED = 100_000
 
 
 @dataclass(frozen=True)
@@ -77,15 +83,46 @@ class SigningService:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshid-signing")
         # Called once events are in the outbox (the server wakes its relay): sync and cheap.
         self.on_events = on_events
+        # (agent ID, kind) -> (time of its last overload event, refusals since then)
+        self._overload_reported: dict[tuple[str, str], tuple[float, int]] = {}
 
     def _events_written(self) -> None:
         if self.on_events is not None:
             self.on_events()
 
+    @contextlib.asynccontextmanager
+    async def _admit(self, agent: AgentRecord, cost: int, kind: str) -> AsyncIterator[None]:
+        """admission.admit, recording an overload refusal as an svid.refused event."""
+        try:
+            async with self.admission.admit(str(agent.agent_id), cost, kind=kind):
+                yield
+        except OverloadedError as exc:
+            await self._overload_refused(agent, cost, kind, exc)
+            raise
+
+    async def _overload_refused(self, agent: AgentRecord, cost: int, kind: str, exc: OverloadedError) -> None:
+        key = (str(agent.agent_id), kind)
+        now = self.clock()
+        last, count = self._overload_reported.get(key, (float("-inf"), 0))
+        count += cost
+        if now - last < OVERLOAD_EVENT_INTERVAL:
+            self._overload_reported[key] = (last, count)
+            return
+        if len(self._overload_reported) >= MAX_OVERLOAD_TRACKED:
+            self._overload_reported.clear()
+        self._overload_reported[key] = (now, 0)
+        event = ocsf.svid_refused("overloaded", agent.agent_id, now, kind=kind, detail=str(exc), count=count)
+        try:
+            await self.ds.append_events([event])
+        except Exception as err:  # the agent must still get its retry-after answer
+            log.warning("could not record an overload refusal event: %s", err)
+            return
+        self._events_written()
+
     async def sign_x509(self, agent: AgentRecord, requests: list[X509Request]) -> list[X509Result]:
         if len(requests) > MAX_BATCH:
             raise ValueError(f"at most {MAX_BATCH} CSRs per call")
-        async with self.admission.admit(str(agent.agent_id), len(requests)):
+        async with self._admit(agent, len(requests), "x509"):
             index = await self.entries.index()
             allowed = index.authorized(agent.agent_id, agent.selectors)
             active = self.ca.x509_active
@@ -202,7 +239,7 @@ class SigningService:
         if not audience or not all(isinstance(a, str) and a for a in audience):
             raise ValueError("audience must be a non-empty list of non-empty strings")
         check_audience_bounds(audience)
-        async with self.admission.admit(str(agent.agent_id), 1, kind="jwt"):
+        async with self._admit(agent, 1, "jwt"):
             index = await self.entries.index()
             entry = index.authorized(agent.agent_id, agent.selectors).get(entry_id)
             now = self.clock()

@@ -359,9 +359,11 @@ def svid_refused(
     kind: str = "x509",
     entry_id: str = "",
     detail: str = "",
+    count: int = 1,
 ) -> Event:
     """A signing request was refused. `reason` is a short code (`not_authorized`,
-    `bad_csr`, `overloaded`, `rate_limited`, ...); `detail` is for humans."""
+    `bad_csr`, `overloaded`, `rate_limited`, ...); `detail` is for humans; `count` > 1
+    when several refusals are reported as one (overload, which is rate-limited)."""
     aid = str(agent_id)
     sid = str(spiffe_id) if spiffe_id is not None else ""
     severity = Severity.LOW if reason in _BENIGN_REFUSALS else Severity.MEDIUM
@@ -376,6 +378,7 @@ def svid_refused(
         svid_kind=kind,
         reason=reason,
         detail=detail or None,
+        count=count if count != 1 else None,
     )
     return _event(SVID_REFUSED, sid or aid, sid or aid, now, data)
 

@@ -4,13 +4,22 @@ that a refused request costs nothing, and that refusals reach the metrics."""
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 import pytest
 
 import issuer.admission as admission_mod
+from issuer import signing
 from issuer.admission import Admission
+from issuer.ca.slots import CaManager
+from issuer.datastore.base import AgentRecord, DataStore
+from issuer.entries import EntryService
+from issuer.events import ocsf
+from issuer.events.model import Event
+from issuer.signing import SigningService, X509Request
 from meshid import telemetry
 from meshid.errors import OverloadedError
+from meshid.spiffe_id import SpiffeId
 from meshid.token_bucket import TokenBucket
 
 
@@ -205,3 +214,44 @@ async def test_tracked_agents_are_bounded_by_dropping_full_buckets(monkeypatch: 
     with pytest.raises(OverloadedError):
         async with adm.admit("busy", 1):
             pass
+
+
+# ---------------------------------------------------------------------------- refusal events
+
+
+class _Outbox:
+    """The one DataStore call SigningService makes on a refusal."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def append_events(self, events: list[Event]) -> None:
+        self.events.extend(events)
+
+
+async def test_overload_refusals_become_rate_limited_svid_refused_events() -> None:
+    # SPEC-EVENTS: io.meshid.svid.refused is written for overload too, not only for
+    # unauthorized entries and bad CSRs; at most one per agent and kind per interval.
+    clock = Clock()
+    adm = _adm(clock, max_concurrent=1, max_queue=0)
+    outbox = _Outbox()
+    woken: list[int] = []
+    svc = SigningService(cast(DataStore, outbox), cast(CaManager, None), cast(EntryService, None), adm,
+                         3600, 300, clock=clock, on_events=lambda: woken.append(1))
+    agent = AgentRecord(SpiffeId.parse("spiffe://example.org/spire/agent/x"), "join_token", ())
+    async with adm.admit("someone-else", 1):  # the one signing slot is taken, no queue
+        for _ in range(3):
+            with pytest.raises(OverloadedError):
+                await svc.sign_x509(agent, [X509Request("e1", b""), X509Request("e2", b"")])
+        with pytest.raises(OverloadedError):
+            await svc.sign_jwt(agent, "e1", ["aud"])
+        clock.t += signing.OVERLOAD_EVENT_INTERVAL
+        with pytest.raises(OverloadedError):
+            await svc.sign_x509(agent, [X509Request("e1", b"")])
+    assert [(e.type, e.data["unmapped"]["svid_kind"]) for e in outbox.events] == \
+        [(ocsf.SVID_REFUSED, "x509"), (ocsf.SVID_REFUSED, "jwt"), (ocsf.SVID_REFUSED, "x509")]
+    first, _, later = outbox.events
+    assert first.partition_key == str(agent.agent_id) and first.data["status_id"] == ocsf.STATUS_FAILURE
+    assert first.data["unmapped"]["reason"] == "overloaded" and first.data["unmapped"]["count"] == 2
+    assert later.data["unmapped"]["count"] == 5  # the two suppressed batches (4) and this one
+    assert len(woken) == 3
