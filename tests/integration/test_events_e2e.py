@@ -8,6 +8,7 @@ the outbox aggregated and rate-bounded."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import io
 import itertools
@@ -64,12 +65,14 @@ class EventReader:
     consumer: AIOKafkaConsumer
     events: dict[str, CloudEvent] = field(default_factory=dict)  # by CloudEvent id: dedup
     records: int = 0
+    raw: list[bytes] = field(default_factory=list)  # each record's value and header values
 
     async def run(self) -> None:
         while True:
             for recs in (await self.consumer.getmany(timeout_ms=100)).values():
                 for rec in recs:
                     self.records += 1
+                    self.raw.append(b"\0".join([rec.value or b"", *(v for _, v in rec.headers)]))
                     ce = from_kafka(rec.value, rec.headers)
                     assert rec.key == ce.partitionkey.encode()  # one subject's events stay ordered
                     self.events.setdefault(ce.id, ce)
@@ -187,8 +190,12 @@ async def test_issued_svids_match_their_kafka_events(tansu: TansuBroker, short_t
 
         async with event_reader(tansu.bootstrap) as reader:
             await wait_for(lambda: set(issued()) == expected_ids, 20, "an issuance event per SVID")
+            # A JWT-SVID too, for the secrets check below.
+            jwt = await stack.agent.manager.jwt_svid(entries[0][1], ["secrets-check"])
+            await wait_for(lambda: reader.of_type(ocsf.JWT_ISSUED), 20, "the JWT-SVID's event")
             await asyncio.sleep(0.5)  # anything extra (a second issuance) would show up by now
             events = issued()
+            raw = list(reader.raw)
         for sid, (serial, not_after) in got.items():
             assert len(events[sid]) == 1, f"{sid}: {len(events[sid])} issuance events for one SVID"
             ce = events[sid][0]
@@ -203,6 +210,19 @@ async def test_issued_svids_match_their_kafka_events(tansu: TansuBroker, short_t
             assert un["entry_id"] == entry.id and un["entry_revision"] == entry.revision_number
             assert un["rotation_reason"] == "initial"
             assert {"name": sid, "type": "URI"} in cert["sans"]
+        # No event carries a secret: SVID private keys (in any encoding), the JWT-SVID (or
+        # its signature), the agent's join token.
+        join_token = stack.agent.config.node_attestor.join_token.token
+        keys = [s.key_der for s in stack.agent.cache.svids.values()]
+        assert join_token and len(keys) == len(entries) + 1 and raw
+        secrets_ = [jwt.token, jwt.token.rsplit(".", 1)[1], join_token]
+        for der in keys:
+            secrets_ += [der.hex(), base64.b64encode(der).decode(), base64.urlsafe_b64encode(der).decode()]
+        for value in raw:
+            assert b"PRIVATE KEY" not in value
+            text = value.decode(errors="replace")
+            assert not [s for s in secrets_ if s in text]
+            assert not [der for der in keys if der in value]
         assert stack.server.relay.status()["kafka"] == "ok"
     finally:
         await stack.stop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime as dt
 import logging
 import subprocess
 from collections.abc import AsyncIterator
@@ -15,6 +17,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_spiffe_validator_config_pb2
 from envoy.type.v3 import semantic_version_pb2
@@ -23,6 +26,7 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
+from issuer.ca import minting
 from meshid.cli.dev import DevStack, start_dev
 from workload_api.sds import SECRET_TYPE_URL, SPIFFE_VALIDATOR, spiffe_validator_supported
 from workload_api.sds_service import (
@@ -235,6 +239,26 @@ async def test_stream_default_and_rootca_verify_ack_nack_stale_and_rotation(
         assert set(got3) == {me, td_id}
         assert check_tls_certificate(got3[me], me).serial_number == leaf2.serial_number
         assert spiffe_validator(got3[td_id]).trust_domains[0].trust_bundle.inline_bytes == roots_pem
+
+
+async def test_bundle_change_is_pushed(dev_stack: DevStack) -> None:
+    """SPEC §4: push again when the caller's bundles change, not only its SVIDs."""
+    cache = dev_stack.agent.cache
+    async with secret_stream(dev_stack) as (st, responses):
+        await st.send_message(request(["ROOTCA"]))
+        first = await responses.next()
+        await st.send_message(request(["ROOTCA"], version=first.version_info, nonce=first.nonce))
+        await responses.quiet()
+        # What a sync bringing a new root does (a CA key prepared on the server).
+        assert cache.bundle is not None
+        extra = minting.self_signed_ca(ec.generate_private_key(ec.SECP256R1()), cache.td, 3600,
+                                       dt.datetime.now(dt.UTC))
+        cache.set_bundle(dataclasses.replace(cache.bundle,
+                                             x509_authorities=(*cache.bundle.x509_authorities, extra)))
+        pushed = await responses.next()
+        assert int(pushed.version_info) == int(first.version_info) + 1 and pushed.nonce != first.nonce
+        pem = spiffe_validator(secrets_of(pushed)["ROOTCA"]).trust_domains[0].trust_bundle.inline_bytes
+        assert extra in x509.load_pem_x509_certificates(pem)
 
 
 async def test_fetch_secrets_names(dev_stack: DevStack) -> None:

@@ -7,7 +7,7 @@ import datetime as dt
 import json
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
@@ -401,3 +401,91 @@ def test_event_uids_are_distinct_random_uuids_across_pool_refills() -> None:
     uids = [_issued().data["metadata"]["uid"] for _ in range(3 * ocsf._UID_BATCH + 5)]
     assert len(set(uids)) == len(uids)
     assert all(uuid.UUID(u).version == 4 for u in uids)
+
+
+# --- SPEC-EVENTS.md, pinned literally ----------------------------------------------------------------
+# The tests above use ocsf's constants; these fail if a constant itself drifts from the spec.
+
+
+def test_event_types_and_ocsf_classes_match_the_spec_table() -> None:
+    entry = Entry(id="e1", spiffe_id=SpiffeId.parse(SID), parent_id=SpiffeId.parse(AGENT),
+                  selectors=(Selector("unix", "uid:1000"),))
+    built: list[tuple[str, Event, int, int | None, int]] = [  # type, event, class, activity, status
+        ("io.meshid.svid.x509.issued", _issued(), 3002, 4, 1),
+        ("io.meshid.svid.x509.issued", _issued(renew=True), 3002, 5, 1),
+        ("io.meshid.svid.jwt.issued",
+         ocsf.jwt_issued(SID, ["a"], "e1", 0, AGENT, AGENT, [], "kid", NOW, NOW + 300, NOW), 3002, 4, 1),
+        ("io.meshid.svid.refused", ocsf.svid_refused("overloaded", AGENT, NOW), 3002, None, 2),
+        ("io.meshid.node.attested", ocsf.node_attested(AGENT, "join_token", [], NOW), 3002, 1, 1),
+        ("io.meshid.node.attestation_failed", ocsf.node_attestation_failed("join_token", "no", NOW),
+         3002, 1, 2),
+        ("io.meshid.workload.attestation_failed",
+         ocsf.workload_attestation_failed(AGENT, "no", 1, NOW, NOW, NOW), 3002, None, 2),
+        ("io.meshid.entry.created", ocsf.entry_created(entry, NOW), 3004, 1, 1),
+        ("io.meshid.entry.updated", ocsf.entry_updated(entry, NOW), 3004, 3, 1),
+        ("io.meshid.entry.deleted", ocsf.entry_deleted(entry, NOW), 3004, 4, 1),
+        ("io.meshid.agent.evicted", ocsf.agent_evicted(AGENT, NOW), 3004, None, 1),
+        ("io.meshid.agent.banned", ocsf.agent_banned(AGENT, NOW), 3004, None, 1),
+        ("io.meshid.ca.prepared", ocsf.ca_prepared("k", "x509", NOW, "example.org"), 3004, None, 1),
+        ("io.meshid.ca.activated", ocsf.ca_activated("k", "x509", NOW, "example.org"), 3004, None, 1),
+        ("io.meshid.ca.tainted", ocsf.ca_tainted("k", "x509", NOW, "example.org"), 3004, None, 1),
+        ("io.meshid.ca.revoked", ocsf.ca_revoked("k", "x509", NOW, "example.org"), 3004, None, 1),
+    ]
+    for type_, ev, class_uid, activity, status in built:
+        assert ev.type == type_
+        assert ev.time == NOW  # when the act happened
+        d = ev.data
+        assert (d["class_uid"], d["status_id"], d["category_uid"]) == (class_uid, status, 3), type_
+        if activity is not None:
+            assert d["activity_id"] == activity, type_
+        assert d["type_uid"] == class_uid * 100 + d["activity_id"]
+        assert d["metadata"]["product"]["name"] == "meshid" and d["metadata"]["product"]["version"]
+        # partitionkey: the SPIFFE ID; else the agent ID (node events) or the CA key ID.
+        expected_key = d["unmapped"].get("spiffe_id") or d["unmapped"].get("agent_id") \
+            or d["unmapped"].get("ca_key_id")
+        if type_ != "io.meshid.node.attestation_failed":  # agent unknown: keyed by attestor and source
+            assert ev.partition_key == expected_key, type_
+    assert {t for t, *_ in built} == {v for k, v in vars(ocsf).items() if k.isupper() and
+                                      isinstance(v, str) and v.startswith("io.meshid.")}
+
+
+def test_rotation_reasons_source_and_topics_match_the_spec() -> None:
+    from issuer.events.detector import DEFAULT_ALERTS_TOPIC
+    from issuer.events.relay import KafkaConfig
+    from issuer.signing import ROTATION_REASONS
+
+    spec = {"initial", "scheduled", "forced", "tainted", "expired", "entry_changed"}
+    assert ocsf.ROTATION_REASONS == spec and set(ROTATION_REASONS) == spec
+    for reason in spec:
+        assert _issued(reason=reason).data["unmapped"]["rotation_reason"] == reason
+    assert ce.server_source("example.org", "srv-1") == "meshid://example.org/server/srv-1"
+    assert ce.STRUCTURED_CONTENT_TYPE == "application/cloudevents+json; charset=UTF-8"
+    cfg = KafkaConfig("k:9092")
+    assert (cfg.topic, DEFAULT_ALERTS_TOPIC) == ("meshid.events", "meshid.alerts")
+    assert (cfg.acks, cfg.enable_idempotence) == ("all", True)
+
+
+async def test_relay_producer_is_idempotent_with_acks_all_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiokafka.errors import KafkaConnectionError
+
+    from issuer.events import relay
+
+    made: list[dict[str, Any]] = []
+
+    class Producer:
+        def __init__(self, **kw: Any) -> None:
+            made.append(kw)
+
+        async def start(self) -> None:
+            raise KafkaConnectionError("no broker here")
+
+        async def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(relay, "AIOKafkaProducer", Producer)
+    r = relay.OutboxRelay(cast(Any, None), relay.KafkaConfig("k:9092"), source=SOURCE)
+    with pytest.raises(KafkaConnectionError):
+        await r._connect(relay.KafkaConfig("k:9092"))
+    with pytest.raises(KafkaConnectionError):
+        await r._connect(relay.KafkaConfig("k:9092", enable_idempotence=False))  # the switch
+    assert [(kw["acks"], kw["enable_idempotence"]) for kw in made] == [(-1, True), (-1, False)]
