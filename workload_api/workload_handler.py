@@ -79,11 +79,17 @@ class Identity:
             raise GRPCError(Status.UNAVAILABLE, "agent is not ready (no SVIDs or bundle yet)") from None
 
 
-def unique_hints(svids: list[X509Svid]) -> list[str]:
+def unique_hints(hints: Iterable[str]) -> list[str]:
+    """The hints of one response's SVIDs, in order: each cut to MAX_HINT bytes and blanked
+    where an earlier SVID already has it, since the spec wants them unique within a response.
+    Compared after cutting (two long hints could cut to the same prefix) and cut by bytes
+    (the limit is 1024 bytes, not characters)."""
     seen: set[str] = set()
     out = []
-    for s in svids:
-        hint = s.hint[:MAX_HINT] if s.hint not in seen else ""
+    for hint in hints:
+        hint = hint.encode()[:MAX_HINT].decode(errors="ignore")
+        if hint in seen:
+            hint = ""
         seen.add(hint)
         out.append(hint)
     return out
@@ -118,7 +124,7 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
                     bundle=own,
                     hint=h,
                 )
-                for s, h in zip(svids, unique_hints(svids), strict=True)
+                for s, h in zip(svids, unique_hints(s.hint for s in svids), strict=True)
             ],
             federated_bundles=federated,
         )
@@ -226,10 +232,12 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
             if refusal is not None:
                 raise GRPCError(Status.RESOURCE_EXHAUSTED, refusal)
         svids = []
+        # Hints unique within this response too: two entries sharing one got it twice.
+        hints = unique_hints(e.hint for e in entries)
         try:
-            for e in entries:
+            for e, hint in zip(entries, hints, strict=True):
                 j = cached.get(e.id) or await self.id.manager.jwt_svid(e, audience)
-                svids.append(workload_pb2.JWTSVID(spiffe_id=str(j.spiffe_id), svid=j.token, hint=e.hint))
+                svids.append(workload_pb2.JWTSVID(spiffe_id=str(j.spiffe_id), svid=j.token, hint=hint))
         except GRPCError:
             raise
         except Exception as exc:

@@ -26,16 +26,19 @@ from pki_helpers import make_ca, make_leaf
 from attestors.workload.base import Caller
 from meshid.bundle import Bundle
 from meshid.entry import Entry
-from meshid.errors import ConfigError
+from meshid.errors import AttestationError, ConfigError
 from meshid.jwtsvid import MAX_AUDIENCE_LENGTH, MAX_AUDIENCES
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
+from workload_api import workload_handler
 from workload_api._gen import workload_grpc, workload_pb2
 from workload_api.cache import SvidCache, X509Svid
 from workload_api.config import agent_config_from_dict, load_agent_config
 from workload_api.grpc_server import serve_unix
+from workload_api.keys import pkcs8_der
+from workload_api.manager import JwtSvid
 from workload_api.rotation import RenewalSchedule
-from workload_api.workload_handler import Identity, WorkloadApiHandler
+from workload_api.workload_handler import MAX_HINT, Identity, WorkloadApiHandler, unique_hints
 
 HEADER = {"workload.spiffe.io": "true"}
 TD = TrustDomain("example.org")
@@ -103,14 +106,22 @@ class FakeAttestation:
 
     def __init__(self) -> None:
         self.selectors: frozenset[Selector] = NOBODY
+        self.error: AttestationError | None = None
 
     async def attest(self, caller: Caller) -> frozenset[Selector]:
+        if self.error is not None:
+            raise self.error
         return self.selectors
 
 
 class FakeManager:
     def note_workload_failure(self, reason: str, uid: int) -> None:
         pass
+
+    def jwt_cached(self, entry: Entry, audience: list[str]) -> JwtSvid:
+        """Every JWT-SVID is already cached: FetchJWTSVID never needs a server here."""
+        now = time.time()
+        return JwtSvid(f"jwt-of-{entry.id}", entry.spiffe_id, now + 300, RenewalSchedule(now + 60, "uniform"))
 
 
 @dataclass
@@ -455,6 +466,152 @@ async def test_foreign_tokens_return_only_sub_exp_aud_and_the_allowed_claims(
         assert set(foreign.claims.keys()) == {"sub", "aud", "exp", *allowed}
         if allowed:
             assert foreign.claims["role"] == "admin"
+
+
+# ---------------------------------------------------------------------------- SPEC §1 status codes
+
+ALL_METHODS: dict[str, Any] = {
+    "FetchX509SVID": workload_pb2.X509SVIDRequest(),
+    "FetchX509Bundles": workload_pb2.X509BundlesRequest(),
+    "FetchJWTSVID": workload_pb2.JWTSVIDRequest(audience=[AUD]),
+    "FetchJWTBundles": workload_pb2.JWTBundlesRequest(),
+    "ValidateJWTSVID": workload_pb2.ValidateJWTSVIDRequest(audience=AUD, svid=OWN.token()),
+}
+DENIED = (Status.PERMISSION_DENIED, "no identity issued")
+
+
+async def status_of(api: Api, method: str, request: Any, metadata: Any = HEADER) -> tuple[Status, str]:
+    """(status, message) a call ends with; OK once its first response arrives."""
+    try:
+        async with getattr(api.stub, method).open(metadata=metadata, timeout=10) as st:
+            await st.send_message(request, end=True)
+            await st.recv_message()
+            await st.cancel()
+    except GRPCError as exc:
+        return exc.status, exc.message or ""
+    return Status.OK, ""
+
+
+@pytest.mark.parametrize("method", list(ALL_METHODS))
+async def test_every_method_wants_exactly_one_true_security_header(api: Api, method: str) -> None:
+    api.caller(WEB)
+    for metadata in (None, {"workload.spiffe.io": "false"}, [("workload.spiffe.io", "true")] * 2):
+        assert await status_of(api, method, ALL_METHODS[method], metadata) == (
+            Status.INVALID_ARGUMENT,
+            "security header missing from request",
+        ), metadata
+
+
+async def test_no_identity_and_bad_arguments_get_the_spec_status(api: Api) -> None:
+    api.caller()
+    assert await status_of(api, "FetchX509SVID", workload_pb2.X509SVIDRequest()) == DENIED
+    assert await status_of(api, "FetchJWTSVID", workload_pb2.JWTSVIDRequest(audience=[AUD])) == DENIED
+    api.caller(WEB)
+    other = workload_pb2.JWTSVIDRequest(audience=[AUD], spiffe_id="spiffe://example.org/db")
+    assert await status_of(api, "FetchJWTSVID", other) == DENIED  # another workload's ID
+    for jwt_request in (workload_pb2.JWTSVIDRequest(), workload_pb2.JWTSVIDRequest(audience=[""])):
+        assert (await status_of(api, "FetchJWTSVID", jwt_request))[0] == Status.INVALID_ARGUMENT
+    for validate_request in (
+        workload_pb2.ValidateJWTSVIDRequest(audience=AUD),
+        workload_pb2.ValidateJWTSVIDRequest(svid=OWN.token()),
+        workload_pb2.ValidateJWTSVIDRequest(audience=AUD, svid="not-a-jwt"),
+    ):
+        assert (await status_of(api, "ValidateJWTSVID", validate_request))[0] == Status.INVALID_ARGUMENT
+
+
+async def test_failed_attestation_and_an_agent_not_ready_are_unavailable(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api.caller(WEB)
+    api.attestation.error = AttestationError("peer process 7 exited before it could be identified")
+    for method, request in ALL_METHODS.items():
+        status, message = await status_of(api, method, request)
+        assert status == Status.UNAVAILABLE and "workload attestation failed" in message, method
+    api.attestation.error = None
+    monkeypatch.setattr(workload_handler, "READY_TIMEOUT", 0.05)
+    api.cache.ready.clear()
+    for method, request in ALL_METHODS.items():
+        assert await status_of(api, method, request) == (
+            Status.UNAVAILABLE,
+            "agent is not ready (no SVIDs or bundle yet)",
+        ), method
+
+
+async def test_an_unknown_method_is_unimplemented(api: Api, short_tmp: Path) -> None:
+    import grpc
+
+    def call() -> grpc.StatusCode:
+        with grpc.insecure_channel(f"unix://{short_tmp / 'api.sock'}") as channel:
+            rpc = channel.unary_unary("/SpiffeWorkloadAPI/FetchX509CRL")
+            try:
+                rpc(b"", metadata=[("workload.spiffe.io", "true")], timeout=10)
+            except grpc.RpcError as exc:
+                return exc.code()  # type: ignore[no-any-return]
+        return grpc.StatusCode.OK
+
+    assert await asyncio.to_thread(call) == grpc.StatusCode.UNIMPLEMENTED
+
+
+# ---------------------------------------------------------------------------- SPEC §1 hints and stream state
+
+
+def svid_for(e: Entry, ca: Any, ca_key: Any) -> X509Svid:
+    leaf, key = make_leaf(ca, ca_key, uri=str(e.spiffe_id))
+    return X509Svid(
+        e.id, e.spiffe_id, (leaf,), key, RenewalSchedule(time.time() + 60, "uniform"), e.revision_number,
+        e.hint, leaf.public_bytes(serialization.Encoding.DER), pkcs8_der(key),
+    )
+
+
+async def test_x509_svid_stream_sends_the_whole_state_on_every_change(api: Api) -> None:
+    ca, ca_key = make_ca("example.org ca")
+    web, twin = ENTRIES[0].replace(hint="internal"), entry("twin", WEB).replace(hint="internal")
+    plain = entry("plain", WEB)
+    api.cache.set_entries([web, twin, plain, ENTRIES[1]], [AGENT])
+    api.cache.put_svids([svid_for(e, ca, ca_key) for e in (web, twin, plain)])
+    api.caller(WEB)
+    ids = lambda msg: sorted(s.spiffe_id for s in msg.svids)  # noqa: E731
+    async with api.stub.FetchX509SVID.open(metadata=HEADER, timeout=30) as st:
+        await st.send_message(workload_pb2.X509SVIDRequest(), end=True)
+        msg = await next_message(st)
+        assert ids(msg) == sorted(str(e.spiffe_id) for e in (web, twin, plain))
+        assert sorted(s.hint for s in msg.svids) == ["", "", "internal"]  # unique within the response
+        for s in msg.svids:
+            assert s.bundle == OWN.bundle.x509_der()  # the SVID's own trust domain roots
+            assert s.x509_svid_key[3:7] == bytes.fromhex("02010030")  # PKCS#8: version 0, AlgorithmIdentifier
+            serialization.load_der_private_key(s.x509_svid_key, password=None)  # unencrypted
+        assert dict(msg.federated_bundles) == x509_map(A)  # keyed by trust domain ID
+        # Own roots rotate: everything again, with the new roots.
+        rotated_own = authority(TD, kid="k2")
+        api.cache.set_bundle(rotated_own.bundle)
+        msg = await next_message(st)
+        assert len(msg.svids) == 3 and {s.bundle for s in msg.svids} == {rotated_own.bundle.x509_der()}
+        # An entry goes: its SVID is missing from the next message, which is how removal is said.
+        api.cache.set_entries([web, plain, ENTRIES[1]], [AGENT])
+        msg = await next_message(st)
+        assert ids(msg) == sorted(str(e.spiffe_id) for e in (web, plain))
+        # An SVID rotates: pushed at once.
+        renewed = svid_for(plain, ca, ca_key)
+        api.cache.put_svids([renewed])
+        assert renewed.chain_der in [s.x509_svid for s in (await next_message(st)).svids]
+        await st.cancel()
+
+
+async def test_jwt_svid_hints_are_unique_within_a_response(api: Api) -> None:
+    web, twin = ENTRIES[0].replace(hint="internal"), entry("twin", WEB).replace(hint="internal")
+    api.cache.set_entries([web, twin, ENTRIES[1]], [AGENT])
+    api.caller(WEB)
+    request = workload_pb2.JWTSVIDRequest(audience=[AUD])
+    resp = await api.stub.FetchJWTSVID(request, metadata=HEADER, timeout=10)
+    assert sorted(s.spiffe_id for s in resp.svids) == [str(twin.spiffe_id), str(web.spiffe_id)]
+    assert sorted(s.hint for s in resp.svids) == ["", "internal"]
+
+
+def test_hints_are_cut_to_1024_bytes_and_unique_after_cutting() -> None:
+    accented = "é" * 600  # 1200 bytes
+    out = unique_hints([accented, accented + "x", "a" * MAX_HINT + "b", "a" * MAX_HINT, "", "", "web"])
+    assert all(len(h.encode()) <= MAX_HINT for h in out)
+    assert out == ["é" * (MAX_HINT // 2), "", "a" * MAX_HINT, "", "", "", "web"]
 
 
 # ---------------------------------------------------------------------------- config
