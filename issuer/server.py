@@ -309,6 +309,7 @@ class Server:
         # Counts held back by the rate bound go out once their window has passed, even if
         # the agent that reported them never reports again.
         await workload_failures.flush(self)
+        await self.signing.flush_overload_refusals()
 
     async def _renew_identity(self) -> None:
         active = self.ca.x509_active

@@ -37,7 +37,6 @@ ROTATION_REASONS = ("initial", "scheduled", "forced", "tainted", "expired", "ent
 # must stay cheap under the load it sheds: at most one event per agent and kind per this
 # many seconds, carrying the count of refused requests folded into it.
 OVERLOAD_EVENT_INTERVAL = 10.0
-MAX_OVERLOAD_TRACKED = 100_000
 
 
 @dataclass(frozen=True)
@@ -103,15 +102,31 @@ class SigningService:
     async def _overload_refused(self, agent: AgentRecord, cost: int, kind: str, exc: OverloadedError) -> None:
         key = (str(agent.agent_id), kind)
         now = self.clock()
-        last, count = self._overload_reported.get(key, (float("-inf"), 0))
-        count += cost
+        last, held = self._overload_reported.get(key, (float("-inf"), 0))
         if now - last < OVERLOAD_EVENT_INTERVAL:
-            self._overload_reported[key] = (last, count)
+            # Held back: the next refusal after the interval, or the server's tick
+            # (flush_overload_refusals), reports it.
+            self._overload_reported[key] = (last, held + cost)
             return
-        if len(self._overload_reported) >= MAX_OVERLOAD_TRACKED:
-            self._overload_reported.clear()
         self._overload_reported[key] = (now, 0)
-        event = ocsf.svid_refused("overloaded", agent.agent_id, now, kind=kind, detail=str(exc), count=count)
+        await self._write_overload_event(key, held + cost, now, str(exc))
+
+    async def flush_overload_refusals(self) -> None:
+        """Report refusals held back by the rate bound once their interval has passed, even
+        if the overload has ended and no refusal follows; forget quiet agents."""
+        now = self.clock()
+        for key, (last, held) in list(self._overload_reported.items()):
+            if now - last < OVERLOAD_EVENT_INTERVAL:
+                continue
+            if not held:
+                del self._overload_reported[key]
+                continue
+            self._overload_reported[key] = (now, 0)
+            await self._write_overload_event(key, held, now, "refused while the server was overloaded")
+
+    async def _write_overload_event(self, key: tuple[str, str], count: int, now: float, detail: str) -> None:
+        agent_id, kind = key
+        event = ocsf.svid_refused("overloaded", agent_id, now, kind=kind, detail=detail, count=count)
         try:
             await self.ds.append_events([event])
         except Exception as err:  # the agent must still get its retry-after answer

@@ -255,3 +255,19 @@ async def test_overload_refusals_become_rate_limited_svid_refused_events() -> No
     assert first.data["unmapped"]["reason"] == "overloaded" and first.data["unmapped"]["count"] == 2
     assert later.data["unmapped"]["count"] == 5  # the two suppressed batches (4) and this one
     assert len(woken) == 3
+
+    # The overload ends with refusals held back: the tick reports them once the interval
+    # has passed, and then forgets the agent.
+    outbox.events.clear()
+    with pytest.raises(OverloadedError):
+        async with adm.admit("someone-else", 1):
+            await svc.sign_x509(agent, [X509Request("e1", b"")] * 3)
+    await svc.flush_overload_refusals()
+    assert outbox.events == []  # still inside the interval
+    clock.t += signing.OVERLOAD_EVENT_INTERVAL
+    await svc.flush_overload_refusals()
+    reported = [(e.data["unmapped"]["svid_kind"], e.data["unmapped"]["count"]) for e in outbox.events]
+    assert reported == [("x509", 3)]
+    clock.t += signing.OVERLOAD_EVENT_INTERVAL
+    await svc.flush_overload_refusals()
+    assert len(outbox.events) == 1 and svc._overload_reported == {}
