@@ -66,3 +66,27 @@ def test_bad_ttl_is_a_usage_error(
 def test_entry_update_flags(sent: list[tuple[str, str, Any]], argv: list[str], body: dict[str, Any]) -> None:
     assert cli.main(["entry", "update", "e1", *argv]) == 0
     assert sent == [("PUT", "/v1/entries/e1", body)]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["unix://host/run/api.sock", "unix:///run/api.sock?x=1", "unix:///run/api.sock#f", "unix:run/api.sock",
+     "tcp://127.0.0.1:8081", "run/api.sock"],
+)
+def test_spiffe_endpoint_socket_must_be_an_absolute_unix_path(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meshid.cli.workload_client import socket_from
+    from meshid.errors import ConfigError
+
+    monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", value)
+    with pytest.raises(ConfigError, match="unix:///absolute/path"):
+        socket_from(None)
+
+
+def test_spiffe_endpoint_socket_gives_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshid.cli.workload_client import socket_from
+
+    monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "unix:///run/meshid/api.sock")
+    assert socket_from(None) == "/run/meshid/api.sock"
+    assert socket_from("unix:///tmp/other.sock") == "/tmp/other.sock"  # --socket wins

@@ -177,3 +177,25 @@ def test_pidfd_catches_pid_reuse_at_accept(
     monkeypatch.setattr(peercred, "process_start_time", lambda pid: 12345)  # a pid successor
     with conn, pytest.raises(AttestationError):
         peer_credentials(conn)
+
+
+async def test_attestation_refuses_a_caller_whose_process_changed_meanwhile() -> None:
+    """WorkloadAttestation runs the PID-reuse guard after the attestors (SPEC §1)."""
+    from meshid.selector import Selector
+    from workload_api.attestation import WorkloadAttestation
+
+    class Uid:
+        name = "unix"
+        local = True
+
+        async def attest(self, caller: Caller) -> list[Selector]:
+            return [Selector("unix", f"uid:{caller.uid}")]
+
+    me, uid = os.getpid(), os.getuid()
+    start = process_start_time(me)
+    assert start is not None
+    attestation = WorkloadAttestation([Uid()])
+    assert await attestation.attest(Caller(me, uid, 0, start)) == {Selector("unix", f"uid:{uid}")}
+    for recorded in (start + 1, None):  # another process now holds the pid; never proven
+        with pytest.raises(AttestationError, match="PID reuse"):
+            await attestation.attest(Caller(me, uid, 0, recorded))

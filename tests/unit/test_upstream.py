@@ -197,6 +197,26 @@ async def test_explicit_trust_domain_sets_san(pki: Path):
         await _upstream(pki).mint_x509_ca(der, 3600, _now())
 
 
+@pytest.mark.parametrize(
+    ("uris", "refusal"),
+    [
+        (["spiffe://example.org/ca"], "without a path"),  # a CA's SPIFFE ID has no path
+        (["spiffe://example.org", "spiffe://other.org"], "exactly one"),
+        (["https://example.org"], "not a SPIFFE ID"),
+    ],
+)
+async def test_ca_csr_must_name_the_trust_domain_id_only(pki: Path, uris: list[str], refusal: str):
+    ca_key = keys.generate_private_key(keys.KeyType.EC_P256)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(minting.ca_subject())
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), False)
+        .sign(ca_key, minting.signature_hash_for(ca_key))
+    )
+    with pytest.raises(InvalidCsrError, match=refusal):
+        await _upstream(pki).mint_x509_ca(csr.public_bytes(serialization.Encoding.DER), 3600, _now())
+
+
 async def test_csr_signature_checked(pki: Path):
     csr = bytearray(minting.build_ca_csr(keys.generate_private_key(keys.KeyType.EC_P256), TD))
     csr[-1] ^= 1

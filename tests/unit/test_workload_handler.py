@@ -597,6 +597,23 @@ async def test_x509_svid_stream_sends_the_whole_state_on_every_change(api: Api) 
         await st.cancel()
 
 
+async def test_x509_svid_stream_never_sends_a_response_without_svids(api: Api) -> None:
+    # Clients reject a response with zero SVIDs: a matching entry whose SVID is not minted
+    # yet gets nothing until it is, then at once.
+    ca, ca_key = make_ca("example.org ca")
+    api.caller(WEB)
+    async with api.stub.FetchX509SVID.open(metadata=HEADER, timeout=30) as st:
+        await st.send_message(workload_pb2.X509SVIDRequest(), end=True)
+        first_message = asyncio.ensure_future(st.recv_message())
+        await asyncio.sleep(0.3)
+        assert not first_message.done()
+        api.cache.put_svids([svid_for(ENTRIES[0], ca, ca_key)])
+        msg = await asyncio.wait_for(first_message, 5)
+        assert msg is not None
+        assert [s.spiffe_id for s in msg.svids] == [str(ENTRIES[0].spiffe_id)]
+        await st.cancel()
+
+
 async def test_jwt_svid_hints_are_unique_within_a_response(api: Api) -> None:
     web, twin = ENTRIES[0].replace(hint="internal"), entry("twin", WEB).replace(hint="internal")
     api.cache.set_entries([web, twin, ENTRIES[1]], [AGENT])
