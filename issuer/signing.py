@@ -155,7 +155,8 @@ class SigningService:
                     )
                     refusals.append(
                         ocsf.svid_refused(
-                            "entry not authorized for agent", agent.agent_id, now, entry_id=req.entry_id
+                            "not_authorized", agent.agent_id, now, entry_id=req.entry_id,
+                            detail="entry is not authorized for this agent",
                         )
                     )
                     continue
@@ -210,7 +211,7 @@ class SigningService:
                         (
                             leaf,
                             ocsf.svid_refused(
-                                "invalid CSR",
+                                "bad_csr",
                                 agent.agent_id,
                                 now,
                                 spiffe_id=entry.spiffe_id,
@@ -262,11 +263,12 @@ class SigningService:
                 await self.ds.append_events(
                     [
                         ocsf.svid_refused(
-                            "entry not authorized for agent",
+                            "not_authorized",
                             agent.agent_id,
                             now,
                             kind="jwt",
                             entry_id=entry_id,
+                            detail="entry is not authorized for this agent",
                         )
                     ]
                 )

@@ -21,6 +21,7 @@ from attestors.node.join_token import new_token
 from issuer.api.agent_api import MAX_ATTEST_BODY
 from issuer.ca.devpki import ensure_dev_upstream
 from issuer.config import server_config_from_dict
+from issuer.events import ocsf
 from issuer.server import Server
 from meshid.entry import Entry
 from meshid.jwtsvid import MAX_AUDIENCE_LENGTH, MAX_AUDIENCES
@@ -222,3 +223,29 @@ async def test_renewal_is_a_signing_under_admission(attested: Attested) -> None:
     status, body = await _post(attested.session, f"{attested.url}/agent/renew", csr)
     assert status == 429 and body["error"]["code"] == "resource_exhausted", body
     assert "agent signing rate exceeded" in body["error"]["message"]
+
+
+async def test_refusals_are_svid_refused_events_with_short_reason_codes(attested: Attested) -> None:
+    """SOC pipelines group refusals by `unmapped.reason`: a short code (as the metrics'
+    `reason` label), with the human text in `detail`."""
+    server, ds = attested.server, attested.server.ds
+    assert ds is not None
+    elsewhere = await server.entries.create(Entry(
+        "", SpiffeId(server.td, "/hostile/other"), SpiffeId(server.td, "/some/other/agent"),
+        (Selector("unix", "uid:1001"),)))
+    good = csr_for(new_key())
+    bad_signature = good[:-1] + bytes([good[-1] ^ 1])  # parses; its signature does not verify
+    status, body = await _post(attested.session, f"{attested.url}/agent/sign/x509", {"requests": [
+        {"entry_id": elsewhere.id, "csr": b64(good)},
+        {"entry_id": attested.entry.id, "csr": b64(bad_signature)},
+    ]})
+    assert status == 200 and all("error" in r for r in body["results"]), body
+    status, body = await _post(attested.session, f"{attested.url}/agent/sign/jwt",
+                               {"entry_id": elsewhere.id, "audience": ["a"]})
+    assert status == 403, body
+    refused = [r.event for r in await ds.fetch_outbox(0, 100_000) if r.event.type == ocsf.SVID_REFUSED]
+    unmapped = [e.data["unmapped"] for e in refused]
+    got = sorted((u["svid_kind"], u["reason"], u["entry_id"]) for u in unmapped)
+    assert got == sorted([("x509", "not_authorized", elsewhere.id), ("x509", "bad_csr", attested.entry.id),
+                          ("jwt", "not_authorized", elsewhere.id)])
+    assert all(u["detail"] for u in unmapped)
