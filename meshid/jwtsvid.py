@@ -6,6 +6,7 @@ signatures, expired tokens, a wrong audience and a `sub` that is not a SPIFFE ID
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -108,5 +109,13 @@ def _numeric(claims: dict[str, Any], name: str) -> float:
     value = claims[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise jwt.InvalidTokenError(f"{name} claim must be a number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past any date: was an uncaught error, not a refusal
+        raise jwt.InvalidTokenError(f"{name} claim is out of range") from None
+    # NaN compares false with everything (a NaN exp never expired); NaN and Infinity are
+    # not JSON numbers, so such a token is malformed.
+    if not math.isfinite(number):
+        raise jwt.InvalidTokenError(f"{name} claim must be a finite number")
+    return number
 

@@ -285,5 +285,10 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
             # on only what identifies the token and what the operator chose to trust.
             claims = {k: v for k, v in claims.items() if k in self.foreign_claims}
         resp = workload_pb2.ValidateJWTSVIDResponse(spiffe_id=str(spiffe_id))
-        json_format.ParseDict(claims, resp.claims)
+        try:
+            json_format.ParseDict(claims, resp.claims)
+        except (OverflowError, json_format.ParseError) as exc:
+            # A claim no Struct holds (an integer beyond a double): a bad token, refused as
+            # the spec says, rather than the call failing with UNKNOWN.
+            raise GRPCError(Status.INVALID_ARGUMENT, f"token claims cannot be returned: {exc}") from None
         await stream.send_message(resp)

@@ -226,3 +226,14 @@ def test_audience_bounds_are_inclusive_and_named_in_the_refusal() -> None:
         check_audience_bounds(["a"] * (MAX_AUDIENCES + 1))
     with pytest.raises(ValueError, match=f"at most {MAX_AUDIENCE_LENGTH} characters"):
         check_audience_bounds(["a", "a" * (MAX_AUDIENCE_LENGTH + 1)])
+
+
+@pytest.mark.parametrize(
+    "over",
+    [{"exp": 10**400}, {"iat": 10**400}, {"nbf": -(10**400)}, {"exp": float("nan")}, {"exp": float("inf")},
+     {"nbf": float("nan")}],
+)
+def test_time_claims_beyond_any_date_are_refused(over: dict[str, Any]) -> None:
+    # A huge integer raised OverflowError (a bad token must be InvalidArgument, not a crash);
+    # a NaN exp never compared as expired, and NaN/Infinity are no JSON numbers anyway.
+    refused(mint(**over), "claim")

@@ -452,6 +452,13 @@ async def test_validate_serves_unregistered_callers_against_the_own_bundle(
         assert "no bundle for trust domain a.org" in await refused(api, FED[A].token())
 
 
+async def test_a_token_whose_claims_no_struct_can_hold_is_invalid_argument(api: Api) -> None:
+    # 10**400 is valid JSON but no double: ParseDict raised OverflowError, the call ended UNKNOWN.
+    api.caller(WEB)
+    assert "claims" in await refused(api, OWN.token("/svc", big=10**400))
+    assert (await validate(api, OWN.token("/svc"))).spiffe_id == "spiffe://example.org/svc"
+
+
 @pytest.mark.parametrize("allowed", [(), ("role",)])
 async def test_foreign_tokens_return_only_sub_exp_aud_and_the_allowed_claims(
     short_tmp: Path, allowed: tuple[str, ...]
