@@ -602,6 +602,25 @@ class LeafRequest(NamedTuple):
     ttl_seconds: int = 3600
 
 
+def ca_chain(ca_cert: x509.Certificate, upstream_chain: Sequence[x509.Certificate]) -> list[x509.Certificate]:
+    """The certificates that follow a leaf in an SVID: the CA and its upstream intermediates.
+    A self-signed CA is a root: it is in the bundle and left out of chains, as SPIRE does and
+    SPEC §1 asks ("leaf first, then intermediates")."""
+    if not upstream_chain and _self_signed(ca_cert):
+        return []
+    return [ca_cert, *upstream_chain]
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    if cert.issuer != cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
 class X509Minter:
     """Signs leaf X509-SVIDs with one CA key.
 
@@ -635,7 +654,7 @@ class X509Minter:
         self._ca_not_before = _epoch(ca_cert.not_valid_before_utc)
         self._ca_not_after = _epoch(ca_cert.not_valid_after_utc)
         self._ca_spki = _spki(ca_key.public_key())
-        self._chain_der = tuple(c.public_bytes(_DER) for c in (ca_cert, *self.chain))
+        self._chain_der = tuple(c.public_bytes(_DER) for c in ca_chain(ca_cert, self.chain))
         self._identity_cache: dict[tuple[str, tuple[str, ...]], _Identity] = {}
         self._validity_cache: tuple[dt.datetime | None, int, int, tuple[int, int, bytes]] = (
             None,
@@ -656,7 +675,7 @@ class X509Minter:
 
     @property
     def chain_der_parts(self) -> tuple[bytes, ...]:
-        """CA certificate then upstream chain, DER."""
+        """What follows a leaf in an SVID: CA certificate then upstream chain, DER (see ca_chain)."""
         return self._chain_der
 
     def _make_template(self) -> template.LeafTemplate | None:

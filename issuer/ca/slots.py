@@ -578,4 +578,4 @@ _SHA256 = hashes.SHA256()
 
 def svid_chain(lk: LoadedKey, leaf: x509.Certificate) -> Sequence[x509.Certificate]:
     assert lk.cert is not None
-    return [leaf, lk.cert, *lk.chain]
+    return [leaf, *minting.ca_chain(lk.cert, lk.chain)]

@@ -305,6 +305,27 @@ def test_fast_path_and_builder_agree_for_every_ca_type(kt, rsa_key):
         assert a.signature_algorithm_oid == b.signature_algorithm_oid
 
 
+def test_a_self_signed_ca_is_left_out_of_svid_chains(ca_key, ca_cert):
+    """SPEC §1: x509_svid is the leaf then intermediates. A self-signed CA is a root (it is
+    in the bundle); SPIRE sends the leaf alone then. A CA under an upstream stays in, even
+    when the upstream is a root (no upstream chain)."""
+    from issuer.ca.slots import LoadedKey, svid_chain
+
+    m = X509Minter(ca_key, ca_cert, [])
+    assert m.chain_der_parts == ()
+    workload_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    der = m.mint_der_from_public_key(workload_key, WORKLOAD, [], 60, NOW)
+    assert m.chain_der(der) == der
+    leaf = x509.load_der_x509_certificate(der)
+    assert list(svid_chain(LoadedKey(None, ca_key, ca_cert), leaf)) == [leaf]  # type: ignore[arg-type]
+
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = minting.self_signed_ca(root_key, TD, 7200, NOW - dt.timedelta(hours=1))
+    under_root = minting.mint_ca_cert(ca_key.public_key(), TD, root_key, 3600, NOW, root)
+    assert X509Minter(ca_key, under_root, []).chain_der_parts == (under_root.public_bytes(DER),)
+    assert list(svid_chain(LoadedKey(None, ca_key, under_root), leaf)) == [leaf, under_root]  # type: ignore[arg-type]
+
+
 def test_chain_der(minter, ca_cert):
     upstream = minting.self_signed_ca(ec.generate_private_key(ec.SECP256R1()), TD, 3600, NOW)
     m = X509Minter(minter.ca_key, ca_cert, [upstream])
