@@ -112,7 +112,7 @@ class Bundle:
             raise InvalidBundleError("JWKS must have a 'keys' list")
         keys: dict[str, PublicKeyTypes] = {}
         for i, key in enumerate(data["keys"]):
-            if not isinstance(key, dict) or not isinstance(key.get("kid"), str):
+            if not isinstance(key, dict) or not isinstance(key.get("kid"), str) or not key["kid"]:
                 raise InvalidBundleError(f"JWKS key {i} has no kid")
             keys[key["kid"]] = _public_key_from_jwk(key, i)
         return cls(trust_domain, (), keys)

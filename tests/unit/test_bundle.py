@@ -164,5 +164,7 @@ def test_oversized_document_is_refused() -> None:
 def test_plain_jwks_without_kid_is_refused() -> None:
     with pytest.raises(InvalidBundleError):
         Bundle.from_jwks(TD, b'{"keys": [{"kty": "EC"}]}')
+    with pytest.raises(InvalidBundleError, match="no kid"):  # an empty kid is none (go-spiffe agrees)
+        Bundle.from_jwks(TD, b'{"keys": [{"kty": "EC", "kid": ""}]}')
     with pytest.raises(InvalidBundleError):
         Bundle.from_jwks(TD, b"nope")
