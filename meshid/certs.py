@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 
 def authority_key_id(cert: x509.Certificate) -> str:
@@ -18,3 +21,9 @@ def subject_key_id(cert: x509.Certificate) -> str:
         return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
     except x509.ExtensionNotFound:
         return ""
+
+
+def spki_der(public_key: Any) -> bytes:
+    """SubjectPublicKeyInfo DER of a public key: how two keys of any type are compared."""
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return bytes(der)

@@ -31,8 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
 from meshid.backoff import Backoff, jittered
 from meshid.bundle import Bundle
+from meshid.certs import spki_der
 from meshid.entry import Entry
 from meshid.errors import (
     ConfigError,
@@ -42,6 +46,7 @@ from meshid.errors import (
     UnauthenticatedError,
 )
 from meshid.spiffe_id import SpiffeId
+from meshid.tls import spiffe_id_of_cert
 from workload_api.cache import SvidCache, X509Svid
 from workload_api.keys import authority_key_id, chain_der, csr_for, new_key, pkcs8_der
 from workload_api.node_identity import BUNDLE_FILE, NodeIdentity, write_private
@@ -312,14 +317,16 @@ class SvidManager:
                 continue
             entry, reason = by_entry[eid]
             if "svid" not in res:
-                backoff = self._entry_backoff.setdefault(eid, Backoff(base=1.0, cap=300.0, rng=self.rng))
-                self._hold[eid] = self.clock() + backoff.next()
+                self._back_off(eid)
                 log.warning("server refused SVID for entry %s: %s", eid, res.get("error"))
                 continue
             chain = tuple(certs_from_json(res["svid"]))
             key = keys[eid]
-            if chain[0].public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
-                log.error("server returned an SVID for a different key (entry %s); discarded", eid)
+            wrong = _not_for(chain[0], key, entry.spiffe_id)
+            if wrong:
+                # Never handed to a workload; retried later like a refusal, not every loop.
+                self._back_off(eid)
+                log.error("server returned an SVID %s (entry %s); discarded", wrong, eid)
                 continue
             leaf = chain[0]
             stationary = mass or reason in ("tainted", "forced")
@@ -333,6 +340,10 @@ class SvidManager:
             fresh.append(X509Svid(eid, entry.spiffe_id, chain, key, schedule, entry.revision_number,
                                   entry.hint, chain_der(chain), pkcs8_der(key)))
         self.cache.put_svids(fresh)
+
+    def _back_off(self, entry_id: str) -> None:
+        backoff = self._entry_backoff.setdefault(entry_id, Backoff(base=1.0, cap=300.0, rng=self.rng))
+        self._hold[entry_id] = self.clock() + backoff.next()
 
     # ------------------------------------------------------------------ JWT-SVIDs
     def jwt_cached(self, entry: Entry, audience: list[str]) -> JwtSvid | None:
@@ -386,3 +397,16 @@ def _b64(data: bytes) -> str:
 def _jwt_key(entry: Entry, audience: list[str]) -> tuple[str, tuple[str, ...]]:
     """A JWT-SVID cache key: the entry and its audience as a set."""
     return entry.id, tuple(sorted(set(audience)))
+
+
+def _not_for(leaf: x509.Certificate, key: PrivateKeyTypes, spiffe_id: SpiffeId) -> str:
+    """Why `leaf` is not an SVID for `spiffe_id` over `key`'s public key ("" if it is)."""
+    if spki_der(leaf.public_key()) != spki_der(key.public_key()):
+        return "for a different key"
+    try:
+        issued = spiffe_id_of_cert(leaf)
+    except MeshidError as exc:
+        return f"without a usable SPIFFE ID ({exc})"
+    if issued != spiffe_id:
+        return f"for {issued}, not the entry's {spiffe_id}"
+    return ""

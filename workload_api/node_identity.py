@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from meshid.certs import spki_der
 from meshid.errors import AttestationError, ConfigError
 from meshid.spiffe_id import SpiffeId
 from meshid.tls import pem_chain, pem_key, spiffe_id_of_cert
@@ -48,11 +49,6 @@ def write_private(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-
-
-def _spki(public_key: Any) -> bytes:
-    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return bytes(der)
 
 
 class NodeIdentity:
@@ -141,7 +137,7 @@ class NodeIdentity:
         else:  # pragma: no cover - config validation prevents this
             raise ConfigError(f"unknown node attestor {kind}")
         chain = certs_from_json(resp.get("svid"))
-        if _spki(chain[0].public_key()) != _spki(key.public_key()):
+        if spki_der(chain[0].public_key()) != spki_der(key.public_key()):
             raise AttestationError("server returned an SVID for a different key")
         self._adopt(chain, key, stationary=False)
         log.info("node attested as %s", self.agent_id)

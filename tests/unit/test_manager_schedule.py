@@ -73,6 +73,8 @@ class FakeClient:
         self.ca = ca
         self.entries = entries
         self.refuse: set[str] = set()
+        self.mislabel: dict[str, SpiffeId] = {}  # entry -> the SPIFFE ID a faulty server signs
+        self.other_key: set[str] = set()  # entries signed over a key that is not the CSR's
         self.calls: list[list[str]] = []
         self.sync_data: dict[str, Any] = {}
         self.sync_errors: list[Exception] = []
@@ -86,7 +88,8 @@ class FakeClient:
             if eid in self.refuse:
                 out.append({"entry_id": eid, "error": {"code": "permission_denied", "message": "no"}})
                 continue
-            chain = self.ca.sign(base64.b64decode(r["csr"]), self.entries[eid].spiffe_id)
+            csr = base64.b64decode(r["csr"]) if eid not in self.other_key else csr_for(new_key())
+            chain = self.ca.sign(csr, self.mislabel.get(eid, self.entries[eid].spiffe_id))
             out.append({"entry_id": eid, "svid": [_b64(c) for c in chain]})
         return out
 
@@ -358,6 +361,26 @@ async def test_refused_entry_backs_off_instead_of_retrying_every_loop(tmp_path: 
     clock.t = mgr._hold["e1"]
     await mgr.rotate()
     assert "e1" in mgr.cache.svids and "e1" not in mgr._hold and "e1" not in mgr._entry_backoff
+
+
+async def test_an_svid_not_for_the_entry_is_never_cached(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A faulty server's SVID for another SPIFFE ID or another key is discarded, never
+    served, and retried with backoff rather than on every loop."""
+    mgr, clock, _, client, _ = make(tmp_path, 3)
+    client.mislabel = {"e1": SpiffeId(TD, "/w/someone-else")}
+    client.other_key = {"e2"}
+    await mgr.rotate()
+    assert set(mgr.cache.svids) == {"e0"}
+    assert "for spiffe://example.org/w/someone-else, not the entry's spiffe://example.org/w/1" in caplog.text
+    assert "for a different key" in caplog.text
+    assert {"e1", "e2"} <= set(mgr._hold) and not {"e1", "e2"} & {e.id for e, _ in mgr.due(clock())}
+    client.mislabel, client.other_key = {}, set()
+    clock.t = max(mgr._hold.values())
+    await mgr.rotate()
+    assert set(mgr.cache.svids) == {"e0", "e1", "e2"}
+    assert mgr.cache.svids["e1"].spiffe_id == SpiffeId(TD, "/w/1")
 
 
 async def test_removed_entry_forgets_its_backoff(tmp_path: Path) -> None:
