@@ -12,9 +12,12 @@ re-attest (IdentityRejectedError), not retry forever.
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime as dt
 import itertools
+import json
 import logging
+import math
 import ssl
 import time
 from collections.abc import Sequence
@@ -35,6 +38,13 @@ from meshid.tls import client_context
 log = logging.getLogger("meshid.agent.client")
 
 TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5)
+# aiohttp reads a response body whole into memory, however large. The largest real answer
+# is a sync of the server's MAX_KNOWN (100k) entries, ~40 MB of JSON; beyond this bound a
+# faulty server's body is refused instead.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# A server's retry-after hint is followed up to this; a larger one (or 1e308) parked the
+# sync loop for good, and NaN or Infinity made the loop's jitter raise and end it.
+MAX_RETRY_AFTER = 300.0
 _SHA256 = hashes.SHA256()
 
 
@@ -68,10 +78,72 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def bad_response(message: str, status: int = 0) -> ServerRejectedError:
+    """The error for an answer the agent cannot use (retried with backoff like a refusal)."""
+    return ServerRejectedError(status, "bad_response", message)
+
+
 def certs_from_json(items: Any) -> list[x509.Certificate]:
     if not isinstance(items, list) or not items:
-        raise ServerRejectedError(0, "bad_response", "server response has no certificate chain")
-    return [x509.load_der_x509_certificate(base64.b64decode(c)) for c in items]
+        raise bad_response("server response has no certificate chain")
+    try:
+        return [x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in items]
+    except (TypeError, ValueError, binascii.Error) as exc:  # not a string, not base64, not DER
+        raise bad_response(f"server response has a malformed certificate: {exc}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+async def _read_json(resp: aiohttp.ClientResponse) -> Any:
+    """The response body as JSON, read up to MAX_RESPONSE_BYTES; a clear error otherwise."""
+    too_big = bad_response(f"response body is larger than {MAX_RESPONSE_BYTES} bytes", resp.status)
+    if resp.content_length is not None and resp.content_length > MAX_RESPONSE_BYTES:
+        raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # HTML from a proxy, NaN, 10**5000, [[[[...
+        if resp.status == 429:  # a proxy's own page: its Retry-After header still counts
+            return None
+        kind = resp.headers.get("Content-Type", "no content type")
+        message = f"HTTP {resp.status} answer is not JSON ({kind}): {exc}"
+        raise bad_response(message[:300], resp.status) from None
+
+
+def _text(value: Any, limit: int) -> str:
+    # Not str()-ed whatever it is: a list nested 900 deep made str() raise RecursionError.
+    return str(value)[:limit] if isinstance(value, (str, int, float)) else f"(a JSON {type(value).__name__})"
+
+
+def finite_number(value: Any) -> float | None:
+    """A JSON number as a finite float; None for anything else (bools, NaN, 1e999, 10**400)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _retry_after(value: Any) -> float:
+    """A retry-after hint in seconds, within [0, MAX_RETRY_AFTER]; 1 s if unusable
+    (an HTTP-date, garbage, NaN)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return 1.0
+    if math.isnan(seconds):
+        return 1.0
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
@@ -167,10 +239,12 @@ class ServerClient:
             addr = self.addresses[(self._current + attempt) % len(self.addresses)]
             try:
                 async with session.request(method, f"https://{addr}{path}", json=body) as resp:
-                    data = await resp.json(content_type=None)
+                    data = await _read_json(resp)
                     self._current = (self._current + attempt) % len(self.addresses)
                     return self._check(resp.status, data, resp.headers)
-            except (aiohttp.ClientConnectionError, TimeoutError, ssl.SSLError) as exc:
+            # ClientError beyond connection errors: a malformed HTTP answer or a body cut
+            # short (ClientPayloadError) escaped here and ended each sync with a traceback.
+            except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
                 last = exc
                 cert_errors += isinstance(exc, aiohttp.ClientConnectorCertificateError)
                 log.debug("server %s unreachable: %s", addr, exc)
@@ -212,13 +286,17 @@ class ServerClient:
     def _check(status: int, data: Any, headers: Any) -> dict[str, Any]:
         if status < 400 and isinstance(data, dict):
             return data
+        if status < 400:
+            raise bad_response(f"HTTP {status} answer is a JSON {type(data).__name__}, not an object", status)
         err = data.get("error", {}) if isinstance(data, dict) else {}
-        code, message = str(err.get("code", "error")), str(err.get("message", ""))
+        if not isinstance(err, dict):  # {"error": "text"} raised AttributeError
+            err = {"message": err}
+        code, message = _text(err.get("code", "error"), 100), _text(err.get("message", ""), 1000)
         if status == 429:
             retry = data.get("retry_after") if isinstance(data, dict) else None
-            if not isinstance(retry, (int, float)):
-                retry = float(headers.get("Retry-After", "1"))
-            raise OverloadedError(message or "server overloaded", retry_after=float(retry))
+            if isinstance(retry, bool) or not isinstance(retry, (int, float)):
+                retry = headers.get("Retry-After", "1")
+            raise OverloadedError(message or "server overloaded", retry_after=_retry_after(retry))
         if status == 403:
             raise PermissionDeniedError(message)
         if status == 401:
@@ -239,7 +317,7 @@ class ServerClient:
                                 with_identity=False)
 
     async def renew(self, csr: bytes) -> list[x509.Certificate]:
-        return certs_from_json((await self._post("/v1/agent/renew", {"csr": b64(csr)}))["svid"])
+        return certs_from_json((await self._post("/v1/agent/renew", {"csr": b64(csr)})).get("svid"))
 
     async def sync(self, known: dict[str, int], bundle_sequence: int,
                    federated: dict[str, str] | None = None) -> dict[str, Any]:
@@ -251,12 +329,19 @@ class ServerClient:
         data = await self._post("/v1/agent/sign/x509", {"requests": requests})
         results = data.get("results")
         if not isinstance(results, list):
-            raise ServerRejectedError(0, "bad_response", "sign response has no results")
+            raise bad_response("sign response has no results")
         return results
 
     async def sign_jwt(self, entry_id: str, audience: list[str]) -> tuple[str, int]:
         data = await self._post("/v1/agent/sign/jwt", {"entry_id": entry_id, "audience": audience})
-        return str(data["token"]), int(data["expires_at"])
+        token, expires_at = data.get("token"), data.get("expires_at")
+        if not isinstance(token, str) or not token:
+            raise bad_response("JWT-SVID answer has no token")
+        # 1e999 (infinity) or 10**400 raised OverflowError from int(); a bool passed as 0/1.
+        exp = finite_number(expires_at)
+        if exp is None:
+            raise bad_response(f"JWT-SVID answer has no usable expires_at ({str(expires_at)[:40]})")
+        return token, int(exp)
 
     async def report(self, failures: list[dict[str, Any]]) -> None:
         await self._post("/v1/agent/report", {"workload_attestation_failures": failures})
