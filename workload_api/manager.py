@@ -40,6 +40,7 @@ from meshid.certs import spki_der
 from meshid.entry import Entry
 from meshid.errors import (
     ConfigError,
+    InvalidBundleError,
     MeshidError,
     OverloadedError,
     PermissionDeniedError,
@@ -56,13 +57,18 @@ from workload_api.server_client import (
     ServerClient,
     ServerRejectedError,
     ServerUnavailableError,
+    bad_response,
     certs_from_json,
+    finite_number,
 )
 
 log = logging.getLogger("meshid.agent.manager")
 
 BATCH = 500
 MAX_JWT_CACHE = 10_000
+# The server refuses a sync that lists more known entries (its MAX_KNOWN): an agent that
+# took more from a faulty server would fail every later sync.
+MAX_ENTRIES = 100_000
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,8 @@ class SvidManager:
                 # Evicted, superseded or the SVID no longer verifies after a CA rotation.
                 log.warning("server refused the agent SVID (%s); re-attesting", exc)
                 if isinstance(exc, IdentityRejectedError):
-                    self._adopt_probed_bundle(exc.bundle)
+                    # Fetched over server-authenticated TLS, so as trustworthy as a synced bundle.
+                    self._try_bundle(exc.bundle, "probed")
                 try:
                     await self._reattest()
                     self._reattests += 1
@@ -162,14 +169,7 @@ class SvidManager:
     async def _reattest(self) -> None:
         bundle = await self.node.attest()
         if bundle:
-            self._apply_bundle(bundle)
-
-    def _adopt_probed_bundle(self, doc: dict[str, Any]) -> None:
-        # Fetched over server-authenticated TLS, so as trustworthy as a synced bundle.
-        try:
-            self._apply_bundle(doc)
-        except (MeshidError, ValueError) as exc:
-            log.warning("server bundle from the probe is unusable: %s", exc)
+            self._try_bundle(bundle, "attestation's")
 
     def agent_svid_tainted_due(self, now: float) -> bool:
         """Whether the agent's own SVID, signed by a tainted CA key, is due for re-issue.
@@ -204,26 +204,77 @@ class SvidManager:
     async def sync(self) -> None:
         known = {eid: e.revision_number for eid, e in self.cache.entries.items()}
         data = await self.client.sync(known, self.bundle_sequence, self.cache.federated_digests)
+        # Everything is checked before anything is applied: a malformed answer is refused
+        # whole (the cache keeps serving, the loop backs off) instead of half-applied or
+        # raising TypeError/KeyError with a traceback per loop.
+        removed = _str_list(data, "removed")
+        raw_entries = data.get("entries", [])
+        if not isinstance(raw_entries, list):
+            raise bad_response("sync answer: entries must be a list")
+        raw_parents = _str_list(data, "workload_parents")
+        tainted = _str_list(data, "tainted_authorities")
+        window = finite_number(data.get("taint_window", self.taint_window))
+        if window is None or window < 0:  # a NaN taint slot never came due: the taint was ignored
+            raise bad_response("sync answer: taint_window must be a finite number >= 0")
+        digests, fed_docs = data.get("federated_digests"), data.get("federated_bundles") or {}
+        if digests is not None and not (isinstance(digests, dict) and isinstance(fed_docs, dict)
+                                        and all(isinstance(v, str) for v in digests.values())):
+            raise bad_response("sync answer: federated_digests and federated_bundles must be objects")
         entries = dict(self.cache.entries)
-        for eid in data.get("removed", []):
+        for eid in removed:
             entries.pop(eid, None)
-        for raw in data.get("entries", []):
-            e = Entry.from_json(raw)
+        # One bad entry (a selector type this agent does not know yet, say, from a newer
+        # server) is skipped, not the whole sync: the server sends it again next time, and
+        # the version held, if any, stays (as SPIRE's agent does with a malformed entry).
+        skipped: list[str] = []
+        for raw in raw_entries:
+            try:
+                e = Entry.from_json(raw)
+            except (ValueError, TypeError) as exc:
+                skipped.append(f"{_raw_id(raw)}: {exc}")
+                continue
+            if not e.spiffe_id.member_of(self.cache.td):
+                skipped.append(f"{e.id}: {e.spiffe_id} is not in trust domain {self.cache.td}")
+                continue
             entries[e.id] = e
-        parents = [SpiffeId.parse(p) for p in data.get("workload_parents", [])]
+        if len(entries) > MAX_ENTRIES:
+            raise bad_response(f"sync answer leaves {len(entries)} entries, more than {MAX_ENTRIES}")
+        parents: list[SpiffeId] = []
+        for p in raw_parents:
+            try:
+                parents.append(SpiffeId.parse(p))
+            except ValueError as exc:
+                skipped.append(f"workload parent {p[:100]!r}: {exc}")
+        if skipped:
+            log.warning("ignored %d malformed item(s) of the server's sync answer (first: %s)",
+                        len(skipped), skipped[0][:300])
         if "bundle" in data:
-            self._apply_bundle(data["bundle"])
-        if isinstance(data.get("federated_digests"), dict):  # absent from servers without federation
-            self.cache.apply_federated(data["federated_digests"], data.get("federated_bundles") or {})
-        self.tainted_akis = set(data.get("tainted_authorities", []))
-        self.taint_window = float(data.get("taint_window", self.taint_window))
-        if data.get("entries") or data.get("removed") or set(parents) != self.cache.workload_parents:
+            self._try_bundle(data["bundle"], "synced")
+        if digests is not None:  # absent from servers without federation
+            self.cache.apply_federated(digests, fed_docs)
+        self.tainted_akis = set(tainted)
+        self.taint_window = window
+        if raw_entries or removed or set(parents) != self.cache.workload_parents:
             self.cache.set_entries(entries.values(), parents)
+
+    def _try_bundle(self, doc: Any, source: str) -> None:
+        """Adopt a bundle from the server if usable; otherwise keep the held one and say why."""
+        try:
+            self._apply_bundle(doc)
+        except (MeshidError, ValueError) as exc:
+            log.warning("%s server bundle refused, keeping the held one: %s", source, exc)
 
     def _apply_bundle(self, doc: dict[str, Any]) -> None:
         bundle = Bundle.from_spiffe_json(self.cache.td, doc)
-        if self.cache.bundle is not None and bundle.sequence == self.cache.bundle.sequence:
+        held = self.cache.bundle
+        if held is not None and bundle.sequence == held.sequence:
             return
+        if not bundle.x509_authorities:
+            # With no root the agent could authenticate no server again: wedged for good.
+            raise InvalidBundleError("the bundle has no X509 authority")
+        if held is not None and bundle.sequence < held.sequence:
+            # A stale replica's (or a replayed) bundle may lack roots the held one has.
+            raise InvalidBundleError(f"sequence {bundle.sequence} is older than the held {held.sequence}")
         self.bundle_sequence = bundle.sequence
         self.client.set_roots(bundle.x509_authorities)
         self.cache.set_bundle(bundle)
@@ -392,6 +443,18 @@ def _b64(data: bytes) -> str:
     import base64
 
     return base64.b64encode(data).decode()
+
+
+def _str_list(data: dict[str, Any], name: str) -> list[str]:
+    value = data.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise bad_response(f"sync answer: {name} must be a list of strings")
+    return value
+
+
+def _raw_id(raw: Any) -> str:
+    eid = raw.get("id") if isinstance(raw, dict) else None
+    return f"entry {eid[:100]!r}" if isinstance(eid, str) else "an entry"
 
 
 def _jwt_key(entry: Entry, audience: list[str]) -> tuple[str, tuple[str, ...]]:

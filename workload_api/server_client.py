@@ -274,6 +274,11 @@ class ServerClient:
         except (MeshidError, ValueError) as exc:
             log.debug("anonymous bundle probe failed too (%s): the server is unavailable", exc)
             return
+        if not bundle.x509_authorities:
+            # Nothing can chain to it: a faulty answer, not proof that our SVID is refused
+            # (re-attesting on it spent a single-use join token).
+            log.debug("anonymous bundle probe answered a bundle without X509 roots")
+            return
         chain = self._identity[0]
         if chain_verifies(chain, bundle.x509_authorities, time.time()):
             log.warning("server refused our TLS client certificate although it verifies against the "

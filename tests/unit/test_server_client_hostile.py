@@ -186,3 +186,18 @@ async def test_renew_garbage_is_a_named_error(serve: Any, body: str) -> None:
     client = await serve(answer(body))
     with pytest.raises(ServerRejectedError, match="bad_response"):
         await client.renew(b"csr")
+
+
+async def test_a_probe_answered_with_no_roots_is_no_proof_the_svid_is_refused() -> None:
+    """An empty bundle from the anonymous probe is an outage, not a reason to re-attest."""
+    ca, ca_key = make_ca()
+    agent_cert, agent_key = make_leaf(ca, ca_key, "spiffe://example.org/meshid/agent/test")
+    client = ServerClient(["127.0.0.1:1"], SpiffeId(TD, "/meshid/server"))
+    client.set_identity([agent_cert], agent_key)
+
+    async def empty_bundle() -> dict[str, Any]:
+        return {"keys": [], "spiffe_sequence": 9}
+
+    client.fetch_bundle = empty_bundle  # type: ignore[method-assign]
+    await client._check_identity_rejected(None)  # raised IdentityRejectedError
+    await client.close()
