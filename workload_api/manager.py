@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
@@ -362,18 +363,24 @@ class SvidManager:
         results = await self.client.sign_x509(requests)
         by_entry = {entry.id: (entry, reason) for entry, reason in batch}
         fresh: list[X509Svid] = []
+        answered: set[str] = set()
+        now = self.clock()
         for res in results:
-            eid = res.get("entry_id")
-            if eid not in by_entry:
-                continue
+            eid = res.get("entry_id") if isinstance(res, dict) else None
+            if not isinstance(eid, str) or eid not in by_entry or eid in answered:
+                continue  # not an answer to a request of ours (or a second one)
+            answered.add(eid)
             entry, reason = by_entry[eid]
             if "svid" not in res:
                 self._back_off(eid)
                 log.warning("server refused SVID for entry %s: %s", eid, res.get("error"))
                 continue
-            chain = tuple(certs_from_json(res["svid"]))
             key = keys[eid]
-            wrong = _not_for(chain[0], key, entry.spiffe_id)
+            try:  # one garbled chain lost the whole batch (and retried it each loop)
+                chain = tuple(certs_from_json(res["svid"]))
+                wrong = _not_for(chain[0], key, entry.spiffe_id, now)
+            except ServerRejectedError as exc:
+                wrong = f"that does not parse ({exc})"
             if wrong:
                 # Never handed to a workload; retried later like a refusal, not every loop.
                 self._back_off(eid)
@@ -390,6 +397,11 @@ class SvidManager:
             self._entry_backoff.pop(eid, None)
             fresh.append(X509Svid(eid, entry.spiffe_id, chain, key, schedule, entry.revision_number,
                                   entry.hint, chain_der(chain), pkcs8_der(key)))
+        # Held like a refusal: a renewal the server left unanswered stayed due, so next_due()
+        # lay in the past and the loop synced and signed again every 50 ms.
+        for eid in by_entry.keys() - answered:
+            self._back_off(eid)
+            log.warning("server did not answer the SVID request of entry %s", eid)
         self.cache.put_svids(fresh)
 
     def _back_off(self, entry_id: str) -> None:
@@ -413,9 +425,12 @@ class SvidManager:
         cached = self._jwt_cached(key, now)
         if cached is not None:
             return cached
-        token, expires_at = await self.client.sign_jwt(entry.id, list(key[1]))
+        token, _ = await self.client.sign_jwt(entry.id, list(key[1]))
+        # The token's own exp, not the answer's expires_at: a larger one kept an expired
+        # token cached and served.
+        expires_at = _jwt_expiry(token, entry.spiffe_id, key[1], now)
         schedule = self.policy.schedule(now, max(now + 1, expires_at), self.rng)
-        svid = JwtSvid(token, entry.spiffe_id, float(expires_at), schedule)
+        svid = JwtSvid(token, entry.spiffe_id, expires_at, schedule)
         if len(self._jwt) >= MAX_JWT_CACHE:
             self._jwt = {k: v for k, v in self._jwt.items() if v.expires_at > now}
         self._jwt[key] = svid
@@ -457,15 +472,41 @@ def _raw_id(raw: Any) -> str:
     return f"entry {eid[:100]!r}" if isinstance(eid, str) else "an entry"
 
 
+def _jwt_expiry(token: str, spiffe_id: SpiffeId, audience: tuple[str, ...], now: float) -> float:
+    """The exp of `token` if it is a JWT-SVID for `spiffe_id` covering `audience`, unexpired
+    at `now`; bad_response otherwise, so a workload is never handed a token naming another
+    identity or lacking an audience it asked for. The signature is not checked here: the
+    key may be newer than the agent's last bundle sync, and the verifier checks it anyway."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError as exc:
+        raise bad_response(f"JWT-SVID does not parse: {exc}") from None
+    sub = claims.get("sub")
+    if sub != str(spiffe_id):
+        raise bad_response(f"JWT-SVID is for {str(sub)[:100]!r}, not the entry's {spiffe_id}")
+    aud = claims.get("aud")
+    held = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+    if not set(audience) <= {a for a in held if isinstance(a, str)}:
+        raise bad_response(f"JWT-SVID audience does not cover the requested {list(audience)}"[:300])
+    exp = finite_number(claims.get("exp"))
+    if exp is None or exp <= now:
+        raise bad_response("JWT-SVID has no usable exp or has already expired")
+    return exp
+
+
 def _jwt_key(entry: Entry, audience: list[str]) -> tuple[str, tuple[str, ...]]:
     """A JWT-SVID cache key: the entry and its audience as a set."""
     return entry.id, tuple(sorted(set(audience)))
 
 
-def _not_for(leaf: x509.Certificate, key: PrivateKeyTypes, spiffe_id: SpiffeId) -> str:
-    """Why `leaf` is not an SVID for `spiffe_id` over `key`'s public key ("" if it is)."""
+def _not_for(leaf: x509.Certificate, key: PrivateKeyTypes, spiffe_id: SpiffeId, now: float) -> str:
+    """Why `leaf` is not an SVID for `spiffe_id` over `key`'s public key, valid at `now`
+    ("" if it is)."""
     if spki_der(leaf.public_key()) != spki_der(key.public_key()):
         return "for a different key"
+    if leaf.not_valid_after_utc.timestamp() <= now:
+        # Was cached and pushed to the workload's stream before drop_expired() removed it.
+        return "that has already expired"
     try:
         issued = spiffe_id_of_cert(leaf)
     except MeshidError as exc:

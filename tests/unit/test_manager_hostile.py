@@ -5,13 +5,17 @@ or bundle is skipped and the held version kept, and nothing unusable is ever cac
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from test_manager_schedule import AGENT, Ca, entry, make
+from cryptography.hazmat.primitives.asymmetric import ec
+from test_manager_schedule import AGENT, T0, TD, Ca, Clock, entry, make
 
+from meshid.spiffe_id import SpiffeId
 from workload_api import manager as manager_mod
 from workload_api.server_client import ServerRejectedError
 
@@ -108,3 +112,122 @@ async def test_unusable_bundles_are_refused_and_the_held_one_kept(
     client.sync_data = {**GOOD, "bundle": bundle_doc(ca, newer, sequence=6)}
     await mgr.sync()
     assert client.roots == [ca.cert, newer.cert] and mgr.bundle_sequence == 6
+
+
+# ---------------------------------------------------------------------------- sign_x509
+
+Tamper = Callable[[list[dict[str, Any]], list[dict[str, Any]]], list[dict[str, Any]]]
+
+
+def tamper(client: Any, fn: Tamper) -> None:
+    """Rewrite the fake server's sign answers: fn(requests, results) -> results."""
+    honest = client.sign_x509
+
+    async def sign(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return fn(requests, await honest(requests))
+
+    client.sign_x509 = sign
+
+
+def record_puts(mgr: Any) -> list[str]:
+    """Entry ids of every SVID the cache was given (and streams were woken with)."""
+    put: list[str] = []
+    orig = mgr.cache.put_svids
+
+    def put_svids(svids: Any) -> None:
+        svids = list(svids)
+        put.extend(s.entry_id for s in svids)
+        orig(svids)
+
+    mgr.cache.put_svids = put_svids
+    return put
+
+
+async def test_garbled_sign_results_cost_only_their_own_entries(tmp_path: Path) -> None:
+    mgr, clock, _, client, _ = make(tmp_path, 8)
+    garble = {
+        "e1": lambda r: {**r, "svid": ["!!not base64"]},
+        "e2": lambda r: {**r, "svid": [base64.b64encode(b"not DER").decode()]},
+        "e3": lambda r: {**r, "svid": []},
+        "e4": lambda r: {**r, "svid": [7]},
+        "e5": lambda r: "not a result",
+        "e6": lambda r: {"svid": r["svid"]},  # no entry_id
+    }
+
+    def fn(requests: list[dict[str, Any]], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = [garble.get(r["entry_id"], lambda r: r)(r) for r in results]
+        return [*out, {"entry_id": "not-asked", "svid": results[0]["svid"]}, [1], None]
+
+    tamper(client, fn)
+    await mgr.rotate()  # raised on the first bad chain: no SVID of the batch was kept
+    assert set(mgr.cache.svids) == {"e0", "e7"}
+    assert set(mgr._hold) == {f"e{i}" for i in range(1, 7)}
+    assert "not-asked" not in mgr.cache.svids
+
+
+async def test_an_unanswered_renewal_backs_off_instead_of_spinning(tmp_path: Path) -> None:
+    mgr, clock, _, client, _ = make(tmp_path, 2)
+    await mgr.rotate()
+    clock.t = mgr.cache.svids["e1"].schedule.renew_at
+    tamper(client, lambda requests, results: [r for r in results if r["entry_id"] != "e1"])
+    await mgr.rotate()
+    # Unheld, the renewal stayed due: next_due() in the past, a sync every 50 ms.
+    assert "e1" in mgr._hold and mgr.next_due() > clock()
+
+
+async def test_an_already_expired_svid_is_never_cached(tmp_path: Path) -> None:
+    mgr, clock, _, client, _ = make(tmp_path, 2)
+    stale_ca = Ca(Clock(clock() - 7200))
+
+    def fn(requests: list[dict[str, Any]], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        csr = base64.b64decode(next(r["csr"] for r in requests if r["entry_id"] == "e1"))
+        chain = stale_ca.sign(csr, SpiffeId(TD, "/w/1"))  # expired an hour ago
+        expired = [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in chain]
+        return [r if r["entry_id"] != "e1" else {"entry_id": "e1", "svid": expired} for r in results]
+
+    tamper(client, fn)
+    put = record_puts(mgr)
+    await mgr.rotate()
+    assert put == ["e0"] and "e1" in mgr._hold
+
+
+# ---------------------------------------------------------------------------- sign_jwt
+
+
+def token(sub: str, aud: Any, exp: Any) -> str:
+    claims = {"sub": sub, "exp": exp} if aud is None else {"sub": sub, "aud": aud, "exp": exp}
+    return jwt.encode(claims, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256")
+
+
+@pytest.mark.parametrize("tok", [
+    "garbage",
+    token("spiffe://example.org/w/other", ["a", "b"], T0 + 300),  # someone else's identity
+    token("spiffe://example.org/w/0", ["a"], T0 + 300),  # lacks audience b
+    token("spiffe://example.org/w/0", None, T0 + 300),
+    token("spiffe://example.org/w/0", ["a", "b"], T0 - 1),  # already expired
+    token("spiffe://example.org/w/0", ["a", "b"], "soon"),
+])
+async def test_a_jwt_svid_not_for_the_request_is_not_handed_out(tmp_path: Path, tok: str) -> None:
+    mgr, clock, _, client, _ = make(tmp_path, 1)
+
+    async def sign_jwt(entry_id: str, audience: list[str]) -> tuple[str, int]:
+        return tok, int(T0 + 300)
+
+    client.sign_jwt = sign_jwt  # type: ignore[attr-defined]
+    with pytest.raises(ServerRejectedError, match="bad_response"):
+        await mgr.jwt_svid(mgr.cache.entries["e0"], ["b", "a"])
+    assert mgr._jwt == {}
+
+
+async def test_a_jwt_svid_is_cached_until_its_own_exp(tmp_path: Path) -> None:
+    mgr, clock, _, client, _ = make(tmp_path, 1)
+    e0 = mgr.cache.entries["e0"]
+
+    async def sign_jwt(entry_id: str, audience: list[str]) -> tuple[str, int]:
+        return token("spiffe://example.org/w/0", "a", T0 + 300), int(T0 + 10**9)  # expires_at lies
+
+    client.sign_jwt = sign_jwt  # type: ignore[attr-defined]
+    svid = await mgr.jwt_svid(e0, ["a"])
+    assert svid.expires_at == T0 + 300
+    clock.t = T0 + 300
+    assert mgr.jwt_cached(e0, ["a"]) is None  # was served from the cache for ~19 years
