@@ -23,13 +23,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from meshid.certs import spki_der
-from meshid.errors import AttestationError, ConfigError
-from meshid.spiffe_id import SpiffeId
+from meshid.errors import AttestationError, ConfigError, MeshidError
+from meshid.spiffe_id import SpiffeId, TrustDomain
 from meshid.tls import pem_chain, pem_key, spiffe_id_of_cert
 from workload_api.config import AgentConfig
 from workload_api.keys import authority_key_id, csr_for, new_key
 from workload_api.rotation import RenewalSchedule, RotationPolicy, effective_issued_at
-from workload_api.server_client import ServerClient, certs_from_json
+from workload_api.server_client import ServerClient, bad_response, certs_from_json
 
 log = logging.getLogger("meshid.agent.node")
 
@@ -104,6 +104,12 @@ class NodeIdentity:
 
     def _adopt(self, chain: list[x509.Certificate], key: PrivateKeyTypes, stationary: bool) -> None:
         leaf = chain[0]
+        # Checked before anything is replaced: a renewed SVID over another key was adopted
+        # and persisted, and every mTLS context built from it failed from then on, across
+        # restarts; one without a SPIFFE ID replaced the chain and then raised.
+        wrong = _unusable(leaf, key, self.config.td, self.clock())
+        if wrong:
+            raise bad_response(f"server returned an agent SVID {wrong}")
         not_before, not_after = leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
         issued_at = effective_issued_at(not_before, not_after, self.clock())
         schedule = self.policy.schedule(issued_at, not_after, self.rng, stationary=stationary)
@@ -176,3 +182,18 @@ class NodeIdentity:
         chain = await self.client.renew(csr_for(key))
         self._adopt(chain, key, stationary=stationary)
         log.info("renewed agent SVID (expires %s)", chain[0].not_valid_after_utc.isoformat())
+
+
+def _unusable(leaf: x509.Certificate, key: PrivateKeyTypes, td: TrustDomain, now: float) -> str:
+    """Why `leaf` cannot be the agent's SVID over `key` in `td` at `now` ("" if it can)."""
+    if spki_der(leaf.public_key()) != spki_der(key.public_key()):
+        return "for a different key"
+    if leaf.not_valid_after_utc.timestamp() <= now:
+        return "that has already expired"
+    try:
+        agent_id = spiffe_id_of_cert(leaf)
+    except MeshidError as exc:
+        return f"without a usable SPIFFE ID ({exc})"
+    if not agent_id.member_of(td):
+        return f"for {agent_id}, outside trust domain {td}"
+    return ""
