@@ -59,6 +59,7 @@ from workload_api.server_client import (
     ServerRejectedError,
     ServerUnavailableError,
     bad_response,
+    bounded_retry_after,
     certs_from_json,
     finite_number,
 )
@@ -126,7 +127,8 @@ class SvidManager:
                 self._reattests = 0
                 delay = min(self.sync_interval, max(0.05, self.next_due() - self.clock()))
             except OverloadedError as exc:
-                delay = jittered(exc.retry_after, self.rng)
+                # Bounded here too: a raise from this handler would end the loop for good.
+                delay = jittered(bounded_retry_after(exc.retry_after), self.rng)
                 log.info("server overloaded; retrying in %.1fs", delay)
             except (ServerUnavailableError, ServerRejectedError, OSError, TimeoutError) as exc:
                 self.consecutive_failures += 1
@@ -274,8 +276,12 @@ class SvidManager:
             # With no root the agent could authenticate no server again: wedged for good.
             raise InvalidBundleError("the bundle has no X509 authority")
         if held is not None and bundle.sequence < held.sequence:
-            # A stale replica's (or a replayed) bundle may lack roots the held one has.
-            raise InvalidBundleError(f"sequence {bundle.sequence} is older than the held {held.sequence}")
+            # Adopted all the same, as SPIRE's agent does: a server restored from a backup
+            # goes on from its older sequence, and refusing would keep from agents every key
+            # it makes until its sequence passed theirs (days). A replica a tick behind its
+            # peers is corrected by the next sync.
+            log.warning("server bundle sequence went back from %d to %d (datastore restored, or a "
+                        "replica behind its peers); adopting it", held.sequence, bundle.sequence)
         self.bundle_sequence = bundle.sequence
         self.client.set_roots(bundle.x509_authorities)
         self.cache.set_bundle(bundle)

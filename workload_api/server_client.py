@@ -134,7 +134,7 @@ def finite_number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _retry_after(value: Any) -> float:
+def bounded_retry_after(value: Any) -> float:
     """A retry-after hint in seconds, within [0, MAX_RETRY_AFTER]; 1 s if unusable
     (an HTTP-date, garbage, NaN)."""
     try:
@@ -301,7 +301,7 @@ class ServerClient:
             retry = data.get("retry_after") if isinstance(data, dict) else None
             if isinstance(retry, bool) or not isinstance(retry, (int, float)):
                 retry = headers.get("Retry-After", "1")
-            raise OverloadedError(message or "server overloaded", retry_after=_retry_after(retry))
+            raise OverloadedError(message or "server overloaded", retry_after=bounded_retry_after(retry))
         if status == 403:
             raise PermissionDeniedError(message)
         if status == 401:

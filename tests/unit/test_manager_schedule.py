@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import random
 from pathlib import Path
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from issuer.ca import minting
 from meshid.entry import Entry
+from meshid.errors import OverloadedError
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from workload_api.cache import SvidCache
@@ -381,6 +383,27 @@ async def test_an_svid_not_for_the_entry_is_never_cached(
     await mgr.rotate()
     assert set(mgr.cache.svids) == {"e0", "e1", "e2"}
     assert mgr.cache.svids["e1"].spiffe_id == SpiffeId(TD, "/w/1")
+
+
+async def test_an_unbounded_retry_after_does_not_end_the_sync_loop(tmp_path: Path) -> None:
+    """The overload handler computes the delay itself: a raise from it (jittered() on an
+    infinite hint) ended run() for good, and with it the agent's syncing."""
+    mgr, clock, _, client, _ = make(tmp_path, 1)
+    client.sync_errors = [OverloadedError("busy", retry_after=float("inf")),
+                          OverloadedError("busy", retry_after=float("nan"))]
+    task = asyncio.create_task(mgr.run())
+    try:
+        for _ in range(200):
+            if not client.sync_errors:
+                break
+            mgr.poke()
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert not client.sync_errors and not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def test_removed_entry_forgets_its_backoff(tmp_path: Path) -> None:
