@@ -45,6 +45,7 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # A server's retry-after hint is followed up to this; a larger one (or 1e308) parked the
 # sync loop for good, and NaN or Infinity made the loop's jitter raise and end it.
 MAX_RETRY_AFTER = 300.0
+GATEWAY_FAILURES = frozenset({502, 503, 504})
 _SHA256 = hashes.SHA256()
 
 
@@ -239,6 +240,12 @@ class ServerClient:
             addr = self.addresses[(self._current + attempt) % len(self.addresses)]
             try:
                 async with session.request(method, f"https://{addr}{path}", json=body) as resp:
+                    if resp.status in GATEWAY_FAILURES and attempt + 1 < len(self.addresses):
+                        # A proxy in front of a down server, or a failing replica: the next
+                        # address may well answer (the last one's answer is reported as is).
+                        last = ServerUnavailableError(f"server {addr} answered HTTP {resp.status}")
+                        log.debug("%s", last)
+                        continue
                     data = await _read_json(resp)
                     self._current = (self._current + attempt) % len(self.addresses)
                     return self._check(resp.status, data, resp.headers)

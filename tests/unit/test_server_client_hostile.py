@@ -201,3 +201,16 @@ async def test_a_probe_answered_with_no_roots_is_no_proof_the_svid_is_refused() 
     client.fetch_bundle = empty_bundle  # type: ignore[method-assign]
     await client._check_identity_rejected(None)  # raised IdentityRejectedError
     await client.close()
+
+
+async def test_a_gateway_failure_moves_on_to_the_next_address(serve: Any) -> None:
+    """With several server addresses, a 502/503/504 (a proxy in front of a down replica)
+    tries the next one instead of failing the whole sync; from the last address it is the
+    answer."""
+    down = await serve(answer("<html>503 Service Unavailable</html>", 503, "text/html"))
+    up = await serve(answer('{"ok": true}'))
+    down.addresses = [*down.addresses, *up.addresses]
+    assert await down.sync({}, -1) == {"ok": True}
+    down.addresses = down.addresses[:1]
+    with pytest.raises(ServerRejectedError, match="503"):
+        await down.sync({}, -1)
