@@ -51,6 +51,20 @@ def write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _x509pop_challenge(answer: dict[str, Any]) -> tuple[bytes, str]:
+    """The nonce to sign and the session to answer, from the server's first x509pop answer."""
+    challenge, session = answer.get("challenge"), answer.get("session")
+    if not isinstance(challenge, str) or not isinstance(session, str) or not session:
+        raise bad_response("x509pop answer has no challenge and session strings")
+    try:
+        nonce = base64.b64decode(challenge, validate=True)
+    except ValueError:  # binascii.Error
+        raise bad_response("x509pop challenge is not base64") from None
+    if not nonce:
+        raise bad_response("x509pop challenge is empty")
+    return nonce, session
+
+
 class NodeIdentity:
     def __init__(
         self, config: AgentConfig, client: ServerClient, policy: RotationPolicy, rng: random.Random,
@@ -133,8 +147,8 @@ class NodeIdentity:
 
             node_chain, node_key = self._x509pop_credentials()
             first = await self.client.attest("x509pop", payload_for(node_chain), csr)
-            nonce = base64.b64decode(first["challenge"])
-            resp = await self.client.answer(first["session"], sign_challenge(node_key, nonce))
+            nonce, session = _x509pop_challenge(first)
+            resp = await self.client.answer(session, sign_challenge(node_key, nonce))
         elif kind == "k8s_psat":
             from attestors.node.k8s_psat import K8sPsatAgentPlugin
 

@@ -77,3 +77,32 @@ async def test_a_bad_renewal_leaves_the_agent_svid_in_place(tmp_path: Path, bad:
         await node.renew()
     assert node.chain is held and client.identity[0] is held
     assert (tmp_path / SVID_FILE).read_bytes() == held_file
+
+
+@pytest.mark.parametrize("first", [
+    {}, {"challenge": "AAAA"}, {"session": "s"}, {"challenge": 5, "session": "s"},
+    {"challenge": "not base64!", "session": "s"}, {"challenge": "", "session": "s"},
+    {"challenge": "AAAA", "session": ["s"]},
+])
+async def test_a_garbled_x509pop_challenge_is_a_named_error(tmp_path: Path, first: dict[str, Any]) -> None:
+    """It raised KeyError or binascii.Error: a traceback per retry instead of one line."""
+    from pki_helpers import make_ca, make_leaf, write_pem
+
+    ca, ca_key = make_ca()
+    cert, key = make_leaf(ca, ca_key, dns=["node1"])
+    write_pem(tmp_path / "node.pem", cert)
+    write_pem(tmp_path / "node.key", key)
+    config = agent_config_from_dict({
+        "trust_domain": "example.org", "data_dir": str(tmp_path / "d"), "server_address": ["127.0.0.1:1"],
+        "trust_bundle_path": str(tmp_path / "root.pem"), "socket_path": str(tmp_path / "w.sock"),
+        "node_attestor": {"x509pop": {"certificate_path": str(tmp_path / "node.pem"),
+                                      "private_key_path": str(tmp_path / "node.key")}},
+    })
+
+    class Client(FakeClient):
+        async def attest(self, kind: str, payload: Any, csr: bytes) -> dict[str, Any]:
+            return first
+
+    node = NodeIdentity(config, Client(), RotationPolicy(0.5, 0.8), random.Random(1), Clock())  # type: ignore[arg-type]
+    with pytest.raises(ServerRejectedError, match="x509pop"):
+        await node.attest()
