@@ -221,6 +221,11 @@ class SvidCache:
             except ValueError as exc:
                 log.warning("ignoring federated bundle for %r from the server: %s", key, exc)
                 continue
+            if td == self.td:
+                # Our own trust domain's bundle comes only from the sync's own bundle: as a
+                # "federated" one it would stand in for it in the bundle maps workloads get.
+                log.warning("ignoring a federated bundle for the agent's own trust domain %s", td)
+                continue
             if key in docs:
                 try:
                     fresh[td] = Bundle.from_spiffe_json(td, docs[key])

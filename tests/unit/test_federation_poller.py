@@ -368,3 +368,7 @@ def test_cache_applies_federated_bundles() -> None:
     # Gone from the digests: the agent's entries no longer federate with two.org.
     assert cache.apply_federated({}, {})
     assert cache.federated == {} and w.event.is_set()
+    # A "federated" bundle for our own trust domain would stand in for our own: ignored.
+    own = FederatedBundle.of(Bundle(ONE, (ca,), sequence=9))
+    assert not cache.apply_federated({"spiffe://one.org": own.digest}, {"spiffe://one.org": own.doc})
+    assert cache.federated == {} and cache.federated_digests == {}
