@@ -629,6 +629,29 @@ def check_backup(source: str | os.PathLike[str]) -> None:
         raise RestoreError(f"{path}: not a meshid datastore (no {', '.join(missing)} table)")
 
 
+# Outbox sequence numbers skipped at a restore: more than the events a server could have
+# written between the backup and the restore (2^44: ~5 years at 100,000 events/s).
+RESTORE_SEQ_GAP = 1 << 44
+
+
+def _skip_used_outbox_seqs(path: Path) -> None:
+    """The events written after the backup was taken were published with ids derived from
+    the seqs that follow the backup's; a restored outbox handing those seqs out again would
+    give new events the ids of delivered ones, and consumers deduplicating on source + id
+    would drop them. Continue past them instead."""
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+            last = int(row[0]) if row is not None else 0
+            conn.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'")
+            conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)",
+                         (last + RESTORE_SEQ_GAP,))
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
 def restore_backup(source: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
     """Replace the database at `dest` with the backup `source`; the server must be stopped.
 
@@ -646,6 +669,7 @@ def restore_backup(source: str | os.PathLike[str], dest: str | os.PathLike[str])
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
+        _skip_used_outbox_seqs(tmp)
         # The old database's WAL would be replayed onto the restored file: drop it first.
         for suffix in ("-wal", "-shm"):
             Path(f"{target}{suffix}").unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from pg import PostgresCluster, _clean_env, postgres_cluster, postgres_db, postg
 from spiffe import WorkloadApiClient
 from waiting import wait_for
 
+from issuer.datastore.sqlite import RESTORE_SEQ_GAP
 from meshid.cli.dev import DevStack, start_dev
 from meshid.entry import Entry
 from meshid.selector import Selector
@@ -161,6 +163,13 @@ async def test_sqlite_online_backup_wipe_restore(short_tmp: Path) -> None:
         rc, out = await meshid(*restore, str(backup))
         assert rc == 0, out
         assert datastore.stat().st_mode & 0o777 == 0o600
+        assert not Path(f"{datastore}-wal").exists() or Path(f"{datastore}-wal").stat().st_size == 0
+        conn = sqlite3.connect(f"{backup.resolve().as_uri()}?immutable=1", uri=True)
+        try:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+            backed_up_seq = int(row[0])
+        finally:
+            conn.close()
 
         stack = await start(d, sock)
         stopped = False
@@ -171,6 +180,10 @@ async def test_sqlite_online_backup_wipe_restore(short_tmp: Path) -> None:
         events = {r.event.data["unmapped"]["entry_id"] for r in await stack.server.ds.fetch_outbox(0, 100_000)
                   if r.event.type.endswith("entry.created") and r.event.subject.startswith(f"spiffe://{TD}/load/")}
         assert loads and loads == events
+        # Events written after the backup went out with the seqs that follow the backup's
+        # (and ids derived from them): the restored outbox continues past them.
+        newer = [r.seq for r in await stack.server.ds.fetch_outbox(0, 100_000) if r.seq > backed_up_seq]
+        assert newer and min(newer) > backed_up_seq + RESTORE_SEQ_GAP
     finally:
         if not stopped:
             await stack.stop()
@@ -196,12 +209,23 @@ async def test_postgres_pg_dump_restore_into_fresh_database(
 
         fresh = postgres_cluster.create_database()
         pg(postgres_cluster, "pg_restore", "--no-owner", "--exit-on-error", f"--dbname={fresh}", str(dump))
+        # README's step after pg_restore: the outbox continues past the seqs (and so the
+        # CloudEvents ids) that events written after the dump were published with.
+        pg(postgres_cluster, "psql", "--no-psqlrc", "-v", "ON_ERROR_STOP=1", f"--dbname={fresh}", "-c",
+           PG_SKIP_USED_SEQS)
         stack = await start(d, sock, fresh)
         stopped = False
         await check_restored(stack, before, agent_serial, wanted)
+        assert stack.server.ds is not None
+        seqs = [r.seq for r in await stack.server.ds.fetch_outbox(0, 100_000)]
+        assert seqs and max(seqs) > RESTORE_SEQ_GAP
     finally:
         if not stopped:
             await stack.stop()
+
+
+PG_SKIP_USED_SEQS = ("SELECT setval(pg_get_serial_sequence('outbox', 'seq'), "
+                     "nextval(pg_get_serial_sequence('outbox', 'seq')) + 17592186044416)")
 
 
 def pg(cluster: PostgresCluster, tool: str, *args: str) -> None:
