@@ -275,6 +275,33 @@ async def test_cilium_agent_subscribes_sees_rotation_and_deletion(stack: DevStac
             assert jwks["keys"] and all("kid" in k for k in jwks["keys"])
 
 
+async def test_bundle_streams_push_a_bundle_change(stack: DevStack) -> None:
+    """Cilium's bundle subscriptions get the whole new bundle when it changes (a CA
+    rotation adds a root or a JWT key), not only the first one."""
+    from dataclasses import replace
+
+    from pki_helpers import make_ca
+
+    cache = stack.agent.cache
+    async with delegated(stack) as stub:
+        async with subscribe(stub.SubscribeToX509Bundles, pb.SubscribeToX509BundlesRequest()) as x509s, \
+                subscribe(stub.SubscribeToJWTBundles, pb.SubscribeToJWTBundlesRequest()) as jwts:
+            first = load_der_certificates((await x509s.next()).ca_certificates[f"spiffe://{TD}"])
+            first_jwks = json.loads((await jwts.next()).bundles[f"spiffe://{TD}"])
+            held = cache.bundle
+            assert held is not None
+            extra_root, extra_key = make_ca("rotated root")
+            jwt_keys = {**held.jwt_authorities, "rotated": extra_key.public_key()}
+            cache.set_bundle(replace(held, x509_authorities=(*held.x509_authorities, extra_root),
+                                     jwt_authorities=jwt_keys, sequence=held.sequence + 1))
+            pushed = await x509s.until(
+                lambda m: len(load_der_certificates(m.ca_certificates[f"spiffe://{TD}"])) == len(first) + 1)
+            assert extra_root in load_der_certificates(pushed.ca_certificates[f"spiffe://{TD}"])
+            pushed_jwks = await jwts.until(lambda m: "rotated" in m.bundles[f"spiffe://{TD}"].decode())
+            kids = {k["kid"] for k in json.loads(pushed_jwks.bundles[f"spiffe://{TD}"])["keys"]}
+            assert kids == {k["kid"] for k in first_jwks["keys"]} | {"rotated"}
+
+
 async def test_authorization_is_rechecked_on_every_update(stack: DevStack) -> None:
     await add(stack, "/identity/1001")
     mine = next(e for e in await stack.server.entries.list() if str(e.spiffe_id) == ME)
