@@ -185,10 +185,18 @@ def _token_expiry(token: str) -> float:
     except (ValueError, binascii.Error, RecursionError) as exc:
         raise AttestationError("token is not a JWT") from exc
     exp = payload.get("exp") if isinstance(payload, dict) else None
-    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
         # Legacy secret-based tokens never expire; only projected tokens are accepted.
         raise AttestationError("token has no expiry; a projected service account token is required")
-    return float(exp)
+    try:
+        expires_at = float(exp)
+    except OverflowError:
+        # A JSON integer too large for a float (the token is not verified yet): an
+        # unhandled OverflowError here was a 500 and a traceback per request.
+        raise AttestationError("token expiry is out of range") from None
+    if not math.isfinite(expires_at):
+        raise AttestationError("token has no expiry; a projected service account token is required")
+    return expires_at
 
 
 def _selector(value: str) -> Selector | None:

@@ -524,6 +524,8 @@ async def test_psat_refuses_before_calling_the_api(psat: PsatEnv) -> None:
         ({"cluster": "prod", "token": psat.good_token(with_exp=False)}, "no expiry"),
         ({"cluster": "prod", "token": psat.good_token(ttl=-10)}, "expired"),
         ({"cluster": "prod", "token": make_jwt({"exp": float("nan")})}, "no expiry"),
+        # An exp too large for a float was an OverflowError: a 500 and a traceback per request.
+        ({"cluster": "prod", "token": make_jwt({"exp": 10**400})}, "out of range"),
     ]
     for payload, match in cases:
         await refused(attestor, AttestationRequest("k8s_psat", payload), match)
