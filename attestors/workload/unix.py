@@ -34,13 +34,22 @@ _CHUNK = 1024 * 1024
 # Hashing runs on threads of its own, so hashes a user forces (touching its binary makes every
 # request a cache miss) cannot take the default executor's threads from NSS lookups.
 _HASH_THREADS = 2
+# A digest is not cached while the file's ctime is this recent: inode times come from a
+# coarse clock (a few ms; a second on some filesystems), so a rewrite within the same tick
+# would keep the key the digest was cached under.
+_RECENT_CTIME_NS = 2_000_000_000
 # Names resolved through NSS are kept this long (found or not): a lookup can cost
 # hundreds of µs (nss-systemd, LDAP) plus a thread hop, on every Workload API call.
 NAME_TTL_SECONDS = 30.0
 _NAME_CACHE_SIZE = 4096
 
-# (st_dev, st_ino, st_mtime_ns, st_size): a binary rewritten in place gets a new mtime/size.
-FileKey = tuple[int, int, int, int]
+# (st_dev, st_ino, st_mtime_ns, st_ctime_ns, st_size). ctime too: a binary's owner can
+# rewrite it at the same size and set the mtime back with utime(), but cannot set the ctime.
+FileKey = tuple[int, int, int, int, int]
+
+
+def _file_key(st: os.stat_result) -> FileKey:
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +288,7 @@ class UnixAttestor:
             raise AttestationError(f"workload process {pid} not found") from exc
         except OSError as exc:
             raise AttestationError(f"cannot stat the binary of workload process {pid}: {exc}") from exc
-        cached = self._digests.get((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+        cached = self._digests.get(_file_key(st))
         if cached is not None:
             return cached
         if limit and st.st_size > limit:
@@ -308,7 +317,8 @@ class UnixAttestor:
         except OSError as exc:
             raise AttestationError(f"cannot hash the binary of workload process {pid}: {exc}") from exc
         # Keyed by what was actually opened, in case the exe changed between stat and open.
-        self._digests.put(key, digest)
+        if time.time_ns() - key[3] >= _RECENT_CTIME_NS:
+            self._digests.put(key, digest)
         return digest
 
 
@@ -326,4 +336,4 @@ def _hash_file(path: str, limit: int) -> tuple[FileKey, str]:
             if limit and read > limit:
                 raise _TooLarge(read)
             h.update(chunk)
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size), h.hexdigest()
+    return _file_key(st), h.hexdigest()

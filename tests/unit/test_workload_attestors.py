@@ -337,3 +337,58 @@ async def test_unix_sha256_is_hashed_once_per_uid_at_a_time(
     monkeypatch.setattr(attestor._digests, "get", lambda key: None)  # every request a miss
     await asyncio.gather(*(attestor.attest(caller(pid)) for _ in range(4)))
     assert most == 1, f"{most} hashes ran at once for one uid"
+
+
+ROOT_STATUS = "Name:\tw\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n"
+
+
+def _fake_proc(root: Path, pid: int, exe: str | bytes) -> str:
+    """A /proc/<pid> with a root-owned status and `exe` linking to `exe`; returns the root."""
+    d = root / str(pid)
+    d.mkdir(parents=True)
+    (d / "status").write_text(ROOT_STATUS)
+    os.symlink(exe, os.fsencode(d / "exe"))
+    return str(root)
+
+
+async def test_unix_sha256_cache_sees_a_same_size_rewrite_with_the_mtime_put_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The digest cache was keyed by (dev, inode, mtime, size): the binary's owner could
+    rewrite it at the same size, set the mtime back with utime() and keep the old digest,
+    so an entry pinned to the old binary's sha256 matched the new one. ctime cannot be set."""
+    monkeypatch.setattr(unix_mod, "_RECENT_CTIME_NS", 0, raising=False)  # cache a new file too
+    binary = tmp_path / "app"
+    binary.write_bytes(b"A" * 100)
+    before = binary.stat()
+    await asyncio.sleep(0.05)  # past the coarse tick inode times are taken from
+    proc_root = _fake_proc(tmp_path / "proc", 7, str(binary))
+    attestor = UnixAttestor(discover_workload_path=True, proc_root=proc_root)
+    assert sel(f"unix:sha256:{_sha256_of(str(binary))}") in await attestor.attest(caller(7))
+    binary.write_bytes(b"B" * 100)
+    os.utime(binary, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert binary.stat().st_mtime_ns == before.st_mtime_ns
+    got = await attestor.attest(caller(7))
+    assert sel(f"unix:sha256:{hashlib.sha256(b'B' * 100).hexdigest()}") in got
+
+
+async def test_unix_sha256_of_a_just_changed_binary_is_not_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inode times come from a coarse clock: a rewrite within the same tick as the hash
+    keeps even the ctime, so a binary changed a moment ago is hashed again each time."""
+    calls = []
+    real_hash = unix_mod._hash_file
+
+    def counting_hash(path: str, limit: int) -> tuple[unix_mod.FileKey, str]:
+        calls.append(path)
+        return real_hash(path, limit)
+
+    monkeypatch.setattr(unix_mod, "_hash_file", counting_hash)
+    binary = tmp_path / "app"
+    binary.write_bytes(b"A" * 100)
+    proc_root = _fake_proc(tmp_path / "proc", 7, str(binary))
+    attestor = UnixAttestor(discover_workload_path=True, proc_root=proc_root)
+    await attestor.attest(caller(7))
+    await attestor.attest(caller(7))
+    assert len(calls) == 2
