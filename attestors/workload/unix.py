@@ -9,11 +9,13 @@ from the Groups: line, and names that do not resolve are simply omitted.
 from __future__ import annotations
 
 import asyncio
+import errno
 import grp
 import hashlib
 import logging
 import os
 import pwd
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -324,8 +326,13 @@ class UnixAttestor:
 
 def _hash_file(path: str, limit: int) -> tuple[FileKey, str]:
     """sha256 of the file at `path` and its identity key; runs in an executor thread."""
-    with open(path, "rb") as f:
+    # The kernel only execs regular files, but a proc_root view need not be the kernel's: a
+    # FIFO would block this thread in open() for good, /dev/zero never end with no limit.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
         st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
         if limit and st.st_size > limit:
             raise _TooLarge(st.st_size)
         h = hashlib.sha256()

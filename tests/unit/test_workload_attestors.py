@@ -392,3 +392,25 @@ async def test_unix_sha256_of_a_just_changed_binary_is_not_cached(
     await attestor.attest(caller(7))
     await attestor.attest(caller(7))
     assert len(calls) == 2
+
+
+async def test_unix_sha256_refuses_a_fifo_or_device_without_blocking(tmp_path: Path) -> None:
+    """An exe that is a FIFO blocked a hashing thread in open() for good (two such callers
+    and no binary got hashed any more), and /dev/zero with no size limit was read forever.
+    The kernel only execs regular files, so this takes a proc_root that is not the kernel's."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    proc_root = _fake_proc(tmp_path / "proc", 7, str(fifo))
+    _fake_proc(tmp_path / "proc", 8, "/dev/zero")
+    attestor = UnixAttestor(discover_workload_path=True, workload_size_limit=0, proc_root=proc_root)
+    try:
+        with pytest.raises(AttestationError, match="regular file"):
+            await asyncio.wait_for(attestor.attest(caller(7)), 5)
+        with pytest.raises(AttestationError, match="regular file"):
+            await asyncio.wait_for(attestor.attest(caller(8)), 5)
+    finally:
+        try:  # a reader blocked in open() (the bug) is let go, so the thread pool can end
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        await attestor.close()
