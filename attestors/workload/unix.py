@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from attestors.workload.base import Caller
 from attestors.workload.procfs import read_proc_text
-from meshid.errors import AttestationError
+from meshid.errors import AttestationError, InvalidSelectorError
 from meshid.selector import Selector
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,16 @@ def _selector_values(creds: ProcessCredentials) -> list[str]:
     return values
 
 
+def _selector(value: str) -> Selector | None:
+    """A unix selector, or None for a value no entry can hold: a binary path over the selector
+    length limit or with a control character (a newline in a file name), or such an NSS name.
+    It raised InvalidSelectorError out of attest(), an internal error with a traceback."""
+    try:
+        return Selector("unix", value)
+    except InvalidSelectorError:
+        return None
+
+
 class _DigestCache:
     """Bounded LRU of sha256 digests; touched from executor threads, hence the lock."""
 
@@ -243,11 +253,12 @@ class UnixAttestor:
         selectors = self._by_creds.get(creds)
         if selectors is None:
             values = await asyncio.get_running_loop().run_in_executor(None, _selector_values, creds)
-            selectors = [Selector("unix", value) for value in values]
+            selectors = [s for value in values if (s := _selector(value)) is not None]
             self._by_creds.put(creds, selectors)
         selectors = list(selectors)  # the cached list is shared; path/sha256 are appended
         if path is not None:
-            selectors.append(Selector("unix", f"path:{path}"))
+            if (path_selector := _selector(f"path:{path}")) is not None:
+                selectors.append(path_selector)
             digest = await self._sha256(pid, creds.uid)
             if digest is not None:
                 selectors.append(Selector("unix", f"sha256:{digest}"))

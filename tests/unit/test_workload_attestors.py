@@ -414,3 +414,19 @@ async def test_unix_sha256_refuses_a_fifo_or_device_without_blocking(tmp_path: P
         except OSError:
             pass
         await attestor.close()
+
+
+@pytest.mark.parametrize("name", ["new\nline", "/".join(c * 250 for c in "wxyz")])
+async def test_unix_path_that_cannot_be_a_selector_is_left_out(tmp_path: Path, name: str) -> None:
+    """A binary whose path has a newline, or is longer than a selector may be, raised
+    InvalidSelectorError out of attest() (not an AttestationError: an internal error with a
+    traceback). No entry can hold such a selector, so it is left out; the rest stay."""
+    binary = tmp_path / name
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    binary.write_bytes(b"A")
+    proc_root = _fake_proc(tmp_path / "proc", 7, str(binary))
+    attestor = UnixAttestor(discover_workload_path=True, proc_root=proc_root)
+    got = await attestor.attest(caller(7))
+    assert sel("unix:uid:0") in got
+    assert sel(f"unix:sha256:{hashlib.sha256(b'A').hexdigest()}") in got
+    assert not any(s.value.startswith("path:") for s in got)
