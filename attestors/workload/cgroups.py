@@ -61,10 +61,19 @@ class ContainerInfo:
 
 def _parse_path(path: str) -> tuple[str | None, str | None, str | None]:
     container_id = pod_uid = runtime = None
-    for segment in path.split("/"):
+    segments = path.split("/")
+    for i, segment in enumerate(segments):
         if m := _POD_SEGMENT.match(segment):
+            # The first pod cgroup and its direct child (the container's) are made by the
+            # kubelet and the runtime. Below that the workload may make cgroups of its own
+            # (a writable cgroupfs) and name them `pod<uid>/<id>` of another pod or of a
+            # sibling container: the last match won there, so nothing below counts.
             pod_uid = m.group("uid").replace("_", "-")
-            continue
+            child = _CONTAINER_SEGMENT.match(segments[i + 1]) if i + 1 < len(segments) else None
+            if child is None:
+                return None, pod_uid, None
+            prefix = child.group("prefix")
+            return child.group("id"), pod_uid, _RUNTIMES.get(prefix) if prefix else None
         if m := _CONTAINER_SEGMENT.match(segment):
             # The last match wins: in nested setups (docker-in-docker, kind) the innermost
             # container is the one the process actually runs in.

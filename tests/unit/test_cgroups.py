@@ -313,3 +313,27 @@ def test_own_process_parses() -> None:
     import os
 
     read_container_info(os.getpid())
+
+
+
+OTHER_UID = "11111111-2222-4333-8444-555555555555"
+
+
+@pytest.mark.parametrize(
+    ("text", "runtime"),
+    [
+        (f"0::/kubepods/besteffort/pod{UID}/{CID}/pod{OTHER_UID}/{CID2}\n", None),
+        (f"0::/kubepods/besteffort/pod{UID}/{CID}/{CID2}\n", None),
+        (
+            f"0::/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{CID}.scope/"
+            f"cri-containerd-{CID2}.scope\n",
+            "containerd",
+        ),
+        (v1(f"/kubepods/pod{UID}/{CID}/pod{OTHER_UID}/{CID2}"), None),
+    ],
+)
+def test_cgroups_below_the_container_do_not_count(text: str, runtime: str | None) -> None:
+    """A workload with a writable cgroupfs may make cgroups below its container's and name
+    them after another pod's container (or a sibling's): the last match won, so it attested
+    as that container. The container is the pod cgroup's direct child."""
+    assert parse_cgroup(text) == ContainerInfo(container_id=CID, pod_uid=UID, runtime=runtime)
