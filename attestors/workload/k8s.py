@@ -59,8 +59,11 @@ def find_container(
     """The (pod, container status) the cgroup info points at, or None if not listed (yet).
 
     Raises AttestationError if the container is listed under a different pod than the
-    cgroup says: the kubelet and the kernel disagree, so nothing is trusted.
+    cgroup says: the kubelet and the kernel disagree, so nothing is trusted. The whole
+    list is read: returning at the first match let a second pod listed later with the same
+    container ID go unseen, so the answer depended on the order of the list.
     """
+    found: tuple[dict[str, Any], dict[str, Any]] | None = None
     for pod in get_list(pod_list, "items"):
         if not isinstance(pod, dict):
             continue
@@ -69,8 +72,9 @@ def find_container(
                 if isinstance(status, dict) and _container_id(status) == info.container_id:
                     if get_str(pod, "metadata", "uid") != info.pod_uid:
                         raise AttestationError("container is listed under a different pod than its cgroup")
-                    return pod, status
-    return None
+                    if found is None:
+                        found = pod, status
+    return found
 
 
 def pod_selectors(pod: Mapping[str, Any], status: Mapping[str, Any]) -> list[Selector]:

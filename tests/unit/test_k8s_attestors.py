@@ -855,6 +855,22 @@ def test_find_container_refuses_pod_mismatch() -> None:
     assert found is not None and found[1]["name"] == "migrate"
 
 
+def test_find_container_refuses_a_container_id_claimed_by_two_pods() -> None:
+    """Two pods listing one container ID: refused whatever the order (before, the cgroup's
+    pod listed first won and the other went unseen; listed second, it was refused)."""
+    from attestors.workload.cgroups import ContainerInfo
+
+    pods = load("kubelet-pods.json")
+    web = next(p for p in pods["items"] if p["metadata"]["uid"] == WEB_POD_UID)
+    other = copy.deepcopy(web)
+    other["metadata"]["uid"] = "c4d5e6f7-0811-4223-9445-566778899aab"
+    other["metadata"]["name"] = "impostor"
+    info = ContainerInfo(container_id=WEB_CID, pod_uid=WEB_POD_UID)
+    for items in ([web, other], [other, web]):
+        with pytest.raises(AttestationError, match="different pod"):
+            find_container({"items": items}, info)
+
+
 def test_pod_selectors_skip_unusable_labels() -> None:
     pods = load("kubelet-pods.json")
     pod = pods["items"][0]
