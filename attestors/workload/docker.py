@@ -37,7 +37,9 @@ def container_selectors(container: Mapping[str, Any], env_allow_list: frozenset[
     """Selectors for one inspected container (pure)."""
     values: list[str] = []
     for key, value in get_dict(container, "Config", "Labels").items():
-        if isinstance(value, str):
+        # A ':' in the key makes `label:a:b:c` ambiguous (a=b:c or a:b=c): an image's own
+        # label `role:web`=`x` matched an entry meant for the operator's `role`=`web:x`.
+        if isinstance(value, str) and ":" not in key:
             values.append(f"label:{key}:{value}")
     for image in (get_str(container, "Config", "Image"), get_str(container, "Image")):
         if image:

@@ -90,11 +90,15 @@ def pod_selectors(pod: Mapping[str, Any], status: Mapping[str, Any]) -> list[Sel
     add("pod-uid", get_str(pod, "metadata", "uid"))
     add("pod-name", get_str(pod, "metadata", "name"))
     add("node-name", get_str(pod, "spec", "nodeName"))
+    # Keys and kinds with a ':' would make `pod-label:a:b:c` ambiguous (a=b:c or a:b=c); the
+    # API server refuses them, the kubelet's answer is checked all the same.
     for key, value in get_dict(pod, "metadata", "labels").items():
-        if isinstance(value, str):
+        if isinstance(value, str) and ":" not in key:
             values.append(f"pod-label:{key}:{value}")
     for owner in get_list(pod, "metadata", "ownerReferences"):
         kind, name, uid = get_str(owner, "kind"), get_str(owner, "name"), get_str(owner, "uid")
+        if kind and ":" in kind:
+            continue
         if kind and name:
             values.append(f"pod-owner:{kind}:{name}")
         if kind and uid:

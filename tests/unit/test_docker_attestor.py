@@ -174,6 +174,16 @@ def test_container_selectors_pure() -> None:
     assert container_selectors({}, frozenset()) == []
 
 
+def test_container_label_keys_with_a_colon_are_left_out() -> None:
+    """`label:<key>:<value>` with a ':' in the key reads two ways: an image carrying label
+    `role:web`=`x` produced the same selector as the operator's `role`=`web:x`."""
+    container = inspect_fixture()
+    container["Config"]["Labels"] = {"role:web": "x", "tier": "web:x"}
+    values = {str(s) for s in container_selectors(container, frozenset())}
+    assert "docker:label:tier:web:x" in values
+    assert not any(v.startswith("docker:label:role") for v in values)
+
+
 @pytest.mark.parametrize(
     ("config", "match"),
     [

@@ -881,6 +881,17 @@ def test_pod_selectors_skip_unusable_labels() -> None:
     assert not any(v.startswith(("pod-label:huge", "pod-label:ctl")) for v in values)
 
 
+def test_pod_selectors_leave_out_keys_and_kinds_with_a_colon() -> None:
+    """`pod-label:a:b:c` reads as a=b:c or a:b=c; the API server refuses such keys, and a
+    kubelet answer carrying one no longer yields a selector that reads like another."""
+    pods = load("kubelet-pods.json")
+    pod = pods["items"][0]
+    pod["metadata"]["labels"] = {"app:web": "x"}
+    pod["metadata"]["ownerReferences"] = [{"kind": "ReplicaSet:web", "name": "x", "uid": "u"}]
+    values = {s.value for s in pod_selectors(pod, pod["status"]["containerStatuses"][0])}
+    assert not any(v.startswith(("pod-label:", "pod-owner")) for v in values)
+
+
 def test_k8s_config(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {"MY_NODE_IP": "10.0.0.11"}
     attestor = K8sWorkloadAttestor.from_config(
