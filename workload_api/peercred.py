@@ -17,31 +17,12 @@ import socket
 import struct
 
 from attestors.workload.base import Caller
-from attestors.workload.procfs import read_proc_text
+from attestors.workload.procfs import parse_stat_start_time, read_proc_text
 from meshid.errors import AttestationError
 
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 # Python 3.11 lacks the constant; 77 is its value in the Linux UAPI on every architecture.
 SO_PEERPIDFD: int = getattr(socket, "SO_PEERPIDFD", 77)
-# /proc/<pid>/stat fields after "pid (comm)" start at field 3 (state).
-_STARTTIME_FIELD = 22
-_FIRST_FIELD_AFTER_COMM = 3
-
-
-def parse_stat_start_time(stat: str) -> int:
-    """Field 22 (starttime, clock ticks since boot) of a /proc/<pid>/stat line.
-
-    comm (field 2) is attacker-chosen and may contain spaces and ')' (e.g. "a) 1 2 (b"),
-    so split at the LAST ')' rather than on whitespace.
-    """
-    close = stat.rfind(")")
-    if close < 0:
-        raise ValueError("malformed /proc/<pid>/stat: no ')' after comm")
-    fields = stat[close + 1 :].split()
-    index = _STARTTIME_FIELD - _FIRST_FIELD_AFTER_COMM
-    if len(fields) <= index:
-        raise ValueError("malformed /proc/<pid>/stat: too few fields")
-    return int(fields[index])
 
 
 def process_start_time(pid: int, *, proc_root: str = "/proc") -> int | None:

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from attestors.workload.procfs import parse_stat_start_time
 from meshid.errors import AttestationError
 
 # Container IDs of every runtime we know are 64 lowercase hex characters. The optional
@@ -125,11 +126,9 @@ def _read_proc_file(path: Path) -> str:
 def process_start_time(pid: int, proc_root: str | Path = "/proc") -> int:
     """Field 22 of /proc/<pid>/stat (clock ticks since boot), used to detect PID reuse."""
     text = _read_proc_file(Path(proc_root) / str(pid) / "stat")
-    # The command name (field 2) may contain spaces and ')'; fields resume after the last ')'.
-    rest = text[text.rfind(")") + 2 :].split()
     try:
-        return int(rest[22 - 3])
-    except (IndexError, ValueError) as exc:
+        return parse_stat_start_time(text)
+    except ValueError as exc:
         raise AttestationError(f"cannot parse /proc/{pid}/stat") from exc
 
 

@@ -21,3 +21,24 @@ def read_proc_text(path: str) -> str:
     finally:
         os.close(fd)
     return b"".join(chunks).decode("utf-8", "surrogateescape")
+
+
+# /proc/<pid>/stat fields after "pid (comm)" start at field 3 (state).
+_STARTTIME_FIELD = 22
+_FIRST_FIELD_AFTER_COMM = 3
+
+
+def parse_stat_start_time(stat: str) -> int:
+    """Field 22 (starttime, clock ticks since boot) of a /proc/<pid>/stat line.
+
+    comm (field 2) is attacker-chosen and may contain spaces and ')' (e.g. "a) 1 2 (b"),
+    so split at the LAST ')' rather than on whitespace.
+    """
+    close = stat.rfind(")")
+    if close < 0:
+        raise ValueError("malformed /proc/<pid>/stat: no ')' after comm")
+    fields = stat[close + 1 :].split()
+    index = _STARTTIME_FIELD - _FIRST_FIELD_AFTER_COMM
+    if len(fields) <= index:
+        raise ValueError("malformed /proc/<pid>/stat: too few fields")
+    return int(fields[index])

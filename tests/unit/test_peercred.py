@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from attestors.workload.base import Caller
+from attestors.workload.procfs import parse_stat_start_time
 from meshid.errors import AttestationError
 from workload_api import peercred
 from workload_api.peercred import (
-    parse_stat_start_time,
     peer_credentials,
     process_start_time,
     still_same_process,
