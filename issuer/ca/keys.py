@@ -171,7 +171,12 @@ class DiskKeyManager:
         return self._seal(key_id, key)
 
     async def load(self, key_id: str, sealed: bytes) -> PrivateKey:
-        der = self._sealer.unseal(sealed, key_id.encode())
+        try:
+            der = self._sealer.unseal(sealed, key_id.encode())
+        except SealError as exc:
+            # Name the key, as every other load error does: one datastore holds several
+            # replicas' keys, and "master secret does not match" alone does not say which.
+            raise SealError(f"CA key {key_id}: {exc}") from None
         return _load_pkcs8(der, key_id)
 
     async def delete(self, key_id: str) -> None:

@@ -1011,6 +1011,10 @@ class X509Minter:
             return cached[3]
         if now_ts >= self._ca_not_after:
             raise SigningError(f"CA certificate expired at {_utc(self._ca_not_after).isoformat()}")
+        if now_ts < self._ca_not_before:
+            # The clock stepped back past the CA's start: the leaf would begin in the future
+            # (after its own notAfter, for a short TTL).
+            raise SigningError(f"CA certificate is not valid until {_utc(self._ca_not_before).isoformat()}")
         not_before = max(now_ts - BACKDATE_SECONDS, self._ca_not_before)
         not_after = min(now_ts + ttl_seconds, self._ca_not_after)
         validity = template.der_validity(not_before, not_after)

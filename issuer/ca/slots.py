@@ -43,6 +43,7 @@ log = logging.getLogger("meshid.ca")
 X509 = "x509"
 JWT = "jwt"
 PREPARED, ACTIVE, OLD = "prepared", "active", "old"
+ROTATION_WARN_EVERY = 60.0  # seconds between repeats of one rotation failure in the log
 
 
 class CaOperationError(MeshidError):
@@ -96,6 +97,7 @@ class CaManager:
         self._max_signed: dict[str, int] = {}
         self._known_authorities: frozenset[str] = frozenset()
         self._foreign: dict[str, CaKeyRecord] = {}  # other replicas' X509 CA keys (records only)
+        self._last_rotation_warning: dict[str, tuple[str, float]] = {}  # kind -> (message, monotonic)
 
     # ------------------------------------------------------------------ loading
     @contextlib.asynccontextmanager
@@ -116,12 +118,20 @@ class CaManager:
         the others load it."""
         async with self._exclusive():
             await self._sync()
+            now = self.clock()
             for kind in (X509, JWT):
-                if self.active(kind) is None:
-                    prepared = self._in_state(kind, PREPARED)
-                    if not prepared:
-                        await self._prepare(kind)
-                    await self._activate(kind)
+                # The schedule, not just "is there an active key": after an outage longer
+                # than the CA TTL the active key is expired, and the server's own SVID is
+                # minted from it right after this.
+                try:
+                    await self._schedule(kind, now)
+                except Exception as exc:
+                    active = self.active(kind)
+                    if active is None or not self._usable(active, now):
+                        raise
+                    # Only the routine prepare failed (upstream expired, say): the active key
+                    # still signs, so start; tick() retries and warns.
+                    self._warn_rotation_failed(kind, exc)
             await self._rebuild_bundle(bump=self._bundle is None)
 
     async def _load_record(self, rec: CaKeyRecord) -> LoadedKey:
@@ -221,7 +231,8 @@ class CaManager:
             await self._rebuild_bundle()
         return lk
 
-    async def _prepare(self, kind: str) -> LoadedKey:
+    async def _prepare(self, kind: str, routine: bool = False) -> LoadedKey:
+        """Make the prepared key; `routine`: the schedule's, while the active key still signs."""
         for existing in self._in_state(kind, PREPARED):
             return existing  # one prepared key at a time
         now = self.clock()
@@ -245,6 +256,18 @@ class CaManager:
                 cert, chain, roots = await self._mint_ca_cert(priv, now)
                 not_before = int(cert.not_valid_before_utc.timestamp())
                 not_after = int(cert.not_valid_after_utc.timestamp())
+                active = self.active(kind)
+                clamped = not_after < int(now) + int(self.ca_ttl)  # as _mint_ca_cert asks
+                if routine and clamped and active is not None and not_after <= active.record.not_after:
+                    # The upstream clamps the new CA to its own notAfter, no later than the
+                    # active CA's: a scheduled rotation to it gains nothing and, repeated, makes
+                    # a cascade of ever shorter CAs (and SVIDs). Only renewing the upstream
+                    # helps. (`meshid ca prepare` after a compromise still gets its key.)
+                    raise CaOperationError(
+                        f"the upstream signed a CA valid only until {_iso(not_after)}, no later than "
+                        f"the active CA {active.key_id} (until {_iso(active.record.not_after)}); "
+                        "renew the upstream certificate"
+                    )
                 chain_der = tuple(c.public_bytes(serialization.Encoding.DER) for c in [cert, *chain, *roots])
                 extra["roots"] = str(len(roots))
                 lk.cert, lk.chain, lk.roots = cert, chain, roots or [cert]
@@ -288,6 +311,44 @@ class CaManager:
         csr = minting.build_ca_csr(priv, self.td)
         result = await self.upstream.mint_x509_ca(csr, int(self.ca_ttl), when)
         return result.ca_cert, list(result.upstream_chain), list(result.roots)
+
+    def _usable(self, lk: LoadedKey, now: float) -> bool:
+        """Can `lk` sign now? Not once expired; an X509 CA not before its notBefore either
+        (the clock stepped back past it), or its SVIDs would start in the future."""
+        if now >= lk.record.not_after:
+            return False
+        return lk.record.kind != X509 or now >= lk.record.not_before
+
+    async def _schedule(self, kind: str, now: float) -> bool:
+        """Apply the rotation schedule to one kind; True when it changed a slot."""
+        changed = False
+        for lk in self._in_state(kind, PREPARED):
+            if not self._usable(lk, now):
+                # The server was down past its activation (or the clock stepped): never
+                # activate it. As an old key that signed nothing it stays in the bundle
+                # until it expires, then retires like any other.
+                rec = replace(lk.record, state=OLD)
+                await self.ds.put_ca_key(rec)
+                lk.record = rec
+                log.warning("prepared %s key %s is not valid now; not activating it", kind, lk.key_id)
+                changed = True
+        active = self.active(kind)
+        if active is None or not self._usable(active, now):
+            # No key (deleted elsewhere), or one that cannot sign (expired during an outage,
+            # clock stepped): a usable key now, not at the next tick.
+            if not self._in_state(kind, PREPARED):
+                await self._prepare(kind)
+            await self._activate(kind)
+            return True
+        lifetime = active.record.not_after - active.record.not_before
+        left = active.record.not_after - now
+        if left <= lifetime / 2 and not self._in_state(kind, PREPARED):
+            await self._prepare(kind, routine=True)
+            changed = True
+        if left <= lifetime / 6 and self._in_state(kind, PREPARED):
+            await self._activate(kind)
+            changed = True
+        return changed
 
     async def _activate(self, kind: str) -> LoadedKey:
         prepared = self._in_state(kind, PREPARED)
@@ -376,22 +437,13 @@ class CaManager:
             records = await self._sync()
             now = self.clock()
             for kind in (X509, JWT):
-                active = self.active(kind)
-                if active is None:
-                    # Its keys vanished from the datastore (deleted elsewhere): start over.
-                    if not self._in_state(kind, PREPARED):
-                        await self._prepare(kind)
-                    await self._activate(kind)
-                    changed = True
-                    continue
-                lifetime = active.record.not_after - active.record.not_before
-                left = active.record.not_after - now
-                if left <= lifetime / 2 and not self._in_state(kind, PREPARED):
-                    await self._prepare(kind)
-                    changed = True
-                if left <= lifetime / 6 and self._in_state(kind, PREPARED):
-                    await self._activate(kind)
-                    changed = True
+                try:
+                    changed = await self._schedule(kind, now) or changed
+                except Exception as exc:
+                    # An upstream that is down or expired: the rest of the tick (the other
+                    # kind, retiring old keys, the bundle, the server's own SVID) still runs,
+                    # and an error of ours is one line, not a traceback.
+                    self._warn_rotation_failed(kind, exc)
             for lk in list(self._keys.values()):
                 if lk.record.state != OLD:
                     continue
@@ -418,6 +470,20 @@ class CaManager:
                 # our TLS roots and the agents' bundle) follows the datastore.
                 await self._rebuild_bundle(bump=False, records=records, quiet_if_same=True)
         return changed
+
+    def _warn_rotation_failed(self, kind: str, exc: Exception) -> None:
+        """Log a failed rotation step; the same failure again within ROTATION_WARN_EVERY
+        seconds goes to debug, so a tick every few seconds does not flood the log."""
+        text = str(exc) or type(exc).__name__
+        last = self._last_rotation_warning.get(kind)
+        mono = time.monotonic()  # not self.clock: a clock step must not silence it for hours
+        if last is not None and last[0] == text and mono - last[1] < ROTATION_WARN_EVERY:
+            log.debug("CA rotation of the %s key failed (again): %s", kind, text)
+            return
+        self._last_rotation_warning[kind] = (text, mono)
+        log.warning(
+            "CA rotation of the %s key failed: %s", kind, text, exc_info=not isinstance(exc, MeshidError)
+        )
 
     async def _destroy(self, retired: Sequence[tuple[str, str]], check_datastore: bool = True) -> None:
         """Have the key manager destroy retired keys, given as (key id, kind). Never raises:
@@ -487,7 +553,12 @@ class CaManager:
             lk = self._keys.get(key_id)
             if lk is None or not_after <= lk.record.max_signed_not_after:
                 continue
-            await self.ds.raise_max_signed(key_id, not_after)
+            try:
+                await self.ds.raise_max_signed(key_id, not_after)
+            except NotFoundError:
+                # Retired meanwhile by another replica (our expired CA key, a shared JWT key):
+                # nothing left to account for, and the tick (our rotation) must go on.
+                continue
             lk.record = replace(lk.record, max_signed_not_after=not_after)
 
     async def flush(self) -> None:
