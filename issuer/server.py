@@ -35,7 +35,7 @@ from issuer.node_attestation import AgentService
 from issuer.signing import SigningService
 from meshid import telemetry
 from meshid.configload import make_state_dir
-from meshid.errors import ConfigError
+from meshid.errors import ConfigError, MeshidError
 from meshid.fdlimit import raise_fd_limit
 from meshid.listeners import Listener, health_app, plain_listener, tls_listener, unix_listener
 from meshid.tasks import TaskOwner, every
@@ -44,6 +44,7 @@ from meshid.tls import SwappableServerContext, server_context
 log = logging.getLogger("meshid.server")
 
 TICK_SECONDS = 5.0
+IDENTITY_RETRY_SECONDS = 60.0  # between attempts to renew the server SVID when no CA can sign
 SERVER_ID_FILE = "server_id"
 
 
@@ -304,8 +305,16 @@ class Server:
 
         await self.ca.tick()
         if self.clock() >= self.identity.renew_at:
-            await self._renew_identity()
-            self._refresh_contexts()
+            try:
+                await self._renew_identity()
+            except MeshidError as exc:
+                # No CA that can sign (its upstream expired unrenewed, say): one line a
+                # minute, not a traceback per tick; a new CA re-issues it at once anyway
+                # (_bundle_changed), and the rest of the tick still runs.
+                log.warning("cannot renew the server's own SVID: %s", exc)
+                self.identity.renew_at = self.clock() + IDENTITY_RETRY_SECONDS
+            else:
+                self._refresh_contexts()
         # Counts held back by the rate bound go out once their window has passed, even if
         # the agent that reported them never reports again.
         await workload_failures.flush(self)
@@ -330,7 +339,11 @@ class Server:
     async def _bundle_changed(self) -> None:
         if self.identity.chain:
             # The active CA may have changed: re-issue our SVID from it, then swap contexts.
-            await self._renew_identity()
+            try:
+                await self._renew_identity()
+            except MeshidError as exc:
+                # The JWT key rotated while no X509 CA can sign: the bundle still changed.
+                log.warning("cannot renew the server's own SVID: %s", exc)
         self._refresh_contexts()
 
     async def _report(self, agent: Any, failures: list[Any]) -> None:

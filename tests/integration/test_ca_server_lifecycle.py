@@ -1,0 +1,134 @@
+"""The server over CA lifecycle edges, on an injected clock: a restart after an outage
+longer than the CA TTL, and ticks once the upstream intermediate and the CA built on it
+have expired unrenewed (warnings, not a traceback per tick)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from issuer.config import ServerConfig, server_config_from_dict
+from issuer.server import Server
+
+pytestmark = pytest.mark.integration
+TD = "example.org"
+DAY = 86400.0
+
+
+class OffsetClock:
+    """Real time plus an offset the test moves: an outage, or a clock step."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def config(tmp: Path, **extra: Any) -> ServerConfig:
+    return server_config_from_dict({
+        "trust_domain": TD,
+        "data_dir": str(tmp / "srv"),
+        "server": {
+            "bind_address": "127.0.0.1", "agent_api_port": 0, "grpc_port": 0, "health_enabled": False,
+            "admin_socket_path": str(tmp / "admin.sock"),
+        },
+        **extra,
+    }, env={})  # fmt: skip
+
+
+@asynccontextmanager
+async def running(cfg: ServerConfig, clock: OffsetClock) -> AsyncIterator[Server]:
+    srv = Server(cfg, clock=clock)
+    await asyncio.wait_for(srv.start(), 30)
+    try:
+        yield srv
+    finally:
+        await asyncio.wait_for(srv.stop(), 30)
+
+
+def assert_identity_valid(srv: Server) -> None:
+    leaf = srv.identity.chain[0]
+    now = srv.clock()
+    assert leaf.not_valid_before_utc.timestamp() <= now < leaf.not_valid_after_utc.timestamp()
+
+
+async def test_server_starts_after_an_outage_longer_than_the_ca_ttl(
+    short_tmp: Path, master_secret: str
+) -> None:
+    cfg = config(short_tmp)
+    clock = OffsetClock()
+    async with running(cfg, clock) as srv:
+        first = srv.ca.x509_active.key_id
+    clock.offset = 3 * DAY  # down for three CA lifetimes (24 h by default)
+    async with running(cfg, clock) as srv:  # minted its own SVID from an expired CA before
+        assert srv.ca.x509_active.key_id != first
+        assert_identity_valid(srv)
+
+
+def _ca_cert(
+    name: str, key: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKey,
+    issuer: x509.Certificate | None, not_before: float, not_after: float,
+) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(issuer.subject if issuer else subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(dt.datetime.fromtimestamp(not_before, dt.UTC))
+        .not_valid_after(dt.datetime.fromtimestamp(not_after, dt.UTC))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None if issuer is None else 1),
+                       critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                       critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(signer, hashes.SHA256())
+    )  # fmt: skip
+
+
+def write_upstream(d: Path, int_not_after: float) -> dict[str, str]:
+    now = time.time()
+    root_key, int_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    root = _ca_cert("root", root_key, root_key, None, now - DAY, now + 30 * DAY)
+    intermediate = _ca_cert("upstream", int_key, root_key, root, now - 3600, int_not_after)
+    files = {"cert_file": d / "int.pem", "key_file": d / "int.key", "bundle_file": d / "root.pem"}
+    files["cert_file"].write_bytes(intermediate.public_bytes(serialization.Encoding.PEM))
+    files["bundle_file"].write_bytes(root.public_bytes(serialization.Encoding.PEM))
+    files["key_file"].write_bytes(
+        int_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    files["key_file"].chmod(0o600)
+    return {k: str(v) for k, v in files.items()}
+
+
+async def test_ticks_once_the_upstream_and_its_ca_expired_warn_without_tracebacks(
+    short_tmp: Path, master_secret: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    disk = write_upstream(short_tmp, time.time() + 4 * 3600)
+    cfg = config(short_tmp, upstream={"disk": disk})
+    clock = OffsetClock()
+    async with running(cfg, clock) as srv:
+        clock.offset = 5 * 3600  # the upstream, and the CA clamped to it, have expired
+        with caplog.at_level(logging.WARNING):
+            for _ in range(4):
+                await srv.tick()  # before: ConfigError out of every tick, logged with a traceback
+        warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert warned and not any(r.exc_info for r in warned)
+        text = "\n".join(r.getMessage() for r in warned)
+        assert "int.pem" in text and "expired" in text and "server's own SVID" in text
+        assert len(warned) <= 4  # once each, not once per tick
+        assert srv.ca.jwt_active.record.not_after > clock()  # the JWT key still rotated
