@@ -7,7 +7,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from meshid.certs import authority_key_id, subject_key_id
+from meshid.certs import authority_key_id, spki_der, subject_key_id
+from meshid.errors import MeshidError
+from meshid.spiffe_id import SpiffeId
+from meshid.tls import spiffe_id_of_cert
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
@@ -30,3 +33,18 @@ def chain_der(chain: list[x509.Certificate] | tuple[x509.Certificate, ...]) -> b
 
 
 __all__ = ["authority_key_id", "chain_der", "csr_for", "new_key", "pkcs8_der", "subject_key_id"]
+
+
+def issued_svid_problem(
+    leaf: x509.Certificate, key: PrivateKeyTypes, now: float
+) -> tuple[str, SpiffeId | None]:
+    """Why the server's `leaf` cannot be an SVID over our `key` at `now`, or "" and the
+    SPIFFE ID it names (the caller checks that ID is the one asked for)."""
+    if spki_der(leaf.public_key()) != spki_der(key.public_key()):
+        return "for a different key", None
+    if leaf.not_valid_after_utc.timestamp() <= now:
+        return "that has already expired", None
+    try:
+        return "", spiffe_id_of_cert(leaf)
+    except MeshidError as exc:
+        return f"without a usable SPIFFE ID ({exc})", None

@@ -37,7 +37,6 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from meshid.backoff import Backoff, jittered
 from meshid.bundle import Bundle
-from meshid.certs import spki_der
 from meshid.entry import Entry
 from meshid.errors import (
     ConfigError,
@@ -48,9 +47,8 @@ from meshid.errors import (
     UnauthenticatedError,
 )
 from meshid.spiffe_id import SpiffeId
-from meshid.tls import spiffe_id_of_cert
 from workload_api.cache import SvidCache, X509Svid
-from workload_api.keys import authority_key_id, chain_der, csr_for, new_key, pkcs8_der
+from workload_api.keys import authority_key_id, chain_der, csr_for, issued_svid_problem, new_key, pkcs8_der
 from workload_api.node_identity import BUNDLE_FILE, NodeIdentity, write_private
 from workload_api.rotation import RenewalSchedule, RotationPolicy, effective_issued_at
 from workload_api.server_client import (
@@ -508,15 +506,8 @@ def _jwt_key(entry: Entry, audience: list[str]) -> tuple[str, tuple[str, ...]]:
 def _not_for(leaf: x509.Certificate, key: PrivateKeyTypes, spiffe_id: SpiffeId, now: float) -> str:
     """Why `leaf` is not an SVID for `spiffe_id` over `key`'s public key, valid at `now`
     ("" if it is)."""
-    if spki_der(leaf.public_key()) != spki_der(key.public_key()):
-        return "for a different key"
-    if leaf.not_valid_after_utc.timestamp() <= now:
-        # Was cached and pushed to the workload's stream before drop_expired() removed it.
-        return "that has already expired"
-    try:
-        issued = spiffe_id_of_cert(leaf)
-    except MeshidError as exc:
-        return f"without a usable SPIFFE ID ({exc})"
-    if issued != spiffe_id:
-        return f"for {issued}, not the entry's {spiffe_id}"
-    return ""
+    # An expired one was cached and pushed to the workload's stream before drop_expired().
+    why, issued = issued_svid_problem(leaf, key, now)
+    if not why and issued != spiffe_id:
+        why = f"for {issued}, not the entry's {spiffe_id}"
+    return why

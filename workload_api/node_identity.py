@@ -23,11 +23,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from meshid.certs import spki_der
-from meshid.errors import AttestationError, ConfigError, MeshidError
+from meshid.errors import AttestationError, ConfigError
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from meshid.tls import pem_chain, pem_key, spiffe_id_of_cert
 from workload_api.config import AgentConfig
-from workload_api.keys import authority_key_id, csr_for, new_key
+from workload_api.keys import authority_key_id, csr_for, issued_svid_problem, new_key
 from workload_api.rotation import RenewalSchedule, RotationPolicy, effective_issued_at
 from workload_api.server_client import ServerClient, bad_response, certs_from_json
 
@@ -200,14 +200,7 @@ class NodeIdentity:
 
 def _unusable(leaf: x509.Certificate, key: PrivateKeyTypes, td: TrustDomain, now: float) -> str:
     """Why `leaf` cannot be the agent's SVID over `key` in `td` at `now` ("" if it can)."""
-    if spki_der(leaf.public_key()) != spki_der(key.public_key()):
-        return "for a different key"
-    if leaf.not_valid_after_utc.timestamp() <= now:
-        return "that has already expired"
-    try:
-        agent_id = spiffe_id_of_cert(leaf)
-    except MeshidError as exc:
-        return f"without a usable SPIFFE ID ({exc})"
-    if not agent_id.member_of(td):
-        return f"for {agent_id}, outside trust domain {td}"
-    return ""
+    why, agent_id = issued_svid_problem(leaf, key, now)
+    if not why and agent_id is not None and not agent_id.member_of(td):
+        why = f"for {agent_id}, outside trust domain {td}"
+    return why
