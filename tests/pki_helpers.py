@@ -69,3 +69,25 @@ def write_pem(path: Path, *items: x509.Certificate | ec.EllipticCurvePrivateKey)
                                       serialization.NoEncryption())
     path.write_bytes(out)
     return path
+
+
+def ca_cert(
+    name: str, key: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKey,
+    issuer: x509.Certificate | None, not_before: float, not_after: float,
+) -> x509.Certificate:
+    """A CA certificate named `name` for `key`, signed by `signer` under `issuer` (self-signed
+    when None), valid over the given Unix times."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(issuer.subject if issuer else subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(dt.datetime.fromtimestamp(not_before, dt.UTC))
+        .not_valid_after(dt.datetime.fromtimestamp(not_after, dt.UTC))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None if issuer is None else 1),
+                       critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                       critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(signer, hashes.SHA256())
+    )  # fmt: skip

@@ -5,7 +5,6 @@ have expired unrenewed (warnings, not a traceback per tick)."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from pki_helpers import ca_cert
 
 from issuer.config import ServerConfig, server_config_from_dict
 from issuer.server import Server
@@ -78,31 +76,11 @@ async def test_server_starts_after_an_outage_longer_than_the_ca_ttl(
         assert_identity_valid(srv)
 
 
-def _ca_cert(
-    name: str, key: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKey,
-    issuer: x509.Certificate | None, not_before: float, not_after: float,
-) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(issuer.subject if issuer else subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(dt.datetime.fromtimestamp(not_before, dt.UTC))
-        .not_valid_after(dt.datetime.fromtimestamp(not_after, dt.UTC))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None if issuer is None else 1),
-                       critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-                       critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(signer, hashes.SHA256())
-    )  # fmt: skip
-
-
 def write_upstream(d: Path, int_not_after: float) -> dict[str, str]:
     now = time.time()
     root_key, int_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    root = _ca_cert("root", root_key, root_key, None, now - DAY, now + 30 * DAY)
-    intermediate = _ca_cert("upstream", int_key, root_key, root, now - 3600, int_not_after)
+    root = ca_cert("root", root_key, root_key, None, now - DAY, now + 30 * DAY)
+    intermediate = ca_cert("upstream", int_key, root_key, root, now - 3600, int_not_after)
     files = {"cert_file": d / "int.pem", "key_file": d / "int.key", "bundle_file": d / "root.pem"}
     files["cert_file"].write_bytes(intermediate.public_bytes(serialization.Encoding.PEM))
     files["bundle_file"].write_bytes(root.public_bytes(serialization.Encoding.PEM))

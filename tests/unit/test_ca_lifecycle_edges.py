@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from pki_helpers import ca_cert
+from test_ca_slots import FakeClock
 
 from issuer.ca.keys import DiskKeyManager
 from issuer.ca.minting import SigningError
@@ -32,14 +33,6 @@ SECRET = b"ca-lifecycle-edges-master-secret"
 CA_TTL = 6000  # prepare at 3000 s left, activate at 1000 s left
 SVID_TTL = 600
 T0 = 1_800_000_000.0
-
-
-class FakeClock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 async def make_ca(
@@ -231,24 +224,6 @@ async def test_a_key_sealed_under_another_secret_is_named_in_the_error(ds: Sqlit
 
 
 # --------------------------------------------------------------------------- upstream authority
-def _ca_cert(
-    name: str, key: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKey,
-    issuer: x509.Certificate | None, not_before: float, not_after: float,
-) -> x509.Certificate:
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(issuer.subject if issuer else subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(dt.datetime.fromtimestamp(not_before, dt.UTC))
-        .not_valid_after(dt.datetime.fromtimestamp(not_after, dt.UTC))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None if issuer is None else 1),
-                       critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-                       critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(signer, hashes.SHA256())
-    )  # fmt: skip
 
 
 class Pki:
@@ -257,13 +232,13 @@ class Pki:
     def __init__(self, d: Path) -> None:
         self.d = d
         self.root_key = ec.generate_private_key(ec.SECP256R1())
-        self.root = _ca_cert("root", self.root_key, self.root_key, None, T0 - 86400, T0 + 100 * 86400)
+        self.root = ca_cert("root", self.root_key, self.root_key, None, T0 - 86400, T0 + 100 * 86400)
         (d / "root.pem").write_bytes(self.root.public_bytes(serialization.Encoding.PEM))
 
     def intermediate(self, not_before: float, not_after: float) -> x509.Certificate:
         """Write (or replace, as a renewal does) the intermediate and its key."""
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = _ca_cert("upstream", key, self.root_key, self.root, not_before, not_after)
+        cert = ca_cert("upstream", key, self.root_key, self.root, not_before, not_after)
         (self.d / "int.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         key_file = self.d / "int.key"
         key_file.write_bytes(
