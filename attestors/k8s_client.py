@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from meshid.errors import AttestationError, ConfigError
+from meshid.http_body import read_bounded
 
 IN_CLUSTER_TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 IN_CLUSTER_CA_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
@@ -191,17 +192,10 @@ class ApiClient:
         return _decode_object(raw, what)
 
     async def _read_limited(self, resp: aiohttp.ClientResponse, what: str) -> bytes:
-        length = resp.content_length
-        if length is not None and length > self._max_body:
+        body = await read_bounded(resp, self._max_body)
+        if body is None:
             raise K8sApiError(f"{what}: response larger than {self._max_body} bytes")
-        chunks: list[bytes] = []
-        total = 0
-        async for chunk in resp.content.iter_chunked(64 * 1024):
-            total += len(chunk)
-            if total > self._max_body:
-                raise K8sApiError(f"{what}: response larger than {self._max_body} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return body
 
 
 def _decode_object(raw: bytes, what: str) -> dict[str, Any]:

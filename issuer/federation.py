@@ -30,6 +30,7 @@ from meshid.backoff import Backoff
 from meshid.bundle import MAX_BUNDLE_DOCUMENT, Bundle, load_pem_certs
 from meshid.entry import Entry
 from meshid.errors import InvalidBundleError, MeshidError
+from meshid.http_body import read_bounded
 from meshid.spiffe_connector import SpiffeConnector
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from meshid.tls import client_context
@@ -166,20 +167,16 @@ async def fetch_bundle(rel: Relationship, current: Bundle | None, time_limit: fl
         ) as resp:
             if resp.status != 200:
                 raise FederationFetchError(f"endpoint answered HTTP {resp.status}")
-            if (resp.content_length or 0) > MAX_BUNDLE_DOCUMENT:
+            body = await read_bounded(resp, MAX_BUNDLE_DOCUMENT)
+            if body is None:
                 raise FederationFetchError("bundle document is too large")
-            body = bytearray()
-            async for chunk in resp.content.iter_chunked(64 * 1024):
-                body.extend(chunk)
-                if len(body) > MAX_BUNDLE_DOCUMENT:
-                    raise FederationFetchError("bundle document is too large")
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise FederationFetchError(f"{type(exc).__name__}: {exc or 'timed out'}") from None
     except MeshidError as exc:
         if isinstance(exc, FederationFetchError):
             raise
         raise FederationFetchError(str(exc)) from None
-    return Bundle.from_spiffe_json(rel.trust_domain, bytes(body))
+    return Bundle.from_spiffe_json(rel.trust_domain, body)
 
 
 # ---------------------------------------------------------------------------- the poller

@@ -6,7 +6,6 @@ signatures, expired tokens, a wrong audience and a `sub` that is not a SPIFFE ID
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,6 +14,7 @@ import jwt
 
 from meshid.bundle import Bundle
 from meshid.errors import MeshidError
+from meshid.json_number import finite_number
 from meshid.spiffe_id import SpiffeId, TrustDomain
 
 ALLOWED_ALGS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512")
@@ -109,13 +109,9 @@ def _numeric(claims: dict[str, Any], name: str) -> float:
     value = claims[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise jwt.InvalidTokenError(f"{name} claim must be a number")
-    try:
-        number = float(value)
-    except OverflowError:  # an integer past any date: was an uncaught error, not a refusal
-        raise jwt.InvalidTokenError(f"{name} claim is out of range") from None
-    # NaN compares false with everything (a NaN exp never expired); NaN and Infinity are
-    # not JSON numbers, so such a token is malformed.
-    if not math.isfinite(number):
-        raise jwt.InvalidTokenError(f"{name} claim must be a finite number")
+    # 10**400 was an uncaught OverflowError, not a refusal; a NaN exp never expired.
+    number = finite_number(value)
+    if number is None:
+        raise jwt.InvalidTokenError(f"{name} claim must be a finite number within range")
     return number
 

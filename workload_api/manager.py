@@ -46,6 +46,7 @@ from meshid.errors import (
     PermissionDeniedError,
     UnauthenticatedError,
 )
+from meshid.json_number import finite_number
 from meshid.spiffe_id import SpiffeId
 from workload_api.cache import SvidCache, X509Svid
 from workload_api.keys import authority_key_id, chain_der, csr_for, issued_svid_problem, new_key, pkcs8_der
@@ -59,7 +60,6 @@ from workload_api.server_client import (
     bad_response,
     bounded_retry_after,
     certs_from_json,
-    finite_number,
 )
 
 log = logging.getLogger("meshid.agent.manager")

@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from meshid.bundle import Bundle
 from meshid.errors import MeshidError, OverloadedError, PermissionDeniedError, UnauthenticatedError
+from meshid.http_body import read_bounded
+from meshid.json_number import finite_number
 from meshid.spiffe_connector import SpiffeConnector
 from meshid.spiffe_id import SpiffeId
 from meshid.tls import client_context
@@ -99,18 +101,11 @@ def _no_constant(name: str) -> Any:
 
 async def _read_json(resp: aiohttp.ClientResponse) -> Any:
     """The response body as JSON, read up to MAX_RESPONSE_BYTES; a clear error otherwise."""
-    too_big = bad_response(f"response body is larger than {MAX_RESPONSE_BYTES} bytes", resp.status)
-    if resp.content_length is not None and resp.content_length > MAX_RESPONSE_BYTES:
-        raise too_big
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_any():
-        size += len(chunk)
-        if size > MAX_RESPONSE_BYTES:
-            raise too_big
-        chunks.append(chunk)
+    body = await read_bounded(resp, MAX_RESPONSE_BYTES)
+    if body is None:
+        raise bad_response(f"response body is larger than {MAX_RESPONSE_BYTES} bytes", resp.status)
     try:
-        return json.loads(b"".join(chunks), parse_constant=_no_constant)
+        return json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:  # HTML from a proxy, NaN, 10**5000, [[[[...
         if resp.status == 429:  # a proxy's own page: its Retry-After header still counts
             return None
@@ -122,17 +117,6 @@ async def _read_json(resp: aiohttp.ClientResponse) -> Any:
 def _text(value: Any, limit: int) -> str:
     # Not str()-ed whatever it is: a list nested 900 deep made str() raise RecursionError.
     return str(value)[:limit] if isinstance(value, (str, int, float)) else f"(a JSON {type(value).__name__})"
-
-
-def finite_number(value: Any) -> float | None:
-    """A JSON number as a finite float; None for anything else (bools, NaN, 1e999, 10**400)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
 
 
 def bounded_retry_after(value: Any) -> float:
