@@ -22,8 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from meshid.certs import spki_der
-from meshid.errors import AttestationError, ConfigError
+from meshid.errors import ConfigError
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from meshid.tls import pem_chain, pem_key, spiffe_id_of_cert
 from workload_api.config import AgentConfig
@@ -157,9 +156,7 @@ class NodeIdentity:
         else:  # pragma: no cover - config validation prevents this
             raise ConfigError(f"unknown node attestor {kind}")
         chain = certs_from_json(resp.get("svid"))
-        if spki_der(chain[0].public_key()) != spki_der(key.public_key()):
-            raise AttestationError("server returned an SVID for a different key")
-        self._adopt(chain, key, stationary=False)
+        self._adopt(chain, key, stationary=False)  # checks the SVID is for `key` first
         log.info("node attested as %s", self.agent_id)
         bundle = resp.get("bundle", {})
         return bundle if isinstance(bundle, dict) else {}
