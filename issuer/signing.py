@@ -109,12 +109,13 @@ class SigningService:
             self._overload_reported[key] = (last, held + cost)
             return
         self._overload_reported[key] = (now, 0)
-        await self._write_overload_event(key, held + cost, now, str(exc))
+        await self._write_overload_events([_overload_event(key, held + cost, now, str(exc))])
 
     async def flush_overload_refusals(self) -> None:
         """Report refusals held back by the rate bound once their interval has passed, even
         if the overload has ended and no refusal follows; forget quiet agents."""
         now = self.clock()
+        events: list[Event] = []
         for key, (last, held) in list(self._overload_reported.items()):
             if now - last < OVERLOAD_EVENT_INTERVAL:
                 continue
@@ -122,15 +123,16 @@ class SigningService:
                 del self._overload_reported[key]
                 continue
             self._overload_reported[key] = (now, 0)
-            await self._write_overload_event(key, held, now, "refused while the server was overloaded")
+            events.append(_overload_event(key, held, now, "refused while the server was overloaded"))
+        await self._write_overload_events(events)
 
-    async def _write_overload_event(self, key: tuple[str, str], count: int, now: float, detail: str) -> None:
-        agent_id, kind = key
-        event = ocsf.svid_refused("overloaded", agent_id, now, kind=kind, detail=detail, count=count)
+    async def _write_overload_events(self, events: list[Event]) -> None:
+        if not events:
+            return
         try:
-            await self.ds.append_events([event])
+            await self.ds.append_events(events)  # one transaction for a whole tick's
         except Exception as err:  # the agent must still get its retry-after answer
-            log.warning("could not record an overload refusal event: %s", err)
+            log.warning("could not record overload refusal events: %s", err)
             return
         self._events_written()
 
@@ -309,3 +311,8 @@ class SigningService:
             self._events_written()
             telemetry.default_telemetry().record_issued("jwt")
             return token, expires
+
+
+def _overload_event(key: tuple[str, str], count: int, now: float, detail: str) -> Event:
+    agent_id, kind = key
+    return ocsf.svid_refused("overloaded", agent_id, now, kind=kind, detail=detail, count=count)
