@@ -129,14 +129,10 @@ async def test_unix_uses_effective_ids(
     assert sel("unix:uid:0") not in got
 
 
-@needs_root
-async def test_unix_path_and_sha256(
-    sleeper_as_nobody: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    pid = sleeper_as_nobody.pid
-    exe = os.readlink(f"/proc/{pid}/exe")
-    digest = _sha256_of(exe)
-    calls = []
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths the unix attestor hashes (not served from its digest cache), in order."""
+    calls: list[str] = []
     real_hash = unix_mod._hash_file
 
     def counting_hash(path: str, limit: int) -> tuple[unix_mod.FileKey, str]:
@@ -144,6 +140,14 @@ async def test_unix_path_and_sha256(
         return real_hash(path, limit)
 
     monkeypatch.setattr(unix_mod, "_hash_file", counting_hash)
+    return calls
+
+
+@needs_root
+async def test_unix_path_and_sha256(sleeper_as_nobody: subprocess.Popen[bytes], hashed: list[str]) -> None:
+    pid = sleeper_as_nobody.pid
+    exe = os.readlink(f"/proc/{pid}/exe")
+    digest = _sha256_of(exe)
     attestor = UnixAttestor(discover_workload_path=True)
     got = set(await attestor.attest(caller(pid)))
     assert sel(f"unix:path:{exe}") in got
@@ -151,7 +155,7 @@ async def test_unix_path_and_sha256(
     # Same binary again (another process even): served from the cache.
     again = set(await attestor.attest(caller(pid)))
     assert sel(f"unix:sha256:{digest}") in again
-    assert len(calls) == 1
+    assert len(hashed) == 1
 
 
 @needs_root
@@ -372,26 +376,16 @@ async def test_unix_sha256_cache_sees_a_same_size_rewrite_with_the_mtime_put_bac
     assert sel(f"unix:sha256:{hashlib.sha256(b'B' * 100).hexdigest()}") in got
 
 
-async def test_unix_sha256_of_a_just_changed_binary_is_not_cached(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_unix_sha256_of_a_just_changed_binary_is_not_cached(tmp_path: Path, hashed: list[str]) -> None:
     """Inode times come from a coarse clock: a rewrite within the same tick as the hash
     keeps even the ctime, so a binary changed a moment ago is hashed again each time."""
-    calls = []
-    real_hash = unix_mod._hash_file
-
-    def counting_hash(path: str, limit: int) -> tuple[unix_mod.FileKey, str]:
-        calls.append(path)
-        return real_hash(path, limit)
-
-    monkeypatch.setattr(unix_mod, "_hash_file", counting_hash)
     binary = tmp_path / "app"
     binary.write_bytes(b"A" * 100)
     proc_root = _fake_proc(tmp_path / "proc", 7, str(binary))
     attestor = UnixAttestor(discover_workload_path=True, proc_root=proc_root)
     await attestor.attest(caller(7))
     await attestor.attest(caller(7))
-    assert len(calls) == 2
+    assert len(hashed) == 2
 
 
 async def test_unix_sha256_refuses_a_fifo_or_device_without_blocking(tmp_path: Path) -> None:
