@@ -254,6 +254,16 @@ class Pki:
         return DiskUpstreamAuthority(str(d / "int.pem"), str(d / "int.key"), str(d / "root.pem"))
 
 
+async def upstream_ca(
+    ds: SqliteDataStore, tmp_path: Path, not_before: float, not_after: float
+) -> tuple[Pki, FakeClock, CaManager]:
+    """A CA with a 24 h TTL under an upstream intermediate valid over the given times, at T0."""
+    pki = Pki(tmp_path)
+    pki.intermediate(not_before, not_after)
+    clock = FakeClock(T0)
+    return pki, clock, await make_ca(ds, clock, upstream=pki.upstream(), ca_ttl=24 * 3600)
+
+
 async def test_upstream_expiring_before_the_ca_ttl_clamps_and_rotates_in_time(
     ds: SqliteDataStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -301,10 +311,7 @@ async def test_upstream_expiring_before_the_ca_ttl_clamps_and_rotates_in_time(
 async def test_a_compromised_ca_is_replaced_even_when_the_upstream_clamps_the_new_one(
     ds: SqliteDataStore, tmp_path: Path
 ) -> None:
-    pki = Pki(tmp_path)
-    pki.intermediate(T0 - 3600, T0 + 4 * 3600)
-    clock = FakeClock(T0)
-    ca = await make_ca(ds, clock, upstream=pki.upstream(), ca_ttl=24 * 3600)
+    pki, clock, ca = await upstream_ca(ds, tmp_path, T0 - 3600, T0 + 4 * 3600)
     compromised = ca.x509_active
     clock.t += 60
     new = await ca.prepare(X509)  # by hand: no later notAfter, but a key the attacker lacks
@@ -317,10 +324,7 @@ async def test_a_compromised_ca_is_replaced_even_when_the_upstream_clamps_the_ne
 async def test_upstream_renewed_on_disk_is_used_by_the_next_rotation(
     ds: SqliteDataStore, tmp_path: Path
 ) -> None:
-    pki = Pki(tmp_path)
-    pki.intermediate(T0 - 3600, T0 + 4 * 3600)
-    clock = FakeClock(T0)
-    ca = await make_ca(ds, clock, upstream=pki.upstream(), ca_ttl=24 * 3600)
+    pki, clock, ca = await upstream_ca(ds, tmp_path, T0 - 3600, T0 + 4 * 3600)
     renewed = pki.intermediate(T0, T0 + 30 * 86400)
     clock.t = T0 + 2 * 3600  # half of the clamped lifetime left: prepare
     await ca.tick()
@@ -345,10 +349,7 @@ async def test_upstream_already_expired_at_first_start_is_a_clear_error(
 async def test_upstream_expired_while_down_does_not_stop_a_restart_with_a_valid_ca(
     ds: SqliteDataStore, tmp_path: Path
 ) -> None:
-    pki = Pki(tmp_path)
-    pki.intermediate(T0 - 3600, T0 + 2 * 3600)
-    clock = FakeClock(T0)
-    ca = await make_ca(ds, clock, upstream=pki.upstream(), ca_ttl=24 * 3600)
+    pki, clock, ca = await upstream_ca(ds, tmp_path, T0 - 3600, T0 + 2 * 3600)
     # Restart past half of the CA's life (a prepare is due) with the upstream expired.
     pki.intermediate(T0 - 7200, T0 + 1.5 * 3600)
     clock.t = T0 + 1.6 * 3600
