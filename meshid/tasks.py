@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
+
+from meshid.errors import MeshidError
 
 log = logging.getLogger("meshid.tasks")
 
 CANCEL_RETRY = 0.5  # seconds between cancellations of a task that has not ended
 STOP_GIVE_UP = 30.0
+REPEAT_QUIET = 60.0  # seconds a periodic job's repeated error stays at debug
 
 
 async def cancel_and_wait(task: asyncio.Task[Any], retry: float = CANCEL_RETRY) -> None:
@@ -71,12 +75,33 @@ class TaskOwner:
 
 
 async def every(interval: float, fn: Callable[[], Awaitable[Any]], what: str) -> None:
-    """Run fn periodically; an error is logged and retried next period, never kills the loop."""
+    """Run fn periodically; an error is logged and retried next period, never kills the loop.
+
+    The same error again within REPEAT_QUIET seconds goes to debug: a datastore that is down
+    or a CA key sealed under another master secret fails every tick, and one line a minute
+    says so as well as a traceback every few seconds. Our own errors (MeshidError) are one
+    line; anything else keeps its traceback. Recovery is logged once."""
+    last: tuple[str, float] | None = None
+    failures = 0
     while True:
         await asyncio.sleep(interval)
         try:
             await fn()
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("periodic %s failed", what)
+        except Exception as exc:
+            failures += 1
+            text = f"{type(exc).__name__}: {exc}"
+            now = time.monotonic()
+            if last is not None and last[0] == text and now - last[1] < REPEAT_QUIET:
+                log.debug("periodic %s failed again: %s", what, text)
+                continue
+            last = (text, now)
+            if isinstance(exc, MeshidError):
+                log.warning("periodic %s failed: %s", what, exc)
+            else:
+                log.exception("periodic %s failed", what)
+        else:
+            if failures:
+                log.warning("periodic %s works again after %d failed run(s)", what, failures)
+            last, failures = None, 0

@@ -114,3 +114,52 @@ async def test_cancel_and_wait_cancels_again_a_task_that_swallowed_it() -> None:
     await asyncio.sleep(0)
     await tasks.cancel_and_wait(task, retry=0.01)
     assert task.cancelled() and stubborn.swallowed == 2
+
+
+async def test_every_logs_a_repeated_error_once_then_its_recovery(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job failing the same way every period (a datastore down) is one line per
+    REPEAT_QUIET, not one per period; recovery is said once. Our own errors come without a
+    traceback, others with one."""
+    from meshid.errors import ConfigError
+
+    sealed = "sealed elsewhere"
+    boom = RuntimeError("boom")
+    outcomes: list[Exception | None] = [ConfigError(sealed), ConfigError(sealed), ConfigError(sealed), None]
+    outcomes += [boom, boom, None]
+    done = asyncio.Event()
+
+    async def job() -> None:
+        if not outcomes:
+            done.set()
+            await asyncio.sleep(3600)
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    caplog.set_level(logging.DEBUG, logger="meshid.tasks")
+    task = asyncio.create_task(tasks.every(0.001, job, "test job"))
+    await asyncio.wait_for(done.wait(), 5)
+    await tasks.cancel_and_wait(task)
+    ours = [r for r in caplog.records if r.name == "meshid.tasks"]
+    lines = [(r.levelno, r.getMessage(), r.exc_info is not None) for r in ours]
+    assert lines == [
+        (logging.WARNING, "periodic test job failed: sealed elsewhere", False),
+        (logging.DEBUG, "periodic test job failed again: ConfigError: sealed elsewhere", False),
+        (logging.DEBUG, "periodic test job failed again: ConfigError: sealed elsewhere", False),
+        (logging.WARNING, "periodic test job works again after 3 failed run(s)", False),
+        (logging.ERROR, "periodic test job failed", True),
+        (logging.DEBUG, "periodic test job failed again: RuntimeError: boom", False),
+        (logging.WARNING, "periodic test job works again after 2 failed run(s)", False),
+    ]
+
+    # Past the quiet window the same error is said again.
+    monkeypatch.setattr(tasks, "REPEAT_QUIET", 0.0)
+    outcomes[:] = [RuntimeError("boom"), RuntimeError("boom")]
+    done.clear()
+    caplog.clear()
+    task = asyncio.create_task(tasks.every(0.001, job, "test job"))
+    await asyncio.wait_for(done.wait(), 5)
+    await tasks.cancel_and_wait(task)
+    assert [r.levelno for r in caplog.records if r.name == "meshid.tasks"] == [logging.ERROR, logging.ERROR]
