@@ -5,6 +5,10 @@ kubelet's secure port (`GET /pods`, a v1 PodList), authenticated with the agent'
 account token and verified against the kubelet CA (or not verified, only when the operator
 sets `skip_kubelet_verification`). A pod that started a moment ago may not be listed yet,
 or list its container without an ID, so the lookup is retried a bounded number of times.
+As SPIRE's attestor does, attestations share the pod list: one fetch serves every caller
+waiting for it, and answers callers for half the retry interval after (a retry always
+waits for a list fetched after it began). A node's list runs to megabytes, and fetching and
+parsing it per caller held the event loop for each workload of a starting node.
 
 Selectors (type `k8s`): ns, sa, pod-uid, pod-name, node-name, pod-label:k:v,
 pod-owner:Kind:name, pod-owner-uid:Kind:uid, container-name, container-image, pod-image,
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -134,6 +139,7 @@ class K8sWorkloadAttestor:
         max_poll_attempts: int = DEFAULT_MAX_POLL_ATTEMPTS,
         poll_retry_interval: float = DEFAULT_POLL_RETRY_INTERVAL,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_poll_attempts < 1:
             raise ConfigError("workload_attestors.k8s.max_poll_attempts: must be >= 1")
@@ -142,6 +148,10 @@ class K8sWorkloadAttestor:
         self._attempts = max_poll_attempts
         self._interval = poll_retry_interval
         self._sleep = sleep
+        self._clock = clock
+        # (when the fetch began, the pod list); the fetch under way, by when it began.
+        self._cached: tuple[float, Mapping[str, Any]] | None = None
+        self._fetching: tuple[float, asyncio.Task[Mapping[str, Any]]] | None = None
 
     @classmethod
     def from_config(
@@ -149,6 +159,7 @@ class K8sWorkloadAttestor:
         config: Mapping[str, Any],
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
         environ: Mapping[str, str] | None = None,
     ) -> K8sWorkloadAttestor:
         """Build from `[workload_attestors.k8s]`.
@@ -199,9 +210,13 @@ class K8sWorkloadAttestor:
             max_poll_attempts=attempts,
             poll_retry_interval=interval,
             sleep=sleep,
+            clock=clock,
         )
 
     async def close(self) -> None:
+        if self._fetching is not None:
+            self._fetching[1].cancel()
+            await asyncio.wait({self._fetching[1]})
         await self._kubelet.close()
 
     async def attest(self, caller: Caller) -> list[Selector]:
@@ -213,15 +228,41 @@ class K8sWorkloadAttestor:
         for attempt in range(self._attempts):
             if attempt:
                 await self._sleep(self._interval)
-            try:
-                pod_list = await self._kubelet.get_json("/pods")
-            except K8sApiError as exc:
-                raise AttestationError(f"kubelet: {exc}") from exc
-            expect_kind(pod_list, "PodList", "v1", "kubelet /pods")
-            found = find_container(pod_list, info)
+                not_before = self._clock()
+            else:
+                not_before = self._clock() - self._interval / 2
+            found = find_container(await self._pod_list(not_before), info)
             if found is not None:
                 return pod_selectors(*found)
         raise AttestationError(
             f"pod {info.pod_uid} container {info.container_id[:12]} not listed by the kubelet "
             f"after {self._attempts} attempts"
         )
+
+    async def _pod_list(self, not_before: float) -> Mapping[str, Any]:
+        """The kubelet's pod list from a fetch begun at or after `not_before`, shared with
+        every caller that can use the same one."""
+        if self._cached is not None and self._cached[0] >= not_before:
+            return self._cached[1]
+        if self._fetching is None or self._fetching[0] < not_before:
+            begun = self._clock()
+            task = asyncio.create_task(self._fetch(begun))
+            # Every waiter may have gone (cancelled): its error is then nobody's to report.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._fetching = (begun, task)
+        try:
+            # Shielded: one caller going away must not cancel the fetch the others wait on.
+            return await asyncio.shield(self._fetching[1])
+        except K8sApiError as exc:
+            raise AttestationError(f"kubelet: {exc}") from exc
+
+    async def _fetch(self, begun: float) -> Mapping[str, Any]:
+        try:
+            pod_list = await self._kubelet.get_json("/pods")
+            expect_kind(pod_list, "PodList", "v1", "kubelet /pods")
+        finally:
+            if self._fetching is not None and self._fetching[1] is asyncio.current_task():
+                self._fetching = None
+        if self._cached is None or self._cached[0] < begun:
+            self._cached = (begun, pod_list)
+        return pod_list

@@ -7,6 +7,7 @@ object they send or receive is validated with kubernetes-validate (strict).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import datetime as dt
@@ -649,6 +650,7 @@ class FakeKubelet:
     hide_for: int = 0
     malformed: bool = False
     calls: int = 0
+    delay: float = 0.0  # seconds each answer takes
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -659,6 +661,7 @@ class FakeKubelet:
         if request.headers.get("Authorization") != f"Bearer {self.bearer}":
             return web.Response(status=401, text="Unauthorized")
         self.calls += 1
+        await asyncio.sleep(self.delay)
         if self.malformed:
             return web.Response(text='{"kind": "PodList", "items": [', content_type="application/json")
         body = copy.deepcopy(self.pod_list)
@@ -691,6 +694,7 @@ class KubeletEnv:
     token_file: Path
     sleeps: list[float]
     make: Callable[..., K8sWorkloadAttestor]
+    clock: list[float]  # the attestors' monotonic clock, moved by hand
 
 
 @pytest.fixture
@@ -707,9 +711,11 @@ async def kubelet_env(tmp_path: Path) -> AsyncIterator[KubeletEnv]:
     write_proc(proc, 300, f"0::/system.slice/docker-{'e' * 64}.scope\n")
     sleeps: list[float] = []
     made: list[K8sWorkloadAttestor] = []
+    clock = [1000.0]
 
     async def fake_sleep(delay: float) -> None:
         sleeps.append(delay)
+        clock[0] += delay
 
     def make(**overrides: Any) -> K8sWorkloadAttestor:
         config: dict[str, Any] = {
@@ -722,11 +728,11 @@ async def kubelet_env(tmp_path: Path) -> AsyncIterator[KubeletEnv]:
             "proc_root": str(proc),
         }
         config.update(overrides)
-        attestor = K8sWorkloadAttestor.from_config(config, sleep=fake_sleep)
+        attestor = K8sWorkloadAttestor.from_config(config, sleep=fake_sleep, clock=lambda: clock[0])
         made.append(attestor)
         return attestor
 
-    yield KubeletEnv(kubelet, port, tls, proc, token_file, sleeps, make)
+    yield KubeletEnv(kubelet, port, tls, proc, token_file, sleeps, make, clock)
     for attestor in made:
         await attestor.close()
     await runner.cleanup()
@@ -776,6 +782,48 @@ async def test_k8s_retries_until_new_pod_is_listed(kubelet_env: KubeletEnv) -> N
     assert {str(s) for s in selectors} == WEB_SELECTORS
     assert kubelet_env.kubelet.calls == 4
     assert kubelet_env.sleeps == [0.25, 0.25, 0.25]
+
+
+async def test_k8s_attestations_share_the_pod_list(kubelet_env: KubeletEnv) -> None:
+    """Callers attested together wait on one fetch; a caller within half the retry interval
+    after it is answered from it; later ones fetch again (SPIRE caches it the same way)."""
+    kubelet_env.kubelet.delay = 0.05
+    attestor = kubelet_env.make()
+    web = Caller(pid=100, uid=1000, gid=1000)
+    results = await asyncio.gather(*(attestor.attest(web) for _ in range(20)))
+    assert all({str(s) for s in r} == WEB_SELECTORS for r in results)
+    assert kubelet_env.kubelet.calls == 1
+    kubelet_env.clock[0] += 0.1  # within 0.25 / 2
+    assert {str(s) for s in await attestor.attest(web)} == WEB_SELECTORS
+    assert kubelet_env.kubelet.calls == 1
+    kubelet_env.clock[0] += 0.1
+    await attestor.attest(web)
+    assert kubelet_env.kubelet.calls == 2
+
+
+async def test_k8s_a_caller_going_away_leaves_the_shared_fetch_to_the_others(kubelet_env: KubeletEnv) -> None:
+    kubelet_env.kubelet.delay = 0.1
+    attestor = kubelet_env.make()
+    web = Caller(pid=100, uid=1000, gid=1000)
+    gone = asyncio.create_task(attestor.attest(web))
+    stays = asyncio.create_task(attestor.attest(web))
+    await asyncio.sleep(0.03)
+    gone.cancel()
+    assert {str(s) for s in await stays} == WEB_SELECTORS
+    assert gone.cancelled() and kubelet_env.kubelet.calls == 1
+
+
+async def test_k8s_a_failed_fetch_fails_its_waiters_and_is_not_kept(kubelet_env: KubeletEnv) -> None:
+    kubelet_env.kubelet.malformed = True
+    kubelet_env.kubelet.delay = 0.05
+    attestor = kubelet_env.make()
+    web = Caller(pid=100, uid=1000, gid=1000)
+    results = await asyncio.gather(*(attestor.attest(web) for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(r, AttestationError) and "not valid JSON" in str(r) for r in results)
+    assert kubelet_env.kubelet.calls == 1
+    kubelet_env.kubelet.malformed = False
+    assert {str(s) for s in await attestor.attest(web)} == WEB_SELECTORS
+    assert kubelet_env.kubelet.calls == 2
 
 
 async def test_k8s_refuses_when_pod_never_listed(kubelet_env: KubeletEnv) -> None:
