@@ -36,6 +36,9 @@ _CHUNK = 1024 * 1024
 # Hashing runs on threads of its own, so hashes a user forces (touching its binary makes every
 # request a cache miss) cannot take the default executor's threads from NSS lookups.
 _HASH_THREADS = 2
+# A binary on a hung network filesystem would block its hashing thread for good: its caller
+# (and every later request of its uid, queued behind it) is refused after this instead.
+HASH_TIMEOUT_SECONDS = 30.0
 # A digest is not cached while the file's ctime is this recent: inode times come from a
 # coarse clock (a few ms; a second on some filesystems), so a rewrite within the same tick
 # would keep the key the digest was cached under.
@@ -316,7 +319,13 @@ class UnixAttestor:
         try:
             if self._hash_pool is None:
                 self._hash_pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="meshid-sha256")
-            key, digest = await loop.run_in_executor(self._hash_pool, _hash_file, exe, limit)
+            key, digest = await asyncio.wait_for(
+                loop.run_in_executor(self._hash_pool, _hash_file, exe, limit), HASH_TIMEOUT_SECONDS
+            )
+        except TimeoutError:
+            raise AttestationError(
+                f"hashing the binary of workload process {pid} took over {HASH_TIMEOUT_SECONDS:g} s"
+            ) from None
         except _TooLarge as exc:
             log.warning(
                 "workload %d binary is %d bytes, over the %d-byte limit: no sha256 selector",

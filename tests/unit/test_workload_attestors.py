@@ -343,6 +343,34 @@ async def test_unix_sha256_is_hashed_once_per_uid_at_a_time(
     assert most == 1, f"{most} hashes ran at once for one uid"
 
 
+async def test_unix_sha256_that_hangs_is_refused_after_the_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A binary whose read never returns (a hung NFS mount) held its caller, and every later
+    request of its uid queued behind it, for good; now each is refused after the timeout."""
+    import threading
+
+    release = threading.Event()
+
+    def hung_hash(path: str, limit: int) -> tuple[unix_mod.FileKey, str]:
+        release.wait(10)
+        raise OSError("released")
+
+    monkeypatch.setattr(unix_mod, "_hash_file", hung_hash)
+    monkeypatch.setattr(unix_mod, "HASH_TIMEOUT_SECONDS", 0.1)
+    binary = tmp_path / "app"
+    binary.write_bytes(b"A" * 100)
+    proc_root = _fake_proc(tmp_path / "proc", 7, str(binary))
+    attestor = UnixAttestor(discover_workload_path=True, proc_root=proc_root)
+    try:
+        calls = (attestor.attest(caller(7)) for _ in range(2))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, AttestationError) and "took over 0.1 s" in str(r) for r in results)
+    finally:
+        release.set()
+        await attestor.close()
+
+
 ROOT_STATUS = "Name:\tw\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n"
 
 
