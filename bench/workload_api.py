@@ -31,6 +31,10 @@ the kernel (the agent's part is printed separately). Pinning the clients to one 
 agent and server to the other brought the agent's part under 1 ms at p99, but made the
 end-to-end push worse (p50 2-4 ms), so the bench does not pin.
 
+New streams are opened back to back, each as soon as the one before has its first message.
+Spacing them 10 ms apart was tried: p50 rose from ~2.3 to ~3.2 ms and p99 by 1-3 ms, as
+each new stream then starts on idle CPUs and every hand-off above waits for one to wake.
+
 Sample sizes: 500 new streams and 30 rotations (300 pushes). A rotation's pushes are one
 workload process's 10 streams and share its hiccups, so with 10 rotations the "p99" of 100
 pushes was in effect the worst rotation's last push, a maximum rather than a percentile.
