@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from meshid.backoff import Backoff, jittered
 from meshid.bundle import Bundle
+from meshid.certs import ChainWalker
 from meshid.entry import Entry
 from meshid.errors import (
     ConfigError,
@@ -113,6 +114,7 @@ class SvidManager:
         self.failures: dict[tuple[str, int], int] = {}
         self.last_sync_ok = 0.0
         self.consecutive_failures = 0
+        self._walker: ChainWalker | None = None  # for the held bundle's roots
 
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:
@@ -382,7 +384,7 @@ class SvidManager:
             key = keys[eid]
             try:  # one garbled chain lost the whole batch (and retried it each loop)
                 chain = tuple(certs_from_json(res["svid"]))
-                wrong = _not_for(chain[0], key, entry.spiffe_id, now)
+                wrong = _not_for(chain[0], key, entry.spiffe_id, now) or self._unchained(chain)
             except ServerRejectedError as exc:
                 wrong = f"that does not parse ({exc})"
             if wrong:
@@ -407,6 +409,17 @@ class SvidManager:
             self._back_off(eid)
             log.warning("server did not answer the SVID request of entry %s", eid)
         self.cache.put_svids(fresh)
+
+    def _unchained(self, chain: tuple[x509.Certificate, ...]) -> str:
+        """Why `chain` does not lead to the trust bundle the workload gets with it ("" if it
+        does). An SVID its peers cannot verify would break every connection it is used on,
+        while the one held (if any) still works."""
+        bundle = self.cache.bundle
+        if bundle is None:
+            return "with no trust bundle held to check it against"
+        if self._walker is None or self._walker.roots != bundle.x509_authorities:
+            self._walker = ChainWalker(bundle.x509_authorities)
+        return "" if self._walker.reaches_root(chain) else "that does not chain to the trust bundle"
 
     def _back_off(self, entry_id: str) -> None:
         backoff = self._entry_backoff.setdefault(entry_id, Backoff(base=1.0, cap=300.0, rng=self.rng))

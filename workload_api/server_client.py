@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import itertools
 import json
 import logging
 import math
@@ -25,11 +24,10 @@ from typing import Any
 
 import aiohttp
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from meshid.bundle import Bundle
+from meshid.certs import ChainWalker
 from meshid.errors import MeshidError, OverloadedError, PermissionDeniedError, UnauthenticatedError
 from meshid.http_body import read_bounded
 from meshid.json_number import finite_number
@@ -48,7 +46,6 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # sync loop for good, and NaN or Infinity made the loop's jitter raise and end it.
 MAX_RETRY_AFTER = 300.0
 GATEWAY_FAILURES = frozenset({502, 503, 504})
-_SHA256 = hashes.SHA256()
 
 
 class ServerUnavailableError(MeshidError):
@@ -131,30 +128,16 @@ def bounded_retry_after(value: Any) -> float:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
-def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    try:
-        child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
-
-
 def chain_verifies(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate], now: float) -> bool:
     """Whether `chain` (leaf first) is time-valid and signed link by link up to one of `roots`.
 
     Only used to decide whether our own SVID is the reason the server refuses us, so a
     plain signature walk is enough; the server does the real path validation.
     """
-    if not chain or not roots:
-        return False
     at = dt.datetime.fromtimestamp(now, dt.UTC)
     if any(not (c.not_valid_before_utc <= at < c.not_valid_after_utc) for c in chain):
         return False
-    if not all(_issued_by(child, parent) for child, parent in itertools.pairwise(chain)):
-        return False
-    root_der = {r.fingerprint(_SHA256) for r in roots}
-    top = chain[-1]
-    return top.fingerprint(_SHA256) in root_der or any(_issued_by(top, r) for r in roots)
+    return ChainWalker(roots).reaches_root(chain)
 
 
 class ServerClient:

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from issuer.ca import minting
 from issuer.ca.keys import PrivateKey
 from issuer.ca.sealing import warn_if_others_can_read
+from meshid.certs import issued_by
 from meshid.errors import ConfigError, InvalidSpiffeIdError
 from meshid.spiffe_id import SpiffeId, TrustDomain
 
@@ -225,7 +226,7 @@ def _check_chain(
 ) -> None:
     """Each cert in cert_file must be issued by the next; the last must be (or be issued by) a root."""
     for child, parent in itertools.pairwise(certs):
-        if not _issued_by(child, parent):
+        if not issued_by(child, parent):
             raise ConfigError(
                 f"upstream cert_file {cert_path}: {child.subject.rfc4514_string()!r} is not issued by the "
                 f"next one, {parent.subject.rfc4514_string()!r} (order: signer first, then up the chain)"
@@ -234,19 +235,11 @@ def _check_chain(
     root_spkis = {_spki(r.public_key()) for r in roots}
     if _spki(last.public_key()) in root_spkis:
         return
-    if not any(_issued_by(last, r) for r in roots):
+    if not any(issued_by(last, r) for r in roots):
         raise ConfigError(
             f"upstream bundle_file {bundle_path}: no root issued {last.subject.rfc4514_string()!r} "
             f"(the end of {cert_path})"
         )
-
-
-def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    try:
-        child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
 
 
 def _csr_trust_domain(csr: x509.CertificateSigningRequest) -> TrustDomain:

@@ -46,12 +46,12 @@ def bundle_doc(*roots: Ca, sequence: int) -> dict[str, Any]:
 ])
 async def test_a_malformed_sync_answer_is_refused_whole(tmp_path: Path, bad: dict[str, Any]) -> None:
     mgr, _, ca, client, _ = make(tmp_path, 2)
-    before = dict(mgr.cache.entries)
+    before, held = dict(mgr.cache.entries), mgr.cache.bundle
     client.sync_data = {**GOOD, "entries": [entry(9).to_json()], "removed": ["e0"],
                         "tainted_authorities": [ca.ski], "bundle": bundle_doc(ca, sequence=3), **bad}
     with pytest.raises(ServerRejectedError, match="bad_response"):
         await mgr.sync()
-    assert mgr.cache.entries == before and mgr.cache.bundle is None and mgr.tainted_akis == set()
+    assert mgr.cache.entries == before and mgr.cache.bundle is held and mgr.tainted_akis == set()
 
 
 async def test_bad_entries_are_skipped_and_the_held_version_kept(

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from issuer.ca import minting
+from meshid.bundle import Bundle
 from meshid.entry import Entry
 from meshid.errors import OverloadedError
 from meshid.selector import Selector
@@ -144,6 +145,7 @@ def make(tmp_path: Path, n: int, seed: int = 1) -> tuple[SvidManager, Clock, Ca,
     node = FakeNode(tmp_path)
     cache = SvidCache(TD)
     cache.set_entries(entries.values(), [AGENT])
+    cache.set_bundle(Bundle(TD, (ca.cert,)))
     mgr = SvidManager(cache, client, node, RotationPolicy(0.5, 0.8), random.Random(seed),  # type: ignore[arg-type]
                       sync_interval=5.0, clock=clock)
     return mgr, clock, ca, client, node
@@ -264,6 +266,7 @@ async def test_taint_reissue_is_stationary_and_from_the_new_key(tmp_path: Path) 
     await mgr.rotate()
     new_ca = Ca(clock)
     client.ca = new_ca
+    mgr.cache.set_bundle(Bundle(TD, (old_ca.cert, new_ca.cert), sequence=2))  # published before use
     mgr.tainted_akis = {old_ca.ski}
     mgr.taint_window = 60.0
     mgr.due(clock())
@@ -383,6 +386,44 @@ async def test_an_svid_not_for_the_entry_is_never_cached(
     await mgr.rotate()
     assert set(mgr.cache.svids) == {"e0", "e1", "e2"}
     assert mgr.cache.svids["e1"].spiffe_id == SpiffeId(TD, "/w/1")
+
+
+async def test_an_svid_outside_the_trust_bundle_is_never_cached(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An SVID from a CA the bundle does not hold (a server signing with a key it has not
+    published yet, say) is one its peers cannot verify: discarded, the held SVID kept and
+    the entry retried with backoff; once the bundle holds the CA it is taken."""
+    mgr, clock, ca, client, _ = make(tmp_path, 2)
+    await mgr.rotate()
+    held = dict(mgr.cache.svids)
+    unpublished = Ca(clock)
+    client.ca = unpublished
+    mgr.cache.set_entries([entry(0, revision=2), entry(1, revision=2)], [AGENT])
+    await mgr.rotate()
+    assert mgr.cache.svids == held
+    assert "that does not chain to the trust bundle (entry e0); discarded" in caplog.text
+    assert {"e0", "e1"} <= set(mgr._hold)
+    mgr.cache.set_bundle(Bundle(TD, (ca.cert, unpublished.cert), sequence=1))
+    clock.t = max(mgr._hold.values())
+    await mgr.rotate()
+    assert {authority_key_id(s.leaf) for s in mgr.cache.svids.values()} == {unpublished.ski}
+
+
+async def test_an_svid_whose_chain_is_broken_is_never_cached(tmp_path: Path) -> None:
+    """The chain's own links are checked too: a leaf sent with an intermediate that did not
+    sign it does not reach the root through that intermediate."""
+    mgr, clock, ca, client, _ = make(tmp_path, 1)
+    other = Ca(clock)
+    signed_by_other = other.sign
+
+    def sign(csr: bytes, spiffe_id: SpiffeId, ttl: int = TTL) -> list[x509.Certificate]:
+        return [signed_by_other(csr, spiffe_id, ttl)[0], ca.cert]  # leaf from `other`, claimed under `ca`
+
+    client.ca = ca
+    ca.sign = sign  # type: ignore[method-assign]
+    await mgr.rotate()
+    assert mgr.cache.svids == {} and "e0" in mgr._hold
 
 
 async def test_an_unbounded_retry_after_does_not_end_the_sync_loop(tmp_path: Path) -> None:
