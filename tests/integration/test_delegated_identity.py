@@ -19,7 +19,7 @@ import os
 import pwd
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from h2.exceptions import StreamClosedError
+from stream_reader import StreamReader
 from waiting import wait_for
 
 from meshid._gen.spire.api.types import selector_pb2
@@ -114,40 +115,6 @@ async def add(stack: DevStack, path: str, selectors: tuple[Selector, ...] = (CIL
     return entry
 
 
-class Messages:
-    """Reads a server stream in the background; `until` skips to the first message that fits."""
-
-    def __init__(self, stream: Any) -> None:
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.task = asyncio.create_task(self._read(stream))
-
-    async def _read(self, stream: Any) -> None:
-        try:
-            while (msg := await stream.recv_message()) is not None:
-                await self.queue.put(msg)
-            await stream.recv_trailing_metadata()  # raises GRPCError for a non-OK status
-            await self.queue.put(EOFError("stream ended"))
-        except Exception as exc:
-            await self.queue.put(exc)
-
-    async def next(self) -> Any:
-        item = await asyncio.wait_for(self.queue.get(), TIMEOUT)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    async def until(self, check: Callable[[Any], bool], within: float = TIMEOUT) -> Any:
-        async with asyncio.timeout(within):
-            while True:
-                msg = await self.next()
-                if check(msg):
-                    return msg
-
-    async def close(self) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-
-
 @contextlib.asynccontextmanager
 async def delegated(stack: DevStack) -> AsyncIterator[delegatedidentity_grpc.DelegatedIdentityStub]:
     ch = Channel(path=admin_socket(stack))
@@ -158,12 +125,12 @@ async def delegated(stack: DevStack) -> AsyncIterator[delegatedidentity_grpc.Del
 
 
 @contextlib.asynccontextmanager
-async def subscribe(method: Any, req: Any) -> AsyncIterator[Messages]:
+async def subscribe(method: Any, req: Any) -> AsyncIterator[StreamReader]:
     finished = False
     try:
         async with method.open(timeout=120) as st:
             await st.send_message(req, end=True)
-            messages = Messages(st)
+            messages = StreamReader(st)
             try:
                 yield messages
                 finished = True

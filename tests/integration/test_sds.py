@@ -25,6 +25,7 @@ from google.rpc import status_pb2
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+from stream_reader import StreamReader
 
 from issuer.ca import minting
 from meshid.cli.dev import DevStack, start_dev
@@ -81,40 +82,6 @@ def spiffe_validator(s: secret_pb2.Secret) -> tls_spiffe_validator_config_pb2.SP
     return cfg
 
 
-class Responses:
-    """Reads a stream in the background so a test can also assert that nothing arrives."""
-
-    def __init__(self, stream: Any) -> None:
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.task = asyncio.create_task(self._read(stream))
-
-    async def _read(self, stream: Any) -> None:
-        try:
-            while (msg := await stream.recv_message()) is not None:
-                await self.queue.put(msg)
-            await stream.recv_trailing_metadata()  # raises GRPCError for a non-OK status
-            await self.queue.put(EOFError("stream ended"))
-        except Exception as exc:
-            await self.queue.put(exc)
-
-    async def next(self) -> Any:
-        item = await asyncio.wait_for(self.queue.get(), TIMEOUT)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    async def quiet(self, seconds: float = QUIET) -> None:
-        try:
-            item = await asyncio.wait_for(self.queue.get(), seconds)
-        except TimeoutError:
-            return
-        raise AssertionError(f"expected no response, got {item!r}")
-
-    async def close(self) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-
-
 @asynccontextmanager
 async def sds(stack: DevStack) -> AsyncIterator[SecretDiscoveryServiceStub]:
     ch = Channel(path=stack.socket_path)
@@ -125,13 +92,13 @@ async def sds(stack: DevStack) -> AsyncIterator[SecretDiscoveryServiceStub]:
 
 
 @asynccontextmanager
-async def secret_stream(stack: DevStack) -> AsyncIterator[tuple[Any, Responses]]:
+async def secret_stream(stack: DevStack) -> AsyncIterator[tuple[Any, StreamReader]]:
     async with sds(stack) as stub:
         finished = False
         try:
             async with stub.StreamSecrets.open(timeout=120) as st:
                 await st.send_request()  # headers first: the background reader needs an open stream
-                responses = Responses(st)
+                responses = StreamReader(st)
                 try:
                     yield st, responses
                     finished = True
@@ -206,13 +173,13 @@ async def test_stream_default_and_rootca_verify_ack_nack_stale_and_rotation(
 
         # ACK: same names, the version and nonce just received → nothing is resent.
         await st.send_message(request(["default", "ROOTCA"], version=first.version_info, nonce=first.nonce))
-        await responses.quiet()
+        await responses.quiet(QUIET)
         # NACK: error_detail set, version rolled back → logged, not resent.
         await st.send_message(request(["default", "ROOTCA"], nonce=first.nonce, error="bad secret"))
-        await responses.quiet()
+        await responses.quiet(QUIET)
         # Stale nonce: ignored entirely, even though it asks for different names.
         await st.send_message(request(["ROOTCA"], version=first.version_info, nonce="not-our-nonce"))
-        await responses.quiet()
+        await responses.quiet(QUIET)
 
         # Rotation: the new SVID is pushed with a new version and nonce.
         await force_reissue(dev_stack, me)
@@ -228,7 +195,7 @@ async def test_stream_default_and_rootca_verify_ack_nack_stale_and_rotation(
         # An ACK of the previous response is stale now, the ACK of the new one is quiet.
         await st.send_message(request(["default"], version=first.version_info, nonce=first.nonce))
         await st.send_message(request(["default", "ROOTCA"], version=second.version_info, nonce=second.nonce))
-        await responses.quiet()
+        await responses.quiet(QUIET)
 
         # Changing the subscription (with the current nonce) is answered at once.
         td_id = f"spiffe://{TD}"
@@ -248,7 +215,7 @@ async def test_bundle_change_is_pushed(dev_stack: DevStack) -> None:
         await st.send_message(request(["ROOTCA"]))
         first = await responses.next()
         await st.send_message(request(["ROOTCA"], version=first.version_info, nonce=first.nonce))
-        await responses.quiet()
+        await responses.quiet(QUIET)
         # What a sync bringing a new root does (a CA key prepared on the server).
         assert cache.bundle is not None
         extra = minting.self_signed_ca(ec.generate_private_key(ec.SECP256R1()), cache.td, 3600,
@@ -317,7 +284,7 @@ async def test_old_envoy_keeps_trusted_ca_when_later_requests_omit_the_node(dev_
         assert secrets_of(first)["ROOTCA"].validation_context.HasField("trusted_ca")
         await st.send_message(request(["ROOTCA", "default"], version=first.version_info, nonce=first.nonce,
                                       with_node=False))
-        await responses.quiet()
+        await responses.quiet(QUIET)
         await force_reissue(dev_stack, me)
         pushed = secrets_of(await responses.next())
         vc = pushed["ROOTCA"].validation_context
@@ -369,7 +336,7 @@ async def test_repeated_nacks_are_logged_once_and_short(
         first = await responses.next()
         for _ in range(20):
             await st.send_message(request(["default"], nonce=first.nonce, error="x" * 100_000))
-        await responses.quiet()
+        await responses.quiet(QUIET)
     warnings = [r.getMessage() for r in caplog.records
                 if r.name == "meshid.agent.sds" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1, len(warnings)
