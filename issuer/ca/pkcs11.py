@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import pkcs11
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -226,7 +226,29 @@ def _digest(data: Any, algorithm: Prehashed | hashes.HashAlgorithm) -> bytes:
     return h.finalize()
 
 
-class Pkcs11EcPrivateKey(ec.EllipticCurvePrivateKey):
+class _TokenHandle:
+    """What both key kinds share: a handle to a token object, never its material."""
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        raise TypeError(_NO_EXPORT)
+
+    # A handle, not material: copies refer to the same token object.
+    def __copy__(self) -> Self:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        return self
+
+    def __reduce__(self) -> Any:
+        raise TypeError("PKCS#11 key handles cannot be pickled")
+
+
+class Pkcs11EcPrivateKey(_TokenHandle, ec.EllipticCurvePrivateKey):
     """An EC private key held by a token; signs with CKM_ECDSA, cannot be exported."""
 
     def __init__(
@@ -268,26 +290,9 @@ class Pkcs11EcPrivateKey(ec.EllipticCurvePrivateKey):
     def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
         raise TypeError(_NO_EXPORT)
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        raise TypeError(_NO_EXPORT)
-
-    # A handle, not material: copies refer to the same token object.
-    def __copy__(self) -> Pkcs11EcPrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Pkcs11EcPrivateKey:
-        return self
-
-    def __reduce__(self) -> Any:
-        raise TypeError("PKCS#11 key handles cannot be pickled")
 
 
-class Pkcs11RsaPrivateKey(rsa.RSAPrivateKey):
+class Pkcs11RsaPrivateKey(_TokenHandle, rsa.RSAPrivateKey):
     """An RSA private key held by a token; signs PKCS#1 v1.5 or PSS, cannot be exported."""
 
     def __init__(self, token: TokenSession, ckid: bytes, label: str, public: rsa.RSAPublicKey) -> None:
@@ -346,22 +351,6 @@ class Pkcs11RsaPrivateKey(rsa.RSAPrivateKey):
     def private_numbers(self) -> rsa.RSAPrivateNumbers:
         raise TypeError(_NO_EXPORT)
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        raise TypeError(_NO_EXPORT)
-
-    def __copy__(self) -> Pkcs11RsaPrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Pkcs11RsaPrivateKey:
-        return self
-
-    def __reduce__(self) -> Any:
-        raise TypeError("PKCS#11 key handles cannot be pickled")
 
 
 Pkcs11PrivateKey = Pkcs11EcPrivateKey | Pkcs11RsaPrivateKey

@@ -7,10 +7,12 @@ destroyed in the token, and only those."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
 import json
 import logging
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -149,6 +151,10 @@ async def test_ca_key_stays_in_the_token_and_signs(softhsm: SoftHsm, key_type: K
             key.private_bytes(
                 serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
+        # A handle: copies are the same handle, and it never leaves the process.
+        assert copy.copy(key) is key and copy.deepcopy(key) is key
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            pickle.dumps(key)
 
         # Loaded back from the reference, it signs a CA certificate (cryptography's builder),
         # leaves (the minter's template path) and JWTs (PyJWT).
