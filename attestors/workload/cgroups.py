@@ -9,6 +9,10 @@ in the pod UID, or cgroupfs directories with `-`). Examples:
     12:pids:/kubepods/besteffort/pod<uid>/<id>
     0::/system.slice/docker-<id>.scope
     1:name=systemd:/docker/<id>
+    0::/kubepods-besteffort-pod<uid_>.slice:cri-containerd:<id>
+
+The last is runc's systemd form `slice:prefix:name` left unexpanded (containerd without
+`SystemdCgroup = true` under a systemd-driver kubelet); SPIRE reads it too.
 
 Parsing is a pure function; reading the file is a thin wrapper around it.
 """
@@ -42,6 +46,8 @@ _RUNTIMES = {
     "crio": "cri-o",
     "libpod": "podman",
 }
+# `<pod slice>:<runtime prefix>:<id>`, read as the pod segment and its container's.
+_COLON_SEGMENT = re.compile(r"^(?P<slice>[^:]+\.slice):(?P<prefix>[a-z-]+):(?P<id>[0-9a-f]{64})$")
 # /proc/<pid>/cgroup is a few hundred bytes; anything far larger is not what we expect.
 MAX_CGROUP_FILE_BYTES = 64 * 1024
 
@@ -62,7 +68,13 @@ class ContainerInfo:
 
 def _parse_path(path: str) -> tuple[str | None, str | None, str | None]:
     container_id = pod_uid = runtime = None
-    segments = path.split("/")
+    segments = []
+    for segment in path.split("/"):
+        m = _COLON_SEGMENT.match(segment)
+        if m is not None and m.group("prefix") in _RUNTIMES:
+            segments += [m.group("slice"), f"{m.group('prefix')}-{m.group('id')}"]
+        else:
+            segments.append(segment)
     for i, segment in enumerate(segments):
         if m := _POD_SEGMENT.match(segment):
             # The first pod cgroup and its direct child (the container's) are made by the

@@ -47,6 +47,20 @@ def v1(path: str, *, with_unified: bool = True) -> str:
 # (case name, file content, expected container ID, expected pod UID, runtime hint)
 REAL_WORLD: list[tuple[str, str, str | None, str | None, str | None]] = [
     (
+        "v2 runc systemd form unexpanded (containerd without SystemdCgroup)",
+        f"0::/kubepods-besteffort-pod{UID_}.slice:cri-containerd:{CID}\n",
+        CID,
+        UID,
+        "containerd",
+    ),
+    (
+        "v1 runc systemd form under containerd.service",
+        v1(f"/system.slice/containerd.service/kubepods-pod{UID_}.slice:cri-containerd:{CID}"),
+        CID,
+        UID,
+        "containerd",
+    ),
+    (
         "v2 systemd containerd burstable",
         f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/"
         f"cri-containerd-{CID}.scope\n",
@@ -330,6 +344,11 @@ OTHER_UID = "11111111-2222-4333-8444-555555555555"
             "containerd",
         ),
         (v1(f"/kubepods/pod{UID}/{CID}/pod{OTHER_UID}/{CID2}"), None),
+        (
+            f"0::/kubepods-pod{UID_}.slice:cri-containerd:{CID}/"
+            f"kubepods-pod{OTHER_UID.replace('-', '_')}.slice:cri-containerd:{CID2}\n",
+            "containerd",
+        ),
     ],
 )
 def test_cgroups_below_the_container_do_not_count(text: str, runtime: str | None) -> None:
