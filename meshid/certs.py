@@ -12,10 +12,10 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 
 _SHA256 = hashes.SHA256()
-# CA certificates a ChainWalker remembers as leading to its roots: a handful in practice
-# (our CAs and their upstream intermediates); the bound only keeps a stream of odd chains
-# from growing it.
-_MAX_KNOWN_CAS = 256
+# Chain tails (a CA and those above it) a ChainWalker remembers as leading to its roots: a
+# handful in practice (our CAs and their upstream intermediates); the bound only keeps a
+# stream of odd chains from growing it.
+_MAX_KNOWN_TAILS = 256
 
 
 def authority_key_id(cert: x509.Certificate) -> str:
@@ -53,26 +53,29 @@ class ChainWalker:
     may end at a root or just below one). A signature walk, not full path validation: for
     checking what our own server hands us, not for authenticating a peer.
 
-    The CA certificates of a chain that reached a root are remembered, so a batch of SVIDs
-    from one CA costs one signature check each (~120 µs for P-256), not one per link."""
+    The CA part of a chain that reached a root is remembered, each CA with the rest of the
+    chain above it, so a batch of SVIDs from one CA costs one signature check each (~120 µs
+    for P-256), not one per link. A CA alone is not enough: the same intermediate sent
+    without the one above it, or with a stranger above it, does not reach a root."""
 
     def __init__(self, roots: Sequence[x509.Certificate]) -> None:
         self.roots = tuple(roots)
         self._root_fps = {r.fingerprint(_SHA256) for r in self.roots}
-        self._known: set[bytes] = set()
+        self._known: set[tuple[bytes, ...]] = set()  # fingerprints of walked chain tails
 
     def reaches_root(self, chain: Sequence[x509.Certificate]) -> bool:
         if not chain or not self.roots:
             return False
-        for child, parent in itertools.pairwise(chain):
+        fps = tuple(c.fingerprint(_SHA256) for c in chain)
+        for i, (child, parent) in enumerate(itertools.pairwise(chain), 1):
             if not issued_by(child, parent):
                 return False
-            if parent.fingerprint(_SHA256) in self._known:
+            if fps[i:] in self._known:
                 return True
         top = chain[-1]
-        if not (top.fingerprint(_SHA256) in self._root_fps or any(issued_by(top, r) for r in self.roots)):
+        if not (fps[-1] in self._root_fps or any(issued_by(top, r) for r in self.roots)):
             return False
-        if len(self._known) > _MAX_KNOWN_CAS:
+        if len(self._known) > _MAX_KNOWN_TAILS:
             self._known.clear()
-        self._known.update(c.fingerprint(_SHA256) for c in chain[1:])
+        self._known.update(fps[k:] for k in range(1, len(fps)))
         return True

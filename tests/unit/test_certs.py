@@ -72,3 +72,19 @@ def test_a_walked_intermediate_is_remembered_but_each_leaf_is_still_checked(
     # A leaf the remembered intermediate did not sign is still refused.
     stranger, _ = make_leaf(*make_ca("intermediate"), "spiffe://example.org/x")
     assert not walker.reaches_root([stranger, mid])
+
+
+def test_a_remembered_intermediate_does_not_stand_in_for_the_rest_of_its_chain(pki: Pki) -> None:
+    """Remembering `mid2` from [leaf, mid2, mid] must not make [leaf, mid2] (mid left out:
+    peers holding only the root cannot build the path) or [leaf, mid2, junk] pass: each
+    answer is the one a walker that remembers nothing gives."""
+    root, mid, mid_key = pki
+    mid2, mid2_key = intermediate(mid, mid_key, "intermediate 2")
+    leaves = [make_leaf(mid2, mid2_key, f"spiffe://example.org/w{i}")[0] for i in range(3)]
+    junk, _ = make_ca("junk")
+    walker = ChainWalker([root])
+    assert walker.reaches_root([leaves[0], mid2, mid])
+    for chain in ([leaves[1], mid2], [leaves[2], mid2, junk]):
+        assert not ChainWalker([root]).reaches_root(chain)
+        assert not walker.reaches_root(chain), chain
+    assert walker.reaches_root([leaves[1], mid2, mid])
