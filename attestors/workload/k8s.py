@@ -152,6 +152,8 @@ class K8sWorkloadAttestor:
         # (when the fetch began, the pod list); the fetch under way, by when it began.
         self._cached: tuple[float, Mapping[str, Any]] | None = None
         self._fetching: tuple[float, asyncio.Task[Mapping[str, Any]]] | None = None
+        # Every fetch not ended: one a newer fetch superseded still runs for its waiters.
+        self._fetches: set[asyncio.Task[Mapping[str, Any]]] = set()
 
     @classmethod
     def from_config(
@@ -214,9 +216,11 @@ class K8sWorkloadAttestor:
         )
 
     async def close(self) -> None:
-        if self._fetching is not None:
-            self._fetching[1].cancel()
-            await asyncio.wait({self._fetching[1]})
+        fetches, self._fetching = set(self._fetches), None
+        for task in fetches:
+            task.cancel()
+        if fetches:
+            await asyncio.wait(fetches)
         await self._kubelet.close()
 
     async def attest(self, caller: Caller) -> list[Selector]:
@@ -247,14 +251,20 @@ class K8sWorkloadAttestor:
         if self._fetching is None or self._fetching[0] < not_before:
             begun = self._clock()
             task = asyncio.create_task(self._fetch(begun))
-            # Every waiter may have gone (cancelled): its error is then nobody's to report.
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._fetches.add(task)
+            task.add_done_callback(self._fetch_ended)
             self._fetching = (begun, task)
         try:
             # Shielded: one caller going away must not cancel the fetch the others wait on.
             return await asyncio.shield(self._fetching[1])
         except K8sApiError as exc:
             raise AttestationError(f"kubelet: {exc}") from exc
+
+    def _fetch_ended(self, task: asyncio.Task[Mapping[str, Any]]) -> None:
+        self._fetches.discard(task)
+        # Every waiter may have gone (cancelled): its error is then nobody's to report.
+        if not task.cancelled():
+            task.exception()
 
     async def _fetch(self, begun: float) -> Mapping[str, Any]:
         try:

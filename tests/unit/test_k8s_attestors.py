@@ -826,6 +826,26 @@ async def test_k8s_a_failed_fetch_fails_its_waiters_and_is_not_kept(kubelet_env:
     assert kubelet_env.kubelet.calls == 2
 
 
+async def test_k8s_close_ends_superseded_fetches_too(kubelet_env: KubeletEnv) -> None:
+    """A caller that needs a newer list than the one being fetched starts its own fetch; the
+    older one still runs for its waiters, and close() ends it as well, not only the newest."""
+    kubelet_env.kubelet.delay = 0.5
+    attestor = kubelet_env.make()
+    web = Caller(pid=100, uid=1000, gid=1000)
+    callers = [asyncio.create_task(attestor.attest(web))]
+    await asyncio.sleep(0.05)
+    kubelet_env.clock[0] += 1.0  # past half the retry interval: the running fetch is too old
+    callers.append(asyncio.create_task(attestor.attest(web)))
+    await asyncio.sleep(0.05)
+    assert kubelet_env.kubelet.calls == 2
+    for caller in callers:  # the Workload API's servers stop first
+        caller.cancel()
+    await asyncio.wait(callers)
+    await attestor.close()
+    running = {getattr(t.get_coro(), "__qualname__", None) for t in asyncio.all_tasks()}
+    assert "K8sWorkloadAttestor._fetch" not in running
+
+
 async def test_k8s_refuses_when_pod_never_listed(kubelet_env: KubeletEnv) -> None:
     kubelet_env.kubelet.hide_for = 10**6
     attestor = kubelet_env.make()
