@@ -37,7 +37,7 @@ _CHUNK = 1024 * 1024
 # request a cache miss) cannot take the default executor's threads from NSS lookups.
 _HASH_THREADS = 2
 # A binary on a hung network filesystem would block its hashing thread for good: its caller
-# (and every later request of its uid, queued behind it) is refused after this instead.
+# is refused after this instead, and its uid's later requests at once while that thread is held.
 HASH_TIMEOUT_SECONDS = 30.0
 # A digest is not cached while the file's ctime is this recent: inode times come from a
 # coarse clock (a few ms; a second on some filesystems), so a rewrite within the same tick
@@ -226,6 +226,9 @@ class UnixAttestor:
         self._digests = _DigestCache(_HASH_CACHE_SIZE)
         self._hash_pool: ThreadPoolExecutor | None = None
         self._hashing: dict[int, _UidTurn] = {}  # uid -> its hashes, one at a time
+        # uids whose hash outlived its caller (timed out, or the caller went away) and still
+        # holds a thread: refused until that ends, or one uid could take every thread.
+        self._hung: set[int] = set()
         self._by_creds = _CredentialCache(NAME_TTL_SECONDS, _NAME_CACHE_SIZE)
 
     async def close(self) -> None:
@@ -285,13 +288,13 @@ class UnixAttestor:
         turn.users += 1
         try:
             async with turn.lock:
-                return await self._sha256_now(pid)
+                return await self._sha256_now(pid, uid)
         finally:
             turn.users -= 1
             if not turn.users:
                 del self._hashing[uid]
 
-    async def _sha256_now(self, pid: int) -> str | None:
+    async def _sha256_now(self, pid: int, uid: int) -> str | None:
         limit = self.workload_size_limit
         if limit < 0:
             return None
@@ -315,13 +318,16 @@ class UnixAttestor:
                 limit,
             )
             return None
-        loop = asyncio.get_running_loop()
-        try:
-            if self._hash_pool is None:
-                self._hash_pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="meshid-sha256")
-            key, digest = await asyncio.wait_for(
-                loop.run_in_executor(self._hash_pool, _hash_file, exe, limit), HASH_TIMEOUT_SECONDS
+        if uid in self._hung:
+            raise AttestationError(
+                f"an earlier hash of a binary of uid {uid} has not ended: "
+                f"no sha256 for workload process {pid} yet"
             )
+        if self._hash_pool is None:
+            self._hash_pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="meshid-sha256")
+        job = self._hash_pool.submit(_hash_file, exe, limit)
+        try:
+            key, digest = await asyncio.wait_for(asyncio.wrap_future(job), HASH_TIMEOUT_SECONDS)
         except TimeoutError:
             raise AttestationError(
                 f"hashing the binary of workload process {pid} took over {HASH_TIMEOUT_SECONDS:g} s"
@@ -338,6 +344,12 @@ class UnixAttestor:
             raise AttestationError(f"workload process {pid} not found") from exc
         except OSError as exc:
             raise AttestationError(f"cannot hash the binary of workload process {pid}: {exc}") from exc
+        finally:
+            # A hash still queued never starts; one running keeps its thread until it ends.
+            if not job.cancel() and not job.done():
+                self._hung.add(uid)
+                # Runs on the hashing thread; a set's add and discard are atomic.
+                job.add_done_callback(lambda _: self._hung.discard(uid))
         # Keyed by what was actually opened, in case the exe changed between stat and open.
         if time.time_ns() - key[3] >= _RECENT_CTIME_NS:
             self._digests.put(key, digest)
