@@ -6,9 +6,10 @@ account token and verified against the kubelet CA (or not verified, only when th
 sets `skip_kubelet_verification`). A pod that started a moment ago may not be listed yet,
 or list its container without an ID, so the lookup is retried a bounded number of times.
 As SPIRE's attestor does, attestations share the pod list: one fetch serves every caller
-waiting for it, and answers callers for half the retry interval after (a retry always
-waits for a list fetched after it began). A node's list runs to megabytes, and fetching and
-parsing it per caller held the event loop for each workload of a starting node.
+waiting for it, and answers callers for half the retry interval after it was requested.
+A retry sleeps a whole interval, so it never gets the list it saw again, while the retries
+of a node's starting workloads share their fetches. A node's list runs to megabytes, and
+fetching and parsing it per caller held the event loop for each workload of a starting node.
 
 Selectors (type `k8s`): ns, sa, pod-uid, pod-name, node-name, pod-label:k:v,
 pod-owner:Kind:name, pod-owner-uid:Kind:uid, container-name, container-image, pod-image,
@@ -232,10 +233,7 @@ class K8sWorkloadAttestor:
         for attempt in range(self._attempts):
             if attempt:
                 await self._sleep(self._interval)
-                not_before = self._clock()
-            else:
-                not_before = self._clock() - self._interval / 2
-            found = find_container(await self._pod_list(not_before), info)
+            found = find_container(await self._pod_list(self._clock() - self._interval / 2), info)
             if found is not None:
                 return pod_selectors(*found)
         raise AttestationError(

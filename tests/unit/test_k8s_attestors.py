@@ -846,6 +846,30 @@ async def test_k8s_close_ends_superseded_fetches_too(kubelet_env: KubeletEnv) ->
     assert "K8sWorkloadAttestor._fetch" not in running
 
 
+async def test_k8s_staggered_retries_share_fetches(kubelet_env: KubeletEnv) -> None:
+    """Workloads of a starting pod arrive a few ms apart and all retry while the kubelet
+    does not list it yet: their retries share fetches too (a retry that insisted on a list
+    begun after itself fetched once per caller). Real clock and sleeps here."""
+    kubelet_env.kubelet.hide_for = 1
+    kubelet_env.kubelet.delay = 0.02
+    attestor = K8sWorkloadAttestor.from_config({
+        "kubelet_host": "127.0.0.1", "kubelet_secure_port": kubelet_env.port,
+        "token_path": str(kubelet_env.token_file), "kubelet_ca_path": str(kubelet_env.tls.ca_file),
+        "max_poll_attempts": 3, "poll_retry_interval": 1.0, "proc_root": str(kubelet_env.proc),
+    })
+    try:
+        web = Caller(pid=100, uid=1000, gid=1000)
+        callers = []
+        for _ in range(10):
+            callers.append(asyncio.create_task(attestor.attest(web)))
+            await asyncio.sleep(0.01)
+        results = await asyncio.gather(*callers)
+        assert all({str(s) for s in r} == WEB_SELECTORS for r in results)
+        assert kubelet_env.kubelet.calls == 2  # one hiding the pod, one listing it
+    finally:
+        await attestor.close()
+
+
 async def test_k8s_refuses_when_pod_never_listed(kubelet_env: KubeletEnv) -> None:
     kubelet_env.kubelet.hide_for = 10**6
     attestor = kubelet_env.make()
