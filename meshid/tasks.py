@@ -91,14 +91,18 @@ async def every(interval: float, fn: Callable[[], Awaitable[Any]], what: str) ->
             raise
         except Exception as exc:
             failures += 1
-            text = f"{type(exc).__name__}: {exc}"
+            try:
+                message = str(exc)
+            except Exception:  # an exception whose str() raises must not end the loop
+                message = "(its message could not be formatted)"
+            text = f"{type(exc).__name__}: {message}"
             now = time.monotonic()
             if last is not None and last[0] == text and now - last[1] < REPEAT_QUIET:
                 log.debug("periodic %s failed again: %s", what, text)
                 continue
             last = (text, now)
             if isinstance(exc, MeshidError):
-                log.warning("periodic %s failed: %s", what, exc)
+                log.warning("periodic %s failed: %s", what, message or type(exc).__name__)
             else:
                 log.exception("periodic %s failed", what)
         else:

@@ -163,3 +163,24 @@ async def test_every_logs_a_repeated_error_once_then_its_recovery(
     await asyncio.wait_for(done.wait(), 5)
     await tasks.cancel_and_wait(task)
     assert [r.levelno for r in caplog.records if r.name == "meshid.tasks"] == [logging.ERROR, logging.ERROR]
+
+
+async def test_every_survives_an_error_whose_message_cannot_be_formatted() -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    runs = 0
+    done = asyncio.Event()
+
+    async def job() -> None:
+        nonlocal runs
+        runs += 1
+        if runs <= 2:
+            raise Unprintable()
+        done.set()
+
+    task = asyncio.create_task(tasks.every(0.001, job, "test job"))
+    await asyncio.wait_for(done.wait(), 5)
+    await tasks.cancel_and_wait(task)
+    assert runs >= 3
