@@ -291,7 +291,6 @@ class Pkcs11EcPrivateKey(_TokenHandle, ec.EllipticCurvePrivateKey):
         raise TypeError(_NO_EXPORT)
 
 
-
 class Pkcs11RsaPrivateKey(_TokenHandle, rsa.RSAPrivateKey):
     """An RSA private key held by a token; signs PKCS#1 v1.5 or PSS, cannot be exported."""
 
@@ -350,7 +349,6 @@ class Pkcs11RsaPrivateKey(_TokenHandle, rsa.RSAPrivateKey):
 
     def private_numbers(self) -> rsa.RSAPrivateNumbers:
         raise TypeError(_NO_EXPORT)
-
 
 
 Pkcs11PrivateKey = Pkcs11EcPrivateKey | Pkcs11RsaPrivateKey
