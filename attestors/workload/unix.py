@@ -20,7 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from attestors.workload.base import Caller
@@ -37,7 +37,7 @@ _CHUNK = 1024 * 1024
 # request a cache miss) cannot take the default executor's threads from NSS lookups.
 _HASH_THREADS = 2
 # A binary on a hung network filesystem would block its hashing thread for good: its caller
-# is refused after this instead, and its uid's later requests at once while that thread is held.
+# is refused after this instead, and its uid's next request waits this long for that thread.
 HASH_TIMEOUT_SECONDS = 30.0
 # A digest is not cached while the file's ctime is this recent: inode times come from a
 # coarse clock (a few ms; a second on some filesystems), so a rewrite within the same tick
@@ -226,9 +226,10 @@ class UnixAttestor:
         self._digests = _DigestCache(_HASH_CACHE_SIZE)
         self._hash_pool: ThreadPoolExecutor | None = None
         self._hashing: dict[int, _UidTurn] = {}  # uid -> its hashes, one at a time
-        # uids whose hash outlived its caller (timed out, or the caller went away) and still
-        # holds a thread: refused until that ends, or one uid could take every thread.
-        self._hung: set[int] = set()
+        # uid -> its hash that outlived its caller (timed out, or the caller went away) and
+        # still holds a thread: the uid's next hash waits for it, or one uid could take every
+        # thread.
+        self._outliving: dict[int, Future[tuple[FileKey, str]]] = {}
         self._by_creds = _CredentialCache(NAME_TTL_SECONDS, _NAME_CACHE_SIZE)
 
     async def close(self) -> None:
@@ -318,11 +319,18 @@ class UnixAttestor:
                 limit,
             )
             return None
-        if uid in self._hung:
-            raise AttestationError(
-                f"an earlier hash of a binary of uid {uid} has not ended: "
-                f"no sha256 for workload process {pid} yet"
-            )
+        earlier = self._outliving.get(uid)
+        if earlier is not None:
+            # Often just a large binary whose caller went away: waited for, not refused.
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(earlier)), HASH_TIMEOUT_SECONDS)
+            except TimeoutError:
+                raise AttestationError(
+                    f"an earlier hash of a binary of uid {uid} has not ended in {HASH_TIMEOUT_SECONDS:g} s: "
+                    f"no sha256 for workload process {pid}"
+                ) from None
+            except Exception:
+                pass  # that hash's own failure was reported to its caller
         if self._hash_pool is None:
             self._hash_pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="meshid-sha256")
         job = self._hash_pool.submit(_hash_file, exe, limit)
@@ -347,13 +355,17 @@ class UnixAttestor:
         finally:
             # A hash still queued never starts; one running keeps its thread until it ends.
             if not job.cancel() and not job.done():
-                self._hung.add(uid)
-                # Runs on the hashing thread; a set's add and discard are atomic.
-                job.add_done_callback(lambda _: self._hung.discard(uid))
+                self._outliving[uid] = job
+                job.add_done_callback(lambda done: self._forget_outliving(uid, done))
         # Keyed by what was actually opened, in case the exe changed between stat and open.
         if time.time_ns() - key[3] >= _RECENT_CTIME_NS:
             self._digests.put(key, digest)
         return digest
+
+    def _forget_outliving(self, uid: int, job: Future[tuple[FileKey, str]]) -> None:
+        # Runs on the hashing thread; dict reads and pops are atomic.
+        if self._outliving.get(uid) is job:
+            self._outliving.pop(uid, None)
 
 
 def _hash_file(path: str, limit: int) -> tuple[FileKey, str]:

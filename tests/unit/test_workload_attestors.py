@@ -381,8 +381,8 @@ async def test_unix_a_hung_hash_keeps_its_uid_to_one_thread(
 ) -> None:
     """A hash refused after the timeout still holds its thread. Its uid's next request
     started another, so one uid with a hung binary took every hashing thread and the
-    hashes of every other uid timed out behind them. Until that thread is free, its uid is
-    refused at once instead."""
+    hashes of every other uid timed out behind them. Now the uid's next request waits for
+    that thread (up to the timeout) instead of taking another."""
     import threading
 
     release = threading.Event()
@@ -405,21 +405,60 @@ async def test_unix_a_hung_hash_keeps_its_uid_to_one_thread(
     (tmp_path / "proc" / "8" / "status").write_text(ROOT_STATUS.replace("\t0", "\t1000"))
     attestor = UnixAttestor(discover_workload_path=True, proc_root=proc_root)
     try:
+        with pytest.raises(AttestationError, match=r"took over 0\.1 s"):
+            await attestor.attest(caller(7))
         for _ in range(unix_mod._HASH_THREADS):
-            with pytest.raises(AttestationError):
+            with pytest.raises(AttestationError, match=r"has not ended in 0\.1 s"):
                 await attestor.attest(caller(7))
         assert len(hung) == 1
         digest = hashlib.sha256(b"A" * 100).hexdigest()
         assert Selector("unix", f"sha256:{digest}") in await attestor.attest(caller(8))
         release.set()
         for _ in range(100):  # the hung thread ends: its uid is hashed again
-            if not attestor._hung:
+            if not attestor._outliving:
                 break
             await asyncio.sleep(0.01)
         with pytest.raises(AttestationError, match="released"):
             await attestor.attest(caller(7))
     finally:
         release.set()
+        await attestor.close()
+
+
+async def test_unix_a_hash_whose_caller_went_away_is_waited_for_not_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A workload that disconnects while its large binary is hashed and connects again
+    gets its sha256 selector once that hash's thread is free, not a refusal."""
+    import threading
+    import time
+
+    real = unix_mod._hash_file
+    running = threading.Lock()
+    overlapped: list[bool] = []
+
+    def slow_hash(path: str, limit: int) -> tuple[unix_mod.FileKey, str]:
+        overlapped.append(not running.acquire(blocking=False))
+        try:
+            time.sleep(0.2)
+            return real(path, limit)
+        finally:
+            if not overlapped[-1]:
+                running.release()
+
+    monkeypatch.setattr(unix_mod, "_hash_file", slow_hash)
+    binary = tmp_path / "app"
+    binary.write_bytes(b"A" * 100)
+    proc_root = _fake_proc(tmp_path / "proc", 7, str(binary))
+    attestor = UnixAttestor(discover_workload_path=True, proc_root=proc_root)
+    try:
+        gone = asyncio.create_task(attestor.attest(caller(7)))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        digest = hashlib.sha256(b"A" * 100).hexdigest()
+        assert Selector("unix", f"sha256:{digest}") in await attestor.attest(caller(7))
+        assert overlapped == [False, False]  # one thread at a time for the uid
+    finally:
         await attestor.close()
 
 
