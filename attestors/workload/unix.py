@@ -323,7 +323,9 @@ class UnixAttestor:
         if earlier is not None:
             # Often just a large binary whose caller went away: waited for, not refused.
             try:
-                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(earlier)), HASH_TIMEOUT_SECONDS)
+                key, digest = await asyncio.wait_for(
+                    asyncio.shield(asyncio.wrap_future(earlier)), HASH_TIMEOUT_SECONDS
+                )
             except TimeoutError:
                 raise AttestationError(
                     f"an earlier hash of a binary of uid {uid} has not ended in {HASH_TIMEOUT_SECONDS:g} s: "
@@ -331,6 +333,9 @@ class UnixAttestor:
                 ) from None
             except Exception:
                 pass  # that hash's own failure was reported to its caller
+            else:
+                if key == _file_key(st):  # the same binary: its digest, without hashing again
+                    return self._keep(key, digest)
         if self._hash_pool is None:
             self._hash_pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="meshid-sha256")
         job = self._hash_pool.submit(_hash_file, exe, limit)
@@ -357,6 +362,9 @@ class UnixAttestor:
             if not job.cancel() and not job.done():
                 self._outliving[uid] = job
                 job.add_done_callback(lambda done: self._forget_outliving(uid, done))
+        return self._keep(key, digest)
+
+    def _keep(self, key: FileKey, digest: str) -> str:
         # Keyed by what was actually opened, in case the exe changed between stat and open.
         if time.time_ns() - key[3] >= _RECENT_CTIME_NS:
             self._digests.put(key, digest)

@@ -397,22 +397,16 @@ async def test_unix_a_hash_whose_caller_went_away_is_waited_for_not_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A workload that disconnects while its large binary is hashed and connects again
-    gets its sha256 selector once that hash's thread is free, not a refusal."""
-    import threading
+    gets its sha256 selector once that hash ends, not a refusal, and from that hash."""
     import time
 
     real = unix_mod._hash_file
-    running = threading.Lock()
-    overlapped: list[bool] = []
+    hashes: list[str] = []
 
     def slow_hash(path: str, limit: int) -> tuple[unix_mod.FileKey, str]:
-        overlapped.append(not running.acquire(blocking=False))
-        try:
-            time.sleep(0.2)
-            return real(path, limit)
-        finally:
-            if not overlapped[-1]:
-                running.release()
+        hashes.append(path)
+        time.sleep(0.2)
+        return real(path, limit)
 
     monkeypatch.setattr(unix_mod, "_hash_file", slow_hash)
     binary = tmp_path / "app"
@@ -425,7 +419,7 @@ async def test_unix_a_hash_whose_caller_went_away_is_waited_for_not_refused(
         gone.cancel()
         digest = hashlib.sha256(b"A" * 100).hexdigest()
         assert Selector("unix", f"sha256:{digest}") in await attestor.attest(caller(7))
-        assert overlapped == [False, False]  # one thread at a time for the uid
+        assert len(hashes) == 1  # hashed once
     finally:
         await attestor.close()
 
