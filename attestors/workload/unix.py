@@ -341,7 +341,9 @@ class UnixAttestor:
         job = self._hash_pool.submit(_hash_file, exe, limit)
         try:
             key, digest = await asyncio.wait_for(asyncio.wrap_future(job), HASH_TIMEOUT_SECONDS)
-        except TimeoutError:
+        except TimeoutError as exc:
+            if exc.errno is not None:  # ETIMEDOUT from the read itself (a network filesystem)
+                raise AttestationError(f"cannot hash the binary of workload process {pid}: {exc}") from exc
             raise AttestationError(
                 f"hashing the binary of workload process {pid} took over {HASH_TIMEOUT_SECONDS:g} s"
             ) from None

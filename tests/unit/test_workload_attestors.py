@@ -409,10 +409,7 @@ async def test_unix_a_hash_whose_caller_went_away_is_waited_for_not_refused(
         return real(path, limit)
 
     monkeypatch.setattr(unix_mod, "_hash_file", slow_hash)
-    binary = tmp_path / "app"
-    binary.write_bytes(b"A" * 100)
-    proc_root = _fake_proc(tmp_path / "proc", 7, str(binary))
-    attestor = UnixAttestor(discover_workload_path=True, proc_root=proc_root)
+    attestor = _hashing_attestor(tmp_path)
     try:
         gone = asyncio.create_task(attestor.attest(caller(7)))
         await asyncio.sleep(0.05)
@@ -422,6 +419,32 @@ async def test_unix_a_hash_whose_caller_went_away_is_waited_for_not_refused(
         assert len(hashes) == 1  # hashed once
     finally:
         await attestor.close()
+
+
+async def test_unix_a_read_that_times_out_is_reported_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ETIMEDOUT from the read (a soft-mounted NFS) is a TimeoutError too; it was reported
+    as the hash taking over the 30 s limit."""
+    import errno
+
+    def timed_out(path: str, limit: int) -> tuple[unix_mod.FileKey, str]:
+        raise TimeoutError(errno.ETIMEDOUT, "Connection timed out")
+
+    monkeypatch.setattr(unix_mod, "_hash_file", timed_out)
+    attestor = _hashing_attestor(tmp_path)
+    try:
+        with pytest.raises(AttestationError, match=r"cannot hash the binary .*Connection timed out"):
+            await attestor.attest(caller(7))
+    finally:
+        await attestor.close()
+
+
+def _hashing_attestor(tmp_path: Path) -> UnixAttestor:
+    """An attestor with path discovery for a root process 7 running a 100-byte binary."""
+    binary = tmp_path / "app"
+    binary.write_bytes(b"A" * 100)
+    return UnixAttestor(discover_workload_path=True, proc_root=_fake_proc(tmp_path / "proc", 7, str(binary)))
 
 
 ROOT_STATUS = "Name:\tw\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n"
