@@ -38,7 +38,9 @@ _CHUNK = 1024 * 1024
 _HASH_THREADS = 2
 # A binary on a hung network filesystem would block its hashing thread for good: its caller
 # is refused after this instead, and its uid's next request waits this long for that thread.
+# Its stat blocks as well, so that runs on threads of its own, refused after as long.
 HASH_TIMEOUT_SECONDS = 30.0
+_STAT_THREADS = 2
 # A digest is not cached while the file's ctime is this recent: inode times come from a
 # coarse clock (a few ms; a second on some filesystems), so a rewrite within the same tick
 # would keep the key the digest was cached under.
@@ -225,6 +227,7 @@ class UnixAttestor:
         self._proc_root = proc_root.rstrip("/") or "/"
         self._digests = _DigestCache(_HASH_CACHE_SIZE)
         self._hash_pool: ThreadPoolExecutor | None = None
+        self._stat_pool: ThreadPoolExecutor | None = None
         self._hashing: dict[int, _UidTurn] = {}  # uid -> its hashes, one at a time
         # uid -> its hash that outlived its caller (timed out, or the caller went away) and
         # still holds a thread: the uid's next hash waits for it, or one uid could take every
@@ -234,9 +237,10 @@ class UnixAttestor:
 
     async def close(self) -> None:
         """Stop the hashing threads (an agent shutting down does not wait for a hash)."""
-        if self._hash_pool is not None:
-            self._hash_pool.shutdown(wait=False, cancel_futures=True)
-            self._hash_pool = None
+        for pool in (self._hash_pool, self._stat_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._hash_pool = self._stat_pool = None
 
     def _proc(self, pid: int, leaf: str) -> str:
         return f"{self._proc_root}/{pid}/{leaf}"
@@ -299,15 +303,10 @@ class UnixAttestor:
         limit = self.workload_size_limit
         if limit < 0:
             return None
+        # /proc/<pid>/exe opens the inode the process runs, even if deleted or in another
+        # mount namespace.
         exe = self._proc(pid, "exe")
-        try:
-            # /proc/<pid>/exe opens the inode the process runs, even if deleted or in another
-            # mount namespace; stat is one syscall, so the cache check stays on the loop.
-            st = os.stat(exe)
-        except (FileNotFoundError, ProcessLookupError) as exc:
-            raise AttestationError(f"workload process {pid} not found") from exc
-        except OSError as exc:
-            raise AttestationError(f"cannot stat the binary of workload process {pid}: {exc}") from exc
+        st = await self._stat(pid, exe)
         cached = self._digests.get(_file_key(st))
         if cached is not None:
             return cached
@@ -366,6 +365,26 @@ class UnixAttestor:
                 job.add_done_callback(lambda done: self._forget_outliving(uid, done))
         return self._keep(key, digest)
 
+    async def _stat(self, pid: int, exe: str) -> os.stat_result:
+        """stat of the binary, off the event loop: on a hung hard-mounted network filesystem
+        stat blocks too, and on the loop it held every workload's calls, not only this one's."""
+        if self._stat_pool is None:
+            self._stat_pool = ThreadPoolExecutor(_STAT_THREADS, thread_name_prefix="meshid-stat")
+        loop = asyncio.get_running_loop()
+        try:
+            stat_job = loop.run_in_executor(self._stat_pool, _stat_file, exe)
+            return await asyncio.wait_for(stat_job, HASH_TIMEOUT_SECONDS)
+        except TimeoutError as exc:
+            if exc.errno is None:
+                raise AttestationError(
+                    f"the binary of workload process {pid} did not answer stat in {HASH_TIMEOUT_SECONDS:g} s"
+                ) from None
+            raise AttestationError(f"cannot stat the binary of workload process {pid}: {exc}") from exc
+        except (FileNotFoundError, ProcessLookupError) as exc:
+            raise AttestationError(f"workload process {pid} not found") from exc
+        except OSError as exc:
+            raise AttestationError(f"cannot stat the binary of workload process {pid}: {exc}") from exc
+
     def _keep(self, key: FileKey, digest: str) -> str:
         # Keyed by what was actually opened, in case the exe changed between stat and open.
         if time.time_ns() - key[3] >= _RECENT_CTIME_NS:
@@ -376,6 +395,11 @@ class UnixAttestor:
         # Runs on the hashing thread; dict reads and pops are atomic.
         if self._outliving.get(uid) is job:
             self._outliving.pop(uid, None)
+
+
+def _stat_file(path: str) -> os.stat_result:
+    """os.stat, by a name of this module (tests stand in a stat that hangs)."""
+    return os.stat(path)
 
 
 def _hash_file(path: str, limit: int) -> tuple[FileKey, str]:

@@ -440,6 +440,42 @@ async def test_unix_a_read_that_times_out_is_reported_as_such(
         await attestor.close()
 
 
+async def test_unix_a_stat_that_hangs_holds_only_its_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stat of a binary on a hung hard-mounted NFS blocks too; on the event loop it held
+    every workload's calls. Now it runs on a thread and its caller is refused after the
+    timeout, while the loop goes on."""
+    import threading
+
+    release = threading.Event()
+
+    def hung_stat(path: str) -> os.stat_result:
+        release.wait(10)
+        raise OSError("released")
+
+    monkeypatch.setattr(unix_mod, "_stat_file", hung_stat)
+    monkeypatch.setattr(unix_mod, "HASH_TIMEOUT_SECONDS", 0.2)
+    attestor = _hashing_attestor(tmp_path)
+    ticks = 0
+
+    async def loop_runs() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(loop_runs())
+    try:
+        with pytest.raises(AttestationError, match=r"did not answer stat in 0\.2 s"):
+            await attestor.attest(caller(7))
+        assert ticks >= 5  # the loop was not held
+    finally:
+        ticker.cancel()
+        release.set()
+        await attestor.close()
+
+
 def _hashing_attestor(tmp_path: Path) -> UnixAttestor:
     """An attestor with path discovery for a root process 7 running a 100-byte binary."""
     binary = tmp_path / "app"
