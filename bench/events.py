@@ -68,6 +68,7 @@ async def start_server(tmp: Path, bootstrap: str) -> Server:
     upstream = ensure_dev_upstream(tmp / "upstream")
     secret = tmp / "master.secret"
     secret.write_text(secrets.token_hex(32))
+    secret.chmod(0o600)  # as an operator would; 0644 draws the server's warning
     cfg = server_config_from_dict({
         "trust_domain": TD,
         "data_dir": str(tmp / "server"),
