@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from attestors.workload.base import Caller
 from attestors.workload.procfs import read_proc_text
@@ -29,6 +30,7 @@ from meshid.errors import AttestationError, InvalidSelectorError
 from meshid.selector import Selector
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 DEFAULT_WORKLOAD_SIZE_LIMIT = 64 * 1024 * 1024
 _HASH_CACHE_SIZE = 1024
@@ -339,13 +341,10 @@ class UnixAttestor:
             self._hash_pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="meshid-sha256")
         job = self._hash_pool.submit(_hash_file, exe, limit)
         try:
-            key, digest = await asyncio.wait_for(asyncio.wrap_future(job), HASH_TIMEOUT_SECONDS)
-        except TimeoutError as exc:
-            if exc.errno is not None:  # ETIMEDOUT from the read itself (a network filesystem)
-                raise AttestationError(f"cannot hash the binary of workload process {pid}: {exc}") from exc
-            raise AttestationError(
-                f"hashing the binary of workload process {pid} took over {HASH_TIMEOUT_SECONDS:g} s"
-            ) from None
+            key, digest = await _on_thread(
+                job, pid, "hash",
+                f"hashing the binary of workload process {pid} took over {HASH_TIMEOUT_SECONDS:g} s",
+            )
         except _TooLarge as exc:
             log.warning(
                 "workload %d binary is %d bytes, over the %d-byte limit: no sha256 selector",
@@ -354,10 +353,6 @@ class UnixAttestor:
                 limit,
             )
             return None
-        except (FileNotFoundError, ProcessLookupError) as exc:
-            raise AttestationError(f"workload process {pid} not found") from exc
-        except OSError as exc:
-            raise AttestationError(f"cannot hash the binary of workload process {pid}: {exc}") from exc
         finally:
             # A hash still queued never starts; one running keeps its thread until it ends.
             if not job.cancel() and not job.done():
@@ -370,20 +365,10 @@ class UnixAttestor:
         stat blocks too, and on the loop it held every workload's calls, not only this one's."""
         if self._stat_pool is None:
             self._stat_pool = ThreadPoolExecutor(_STAT_THREADS, thread_name_prefix="meshid-stat")
-        loop = asyncio.get_running_loop()
-        try:
-            stat_job = loop.run_in_executor(self._stat_pool, _stat_file, exe)
-            return await asyncio.wait_for(stat_job, HASH_TIMEOUT_SECONDS)
-        except TimeoutError as exc:
-            if exc.errno is None:
-                raise AttestationError(
-                    f"the binary of workload process {pid} did not answer stat in {HASH_TIMEOUT_SECONDS:g} s"
-                ) from None
-            raise AttestationError(f"cannot stat the binary of workload process {pid}: {exc}") from exc
-        except (FileNotFoundError, ProcessLookupError) as exc:
-            raise AttestationError(f"workload process {pid} not found") from exc
-        except OSError as exc:
-            raise AttestationError(f"cannot stat the binary of workload process {pid}: {exc}") from exc
+        return await _on_thread(
+            self._stat_pool.submit(_stat_file, exe), pid, "stat",
+            f"the binary of workload process {pid} did not answer stat in {HASH_TIMEOUT_SECONDS:g} s",
+        )
 
     def _keep(self, key: FileKey, digest: str) -> str:
         # Keyed by what was actually opened, in case the exe changed between stat and open.
@@ -395,6 +380,22 @@ class UnixAttestor:
         # Runs on the hashing thread; dict reads and pops are atomic.
         if self._outliving.get(uid) is job:
             self._outliving.pop(uid, None)
+
+
+async def _on_thread(job: Future[_T], pid: int, doing: str, too_slow: str) -> _T:
+    """The result of `job` (a stat or hash of the binary of `pid`, on one of our threads)
+    within HASH_TIMEOUT_SECONDS: past it, AttestationError(too_slow); an OSError of its own
+    becomes an AttestationError saying what it could not `doing`."""
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(job), HASH_TIMEOUT_SECONDS)
+    except TimeoutError as exc:
+        if exc.errno is None:  # our limit, not ETIMEDOUT from a network filesystem
+            raise AttestationError(too_slow) from None
+        raise AttestationError(f"cannot {doing} the binary of workload process {pid}: {exc}") from exc
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise AttestationError(f"workload process {pid} not found") from exc
+    except OSError as exc:
+        raise AttestationError(f"cannot {doing} the binary of workload process {pid}: {exc}") from exc
 
 
 def _stat_file(path: str) -> os.stat_result:
