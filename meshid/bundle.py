@@ -97,8 +97,12 @@ class Bundle:
                 continue
         seq = doc.get("spiffe_sequence", 0)
         hint = doc.get("spiffe_refresh_hint", DEFAULT_REFRESH_HINT)
-        if not isinstance(seq, int) or not isinstance(hint, int):
+        # bool is an int to Python, not to JSON; the sequence is a uint64 in go-spiffe.
+        if not isinstance(seq, int) or not isinstance(hint, int) or isinstance(seq, bool) \
+                or isinstance(hint, bool):
             raise InvalidBundleError("spiffe_sequence and spiffe_refresh_hint must be integers")
+        if not 0 <= seq < 2**64:
+            raise InvalidBundleError(f"spiffe_sequence {seq} is out of range")
         return cls(trust_domain, tuple(roots), jwt_keys, seq, hint)
 
     @classmethod
@@ -133,15 +137,20 @@ def _jwk(kid: str | None, key: PublicKeyTypes, use: str | None) -> dict[str, Any
 
 
 def _public_key_from_jwk(key: dict[str, Any], index: int) -> PublicKeyTypes:
+    kty = key.get("kty")
+    if kty not in ("EC", "RSA"):
+        raise InvalidBundleError(f"key {index}: unsupported kty {kty!r}")
+    # A bundle is public: with "d" PyJWT would hand back a private key, which the bundle
+    # cannot re-encode (nor should it carry one onward to agents).
+    if "d" in key:
+        raise InvalidBundleError(f"key {index}: JWK carries private key material")
     try:
-        kty = key.get("kty")
         if kty == "EC":
             return jwt.algorithms.ECAlgorithm.from_jwk(json.dumps(key))  # type: ignore[return-value]
-        if kty == "RSA":
-            return jwt.algorithms.RSAAlgorithm.from_jwk(json.dumps(key))  # type: ignore[return-value]
-    except (ValueError, jwt.InvalidKeyError) as exc:
+        return jwt.algorithms.RSAAlgorithm.from_jwk(json.dumps(key))  # type: ignore[return-value]
+    except (ValueError, TypeError, jwt.InvalidKeyError) as exc:
+        # TypeError: a coordinate or modulus that is not a string (e.g. a JSON number).
         raise InvalidBundleError(f"key {index}: bad JWK: {exc}") from None
-    raise InvalidBundleError(f"key {index}: unsupported kty {kty!r}")
 
 
 def load_pem_certs(data: bytes) -> list[x509.Certificate]:

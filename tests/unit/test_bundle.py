@@ -8,6 +8,7 @@ import datetime as dt
 import json
 from typing import Any
 
+import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -115,6 +116,8 @@ def _jwt(doc: dict[str, Any]) -> dict[str, Any]:
     return next(k for k in doc["keys"] if k["use"] == "jwt-svid" and k["kty"] == "EC")
 
 
+_PRIVATE_EC_JWK = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1())))
+
 MUTATIONS = {
     "x5c missing": lambda d: _x509(d).pop("x5c"),
     "x5c empty": lambda d: _x509(d).update(x5c=[]),
@@ -133,7 +136,14 @@ MUTATIONS = {
     "key not an object": lambda d: d["keys"].append("x509-svid"),
     "keys not a list": lambda d: d.update(keys={"a": 1}),
     "keys missing": lambda d: d.pop("keys"),
+    "jwt EC key x a number": lambda d: _jwt(d).update(x=12345),
+    "jwt RSA key n a number": lambda d: next(k for k in d["keys"] if k.get("kty") == "RSA").update(n=7),
+    "jwt key with private part": lambda d: _jwt(d).update(d=_PRIVATE_EC_JWK["d"], x=_PRIVATE_EC_JWK["x"],
+                                                          y=_PRIVATE_EC_JWK["y"], crv="P-256"),
     "sequence not an integer": lambda d: d.update(spiffe_sequence="42"),
+    "sequence a boolean": lambda d: d.update(spiffe_sequence=True),
+    "sequence negative": lambda d: d.update(spiffe_sequence=-1),
+    "sequence past uint64": lambda d: d.update(spiffe_sequence=2**64),
     "refresh hint not an integer": lambda d: d.update(spiffe_refresh_hint=1.5),
 }
 
