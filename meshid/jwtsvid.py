@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from meshid.bundle import Bundle
 from meshid.errors import MeshidError
@@ -77,6 +78,10 @@ def validate_jwt_svid(
     key = bundle.jwt_authorities.get(kid)
     if key is None:
         raise InvalidJwtSvidError(f"key {kid!r} not found in the bundle of {spiffe_id.trust_domain}")
+    # PyJWT raises TypeError (not a PyJWTError) for a key of the wrong kind for `alg`, e.g.
+    # RS256 naming an EC key: the caller's token picks both, so it is a refusal, not a crash.
+    if not isinstance(key, ec.EllipticCurvePublicKey if alg.startswith("ES") else rsa.RSAPublicKey):
+        raise InvalidJwtSvidError(f"key {kid!r} of {spiffe_id.trust_domain} is not a key for {alg}")
     try:
         claims = _decode_at(token, key, alg, audience, time.time() if now is None else now)
     except jwt.ExpiredSignatureError:

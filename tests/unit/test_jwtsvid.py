@@ -151,6 +151,16 @@ def test_alg_must_match_the_key() -> None:
     refused(mint(kid="ec", alg="ES384", key=EC384_KEY), "invalid")
 
 
+@pytest.mark.parametrize(
+    ("kid", "alg", "key"),
+    [("ec", "RS256", RSA_KEY), ("ec", "PS256", RSA_KEY), ("rsa", "ES256", EC_KEY)],
+)
+def test_alg_of_another_key_kind_is_refused(kid: str, alg: str, key: Any) -> None:
+    # An RSA algorithm naming an EC key (or the reverse) made PyJWT raise TypeError: the
+    # ValidateJWTSVID call ended UNKNOWN with a traceback instead of InvalidArgument.
+    refused(mint(kid=kid, alg=alg, key=key), f"not a key for {alg}")
+
+
 def test_expired_is_refused() -> None:
     refused(mint(exp=int(NOW) - 1), "expired")
     refused(mint(exp=int(NOW)), "expired")  # exp is exclusive
