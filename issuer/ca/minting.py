@@ -323,8 +323,13 @@ def _csr_check(csr: x509.CertificateSigningRequest) -> _CsrCheck:
     if h is not None:
         params = (_PKCS1V15, h)
     elif oid == SignatureAlgorithmOID.RSASSA_PSS:
-        pss = csr.signature_algorithm_parameters
-        ph = csr.signature_hash_algorithm
+        try:
+            pss = csr.signature_algorithm_parameters
+            ph = csr.signature_hash_algorithm
+        except (ValueError, UnsupportedAlgorithm):
+            # Parameters naming an unknown hash raise UnsupportedAlgorithm (not a
+            # ValueError): the caller's bad CSR, not an internal error.
+            raise InvalidCsrError("CSR RSASSA-PSS parameters are not supported") from None
         if not isinstance(pss, padding.PSS) or not isinstance(ph, _STRONG_HASHES):
             raise InvalidCsrError("CSR RSASSA-PSS parameters are not supported")
         params = (pss, ph)

@@ -246,6 +246,28 @@ def test_rsa_pss_csr_accepted(minter, ca_cert, rsa_key):
     _check_leaf(cert, ca_cert, WORKLOAD, rsa_leaf=True)
 
 
+_SHA256_OID_DER = bytes.fromhex("0609608648016503040201")  # 2.16.840.1.101.3.4.2.1
+
+
+def test_rsa_pss_csr_with_unknown_hash_is_invalid_csr(minter, rsa_key):
+    """PSS parameters naming a hash cryptography does not know raised UnsupportedAlgorithm
+    (not a ValueError): a 500 with a traceback from the unauthenticated attest call, and a
+    whole sign batch lost to one such CSR. It is an InvalidCsrError, for that CSR alone."""
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    good = _csr(rsa_key, rsa_padding=pss)
+    # The algorithm identifier is outside the signed part: 2.16.840.1.101.3.4.2.99 is no hash.
+    bad = good.replace(_SHA256_OID_DER, _SHA256_OID_DER[:-1] + b"\x63")
+    assert bad != good
+    with pytest.raises(InvalidCsrError, match="PSS"):
+        minting.load_csr_public_key(bad)
+    with pytest.raises(InvalidCsrError, match="PSS"):
+        minter.mint_from_csr(bad, WORKLOAD, [], 60, NOW)
+    for fast in (True, False):
+        m = minter if fast else X509Minter(minter.ca_key, minter.ca_cert, fast_path=False)
+        out = m.mint_batch_der([minting.LeafRequest(good, WORKLOAD), minting.LeafRequest(bad, WORKLOAD)], NOW)
+        assert isinstance(out[0], bytes) and isinstance(out[1], InvalidCsrError)
+
+
 def test_identity_checks(minter):
     pub = ec.generate_private_key(ec.SECP256R1()).public_key()
     with pytest.raises(InvalidSpiffeIdError, match="trust domain"):
