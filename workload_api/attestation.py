@@ -31,7 +31,16 @@ class WorkloadAttestation:
         if len(self._concurrent) == 1:
             results.append(await self._concurrent[0].attest(caller))
         elif self._concurrent:
-            results += await asyncio.gather(*(a.attest(caller) for a in self._concurrent))
+            tasks = [asyncio.ensure_future(a.attest(caller)) for a in self._concurrent]
+            try:
+                results += await asyncio.gather(*tasks)
+            except BaseException:
+                # gather leaves the others running when one fails: a kubelet poll of up to
+                # 30 s per failed call, owned by nobody and outliving the caller's stream cap.
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
         if not still_same_process(caller):
             raise AttestationError("caller process changed during attestation (PID reuse?)")
         return frozenset(s for r in results for s in r)
