@@ -58,6 +58,8 @@ async def test_a_failing_attestor_cancels_the_others_still_running() -> None:
 
 async def test_selectors_of_every_attestor_are_joined() -> None:
     class Fixed:
+        name = "fixed"
+
         def __init__(self, sel: Selector) -> None:
             self.sel = sel
 
