@@ -4,10 +4,15 @@ As in SPIRE: an agent is authorized for entries whose parent is the agent ID or 
 its node aliases (node entries, parented to the server, whose selectors are all among
 the agent's node selectors), and, transitively, for entries parented to any SPIFFE ID
 it is authorized for (nested/downstream workloads). Never anything else.
+
+An entry past its `expires_at` (0 = never) counts as gone, as in SPIRE, which prunes it:
+no SVID for it, and nothing parented to its SPIFFE ID is authorized through it.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
@@ -34,8 +39,11 @@ class EntryIndex:
             if e.parent_id == server_id:
                 self.node_entries.append(e)
         # authorized() walks every entry an agent may sign; agents ask on every sign and
-        # sync call, and the snapshot never changes, so each answer is kept (bounded).
-        self._authorized: dict[tuple[SpiffeId, frozenset[Selector]], Mapping[str, Entry]] = {}
+        # sync call, and the snapshot never changes, so each answer is kept (bounded), with
+        # the span of time it holds for: (answer, computed at, first expiry among its entries).
+        self._authorized: dict[
+            tuple[SpiffeId, frozenset[Selector]], tuple[Mapping[str, Entry], float, float]
+        ] = {}
 
     def with_change(self, entry_id: str, after: Entry | None, revision: int) -> EntryIndex:
         """This snapshot with one entry added, replaced or (after=None) removed, labelled
@@ -63,24 +71,41 @@ class EntryIndex:
                 new.node_entries = [*new.node_entries, after]
         return new
 
-    def node_aliases(self, node_selectors: Iterable[Selector]) -> list[SpiffeId]:
-        have = frozenset(node_selectors)
-        return sorted({e.spiffe_id for e in self.node_entries if matches_all(e.selectors, have)})
+    def node_aliases(self, node_selectors: Iterable[Selector], now: float | None = None) -> list[SpiffeId]:
+        """SPIFFE IDs of the unexpired node entries whose selectors the node holds."""
+        now = time.time() if now is None else now
+        return sorted({e.spiffe_id for e in self._aliases(frozenset(node_selectors), now)})
 
-    def authorized(self, agent_id: SpiffeId, node_selectors: Iterable[Selector]) -> Mapping[str, Entry]:
-        """Every entry the agent may sign, by entry id (read-only; computed once per agent
-        and node selector set for this snapshot)."""
+    def _aliases(self, have: frozenset[Selector], now: float) -> list[Entry]:
+        return [e for e in self.node_entries if _live(e, now) and matches_all(e.selectors, have)]
+
+    def authorized(
+        self, agent_id: SpiffeId, node_selectors: Iterable[Selector], now: float | None = None
+    ) -> Mapping[str, Entry]:
+        """Every entry the agent may sign at `now` (default: the current time), by entry id
+        (read-only; computed once per agent and node selector set for this snapshot, until
+        an entry it holds expires)."""
+        now = time.time() if now is None else now
         key = (agent_id, frozenset(node_selectors))
         found = self._authorized.get(key)
-        if found is None:
-            if len(self._authorized) >= _MAX_CACHED_AGENTS:
-                self._authorized.clear()
-            found = self._authorized[key] = MappingProxyType(self._walk(agent_id, key[1]))
-        return found
+        if found is not None and found[1] <= now < found[2]:
+            return found[0]
+        if found is None and len(self._authorized) >= _MAX_CACHED_AGENTS:
+            self._authorized.clear()
+        walked, until = self._walk(agent_id, key[1], now)
+        answer = MappingProxyType(walked)
+        self._authorized[key] = (answer, now, until)
+        return answer
 
-    def _walk(self, agent_id: SpiffeId, node_selectors: frozenset[Selector]) -> dict[str, Entry]:
-        """Breadth-first from the agent and its node aliases, cycle-safe."""
-        frontier = [agent_id, *self.node_aliases(node_selectors)]
+    def _walk(
+        self, agent_id: SpiffeId, node_selectors: frozenset[Selector], now: float
+    ) -> tuple[dict[str, Entry], float]:
+        """Breadth-first from the agent and its node aliases, cycle-safe, leaving out expired
+        entries and what is only reachable through them; also the first expiry among the
+        entries it used (when the answer changes), inf if none expires."""
+        aliases = self._aliases(node_selectors, now)
+        until = min((e.expires_at for e in aliases if e.expires_at), default=math.inf)
+        frontier = [agent_id, *(e.spiffe_id for e in aliases)]
         seen_parents: set[SpiffeId] = set()
         out: dict[str, Entry] = {}
         while frontier:
@@ -89,7 +114,13 @@ class EntryIndex:
                 continue
             seen_parents.add(parent)
             for e in self.by_parent.get(parent, ()):
-                if e.id not in out:
+                if e.id not in out and _live(e, now):
                     out[e.id] = e
+                    if e.expires_at:
+                        until = min(until, e.expires_at)
                     frontier.append(e.spiffe_id)
-        return out
+        return out, until
+
+
+def _live(entry: Entry, now: float) -> bool:
+    return not entry.expires_at or entry.expires_at > now

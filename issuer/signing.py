@@ -141,9 +141,9 @@ class SigningService:
             raise ValueError(f"at most {MAX_BATCH} CSRs per call")
         async with self._admit(agent, len(requests), "x509"):
             index = await self.entries.index()
-            allowed = index.authorized(agent.agent_id, agent.selectors)
-            active = self.ca.x509_active
             now = self.clock()
+            allowed = index.authorized(agent.agent_id, agent.selectors, now)
+            active = self.ca.x509_active
             jobs: list[tuple[int, X509Request, Entry]] = []
             results: list[X509Result | None] = [None] * len(requests)
             refusals: list[Event] = []
@@ -259,8 +259,8 @@ class SigningService:
         check_audience_bounds(audience)
         async with self._admit(agent, 1, "jwt"):
             index = await self.entries.index()
-            entry = index.authorized(agent.agent_id, agent.selectors).get(entry_id)
             now = self.clock()
+            entry = index.authorized(agent.agent_id, agent.selectors, now).get(entry_id)
             if entry is None:
                 await self.ds.append_events(
                     [

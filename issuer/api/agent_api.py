@@ -206,14 +206,15 @@ class AgentApi:
         ):
             raise ValueError("federated must be an object of trust domain ID → digest")
         index = await self.signing.entries.index()
-        allowed = index.authorized(agent.agent_id, agent.selectors)
+        now = self.signing.clock()  # expired entries are left out (and so removed)
+        allowed = index.authorized(agent.agent_id, agent.selectors, now)
         changed = [e.to_json() for eid, e in allowed.items() if known.get(eid) != e.revision_number]
         removed = [eid for eid in known if eid not in allowed]
         bundle = self.ca.bundle
         out: dict[str, Any] = {
             "entries": changed,
             "removed": removed,
-            "workload_parents": [str(agent.agent_id), *map(str, index.node_aliases(agent.selectors))],
+            "workload_parents": [str(agent.agent_id), *map(str, index.node_aliases(agent.selectors, now))],
             "bundle_sequence": bundle.sequence,
             "tainted_authorities": self.ca.tainted_authority_key_ids(),
             "taint_window": float(self.signing.taint_window),

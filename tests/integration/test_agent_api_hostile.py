@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,3 +250,28 @@ async def test_refusals_are_svid_refused_events_with_short_reason_codes(attested
     assert got == sorted([("x509", "not_authorized", elsewhere.id), ("x509", "bad_csr", attested.entry.id),
                           ("jwt", "not_authorized", elsewhere.id)])
     assert all(u["detail"] for u in unmapped)
+
+
+async def test_expired_entry_is_neither_signed_nor_synced(attested: Attested) -> None:
+    """An entry past its expires_at is gone for the agent, as SPIRE prunes it: each of its
+    sign params is refused permission_denied while the others in the batch are signed, a
+    JWT-SVID is refused, and sync lists it as removed. It was signed and synced forever."""
+    server = attested.server
+    expired = await server.entries.create(Entry(
+        "", SpiffeId(server.td, "/hostile/expired"), attested.agent_id, (Selector("unix", "uid:1002"),),
+        expires_at=int(time.time()) - 1))
+    csr = b64(csr_for(new_key()))
+    status, body = await _post(attested.session, f"{attested.url}/agent/sign/x509", {"requests": [
+        {"entry_id": expired.id, "csr": csr}, {"entry_id": attested.entry.id, "csr": csr}]})
+    assert status == 200, body
+    first, second = body["results"]
+    assert first["entry_id"] == expired.id and first["error"]["code"] == "permission_denied", body
+    assert second["entry_id"] == attested.entry.id and "svid" in second, body
+    status, body = await _post(attested.session, f"{attested.url}/agent/sign/jwt",
+                               {"entry_id": expired.id, "audience": ["a"]})
+    assert status == 403 and body["error"]["code"] == "permission_denied", body
+    status, body = await _post(attested.session, f"{attested.url}/agent/sync",
+                               {"known": {expired.id: 0, attested.entry.id: 0}})
+    assert status == 200, body
+    assert body["removed"] == [expired.id]
+    assert [e["id"] for e in body["entries"]] == []

@@ -4,6 +4,7 @@ children, its node aliases' children, and transitively their descendants. Never 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Mapping
 
 from issuer.authorization import EntryIndex
@@ -167,3 +168,34 @@ def test_an_index_with_one_change_equals_one_built_from_scratch() -> None:
         for agent in (AGENT_A, AGENT_B):
             have = parse_selectors(rng.sample(node_sels, rng.randint(0, 3)))
             assert dict(idx.authorized(agent, have)) == dict(fresh.authorized(agent, have))
+
+
+def test_expired_entries_are_not_authorized_nor_anything_under_them() -> None:
+    """An entry past its expires_at counts as gone (SPIRE prunes it): no SVID for it, nothing
+    parented to it through it, and an expired node entry is no alias. The server signed and
+    synced expired entries forever (expires_at was stored and never looked at)."""
+    now = 1_900_000_000.0
+    live = entry(sid("/a/live"), AGENT_A)
+    expiring = Entry(f"e{next(_ids)}", sid("/a/expiring"), AGENT_A, parse_selectors(["unix:uid:1"]),
+                     expires_at=int(now) + 60)
+    expired = Entry(f"e{next(_ids)}", sid("/a/expired"), AGENT_A, parse_selectors(["unix:uid:2"]),
+                    expires_at=int(now) - 1)
+    under_expired = entry(sid("/a/expired/child"), expired.spiffe_id)
+    alias = Entry(f"e{next(_ids)}", sid("/cluster/prod"), SERVER, parse_selectors(["k8s_psat:cluster:prod"]),
+                  expires_at=int(now) + 30)
+    alias_child = entry(sid("/cluster/prod/web"), alias.spiffe_id)
+    index = EntryIndex([live, expiring, expired, under_expired, alias, alias_child], SERVER)
+    prod = parse_selectors(["k8s_psat:cluster:prod"])
+
+    first = index.authorized(AGENT_A, prod, now)
+    assert set(first) == {live.id, expiring.id, alias_child.id}
+    assert index.node_aliases(prod, now) == [alias.spiffe_id]
+    assert index.authorized(AGENT_A, prod, now + 29) is first  # kept while nothing expires
+    # At its expires_at the alias is gone, and with it its children.
+    assert set(index.authorized(AGENT_A, prod, now + 30)) == {live.id, expiring.id}
+    assert index.node_aliases(prod, now + 30) == []
+    assert set(index.authorized(AGENT_A, prod, now + 60)) == {live.id}
+    # Without a time, the current one.
+    gone = Entry(f"e{next(_ids)}", sid("/a/gone"), AGENT_A, parse_selectors(["unix:uid:3"]),
+                 expires_at=int(time.time()) - 1)
+    assert set(EntryIndex([live, gone], SERVER).authorized(AGENT_A, ())) == {live.id}
