@@ -175,7 +175,7 @@ class Detector:
                                         rec.offset, exc)
                 # Partitions interleave in time; the rules want (roughly) time order.
                 events.sort(key=_event_time)
-                alerts = [a for ev in events for a in self.engine.feed(ev)]
+                alerts = [a for ev in events for a in self._feed(ev)]
                 self.consumed += len(events)
                 if alerts:
                     await self._publish(producer, alerts)
@@ -187,6 +187,17 @@ class Detector:
                 await consumer.stop()
             with contextlib.suppress(Exception):
                 await producer.stop()
+
+    def _feed(self, ev: CloudEvent) -> list[Alert]:
+        # One event the rules choke on is skipped: failing the session would roll back and
+        # consume the same record again, forever, and no later event would be looked at.
+        try:
+            return self.engine.feed(ev)
+        except Exception:
+            self.undecodable += 1
+            log.exception("detector: skipping event %s from %s that the rules could not take", ev.id,
+                          ev.source)
+            return []
 
     async def _checkpoint(self, consumer: AIOKafkaConsumer) -> None:
         """Save state, then commit offsets (a crash in between replays; never skips)."""

@@ -37,6 +37,7 @@ ALERT_TYPE_PREFIX = "io.meshid.alert."
 RULES = ("issuance_burst", "new_identity", "unexpected_node", "attestation_failures", "clock_skew",
          "ca_event")
 STATE_VERSION = 1
+_MAX_FAILURE_COUNT = 1e9  # one event's attestation failure count is taken up to this
 _BUCKETS = 10  # sliding windows are kept as this many sub-buckets: bounded memory per key
 
 
@@ -250,7 +251,8 @@ class RuleEngine:
         sid = str(u.get("spiffe_id") or ce.subject)
         agent = str(u.get("agent_id") or "")
         parent = str(u.get("parent_id") or "")
-        selectors = [str(s) for s in u.get("selectors") or ()]
+        raw_selectors = u.get("selectors")
+        selectors = [str(s) for s in raw_selectors] if isinstance(raw_selectors, list) else []
         alerts: list[Alert] = []
         learning = self.first_time is not None and t < self.first_time + cfg.learning_period
 
@@ -342,7 +344,8 @@ class RuleEngine:
         cfg = self.config
         u = _unmapped(ce)
         count = u.get("count", 1)
-        n = float(count) if isinstance(count, int | float) and count > 0 else 1.0
+        # Capped: 1e999 parses as inf and a huge int overflows float(); either broke int(total).
+        n = float(min(count, _MAX_FAILURE_COUNT)) if isinstance(count, int | float) and count > 0 else 1.0
         workload = ce.type == ocsf.WORKLOAD_ATTESTATION_FAILED
         key = f"{'workload' if workload else 'node'}:{ce.partitionkey or ce.subject}"
         checks = [(key, cfg.attestation_threshold)]

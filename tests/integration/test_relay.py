@@ -373,6 +373,51 @@ async def test_detector_end_to_end(tansu: TansuBroker, ds: SqliteDataStore, tmp_
     assert detector.status()["consumed"] == len(events)
 
 
+async def test_detector_skips_hostile_records_and_keeps_going(tansu: TansuBroker, tmp_path: Path) -> None:
+    # Anyone who can produce to the events topic used to stall the detector for good: a
+    # record it could not decode (a null header, JSON nested past the recursion limit) or
+    # feed (a count of 1e999, selectors that are a number) failed the whole session, which
+    # rolled back and re-read the same record forever, and no later event was looked at.
+    from aiokafka import AIOKafkaProducer
+
+    from issuer.events.cloudevents import from_outbox, to_kafka
+    from issuer.events.model import OutboxRow
+    from issuer.events.relay import ensure_topic
+
+    cfg = kafka(tansu)
+    await ensure_topic(cfg, TOPIC)
+    now = time.time()
+    good = [Event(ocsf.WORKLOAD_ATTESTATION_FAILED, "spiffe://example.org/spire/agent/a1",
+                  "spiffe://example.org/spire/agent/a1", now, {"unmapped": {"count": 1e999}}),
+            Event(ocsf.X509_ISSUED, KEYS[1], KEYS[1], now, {"unmapped": {
+                "spiffe_id": KEYS[1], "agent_id": "spiffe://example.org/spire/agent/a1", "selectors": 5}}),
+            ocsf.ca_tainted("ca-old", "x509", now + 1, "example.org")]
+    producer = AIOKafkaProducer(bootstrap_servers=tansu.bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        key = KEYS[0].encode()
+        await producer.send_and_wait(TOPIC, b"{}", key=key, headers=[("ce_specversion", b"1.0"),
+                                                                      ("ce_id", None)])
+        await producer.send_and_wait(TOPIC, b"[" * 100_000, key=key)
+        for i, ev in enumerate(good):
+            k, value, headers = to_kafka(from_outbox(OutboxRow(i + 1, ev), SOURCE))
+            await producer.send_and_wait(TOPIC, value, key=key, headers=headers)
+    finally:
+        await producer.stop()
+    alerts: list[CloudEvent] = []
+    detector = Detector(cfg, rules=DetectorConfig(learning_period=0, attestation_threshold=0),
+                        state_path=tmp_path / "state.json", save_interval=0.5, on_alert=alerts.append)
+    await detector.start()
+    try:
+        await wait_for(lambda: any(a.type == "io.meshid.alert.ca_event" for a in alerts), 30,
+                       "the alert of the event after the hostile records")
+    finally:
+        await detector.stop()
+    assert detector.status()["undecodable"] == 2
+    assert detector.status()["consumed"] == len(good)
+    assert detector.status()["state"] == "ok"
+
+
 async def test_stop_is_prompt_even_when_notified_at_the_same_moment(ds: SqliteDataStore) -> None:
     # A notify() landing as stop() cancels used to be swallowed by asyncio.wait_for (3.11),
     # leaving stop() waiting forever for a task that kept running.

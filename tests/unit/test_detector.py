@@ -215,6 +215,21 @@ def _split_run(events: list[CloudEvent], tmp_path: Path) -> list[Alert]:
     return alerts + run(second, events[half:])
 
 
+def test_hostile_field_types_do_not_break_the_rules() -> None:
+    # An attestation failure count of 1e999 (inf) or 10**400 made int(total) / float(count)
+    # raise; selectors that were a number were iterated.
+    s = Stream()
+    engine = RuleEngine(DetectorConfig(learning_period=0, attestation_threshold=0))
+    events = [s.other(ocsf.WORKLOAD_ATTESTATION_FAILED, T0, agent_id(0), count=math.inf),
+              s.other(ocsf.WORKLOAD_ATTESTATION_FAILED, T0 + 1000, agent_id(1), count=10**400),
+              s.other(ocsf.X509_ISSUED, T0, workload_id(0, 0), spiffe_id=workload_id(0, 0),
+                      agent_id=agent_id(0), selectors=5)]
+    alerts = run(engine, events)
+    assert sorted(a.rule for a in alerts) == ["attestation_failures", "attestation_failures", "new_identity"]
+    for a in alerts:
+        a.to_cloudevent(SOURCE).to_json()
+
+
 def test_state_survives_restart(tmp_path: Path) -> None:
     events = with_extra(51, lambda s: _anomaly("burst", s) + _anomaly("new_identity", s)
                         + _anomaly("unexpected_node", s))

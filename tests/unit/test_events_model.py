@@ -242,7 +242,13 @@ def test_binary_mode_roundtrip() -> None:
 
 def test_from_kafka_rejects_garbage() -> None:
     for value, headers in ((b"not json", []), (b"[]", []), (b'{"specversion": "0.3", "id": "x"}', []),
-                           (b"{}", [("ce_specversion", b"1.0")])):
+                           (b"{}", [("ce_specversion", b"1.0")]),
+                           # Kafka allows null header values and 1 MB of nesting: CloudEventError,
+                           # not AttributeError / RecursionError, so the detector skips the record.
+                           (b"{}", [("ce_specversion", b"1.0"), ("ce_id", None)]),
+                           (b"{}", [("ce_specversion", b"1.0"), ("content-type", None)]),
+                           (b"[" * 100_000, []),
+                           (b"[" * 100_000, [("ce_specversion", b"1.0")])):
         with pytest.raises(ce.CloudEventError):
             ce.from_kafka(value, headers)
 
