@@ -109,7 +109,7 @@ class SvidManager:
         self._entry_backoff: dict[str, Backoff] = {}
         self._reattests = 0
         self._startup = True
-        self._jwt: dict[tuple[str, tuple[str, ...]], JwtSvid] = {}
+        self._jwt: dict[tuple[str, str, tuple[str, ...]], JwtSvid] = {}
         self._wake = asyncio.Event()
         self.failures: dict[tuple[str, int], int] = {}
         self.last_sync_ok = 0.0
@@ -430,7 +430,7 @@ class SvidManager:
         """The JWT-SVID jwt_svid() would return without asking the server, if any."""
         return self._jwt_cached(_jwt_key(entry, audience), self.clock())
 
-    def _jwt_cached(self, key: tuple[str, tuple[str, ...]], now: float) -> JwtSvid | None:
+    def _jwt_cached(self, key: tuple[str, str, tuple[str, ...]], now: float) -> JwtSvid | None:
         cached = self._jwt.get(key)
         if cached is not None and now < cached.schedule.renew_at and now < cached.expires_at:
             return cached
@@ -442,10 +442,10 @@ class SvidManager:
         cached = self._jwt_cached(key, now)
         if cached is not None:
             return cached
-        token, _ = await self.client.sign_jwt(entry.id, list(key[1]))
+        token, _ = await self.client.sign_jwt(entry.id, list(key[2]))
         # The token's own exp, not the answer's expires_at: a larger one kept an expired
         # token cached and served.
-        expires_at = _jwt_expiry(token, entry.spiffe_id, key[1], now)
+        expires_at = _jwt_expiry(token, entry.spiffe_id, key[2], now)
         schedule = self.policy.schedule(now, max(now + 1, expires_at), self.rng)
         svid = JwtSvid(token, entry.spiffe_id, expires_at, schedule)
         if len(self._jwt) >= MAX_JWT_CACHE:
@@ -511,9 +511,11 @@ def _jwt_expiry(token: str, spiffe_id: SpiffeId, audience: tuple[str, ...], now:
     return exp
 
 
-def _jwt_key(entry: Entry, audience: list[str]) -> tuple[str, tuple[str, ...]]:
-    """A JWT-SVID cache key: the entry and its audience as a set."""
-    return entry.id, tuple(sorted(set(audience)))
+def _jwt_key(entry: Entry, audience: list[str]) -> tuple[str, str, tuple[str, ...]]:
+    """A JWT-SVID cache key: the entry, the SPIFFE ID it names now (an entry changed to name
+    another ID must not go on serving the old ID's token; SPIRE keys by SPIFFE ID) and the
+    audience as a set."""
+    return entry.id, str(entry.spiffe_id), tuple(sorted(set(audience)))
 
 
 def _not_for(leaf: x509.Certificate, key: PrivateKeyTypes, spiffe_id: SpiffeId, now: float) -> str:

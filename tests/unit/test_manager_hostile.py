@@ -5,6 +5,7 @@ or bundle is skipped and the held version kept, and nothing unusable is ever cac
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,27 @@ async def test_a_jwt_svid_not_for_the_request_is_not_handed_out(tmp_path: Path, 
     with pytest.raises(ServerRejectedError, match="bad_response"):
         await mgr.jwt_svid(mgr.cache.entries["e0"], ["b", "a"])
     assert mgr._jwt == {}
+
+
+async def test_a_cached_jwt_svid_is_not_served_once_its_entry_names_another_id(tmp_path: Path) -> None:
+    # Cached by entry id alone, the token naming the entry's old SPIFFE ID went on being handed
+    # out (to whichever workload the entry now matches) until its renewal time.
+    mgr, _, _, client, _ = make(tmp_path, 1)
+    e0 = mgr.cache.entries["e0"]
+    renamed = dataclasses.replace(e0, spiffe_id=SpiffeId(TD, "/w/renamed"), revision_number=2)
+    current = {"e0": e0}
+
+    async def sign_jwt(entry_id: str, audience: list[str]) -> tuple[str, int]:
+        return token(str(current[entry_id].spiffe_id), audience, T0 + 300), int(T0 + 300)
+
+    client.sign_jwt = sign_jwt  # type: ignore[attr-defined]
+    assert (await mgr.jwt_svid(e0, ["a"])).spiffe_id == e0.spiffe_id
+    current["e0"] = renamed
+    mgr.cache.set_entries([renamed], [AGENT])
+    assert mgr.jwt_cached(renamed, ["a"]) is None
+    svid = await mgr.jwt_svid(renamed, ["a"])
+    assert svid.spiffe_id == renamed.spiffe_id
+    assert jwt.decode(svid.token, options={"verify_signature": False})["sub"] == str(renamed.spiffe_id)
 
 
 async def test_a_jwt_svid_is_cached_until_its_own_exp(tmp_path: Path) -> None:
