@@ -140,6 +140,11 @@ class AgentApi:
             raise UnauthenticatedError(
                 "agent SVID was signed by a CA key that is no longer trusted; re-attest"
             )
+        # The handshake checked the validity period once, but a kept-alive connection serves
+        # request after request: one opened just before the SVID expired went on being
+        # accepted long after (SPIRE checks every call for the same reason).
+        if cert.not_valid_after_utc.timestamp() <= self.agents.clock():
+            raise UnauthenticatedError("agent SVID has expired; re-attest")
         agent_id = spiffe_id_of_cert(cert)
         request[AGENT_KEY] = await self.agents.authenticate(agent_id, cert.serial_number)
         return await handler(request)

@@ -275,3 +275,20 @@ async def test_expired_entry_is_neither_signed_nor_synced(attested: Attested) ->
     assert status == 200, body
     assert body["removed"] == [expired.id]
     assert [e["id"] for e in body["entries"]] == []
+
+
+async def test_expired_agent_svid_is_refused_on_a_kept_alive_connection(attested: Attested) -> None:
+    """The TLS handshake checks the SVID's validity once; the agent's keep-alive connection
+    then carries every later call. Once the SVID has expired the calls are refused (they
+    were served for as long as the connection lived)."""
+    url = f"{attested.url}/agent/sync"
+    status, body = await _post(attested.session, url, {"known": {}})
+    assert status == 200, body  # the connection is open, the SVID valid
+    assert attested.server.ds is not None
+    record = await attested.server.ds.get_agent(attested.agent_id)
+    assert record is not None
+    agents = attested.server.agents
+    agents.clock = lambda: record.expires_at + 1.0
+    status, body = await _post(attested.session, url, {"known": {}})
+    assert status == 401 and body["error"]["code"] == "unauthenticated", body
+    assert "expired" in body["error"]["message"]
