@@ -313,6 +313,7 @@ class SdsHandler(SecretDiscoveryServiceBase):
         watcher = self.cache.watch(selectors)
         inbox: list[DiscoveryRequest] = []
         ended: list[BaseException | None] = []
+        taken = asyncio.Event()  # the loop has taken what the reader put in the inbox
 
         async def read() -> None:
             # Requests and cache changes both wake the same event, so one loop serves both.
@@ -320,6 +321,11 @@ class SdsHandler(SecretDiscoveryServiceBase):
                 async for msg in stream:
                     inbox.append(msg)
                     watcher.event.set()
+                    # The next request is read once the loop has taken this one: while a response
+                    # waits on a client that does not read, its requests wait in HTTP/2 flow
+                    # control, not in our memory (a 1 MB request at a time piled up without bound).
+                    taken.clear()
+                    await taken.wait()
                 ended.append(None)
             except Exception as exc:
                 ended.append(exc)
@@ -335,6 +341,7 @@ class SdsHandler(SecretDiscoveryServiceBase):
                     check_type_url(req)
                     if state.accept(req):
                         state.sent = None  # names changed: answer even if the content is the same
+                taken.set()
                 if ended:
                     if ended[0] is not None:
                         raise ended[0]

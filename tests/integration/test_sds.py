@@ -23,6 +23,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_spiffe_val
 from envoy.type.v3 import semantic_version_pb2
 from google.rpc import status_pb2
 from grpclib.client import Channel
+from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from stream_reader import StreamReader
@@ -226,6 +227,41 @@ async def test_bundle_change_is_pushed(dev_stack: DevStack) -> None:
         assert int(pushed.version_info) == int(first.version_info) + 1 and pushed.nonce != first.nonce
         pem = spiffe_validator(secrets_of(pushed)["ROOTCA"]).trust_domains[0].trust_bundle.inline_bytes
         assert extra in x509.load_pem_x509_certificates(pem)
+
+
+async def test_requests_wait_in_flow_control_while_a_response_waits_on_the_client(
+    dev_stack: DevStack,
+) -> None:
+    """A client that stops reading its responses and goes on sending requests: they stay in
+    HTTP/2 flow control (the client's sends block), instead of piling up in the agent's memory
+    (every request was read ahead into an unbounded list; 64 MB taken in 1 MB requests)."""
+    cache = dev_stack.agent.cache
+    assert cache.bundle is not None
+    small = Configuration(http2_connection_window_size=2**16 - 1, http2_stream_window_size=2**16 - 1)
+    ch = Channel(path=dev_stack.socket_path, config=small)
+    try:
+        async with SecretDiscoveryServiceStub(ch).StreamSecrets.open(timeout=60) as st:
+            await st.send_message(request(["ROOTCA"]))
+            # Bundle changes until the unread responses fill our 64 KiB receive window: the
+            # agent's next response waits on us.
+            roots = list(cache.bundle.x509_authorities)
+            for _ in range(30):
+                roots.append(minting.self_signed_ca(ec.generate_private_key(ec.SECP256R1()), cache.td, 3600,
+                                                    dt.datetime.now(dt.UTC)))
+                cache.set_bundle(dataclasses.replace(cache.bundle, x509_authorities=tuple(roots)))
+                await asyncio.sleep(0.01)
+            big = request(["x" * 1000] * 1000)  # ~1 MB each
+            sent = 0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    while sent < 64:
+                        await st.send_message(big)
+                        sent += 1
+            # The agent's own receive windows (4 MiB) and the one request it holds, no more.
+            assert sent < 16
+            await st.cancel()
+    finally:
+        ch.close()
 
 
 async def test_fetch_secrets_names(dev_stack: DevStack) -> None:
