@@ -13,6 +13,7 @@ server-side edge the agent API calls.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,9 @@ from meshid import telemetry
 
 OVERFLOW_REASON = "various"
 MAX_REASON_LENGTH = 200
+MAX_UNSENT = 10_000  # events kept for the next flush while the datastore refuses them
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -51,6 +55,8 @@ class WorkloadFailureAggregator:
         self.max_events_per_window = max_events_per_window
         self.max_groups = max_groups
         self._agents: dict[str, _Agent] = {}
+        # Events flushed whose write to the outbox failed: written first next time.
+        self.unsent: list[Event] = []
         self.total_failures = 0
         self.total_events = 0
 
@@ -184,9 +190,24 @@ async def flush(server: Any, now: float | None = None) -> int:
     """Write pending events whose budget has come back; call it from a periodic tick so
     held-back counts go out even if the agent stops reporting. Returns events written."""
     agg = aggregator_for(server)
-    events = agg.flush(server.clock() if now is None else now)
+    events = agg.unsent + agg.flush(server.clock() if now is None else now)
+    agg.unsent = []
     if events:
-        await server.ds.append_events(events)
+        try:
+            await server.ds.append_events(events)
+        except BaseException as exc:
+            # agg.flush() has cleared every agent's groups: keep the events for the next
+            # flush (the tick's), or a datastore error lost those counts. Not raised to the
+            # reporting agent either: it would re-send its report, counted twice then.
+            agg.unsent = events[-MAX_UNSENT:]
+            if len(events) > MAX_UNSENT:
+                log.warning("dropped %d workload attestation failure events the datastore did not "
+                            "take", len(events) - MAX_UNSENT)
+            if not isinstance(exc, Exception):
+                raise
+            log.warning("could not record %d workload attestation failure events (%s); retrying at "
+                        "the next tick", len(events), exc)
+            return 0
         relay = getattr(server, "relay", None)
         if relay is not None:
             relay.notify()

@@ -317,6 +317,53 @@ async def test_record_writes_events() -> None:
     assert server.relay.notified == 1
 
 
+async def test_failure_counts_survive_a_datastore_error(tmp_path: Any) -> None:
+    # flush() cleared every agent's groups before the outbox write: when that write failed
+    # (a database restart), the counts of every agent in it were gone for good, and the
+    # reporting agent got the error and re-sent its own, which would count those twice.
+    from issuer.datastore.sqlite import SqliteDataStore
+    from issuer.events import workload_failures
+
+    class FlakyStore(SqliteDataStore):
+        failures = 1
+
+        async def append_events(self, events: Any) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise OSError("database is restarting")
+            await super().append_events(events)
+
+    ds = FlakyStore(tmp_path / "meshid.db")
+    await ds.open()
+
+    class Server:
+        relay = None
+
+        def __init__(self) -> None:
+            self.ds = ds
+
+        def clock(self) -> float:
+            return NOW
+
+    class Agent:
+        def __init__(self, aid: str) -> None:
+            self.agent_id = SpiffeId.parse(aid)
+
+    server = Server()
+    other = "spiffe://example.org/spire/agent/join_token/other"
+    try:
+        workload_failures.aggregator_for(server).add(other, "no entry", NOW, uid=7, count=5)
+        await record(server, Agent(AGENT), [{"reason": "denied", "uid": 1000, "count": 3}])  # no error
+        assert [r.event.subject for r in await ds.fetch_outbox(0, 10)] == []
+        assert await workload_failures.flush(server) == 2  # the next tick
+        rows = await ds.fetch_outbox(0, 10)
+        assert sorted((r.event.subject, r.event.data["unmapped"]["count"]) for r in rows) == [
+            (AGENT, 3), (other, 5)]
+        assert await workload_failures.flush(server) == 0  # once
+    finally:
+        await ds.close()
+
+
 # --- telemetry ------------------------------------------------------------------------------------
 
 
