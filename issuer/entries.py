@@ -9,13 +9,17 @@ import uuid
 from collections.abc import Callable
 
 from issuer.authorization import EntryIndex
-from issuer.datastore.base import DataStore
+from issuer.datastore.base import DataStore, EntryChangedError
 from issuer.events import ocsf
 from meshid.entry import MIN_SVID_TTL, Entry
 from meshid.errors import NotFoundError
 from meshid.spiffe_id import SpiffeId, TrustDomain
 
 ENTRIES_REVISION = "entries_revision"
+# expires_at is an int64 on the wire (types.Entry) and in both datastores' columns.
+MAX_EXPIRES_AT = (1 << 63) - 1
+# Tries of one read-change-write against other replicas' writes of the same entry.
+MODIFY_ATTEMPTS = 8
 
 
 class EntryService:
@@ -32,6 +36,10 @@ class EntryService:
         self.clock = clock
         self._index: EntryIndex | None = None
         self._lock = asyncio.Lock()
+        # This server's entry writes, each with its revision count, one at a time: two at once
+        # could count in the other order than they wrote (PostgreSQL pool), and the index then
+        # applied the older write last (an updated or deleted entry back in the signing index).
+        self._write_lock = asyncio.Lock()
         self._listeners: list[Callable[[], None]] = []
 
     def on_change(self, cb: Callable[[], None]) -> None:
@@ -48,34 +56,61 @@ class EntryService:
         for name in ("x509_svid_ttl", "jwt_svid_ttl"):
             if 0 < getattr(entry, name) < MIN_SVID_TTL:
                 raise ValueError(f"{name} must be 0 (the server's default) or at least {MIN_SVID_TTL}s")
+        # Beyond int64 the datastore's column overflowed (an internal error); a negative one
+        # (refused by the Entry API) was an entry expired from the start.
+        if not 0 <= entry.expires_at <= MAX_EXPIRES_AT:
+            raise ValueError(f"expires_at must be 0 (never) or a Unix time up to {MAX_EXPIRES_AT}")
 
     async def create(self, entry: Entry) -> Entry:
         self._check(entry)
-        now = self.clock()
-        if not entry.id:
-            entry = entry.replace(id=str(uuid.uuid4()))
-        entry = entry.replace(created_at=int(now), revision_number=0)
-        created = await self.ds.create_entry(entry, [ocsf.entry_created(entry, now)])
-        await self._changed(created.id, created)
+        async with self._write_lock:
+            now = self.clock()
+            if not entry.id:
+                entry = entry.replace(id=str(uuid.uuid4()))
+            entry = entry.replace(created_at=int(now), revision_number=0)
+            created = await self.ds.create_entry(entry, [ocsf.entry_created(entry, now)])
+            await self._changed(created.id, created)
         return created
 
     async def update(self, entry: Entry) -> Entry:
-        self._check(entry)
-        current = await self.ds.get_entry(entry.id)
-        if current is None:
-            raise NotFoundError(f"no entry with id {entry.id!r}")
-        now = self.clock()
-        entry = entry.replace(created_at=current.created_at, revision_number=current.revision_number + 1)
-        updated = await self.ds.update_entry(entry, [ocsf.entry_updated(entry, now)])
-        await self._changed(updated.id, updated)
-        return updated
+        """Replace the entry with this id by `entry` (whatever was stored meanwhile)."""
+        return await self.modify(entry.id, lambda _current: entry)
+
+    async def modify(self, entry_id: str, change: Callable[[Entry], Entry]) -> Entry:
+        """Store change(the entry as stored now). The write is refused if the entry moved
+        past the revision `change` saw, and then made again from the newer one: a caller
+        that changes some fields never writes back another caller's older values of the
+        others (a lost update)."""
+        async with self._write_lock:
+            for attempt in range(MODIFY_ATTEMPTS):
+                current = await self.get(entry_id)
+                entry = change(current)
+                if entry.id != entry_id:
+                    raise ValueError("an update cannot change an entry's id")
+                self._check(entry)
+                now = self.clock()
+                entry = entry.replace(
+                    created_at=current.created_at, revision_number=current.revision_number + 1
+                )
+                try:
+                    updated = await self.ds.update_entry(
+                        entry, [ocsf.entry_updated(entry, now)], expected_revision=current.revision_number
+                    )
+                except EntryChangedError:
+                    if attempt + 1 == MODIFY_ATTEMPTS:
+                        raise
+                    continue
+                await self._changed(updated.id, updated)
+                return updated
+        raise AssertionError("unreachable")
 
     async def delete(self, entry_id: str) -> Entry:
-        current = await self.ds.get_entry(entry_id)
-        if current is None:
-            raise NotFoundError(f"no entry with id {entry_id!r}")
-        deleted = await self.ds.delete_entry(entry_id, [ocsf.entry_deleted(current, self.clock())])
-        await self._changed(entry_id, None)
+        async with self._write_lock:
+            current = await self.ds.get_entry(entry_id)
+            if current is None:
+                raise NotFoundError(f"no entry with id {entry_id!r}")
+            deleted = await self.ds.delete_entry(entry_id, [ocsf.entry_deleted(current, self.clock())])
+            await self._changed(entry_id, None)
         return deleted
 
     async def get(self, entry_id: str) -> Entry:

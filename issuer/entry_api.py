@@ -19,7 +19,7 @@ from grpclib.server import Stream
 
 from issuer._gen.spire.api.server.entry.v1 import entry_grpc, entry_pb2
 from issuer.authorization import EntryIndex
-from issuer.datastore.base import EntryAlreadyExistsError
+from issuer.datastore.base import EntryAlreadyExistsError, EntryChangedError
 from issuer.entries import EntryService
 from issuer.entry_filters import (
     MASKABLE_FIELDS,
@@ -73,6 +73,8 @@ def status_of(exc: BaseException) -> tuple[Status, str]:
         return Status.NOT_FOUND, str(exc)
     if isinstance(exc, AlreadyExistsError):
         return Status.ALREADY_EXISTS, str(exc)
+    if isinstance(exc, EntryChangedError):
+        return Status.ABORTED, str(exc)
     if isinstance(exc, OverloadedError):
         return Status.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, MeshidError | ValueError):
@@ -409,9 +411,12 @@ class EntryApi(entry_grpc.EntryBase):
     ) -> entry_pb2.BatchUpdateEntryResponse.Result:
         Result = entry_pb2.BatchUpdateEntryResponse.Result
         try:
-            current = await self._entry_to_update(pb)
-            updated = current.replace(**entry_changes(pb, self.td, fields, current.extra))
-            stored = await self.entries.update(updated)
+            found = await self._entry_to_update(pb)
+            # The masked fields over the entry as stored at the write: a concurrent update
+            # of other fields is kept, not overwritten with what was read here.
+            stored = await self.entries.modify(
+                found.id, lambda current: current.replace(**entry_changes(pb, self.td, fields, current.extra))
+            )
         except EntryAlreadyExistsError as exc:
             return Result(status=_status(Status.ALREADY_EXISTS, f"failed to update entry: {exc}"))
         except Exception as exc:

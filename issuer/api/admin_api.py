@@ -127,9 +127,15 @@ class AdminApi:
 
     async def update_entry(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        current = await self.entries.get(request.match_info["id"])
-        merged = {**current.to_json(), **body, "id": current.id}
-        updated = await self.entries.update(Entry.from_json(merged))
+
+        def change(current: Entry) -> Entry:
+            # The body's fields over the entry as stored at the write (not as read before it,
+            # which wrote back a concurrent update's fields as they were); to_json() has no
+            # additional_attributes (extra), so they are carried over, not dropped.
+            merged = {**current.to_json(), **body, "id": current.id}
+            return Entry.from_json(merged).replace(extra=current.extra)
+
+        updated = await self.entries.modify(request.match_info["id"], change)
         return web.json_response(updated.to_json())
 
     async def delete_entry(self, request: web.Request) -> web.Response:

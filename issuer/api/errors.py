@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from issuer.datastore.base import EntryChangedError
 from meshid.errors import (
     AlreadyExistsError,
     AttestationError,
@@ -78,6 +79,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(404, "not_found", str(exc))
     except AlreadyExistsError as exc:
         return error_response(409, "already_exists", str(exc))
+    except EntryChangedError as exc:  # written by others on every try: the caller may retry
+        return error_response(409, "aborted", str(exc))
     except (MeshidError, ValueError) as exc:
         return error_response(400, "invalid_argument", str(exc))
     except ConnectionResetError as exc:

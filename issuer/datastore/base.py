@@ -13,7 +13,7 @@ from typing import Protocol
 
 from issuer.events.model import Event, OutboxRow, StoredEvent
 from meshid.entry import Entry
-from meshid.errors import AlreadyExistsError
+from meshid.errors import AlreadyExistsError, MeshidError
 from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId
 
@@ -65,6 +65,11 @@ class EntryAlreadyExistsError(AlreadyExistsError):
         self.existing = existing
 
 
+class EntryChangedError(MeshidError):
+    """update_entry with `expected_revision`: the stored entry is at another revision (someone
+    else wrote it since the caller read it); nothing was written."""
+
+
 class DataStore(Protocol):
     async def open(self) -> None:
         """Connect and apply pending schema migrations."""
@@ -78,9 +83,13 @@ class DataStore(Protocol):
         selector set exists, carrying that entry; plain AlreadyExistsError when the id is
         taken. Returned entries have their selectors sorted."""
 
-    async def update_entry(self, entry: Entry, events: Sequence[Event] = ()) -> Entry:
+    async def update_entry(
+        self, entry: Entry, events: Sequence[Event] = (), *, expected_revision: int | None = None
+    ) -> Entry:
         """Replace by id, bump revision_number (created_at is kept). NotFoundError if
-        absent; EntryAlreadyExistsError if the change collides with another entry."""
+        absent; EntryAlreadyExistsError if the change collides with another entry;
+        EntryChangedError if `expected_revision` is given and the stored entry is not at it
+        (the check and the write are one transaction, across replicas too)."""
 
     async def delete_entry(self, entry_id: str, events: Sequence[Event] = ()) -> Entry:
         """NotFoundError if absent; returns the deleted entry."""

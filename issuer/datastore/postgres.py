@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 
 from issuer.datastore import codec
-from issuer.datastore.base import AgentRecord, CaKeyRecord, EntryAlreadyExistsError
+from issuer.datastore.base import AgentRecord, CaKeyRecord, EntryAlreadyExistsError, EntryChangedError
 from issuer.datastore.migrations import CREATE_VERSION_TABLE, load_migrations, pending
 from issuer.events.model import Event, OutboxRow, StoredEvent
 from meshid.entry import Entry
@@ -198,7 +198,9 @@ class PostgresDataStore:
             await _insert_many(conn, _EVENT_INSERT, event_rows)
         return stored
 
-    async def update_entry(self, entry: Entry, events: Sequence[Event] = ()) -> Entry:
+    async def update_entry(
+        self, entry: Entry, events: Sequence[Event] = (), *, expected_revision: int | None = None
+    ) -> Entry:
         event_rows = [codec.event_params(e) for e in events]
         key = ""
         try:
@@ -208,6 +210,10 @@ class PostgresDataStore:
                 )
                 if row is None:
                     raise NotFoundError(f"entry {entry.id!r} not found")
+                if expected_revision is not None and int(row[0]) != expected_revision:
+                    raise EntryChangedError(
+                        f"entry {entry.id!r} is at revision {row[0]}, not {expected_revision}"
+                    )
                 stored = codec.canonical_entry(
                     entry.replace(revision_number=int(row[0]) + 1, created_at=int(row[1]))
                 )

@@ -24,7 +24,7 @@ from typing import Any
 import aiosqlite
 
 from issuer.datastore import codec
-from issuer.datastore.base import AgentRecord, CaKeyRecord, EntryAlreadyExistsError
+from issuer.datastore.base import AgentRecord, CaKeyRecord, EntryAlreadyExistsError, EntryChangedError
 from issuer.datastore.migrations import CREATE_VERSION_TABLE, load_migrations, pending, split_statements
 from issuer.events.model import Event, OutboxRow, StoredEvent
 from meshid.entry import Entry
@@ -281,7 +281,9 @@ class SqliteDataStore:
             await conn.executemany(_EVENT_INSERT, event_rows)
         return stored
 
-    async def update_entry(self, entry: Entry, events: Sequence[Event] = ()) -> Entry:
+    async def update_entry(
+        self, entry: Entry, events: Sequence[Event] = (), *, expected_revision: int | None = None
+    ) -> Entry:
         event_rows = [codec.event_params(e) for e in events]
         async with self._tx() as conn:
             rows = list(
@@ -291,6 +293,10 @@ class SqliteDataStore:
             )
             if not rows:
                 raise NotFoundError(f"entry {entry.id!r} not found")
+            if expected_revision is not None and int(rows[0][0]) != expected_revision:
+                raise EntryChangedError(
+                    f"entry {entry.id!r} is at revision {rows[0][0]}, not {expected_revision}"
+                )
             stored = codec.canonical_entry(
                 entry.replace(revision_number=int(rows[0][0]) + 1, created_at=int(rows[0][1]))
             )

@@ -3,6 +3,7 @@ clear 400, never an internal error with a traceback."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +23,7 @@ DEEP = b"[" * 1000 + b"]" * 1000  # orjson accepts nesting up to 1024; repr() of
 
 
 @pytest.fixture
-async def admin(short_tmp: Path) -> AsyncIterator[aiohttp.ClientSession]:
+async def admin_server(short_tmp: Path) -> AsyncIterator[tuple[aiohttp.ClientSession, Server]]:
     upstream = ensure_dev_upstream(short_tmp / "upstream")
     secret = short_tmp / "master.secret"
     secret.write_text("hostile-admin-master-secret-0123456789\n")
@@ -41,9 +42,14 @@ async def admin(short_tmp: Path) -> AsyncIterator[aiohttp.ClientSession]:
     await server.start()
     try:
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as session:
-            yield session
+            yield session, server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def admin(admin_server: tuple[aiohttp.ClientSession, Server]) -> aiohttp.ClientSession:
+    return admin_server[0]
 
 
 async def call(session: aiohttp.ClientSession, method: str, path: str, raw: bytes) -> tuple[int, Any]:
@@ -112,3 +118,53 @@ async def test_a_body_above_the_limit_is_a_json_413(admin: aiohttp.ClientSession
     """aiohttp's own 413 is plain text; every other error of these APIs is JSON."""
     status, body = await call(admin, "POST", "/v1/entries", b'{"pad": "%s"}' % (b"a" * (1 << 20)))
     assert status == 413 and body["error"]["code"] == "resource_exhausted", body
+
+
+@pytest.mark.parametrize("value", [b"%d" % (1 << 63), b"-5"])
+async def test_expires_at_beyond_int64_or_negative_is_a_400(
+    admin: aiohttp.ClientSession, value: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """2^63 reached SQLite's INTEGER column and came back a 500 ("Python int too large");
+    a negative one was stored as an already expired entry, which the Entry API refuses."""
+    with caplog.at_level(logging.WARNING):
+        status, body = await call(admin, "POST", "/v1/entries", b'{%s, "expires_at": %s}' % (ENTRY, value))
+        assert status == 400 and "expires_at" in body["error"]["message"], body
+        status, created = await call(admin, "POST", "/v1/entries", b"{%s}" % ENTRY)
+        assert status == 201, created
+        status, body = await call(admin, "PUT", f"/v1/entries/{created['id']}", b'{"expires_at": %s}' % value)
+        assert status == 400 and "expires_at" in body["error"]["message"], body
+        status, shown = await call(admin, "GET", f"/v1/entries/{created['id']}", b"")
+        assert shown == created
+    assert "internal error" not in caplog.text
+
+
+async def test_an_update_keeps_the_additional_attributes(
+    admin_server: tuple[aiohttp.ClientSession, Server],
+) -> None:
+    """The PUT rebuilt the entry from its JSON form, which has no additional_attributes:
+    changing a hint with the CLI dropped what Cilium's operator had set over gRPC."""
+    admin, server = admin_server
+    attrs = {"additional_attributes": {"disable_x509_svid_prefetch": True, "jwt_svid_include_jti": True}}
+    status, created = await call(admin, "POST", "/v1/entries", b"{%s}" % ENTRY)
+    assert status == 201, created
+    current = await server.entries.get(created["id"])
+    await server.entries.update(current.replace(extra=attrs))
+    status, body = await call(admin, "PUT", f"/v1/entries/{created['id']}", b'{"hint": "h"}')
+    assert status == 200 and body["hint"] == "h", body
+    assert (await server.entries.get(created["id"])).extra == attrs
+
+
+async def test_concurrent_updates_of_different_fields_both_land(admin: aiohttp.ClientSession) -> None:
+    """Each PUT read the entry, merged its body and wrote the whole entry back: of two PUTs at
+    once, the second wrote the first's field back as it had read it, and that change was lost."""
+    status, created = await call(admin, "POST", "/v1/entries", b"{%s}" % ENTRY)
+    assert status == 201, created
+    path = f"/v1/entries/{created['id']}"
+    bodies = [b'{"hint": "h"}', b'{"dns_names": ["a.example.org"]}', b'{"x509_svid_ttl": 600}',
+              b'{"jwt_svid_ttl": 60}', b'{"store_svid": true}', b'{"downstream": true}']
+    results = await asyncio.gather(*(call(admin, "PUT", path, b) for b in bodies))
+    assert all(status == 200 for status, _ in results), results
+    status, shown = await call(admin, "GET", path, b"")
+    assert (shown["hint"], shown["dns_names"], shown["x509_svid_ttl"], shown["jwt_svid_ttl"],
+            shown["store_svid"], shown["downstream"]) == ("h", ["a.example.org"], 600, 60, True, True), shown
+    assert shown["revision_number"] == len(bodies)

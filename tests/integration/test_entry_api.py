@@ -247,6 +247,32 @@ async def test_update_paths(server: Server, channels: list[Channel]) -> None:
     ]
 
 
+async def test_concurrent_masked_updates_keep_each_others_fields(
+    server: Server, channels: list[Channel]
+) -> None:
+    """Each BatchUpdateEntry read the entry, set its masked field and wrote the whole entry
+    back: two at once, the later one put the other's field back as it had read it."""
+    stub = await operator_stub(server, channels)
+    res = await stub.BatchCreateEntry(CreateReq(entries=[cilium_entry(9)]), timeout=TIMEOUT)
+    entry_id = res.results[0].entry.id
+    Pb, Mask = types_entry_pb2.Entry, types_entry_pb2.EntryMask
+    changes = [
+        (Pb(id=entry_id, hint="web"), Mask(hint=True)),
+        (Pb(id=entry_id, x509_svid_ttl=600), Mask(x509_svid_ttl=True)),
+        (Pb(id=entry_id, jwt_svid_ttl=60), Mask(jwt_svid_ttl=True)),
+        (Pb(id=entry_id, dns_names=["a.example.org"]), Mask(dns_names=True)),
+    ]
+    results = await asyncio.gather(*(
+        stub.BatchUpdateEntry(UpdateReq(entries=[pb], input_mask=mask), timeout=TIMEOUT)
+        for pb, mask in changes
+    ))
+    assert all(r.results[0].status.code == Status.OK.value for r in results), results
+    got = await stub.GetEntry(entry_pb2.GetEntryRequest(id=entry_id), timeout=TIMEOUT)
+    assert (got.hint, got.x509_svid_ttl, got.jwt_svid_ttl, list(got.dns_names)) == (
+        "web", 600, 60, ["a.example.org"]), got
+    assert got.revision_number == len(changes)
+
+
 async def test_bad_input_gets_per_entry_status(server: Server, channels: list[Channel]) -> None:
     stub = await operator_stub(server, channels)
     no_selectors = cilium_entry(2)

@@ -19,7 +19,13 @@ import pytest
 from pg import PostgresCluster, postgres_cluster, postgres_db, postgres_dsn  # noqa: F401
 
 from issuer.datastore import codec
-from issuer.datastore.base import AgentRecord, CaKeyRecord, DataStore, EntryAlreadyExistsError
+from issuer.datastore.base import (
+    AgentRecord,
+    CaKeyRecord,
+    DataStore,
+    EntryAlreadyExistsError,
+    EntryChangedError,
+)
 from issuer.datastore.factory import datastore_for, open_datastore
 from issuer.datastore.migrations import (
     CREATE_VERSION_TABLE,
@@ -310,6 +316,74 @@ async def test_update_missing_or_clashing_changes_nothing(store: DataStore) -> N
     assert info.value.existing == a
     assert await store.get_entry(b.id) == b
     assert await outbox_events(store) == []
+
+
+async def test_update_at_an_expected_revision_refuses_a_moved_entry(store: DataStore) -> None:
+    created = await store.create_entry(make_entry())
+    moved = await store.update_entry(created.replace(hint="theirs"))
+    with pytest.raises(EntryChangedError):
+        await store.update_entry(created.replace(x509_svid_ttl=60), [ev(1)], expected_revision=0)
+    assert await store.get_entry(created.id) == moved
+    assert await outbox_events(store) == []
+    ours = await store.update_entry(moved.replace(x509_svid_ttl=60), [ev(2)], expected_revision=1)
+    assert ours.revision_number == 2 and ours.hint == "theirs" and ours.x509_svid_ttl == 60
+
+
+async def test_concurrent_entry_changes_on_two_replicas_lose_nothing(
+    store: DataStore, twin: DataStore
+) -> None:
+    """Each replica read the entry, changed its field and wrote the whole entry back: the
+    later write put the other replica's field back as it had read it."""
+    from issuer.entries import EntryService
+
+    td, server_id = TrustDomain("example.org"), sid("/meshid/server")
+    replicas = [EntryService(store, td, server_id), EntryService(twin, td, server_id)]
+    created = await replicas[0].create(make_entry())
+    changes: list[dict[str, Any]] = [
+        {"hint": "h"}, {"x509_svid_ttl": 600}, {"jwt_svid_ttl": 60}, {"store_svid": True},
+        {"downstream": True}, {"dns_names": ("a.example.org",)},
+    ]
+
+    async def change(i: int, fields: dict[str, Any]) -> Entry:
+        return await replicas[i % 2].modify(created.id, lambda current: current.replace(**fields))
+
+    await asyncio.gather(*(change(i, c) for i, c in enumerate(changes)))
+    stored = await store.get_entry(created.id)
+    assert stored is not None and stored.revision_number == len(changes)
+    expected = {k: v for c in changes for k, v in c.items()}
+    assert stored == created.replace(revision_number=len(changes), **expected)
+
+
+async def test_racing_update_and_delete_leave_the_index_as_stored(
+    store: DataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An update and a delete of one entry at once could count their writes (the revision
+    counter) in the other order than they made them, as a PostgreSQL pool may: the index
+    applied the update last and kept signing for the deleted entry. Here the update's count
+    is held back until the delete is done, or for 0.5 s if the delete waits for the update."""
+    from issuer.authorization import EntryIndex
+    from issuer.entries import EntryService
+
+    server_id = sid("/meshid/server")
+    svc = EntryService(store, TrustDomain("example.org"), server_id)
+    created = await svc.create(make_entry())
+    await svc.index()
+    real_increment = store.increment_meta
+    deleting: list[asyncio.Task[Entry]] = []
+
+    async def held_back_increment(key: str) -> int:
+        if not deleting:  # the update's count: its write is done
+            deleting.append(asyncio.create_task(svc.delete(created.id)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(deleting[0]), 0.5)
+        return await real_increment(key)
+
+    monkeypatch.setattr(store, "increment_meta", held_back_increment)
+    await svc.update(created.replace(hint="h"))
+    await deleting[0]
+    idx = await svc.index()
+    assert await store.get_entry(created.id) is None
+    assert set(idx.by_id) == set(EntryIndex(await store.list_entries(), server_id).by_id) == set()
 
 
 async def test_delete_returns_the_entry(store: DataStore) -> None:
