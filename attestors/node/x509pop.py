@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -46,6 +46,27 @@ def sign_challenge(key: PrivateKeyTypes, nonce: bytes) -> bytes:
             nonce, padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32), hashes.SHA256()
         )
     raise AttestationError("unsupported node key type")
+
+
+def _check_node_key(leaf: x509.Certificate) -> None:
+    """Refuse, before any challenge, a node certificate whose key is not meant for signing
+    (as SPIRE: keyUsage present with digitalSignature) or of a type the proof cannot use.
+    A CA certificate (keyCertSign only) or a key-encipherment-only certificate was accepted,
+    and an Ed25519/DSA node got a challenge it could never answer."""
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    except ValueError:  # a duplicate or malformed extension
+        raise AttestationError("node certificate has malformed extensions") from None
+    if usage is None or not usage.digital_signature:
+        raise AttestationError("node certificate's key usage does not include digitalSignature")
+    try:
+        pub = leaf.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise AttestationError("node certificate's public key cannot be loaded") from None
+    if not isinstance(pub, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise AttestationError("unsupported node key type (x509pop needs an EC or RSA key)")
 
 
 def payload_for(chain: Sequence[x509.Certificate]) -> dict[str, list[str]]:
@@ -86,6 +107,7 @@ class X509PopAttestor:
 
     async def challenge(self, request: AttestationRequest) -> Challenge | None:
         chain = self._chain(request)
+        _check_node_key(chain[0])
         self._verify(chain)
         return Challenge(secrets.token_bytes(NONCE_BYTES), {"chain": request.payload["chain"]})
 
@@ -116,6 +138,7 @@ class X509PopAttestor:
         if challenge.state.get("chain") != request.payload.get("chain"):
             raise AttestationError("x509pop chain changed between challenge and response")
         chain = self._chain(request)
+        _check_node_key(chain[0])
         verified = self._verify(chain)
         leaf = chain[0]
         pub = leaf.public_key()
