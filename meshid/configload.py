@@ -9,6 +9,7 @@ e.g. `MESHID_SERVER__AGENT_API_PORT=9443`; top-level keys: `MESHID_TRUST_DOMAIN`
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -34,6 +35,9 @@ def parse_duration(value: Any) -> Duration:
     if isinstance(value, bool):
         raise ValueError("expected a duration like '1h' or a number of seconds")
     if isinstance(value, (int, float)):
+        # TOML has inf and nan: nan passed every range check after this (it compares false).
+        if not math.isfinite(value):
+            raise ValueError(f"duration must be a finite number of seconds, got {value!r}")
         if value < 0:
             raise ValueError("duration must not be negative")
         return Duration(value)
@@ -98,12 +102,24 @@ def _apply_env(cls: type, data: dict[str, Any], env: Mapping[str, str], source: 
 
 
 def _env_value(text: str, tp: Any) -> Any:
+    """The typed value of an override; text that is not one is passed on as it is, for
+    _convert to refuse naming the key (a typo must not become a quiet `false`)."""
     origin = typing.get_origin(tp)
     if tp is bool:
-        return text.strip().lower() in ("1", "true", "yes", "on")
+        word = text.strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
+        return text
     if tp is int:
         try:
             return int(text)
+        except ValueError:
+            return text
+    if tp is float:  # was passed on as text: every float key's override failed
+        try:
+            return float(text)
         except ValueError:
             return text
     if origin in (list, tuple):
@@ -173,6 +189,8 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expected a number, got {value!r}")
+        if not math.isfinite(value):  # TOML's nan passed the range checks (e.g. global_rate)
+            raise ValueError(f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

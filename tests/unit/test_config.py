@@ -61,6 +61,10 @@ def test_durations_accept_units_and_seconds(tmp_path: Path) -> None:
         ("[server]\nbind_address = 1\n", "server.bind_address", "expected a string"),
         ('[server]\nadmin_ids = "spiffe://example.org/admin"\n', "server.admin_ids", "expected a list"),
         ('[ca]\nca_ttl = "one day"\n', "ca.ca_ttl", "duration"),
+        # TOML's inf and nan passed every range check (nan compares false with everything)
+        ("[ca]\nca_ttl = inf\n", "ca.ca_ttl", "finite"),
+        ("[ca]\nx509_svid_ttl = nan\n", "ca.x509_svid_ttl", "finite"),
+        ("[admission]\nglobal_rate = nan\n", "admission.global_rate", "finite"),
         ("[ca]\nca_ttl = -5\n", "ca.ca_ttl", "negative"),
         ("server = 5\n", "server", "expected a table"),
         # values out of range
@@ -144,6 +148,23 @@ def test_env_override_is_validated_like_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_server_config(path, env={"MESHID_CA__X509_SVID_TTL": "48h"})
     assert "ca.x509_svid_ttl" in str(info.value) and "must not exceed" in str(info.value)
+
+
+def test_env_override_of_a_number_or_a_switch(tmp_path: Path) -> None:
+    """A float key's override stayed a string ("expected a number, got '100'"), and a switch
+    that was not exactly 1/true/yes/on (a typo, "flase" or "enabled") was quietly false."""
+    path = write(tmp_path, "")
+    cfg = load_server_config(path, env={"MESHID_ADMISSION__AGENT_RATE": "100",
+                                        "MESHID_ADMISSION__GLOBAL_RATE": "2500.5",
+                                        "MESHID_SERVER__GRPC_ENABLED": "Off",
+                                        "MESHID_SERVER__HEALTH_ENABLED": "0"})
+    assert (cfg.admission.agent_rate, cfg.admission.global_rate) == (100.0, 2500.5)
+    assert cfg.server.grpc_enabled is False and cfg.server.health_enabled is False
+    for name, value, reason in (("MESHID_SERVER__GRPC_ENABLED", "flase", "expected true or false"),
+                                ("MESHID_ADMISSION__AGENT_RATE", "fast", "expected a number")):
+        with pytest.raises(ConfigError) as info:
+            load_server_config(path, env={name: value})
+        assert reason in str(info.value) and value in str(info.value), info.value
 
 
 def test_from_dict_names_the_given_source() -> None:
