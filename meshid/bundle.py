@@ -69,7 +69,8 @@ class Bundle:
                 raise InvalidBundleError("bundle document is too large")
             try:
                 doc = json.loads(doc)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
+                # RecursionError: arrays nested past the interpreter's limit, well within 4 MB.
                 raise InvalidBundleError(f"bundle is not valid JSON: {exc}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
             raise InvalidBundleError("bundle must be a JSON object with a 'keys' list")
@@ -110,7 +111,7 @@ class Bundle:
         """Parse a plain JWKS (as FetchJWTBundles returns) into a bundle of JWT keys."""
         try:
             data = json.loads(doc)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise InvalidBundleError(f"JWKS is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
             raise InvalidBundleError("JWKS must have a 'keys' list")

@@ -159,11 +159,15 @@ def test_malformed_documents_are_refused(bundle: Bundle, name: str) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"not json", b"[]", b'"keys"', b"null", b"{", "{\"keys\": [}", b"\xff\xfe"],
+    [b"", b"not json", b"[]", b'"keys"', b"null", b"{", "{\"keys\": [}", b"\xff\xfe",
+     b'{"keys": ' + b"[" * 100_000],  # RecursionError from json, not InvalidBundleError, before
 )
 def test_non_json_or_wrong_shape_is_refused(raw: bytes | str) -> None:
     with pytest.raises(InvalidBundleError):
         Bundle.from_spiffe_json(TD, raw)
+    if isinstance(raw, bytes) and raw:
+        with pytest.raises(InvalidBundleError):
+            Bundle.from_jwks(TD, raw)
 
 
 def test_oversized_document_is_refused() -> None:

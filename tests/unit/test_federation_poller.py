@@ -283,10 +283,19 @@ async def test_invalid_documents_never_replace_the_last_good_bundle(
     no_roots = replace(foreign.bundle, x509_authorities=(), sequence=9).to_spiffe_bytes()
     bad_docs = [b"<html>oops</html>", b'{"keys": [{"use": "x509-svid", "x5c": ["!!"]}]}', no_roots,
                 b'{"keys": "nope"}']
+    # A hostile peer's documents that used to escape as RecursionError / TypeError, or (a
+    # JWK with its private part) to parse and then fail to re-encode: "failed unexpectedly"
+    # with a traceback, and no last_error to show for it.
+    bad_docs.append(b'{"keys": ' + b"[" * 100_000)
+    for change in ({"x": 12345}, {"d": "AAAA"}):
+        doc = foreign.bundle.to_spiffe_json()
+        next(k for k in doc["keys"] if k["use"] == "jwt-svid").update(change)
+        bad_docs.append(json.dumps(doc).encode())
     for doc in bad_docs:
         foreign.body = lambda d=doc: d  # type: ignore[misc]
-        assert not await poller.poll(TWO), doc
+        assert not await poller.poll(TWO), doc[:80]
         assert poller.bundles[TWO] == good
+        assert poller.status()["two.org"]["last_error"]
     stored = await ds.get_meta(META_PREFIX + "two.org")
     assert stored is not None and Bundle.from_spiffe_json(TWO, stored) == good
 
