@@ -288,9 +288,9 @@ async def test_invalid_documents_never_replace_the_last_good_bundle(
     # with a traceback, and no last_error to show for it.
     bad_docs.append(b'{"keys": ' + b"[" * 100_000)
     for change in ({"x": 12345}, {"d": "AAAA"}):
-        doc = foreign.bundle.to_spiffe_json()
-        next(k for k in doc["keys"] if k["use"] == "jwt-svid").update(change)
-        bad_docs.append(json.dumps(doc).encode())
+        hostile = foreign.bundle.to_spiffe_json()
+        next(k for k in hostile["keys"] if k["use"] == "jwt-svid").update(change)
+        bad_docs.append(json.dumps(hostile).encode())
     for doc in bad_docs:
         foreign.body = lambda d=doc: d  # type: ignore[misc]
         assert not await poller.poll(TWO), doc[:80]
