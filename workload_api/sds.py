@@ -245,6 +245,11 @@ def check_type_url(req: DiscoveryRequest) -> None:
 
 # ---------------------------------------------------------------------------- stream state
 MAX_LOGGED_ERROR = 512  # characters of an Envoy NACK's message put in our log
+MAX_LOGGED_VALUE = 128  # characters of a resource name, nonce or version put in our log
+
+
+def _short(value: str) -> str:
+    return bounded_status_message(value, MAX_LOGGED_VALUE) or ""
 
 
 @dataclass
@@ -265,12 +270,13 @@ class _StreamState:
         if self.nonce and req.response_nonce != self.nonce:
             # Answers a response we have since superseded: xDS says ignore it.
             log.debug("SDS: ignoring request with stale nonce %r (expected %r)",
-                      req.response_nonce, self.nonce)
+                      _short(req.response_nonce), self.nonce)
             return False
         if req.HasField("error_detail"):
             # Once per response, cut short: the message is the caller's, and one that repeated
             # a 1 MB NACK of the same response wrote 482 MB of warnings in 5 s.
-            names = list(req.resource_names[:MAX_NAMES_IN_ERROR])
+            # The names are the caller's as well: one of 1 MB was logged whole.
+            names = [_short(n) for n in req.resource_names[:MAX_NAMES_IN_ERROR]]
             if self.nacked != self.nonce:
                 self.nacked = self.nonce
                 log.warning("SDS: Envoy rejected version %s of %s: %s", req.version_info[:64] or "?",
@@ -278,7 +284,7 @@ class _StreamState:
             else:
                 log.debug("SDS: Envoy rejected version %s again", req.version_info[:64] or "?")
         elif self.nonce and req.version_info != str(self.version):
-            log.debug("SDS: client is at version %r, expected %s", req.version_info, self.version)
+            log.debug("SDS: client is at version %r, expected %s", _short(req.version_info), self.version)
         if req.HasField("node") or self.node is None:
             self.node = req.node
         previous = self.request

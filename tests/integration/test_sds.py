@@ -379,6 +379,30 @@ async def test_repeated_nacks_are_logged_once_and_short(
     assert len(warnings[0]) < 1000 and warnings[0].endswith("(99488 more characters)")
 
 
+async def test_a_nack_naming_huge_resources_is_logged_short(
+    dev_stack: DevStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The resource names are the caller's too: a NACK naming a 1 MB resource was logged whole
+    # at WARNING (once per stream, and streams are cheap), as were the nonce and version at DEBUG.
+    caplog.set_level(logging.DEBUG, logger="meshid.agent.sds")
+    huge = "y" * 1_000_000
+    async with sds(dev_stack) as stub:
+        with pytest.raises(GRPCError) as err:
+            async with stub.StreamSecrets.open(timeout=TIMEOUT) as st:
+                await st.send_message(request(["default"]))
+                first = await st.recv_message()
+                assert first is not None
+                await st.send_message(request(["default"], version=huge, nonce=huge))  # stale
+                nack = request(["default", huge], version=huge, nonce=first.nonce, error="bad")
+                await st.send_message(nack, end=True)
+                with contextlib.suppress(StreamTerminatedError):  # as in the test above
+                    await st.recv_message()
+        assert err.value.status == Status.INVALID_ARGUMENT  # the unknown name ends the stream
+    logged = [r.getMessage() for r in caplog.records if r.name == "meshid.agent.sds"]
+    assert any("rejected version" in m for m in logged)
+    assert all(len(m) < 2000 for m in logged), sorted(len(m) for m in logged)
+
+
 async def test_wrong_type_url_and_delta_secrets(dev_stack: DevStack) -> None:
     async with sds(dev_stack) as stub:
         bad = request(["default"])
