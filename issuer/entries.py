@@ -4,6 +4,7 @@ in-memory index the signing path authorizes against."""
 from __future__ import annotations
 
 import asyncio
+import string
 import time
 import uuid
 from collections.abc import Callable
@@ -18,8 +19,22 @@ from meshid.spiffe_id import SpiffeId, TrustDomain
 ENTRIES_REVISION = "entries_revision"
 # expires_at is an int64 on the wire (types.Entry) and in both datastores' columns.
 MAX_EXPIRES_AT = (1 << 63) - 1
+MAX_ENTRY_ID_LENGTH = 255
+_ENTRY_ID_CHARS = frozenset(string.ascii_letters + string.digits + "-._~")
 # Tries of one read-change-write against other replicas' writes of the same entry.
 MODIFY_ATTEMPTS = 8
+
+
+def check_entry_id(entry_id: str) -> str:
+    """An id chosen by the caller must be one path segment of /v1/entries/{id} as it is:
+    unreserved URL characters, and neither "." nor ".." (a path normalises them away)."""
+    if len(entry_id) > MAX_ENTRY_ID_LENGTH:
+        raise ValueError(f"entry ID is longer than {MAX_ENTRY_ID_LENGTH} characters")
+    if not set(entry_id) <= _ENTRY_ID_CHARS:
+        raise ValueError("entry ID may only contain letters, digits, '-', '.', '_' and '~'")
+    if entry_id in (".", ".."):
+        raise ValueError(f"entry ID cannot be {entry_id!r}")
+    return entry_id
 
 
 class EntryService:
@@ -63,6 +78,8 @@ class EntryService:
 
     async def create(self, entry: Entry) -> Entry:
         self._check(entry)
+        if entry.id:  # here, not in _check: entries stored before this rule still update
+            check_entry_id(entry.id)
         async with self._write_lock:
             now = self.clock()
             if not entry.id:

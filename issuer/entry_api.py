@@ -8,7 +8,6 @@ Named errors become gRPC status codes in `status_of`, the one place that maps th
 from __future__ import annotations
 
 import logging
-import string
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
@@ -20,7 +19,7 @@ from grpclib.server import Stream
 from issuer._gen.spire.api.server.entry.v1 import entry_grpc, entry_pb2
 from issuer.authorization import EntryIndex
 from issuer.datastore.base import EntryAlreadyExistsError, EntryChangedError
-from issuer.entries import EntryService
+from issuer.entries import EntryService, check_entry_id
 from issuer.entry_filters import (
     MASKABLE_FIELDS,
     EntryFilter,
@@ -55,8 +54,6 @@ FilterProto = entry_pb2.ListEntriesRequest.Filter | entry_pb2.CountEntriesReques
 
 # revision_number and created_at belong to the server: never taken from a request.
 WRITABLE_FIELDS = tuple(f for f in MASKABLE_FIELDS if f not in ("revision_number", "created_at"))
-MAX_ENTRY_ID_LENGTH = 255
-_ENTRY_ID_CHARS = frozenset(string.ascii_letters + string.digits + "-._~")
 _ATTRIBUTES = "additional_attributes"  # kept in Entry.extra: meshid itself does not act on them
 
 
@@ -171,14 +168,6 @@ def entry_changes(
         except ValueError as exc:
             raise ValueError(f"invalid {name}: {exc}") from None
     return changes
-
-
-def check_entry_id(entry_id: str) -> str:
-    if len(entry_id) > MAX_ENTRY_ID_LENGTH:
-        raise ValueError(f"entry ID is longer than {MAX_ENTRY_ID_LENGTH} characters")
-    if not set(entry_id) <= _ENTRY_ID_CHARS:
-        raise ValueError("entry ID may only contain letters, digits, '-', '.', '_' and '~'")
-    return entry_id
 
 
 def entry_from_proto(pb: types_entry_pb2.Entry, td: TrustDomain) -> Entry:

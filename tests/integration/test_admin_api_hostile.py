@@ -168,3 +168,17 @@ async def test_concurrent_updates_of_different_fields_both_land(admin: aiohttp.C
     assert (shown["hint"], shown["dns_names"], shown["x509_svid_ttl"], shown["jwt_svid_ttl"],
             shown["store_svid"], shown["downstream"]) == ("h", ["a.example.org"], 600, 60, True, True), shown
     assert shown["revision_number"] == len(bodies)
+
+
+@pytest.mark.parametrize("entry_id", [b"..", b".", b"a/b", b"a b", b"a?b", b"\\u00e9", b"x" * 256])
+async def test_an_entry_id_the_entry_routes_cannot_name_is_refused(
+    admin: aiohttp.ClientSession, entry_id: bytes
+) -> None:
+    """The Entry API refused such ids, the admin API stored them: ".." could then never be
+    shown, changed or deleted (/v1/entries/.. is normalised away), nor "a/b" by the CLI."""
+    status, body = await call(admin, "POST", "/v1/entries", b'{%s, "id": "%s"}' % (ENTRY, entry_id))
+    assert status == 400 and "entry ID" in body["error"]["message"], body
+    status, listed = await call(admin, "GET", "/v1/entries", b"")
+    assert listed["entries"] == []
+    status, body = await call(admin, "POST", "/v1/entries", b'{%s, "id": "my-entry_1.a~"}' % ENTRY)
+    assert status == 201 and body["id"] == "my-entry_1.a~", body
