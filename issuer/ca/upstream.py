@@ -129,6 +129,7 @@ class DiskUpstreamAuthority:
         # The chain handed to clients stops below the roots: roots only go to trust stores.
         root_spkis = {_spki(r.public_key()) for r in roots}
         chain = [c for c in certs if _spki(c.public_key()) not in root_spkis]
+        _check_path_lengths(chain, roots, self.cert_file, self.bundle_file)
         at = _aware(now)
         for c in chain:
             if c.not_valid_after_utc <= at:
@@ -239,6 +240,36 @@ def _check_chain(
         raise ConfigError(
             f"upstream bundle_file {bundle_path}: no root issued {last.subject.rfc4514_string()!r} "
             f"(the end of {cert_path})"
+        )
+
+
+def _check_path_lengths(
+    chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate], cert_path: str, bundle_path: str
+) -> None:
+    """Every CA above the issuer's CA must allow the CAs below it (RFC 5280 pathLenConstraint:
+    non-self-issued intermediates, the issuer's own CA included). Otherwise every SVID it
+    signs fails verification in clients (OpenSSL, Go) while the upstream looks fine here.
+    `chain` is the signer first, up to but without the roots (empty: a root signs)."""
+    below = 1  # the issuer's CA certificate
+    for cert in chain:
+        _check_path_length(cert, below, f"upstream cert_file {cert_path}")
+        if cert.subject != cert.issuer:
+            below += 1
+    if chain:
+        for root in roots:
+            if issued_by(chain[-1], root):
+                _check_path_length(root, below, f"upstream bundle_file {bundle_path}")
+
+
+def _check_path_length(cert: x509.Certificate, below: int, where: str) -> None:
+    try:
+        limit = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length
+    except x509.ExtensionNotFound:
+        return
+    if limit is not None and limit < below:
+        raise ConfigError(
+            f"{where}: {cert.subject.rfc4514_string()!r} has pathLenConstraint {limit}, but {below} CA "
+            f"certificate(s) would sit below it with the issuer's own CA; SVIDs would not verify"
         )
 
 

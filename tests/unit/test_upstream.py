@@ -36,6 +36,16 @@ basicConstraints = critical, CA:TRUE, pathlen:0
 keyUsage = critical, keyCertSign, cRLSign
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
+[v3_int_pathlen2]
+basicConstraints = critical, CA:TRUE, pathlen:2
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+[v3_sub]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
 [v3_leafish]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
@@ -302,6 +312,59 @@ def test_pathlen_zero_upstream_refused(pki: Path):
     _make_intermediate(pki, "p0", section="v3_int_pathlen0")
     with pytest.raises(ConfigError, match="pathLenConstraint 0"):
         _upstream(pki, cert="p0.pem", key="p0.key").mint_x509_ca_sync(_csr(), 3600, _now())
+
+
+def _make_sub(d: Path, parent: str) -> None:
+    """CA `sub` (no pathlen of its own) signed by the intermediate `parent`."""
+    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "sub.key", cwd=d)
+    _openssl("req", "-new", "-key", "sub.key", "-subj", "/O=Test/CN=sub", "-out", "sub.csr", cwd=d)
+    _openssl(
+        "x509", "-req", "-in", "sub.csr", "-CA", f"{parent}.pem", "-CAkey", f"{parent}.key",
+        "-CAcreateserial", "-days", "5", "-sha256", "-extfile", "ext.cnf", "-extensions", "v3_sub", "-out", "sub.pem",
+        cwd=d,
+    )  # fmt: skip
+    (d / "sub-chain.pem").write_bytes((d / "sub.pem").read_bytes() + (d / f"{parent}.pem").read_bytes())
+
+
+def test_pathlen_above_the_signer_is_checked(pki: Path):
+    # root -> int (pathlen 1) -> sub -> the issuer's CA -> SVID: two CAs below int. Only the
+    # signer's own pathlen was checked, so the CA was minted and no SVID of it verified.
+    _make_sub(pki, "int")
+    with pytest.raises(ConfigError, match="'CN=int,O=Test' has pathLenConstraint 1, but 2"):
+        _upstream(pki, cert="sub-chain.pem", key="sub.key").mint_x509_ca_sync(_csr(), 3600, _now())
+
+
+def test_pathlen_of_the_root_is_checked(pki: Path, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tight-root")
+    (d / "ext.cnf").write_text(EXTENSIONS)
+    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "root.key", cwd=d)
+    _openssl(
+        "req", "-x509", "-new", "-key", "root.key", "-days", "30", "-subj", "/O=Test/CN=Tight Root",
+        "-addext", "basicConstraints=critical,CA:TRUE,pathlen:1",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", "root.pem",
+        cwd=d,
+    )  # fmt: skip
+    _make_intermediate(d, "int")
+    with pytest.raises(ConfigError, match=r"bundle_file .* has pathLenConstraint 1, but 2"):
+        _upstream(d).mint_x509_ca_sync(_csr(), 3600, _now())
+
+
+async def test_deeper_chain_within_pathlen_verifies_with_openssl(pki: Path):
+    _make_intermediate(pki, "int2", section="v3_int_pathlen2")
+    _make_sub(pki, "int2")
+    ca_key = keys.generate_private_key(keys.KeyType.EC_P256)
+    now = _now()
+    result = await _upstream(pki, cert="sub-chain.pem", key="sub.key").mint_x509_ca(
+        minting.build_ca_csr(ca_key, TD), 3600, now)
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(leaf_key, hashes.SHA256())
+    leaf = minting.X509Minter(ca_key, result.ca_cert, result.upstream_chain).mint_from_csr(
+        csr.public_bytes(serialization.Encoding.DER), WORKLOAD, [], 600, now)
+    (pki / "leaf.pem").write_bytes(leaf.public_bytes(PEM))
+    _write_pem(pki / "chain.pem", [result.ca_cert, *result.upstream_chain])
+    out = _openssl("verify", "-x509_strict", "-CAfile", "root.pem", "-untrusted", "chain.pem", "leaf.pem",
+                   cwd=pki)
+    assert "leaf.pem: OK" in out
 
 
 def test_non_ca_upstream_refused(pki: Path):
