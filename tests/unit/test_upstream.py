@@ -320,7 +320,8 @@ def _make_sub(d: Path, parent: str) -> None:
     _openssl("req", "-new", "-key", "sub.key", "-subj", "/O=Test/CN=sub", "-out", "sub.csr", cwd=d)
     _openssl(
         "x509", "-req", "-in", "sub.csr", "-CA", f"{parent}.pem", "-CAkey", f"{parent}.key",
-        "-CAcreateserial", "-days", "5", "-sha256", "-extfile", "ext.cnf", "-extensions", "v3_sub", "-out", "sub.pem",
+        "-CAcreateserial", "-days", "5", "-sha256", "-extfile", "ext.cnf", "-extensions", "v3_sub",
+        "-out", "sub.pem",
         cwd=d,
     )  # fmt: skip
     (d / "sub-chain.pem").write_bytes((d / "sub.pem").read_bytes() + (d / f"{parent}.pem").read_bytes())
