@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from attestors.node.join_token import MAX_TOKEN_TTL, MIN_TOKEN_TTL
-from meshid.configload import Duration, build, check_identity_basics, check_spiffe_ids, doc, load_file
+from meshid.configload import Duration, Port, build, check_identity_basics, check_spiffe_ids, doc, load_file
 from meshid.entry import MIN_SVID_TTL
 from meshid.errors import ConfigError
 from meshid.spiffe_id import SpiffeId, TrustDomain
@@ -26,8 +26,8 @@ class DatastoreConfig:
 @dataclass
 class ListenConfig:
     bind_address: str = doc("address of the TLS listeners (agent API, gRPC)", default="0.0.0.0")
-    agent_api_port: int = doc("mutual-TLS agent API port (TLS 1.3); 0 = any free port", default=8443)
-    grpc_port: int = doc(
+    agent_api_port: Port = doc("mutual-TLS agent API port (TLS 1.3); 0 = any free port", default=8443)
+    grpc_port: Port = doc(
         "mutual-TLS gRPC port for the SPIRE Entry API (Cilium's default 8081); 0 = any free port",
         default=8081,
     )
@@ -35,7 +35,7 @@ class ListenConfig:
     health_address: str = doc(
         "plain-HTTP health/metrics listener address (loopback by default)", default="127.0.0.1"
     )
-    health_port: int = doc("plain-HTTP /live, /ready, /metrics port; 0 = any free port", default=8088)
+    health_port: Port = doc("plain-HTTP /live, /ready, /metrics port; 0 = any free port", default=8088)
     health_enabled: bool = doc("serve /live, /ready and /metrics", default=True)
     admin_socket_path: str = doc("admin Unix socket (mode 0600); default <data_dir>/admin.sock", default="")
     admin_ids: list[str] = doc(
@@ -215,7 +215,7 @@ class BundleEndpointConfig:
     address: str = doc(
         "listen address of the bundle endpoint (also serves OIDC discovery)", default="0.0.0.0"
     )
-    port: int = doc("bundle endpoint port; 0 = any free port", default=8444)
+    port: Port = doc("bundle endpoint port; 0 = any free port", default=8444)
     profile: str = doc(
         "https_spiffe: present the server's X509-SVID; https_web: present cert_file/key_file",
         default="https_spiffe",

@@ -31,6 +31,19 @@ class Duration(float):
     """Seconds; in TOML either a number of seconds or a string like "24h", "5m", "30s"."""
 
 
+class Port(int):
+    """A TCP port: 1-65535, or 0 for any free one. Checked when the config is read: a port
+    out of range failed only at bind, with an error that named no config key."""
+
+
+def parse_port(value: Any) -> Port:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if not 0 <= value <= 65535:
+        raise ValueError(f"expected a port from 0 (any free port) to 65535, got {value}")
+    return Port(value)
+
+
 def parse_duration(value: Any) -> Duration:
     if isinstance(value, bool):
         raise ValueError("expected a duration like '1h' or a number of seconds")
@@ -112,7 +125,7 @@ def _env_value(text: str, tp: Any) -> Any:
         if word in ("0", "false", "no", "off"):
             return False
         return text
-    if tp is int:
+    if tp in (int, Port):
         try:
             return int(text)
         except ValueError:
@@ -178,6 +191,8 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
         return _convert(args[0], value, source, key)
     if tp is Duration:
         return parse_duration(value)
+    if tp is Port:
+        return parse_port(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ValueError(f"expected true or false, got {value!r}")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshid.configload import Duration, build, check_identity_basics, check_spiffe_ids, doc, load_file
+from meshid.configload import Duration, Port, build, check_identity_basics, check_spiffe_ids, doc, load_file
 from meshid.errors import ConfigError
 from meshid.spiffe_id import TrustDomain
 
@@ -78,7 +78,7 @@ class RotationConfig:
 class HealthConfig:
     enabled: bool = doc("serve /live, /ready and /metrics over plain HTTP", default=True)
     address: str = doc("bind address (loopback by default)", default="127.0.0.1")
-    port: int = doc("port; 0 = any free port", default=8089)
+    port: Port = doc("port; 0 = any free port", default=8089)
 
 
 @dataclass

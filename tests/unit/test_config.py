@@ -69,6 +69,10 @@ def test_durations_accept_units_and_seconds(tmp_path: Path) -> None:
         ("server = 5\n", "server", "expected a table"),
         # values out of range
         ('[ca]\nkey_type = "ec-p521"\n', "ca.key_type", "must be one of"),
+        # a port out of range failed only at bind, naming no key
+        ("[server]\nagent_api_port = 70000\n", "server.agent_api_port", "0 (any free port) to 65535"),
+        ("[server]\nhealth_port = -1\n", "server.health_port", "0 (any free port) to 65535"),
+        ("[federation.bundle_endpoint]\nport = 65536\n", "federation.bundle_endpoint.port", "65535"),
         ('[server]\nadmin_ids = ["spiffe://Example.org/admin"]\n', "server.admin_ids[0]", "lowercase"),
         ('log_level = "verbose"\n', "log_level", "must be"),
         ('[upstream.disk]\ncert_file = "/x.pem"\n', "upstream.disk", "must be set"),
@@ -148,6 +152,9 @@ def test_env_override_is_validated_like_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_server_config(path, env={"MESHID_CA__X509_SVID_TTL": "48h"})
     assert "ca.x509_svid_ttl" in str(info.value) and "must not exceed" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_server_config(path, env={"MESHID_SERVER__GRPC_PORT": "99999"})
+    assert "server.grpc_port" in str(info.value) and "65535" in str(info.value)
 
 
 def test_env_override_of_a_number_or_a_switch(tmp_path: Path) -> None:
@@ -198,3 +205,14 @@ async def test_data_dir_that_is_a_file_fails_the_start_naming_it(tmp_path: Path)
             await agent.start()
     finally:
         await agent.stop()
+
+
+def test_agent_health_port_out_of_range_names_the_key() -> None:
+    from workload_api.config import agent_config_from_dict
+
+    with pytest.raises(ConfigError) as info:
+        agent_config_from_dict({
+            "trust_domain": "example.org", "data_dir": "/tmp/x", "server_address": ["127.0.0.1:8443"],
+            "trust_bundle_path": "/tmp/b.pem", "health": {"port": 100000},
+        })
+    assert "health.port" in str(info.value) and "65535" in str(info.value)
