@@ -24,6 +24,9 @@ from meshid.errors import ConfigError
 T = TypeVar("T")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+# No setting needs more; "99999999999d" as ca_ttl passed and the server failed at start with
+# a traceback (a date past year 9999).
+MAX_DURATION = 100 * 365 * 86400
 ENV_PREFIX = "MESHID_"
 
 
@@ -53,12 +56,18 @@ def parse_duration(value: Any) -> Duration:
             raise ValueError(f"duration must be a finite number of seconds, got {value!r}")
         if value < 0:
             raise ValueError("duration must not be negative")
-        return Duration(value)
+        return _bounded(Duration(value))
     if isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return Duration(float(m.group(1)) * _UNITS[m.group(2)])
+            return _bounded(Duration(float(m.group(1)) * _UNITS[m.group(2)]))
     raise ValueError(f"expected a duration like '1h', '5m', '30s' or seconds, got {value!r}")
+
+
+def _bounded(d: Duration) -> Duration:
+    if d > MAX_DURATION:
+        raise ValueError(f"duration must be at most 100 years ({MAX_DURATION}s), got {d:g}s")
+    return d
 
 
 def doc(text: str, *, secret: bool = False, **kw: Any) -> Any:

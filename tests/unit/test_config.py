@@ -66,6 +66,9 @@ def test_durations_accept_units_and_seconds(tmp_path: Path) -> None:
         ("[ca]\nx509_svid_ttl = nan\n", "ca.x509_svid_ttl", "finite"),
         ("[admission]\nglobal_rate = nan\n", "admission.global_rate", "finite"),
         ("[ca]\nca_ttl = -5\n", "ca.ca_ttl", "negative"),
+        # a date past year 9999: the server failed at start with a traceback
+        ('[ca]\nca_ttl = "99999999999d"\n', "ca.ca_ttl", "at most 100 years"),
+        ("[ca]\nca_ttl = 1e300\n", "ca.ca_ttl", "at most 100 years"),
         ("server = 5\n", "server", "expected a table"),
         # values out of range
         ('[ca]\nkey_type = "ec-p521"\n', "ca.key_type", "must be one of"),
