@@ -184,8 +184,16 @@ class SvidCache:
             out[str(td.id)] = b.jwks_bytes()
         return out
 
+    def svid_of(self, entry: Entry) -> X509Svid | None:
+        """The SVID held for `entry`, if it is for the SPIFFE ID the entry names now. An entry
+        changed to name another ID (and perhaps other selectors) keeps its old SVID until the
+        new one is signed, or for good if the server refuses it: that SVID and its key are
+        no longer the entry's to hand out, to the workloads it now matches or any other."""
+        s = self.svids.get(entry.id)
+        return s if s is not None and s.spiffe_id == entry.spiffe_id else None
+
     def svids_for(self, selectors: frozenset[Selector]) -> list[X509Svid]:
-        return [s for e in self.matching_entries(selectors) if (s := self.svids.get(e.id)) is not None]
+        return [s for e in self.matching_entries(selectors) if (s := self.svid_of(e)) is not None]
 
     # ------------------------------------------------------------------ updates
     def set_entries(self, entries: Iterable[Entry], parents: Iterable[SpiffeId]) -> None:

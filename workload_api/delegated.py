@@ -73,7 +73,7 @@ def x509_svids_response(cache: SvidCache, entries: Sequence[Entry]) -> pb.Subscr
     federated: set[TrustDomain] = set()
     for e in entries:
         federated.update(td for td in e.federates_with if td in cache.federated)
-        s = cache.svids.get(e.id)
+        s = cache.svid_of(e)
         if s is None:
             continue
         out.x509_svids.append(

@@ -104,7 +104,7 @@ class CallerView:
         entries = cache.matching_entries(selectors)
         svids: dict[SpiffeId, X509Svid] = {}
         for e in entries:
-            s = cache.svids.get(e.id)
+            s = cache.svid_of(e)
             if s is not None:
                 svids.setdefault(s.spiffe_id, s)  # two entries, one ID: Envoy wants one secret per name
         bundles: dict[TrustDomain, Bundle] = {cache.td: cache.bundle}

@@ -168,7 +168,7 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
         if not entries:
             raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
         watcher.entry_ids = {e.id for e in entries}
-        svids = [s for e in entries if (s := self.cache.svids.get(e.id)) is not None]
+        svids = [s for e in entries if (s := self.cache.svid_of(e)) is not None]
         # Pre-encoded: the server's codec passes bytes through (GuardedProtoCodec, meshid/grpc_base.py).
         return self.x509_response_bytes(svids) if svids else None
 

@@ -621,6 +621,31 @@ async def test_x509_svid_stream_never_sends_a_response_without_svids(api: Api) -
         await st.cancel()
 
 
+async def test_an_svid_is_not_handed_out_once_its_entry_names_another_id(api: Api) -> None:
+    # Entry web is repurposed: another SPIFFE ID and the db workload's selector. Its old SVID
+    # stays in the cache until the new one is signed (for good if the server refuses): it and
+    # its key went to db, on the Workload API, SDS and to a delegate.
+    from workload_api.delegated import x509_svids_response
+    from workload_api.sds import CallerView
+
+    ca, ca_key = make_ca("example.org ca")
+    web, db = ENTRIES
+    api.cache.put_svids([svid_for(web, ca, ca_key), svid_for(db, ca, ca_key)])
+    guest = web.replace(spiffe_id=SpiffeId(TD, "/guest"), selectors=(DB,), revision_number=2)
+    api.cache.set_entries([guest, db], [AGENT])
+    assert [s.spiffe_id for s in CallerView.from_cache(api.cache, frozenset({DB})).svids] == [db.spiffe_id]
+    delegated = x509_svids_response(api.cache, [guest, db])
+    assert [s.x509_svid.id.path for s in delegated.x509_svids] == ["/db"]
+    api.caller(DB)
+    async with api.stub.FetchX509SVID.open(metadata=HEADER, timeout=30) as st:
+        await st.send_message(workload_pb2.X509SVIDRequest(), end=True)
+        assert [s.spiffe_id for s in (await next_message(st)).svids] == [str(db.spiffe_id)]
+        api.cache.put_svids([svid_for(guest, ca, ca_key)])  # the new SVID: served at once
+        msg = await next_message(st)
+        assert sorted(s.spiffe_id for s in msg.svids) == [str(db.spiffe_id), str(guest.spiffe_id)]
+        await st.cancel()
+
+
 async def test_jwt_svid_hints_are_unique_within_a_response(api: Api) -> None:
     web, twin = ENTRIES[0].replace(hint="internal"), entry("twin", WEB).replace(hint="internal")
     api.cache.set_entries([web, twin, ENTRIES[1]], [AGENT])
