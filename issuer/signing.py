@@ -1,7 +1,8 @@
 """Signing for agents: X509-SVID batches and JWT-SVIDs, strictly within what entries allow.
 
-The CA work of large batches runs in an executor so health checks and other agents are
-not starved; each batch's issuance events are written to the outbox in one transaction.
+The CA work of large batches, and all of it when the CA key is in an HSM, runs in an
+executor so health checks and other agents are not starved; each batch's issuance
+events are written to the outbox in one transaction.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -249,7 +251,7 @@ class SigningService:
                 )
             return out
 
-        if len(jobs) >= EXECUTOR_THRESHOLD:
+        if len(jobs) >= EXECUTOR_THRESHOLD or self.ca.key_manager.signs_on_device:
             return await asyncio.get_running_loop().run_in_executor(self._executor, run)
         return run()
 
@@ -281,7 +283,8 @@ class SigningService:
             ttl = int(entry.jwt_svid_ttl or self.default_jwt_ttl)
             iat = int(now)  # whole seconds, so the reported expiry is exactly the token's exp
             expires = min(iat + ttl, active.record.not_after)
-            token = minting.mint_jwt_svid(
+            mint = functools.partial(
+                minting.mint_jwt_svid,
                 active.key,
                 jwt_kid(active),
                 entry.spiffe_id,
@@ -290,6 +293,10 @@ class SigningService:
                 dt.datetime.fromtimestamp(iat, dt.UTC),
                 issuer=self.jwt_issuer,
             )
+            if self.ca.key_manager.signs_on_device:
+                token = await asyncio.get_running_loop().run_in_executor(self._executor, mint)
+            else:
+                token = mint()
             self.ca.note_signed(active.key_id, expires)
             await self.ds.append_events(
                 [

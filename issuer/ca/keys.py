@@ -124,6 +124,10 @@ class KeyManager(Protocol):
     """Makes CA keys and converts them to and from what the datastore stores."""
 
     name: str
+    # Whether a signature waits on a device (an HSM, perhaps over the network, its module
+    # lock held while it generates a key): then every signing runs on the signing thread,
+    # not only large batches, so the event loop never waits on the device.
+    signs_on_device: bool
 
     async def generate(self, key_id: str, key_type: KeyType) -> tuple[PrivateKey, bytes]:
         """A new key and its stored form bound to `key_id`."""
@@ -151,6 +155,7 @@ class DiskKeyManager:
     with the key id as associated data."""
 
     name = "disk"
+    signs_on_device = False
 
     def __init__(self, sealer: KeySealer) -> None:
         self._sealer = sealer

@@ -389,6 +389,7 @@ class Pkcs11KeyManager:
     """KeyManager whose keys stay in a PKCS#11 token; the datastore holds references."""
 
     name = "pkcs11"
+    signs_on_device = True
 
     def __init__(
         self, module_path: str, token_label: str, pin: str, key_label_prefix: str = "meshid-"

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from pkcs11 import exceptions as p11e
 
 from issuer.ca import minting
 from issuer.ca.keys import KeyType, key_id_for, spki_der
-from issuer.ca.pkcs11 import Pkcs11EcPrivateKey, Pkcs11Error, Pkcs11KeyManager
+from issuer.ca.pkcs11 import Pkcs11EcPrivateKey, Pkcs11Error, Pkcs11KeyManager, TokenSession
 from issuer.ca.sealing import SealError
 from issuer.ca.slots import JWT, X509, CaManager, LoadedKey
 from issuer.config import server_config_from_dict
@@ -281,7 +282,19 @@ async def test_server_with_pkcs11_key_manager_issues_svids(
             assert ref["manager"] == "pkcs11" and ref["key_id"] == rec.key_id
             attrs = _token_attributes(softhsm, bytes.fromhex(ref["ckid"]))
             assert attrs["EXTRACTABLE"] is False and attrs["SENSITIVE"] is True
+        # The token's signatures are made off the event loop, even one SVID's: a device
+        # that waits (its lock held by a key generation, a network HSM) must not stall it.
+        loop_thread = threading.get_ident()
+        signed_on: list[int] = []
+        real_sign = TokenSession.sign
+
+        def recording_sign(self: TokenSession, *args: Any, **kwargs: Any) -> bytes:
+            signed_on.append(threading.get_ident())
+            return real_sign(self, *args, **kwargs)
+
+        monkeypatch.setattr(TokenSession, "sign", recording_sign)
         first_ca = await _issue_and_check(stack, short_tmp)
+        assert len(signed_on) >= 2 and loop_thread not in signed_on
     finally:
         await stack.stop()
 
