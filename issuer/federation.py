@@ -176,7 +176,9 @@ async def fetch_bundle(rel: Relationship, current: Bundle | None, time_limit: fl
         if isinstance(exc, FederationFetchError):
             raise
         raise FederationFetchError(str(exc)) from None
-    return Bundle.from_spiffe_json(rel.trust_domain, body)
+    # Parsed on a thread: a peer's document may be up to MAX_BUNDLE_DOCUMENT, ~0.25 s of
+    # JSON and certificate parsing that would hold the server's event loop.
+    return await asyncio.to_thread(Bundle.from_spiffe_json, rel.trust_domain, body)
 
 
 # ---------------------------------------------------------------------------- the poller

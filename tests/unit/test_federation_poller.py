@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -247,6 +248,23 @@ async def test_https_spiffe_fetch_persist_and_restart_with_endpoint_down(
     restarted = FederationPoller(ds, [rel], 0.05, 1.0, fetch_timeout=5)
     await restarted.load()
     assert restarted.bundles[TWO] == got
+
+
+async def test_the_fetched_document_is_parsed_off_the_event_loop(
+    foreign: Foreign, ds: DataStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed_on: list[int] = []
+    real = Bundle.from_spiffe_json.__func__  # type: ignore[attr-defined]
+
+    def recording(cls: type[Bundle], td: TrustDomain, data: bytes | str) -> Bundle:
+        parsed_on.append(threading.get_ident())
+        return real(cls, td, data)  # type: ignore[no-any-return]
+
+    poller = FederationPoller(ds, [_spiffe_rel(foreign, tmp_path)], 0.05, 1.0, fetch_timeout=5)
+    await poller.load()
+    monkeypatch.setattr(Bundle, "from_spiffe_json", classmethod(recording))
+    assert await poller.poll(TWO)
+    assert parsed_on and threading.get_ident() not in parsed_on
 
 
 async def test_wrong_endpoint_id_is_refused(foreign: Foreign, ds: DataStore, tmp_path: Path) -> None:
