@@ -203,15 +203,30 @@ class AgentService:
 
     # ------------------------------------------------------------------ authenticated agents
     async def authenticate(self, agent_id: SpiffeId, serial: int) -> AgentRecord:
-        """Check an mTLS peer is a current, non-banned agent presenting its latest SVID."""
+        """Check an mTLS peer is a current, non-banned agent presenting its current SVID or
+        the one its last renewal returned; the first call with the latter makes it current
+        (and from then on the one before is refused), as SPIRE's agent authorizer does."""
+        presented = f"{serial:x}"
         record = await self.ds.get_agent(agent_id)
         if record is None:
             raise PermissionDeniedError(f"{agent_id} is not an attested agent (evicted?); re-attest")
         if record.banned:
             raise PermissionDeniedError(f"agent {agent_id} is banned")
-        if record.serial != f"{serial:x}":
-            raise PermissionDeniedError("agent SVID has been superseded; use the latest one")
-        return record
+        if record.serial == presented:
+            return record
+        if record.new_serial == presented:
+            now = int(self.clock())
+            if await self.ds.promote_agent(record, now):
+                return replace(
+                    record, serial=record.new_serial, expires_at=record.new_expires_at,
+                    new_serial="", new_expires_at=0, updated_at=now,
+                )
+            # Changed since we read it: another call (maybe on another replica) promoted
+            # this same SVID, which is then current, or the agent was renewed or banned.
+            record = await self.ds.get_agent(agent_id)
+            if record is not None and not record.banned and record.serial == presented:
+                return record
+        raise PermissionDeniedError("agent SVID has been superseded; use the latest one")
 
     async def renew(self, agent: AgentRecord, csr: bytes) -> IssuedAgentSvid:
         """Sign a new agent SVID; `agent` is the record authenticate() returned for the SVID
@@ -231,18 +246,28 @@ class AgentService:
             self._renewing.discard(agent.agent_id)
 
     async def _renew(self, agent: AgentRecord, csr: bytes) -> IssuedAgentSvid:
+        """The new SVID is stored as pending: the one the agent holds stays accepted until
+        it presents the new one (authenticate), so a reply that never reaches the agent
+        costs nothing. A renewal made while one is pending (that reply was lost) replaces
+        it; the write is conditional on both serials as read, so of renewals racing across
+        replicas one is stored."""
         chain = await self._mint(agent.agent_id, csr)
         now = self.clock()
         record = replace(
             agent,
-            serial=f"{chain[0].serial_number:x}",
-            expires_at=int(chain[0].not_valid_after_utc.timestamp()),
+            new_serial=f"{chain[0].serial_number:x}",
+            new_expires_at=int(chain[0].not_valid_after_utc.timestamp()),
             updated_at=int(now),
         )
         events = [self._agent_svid_issued(chain[0], agent.agent_id, agent.selectors, now, renew=True)]
-        if not await self.ds.renew_agent(record, agent.serial, events):
-            # Another replica renewed (or banned/evicted) this agent since we read it; the
-            # SVID just signed is dropped unseen.
+        if not await self.ds.renew_agent(record, agent, events):
+            # Changed since we read it; the SVID just signed is dropped unseen. If only the
+            # pending SVID moved (a renewal on another replica: the agent retried one whose
+            # answer it did not get), the SVID presented is still current, and a refusal
+            # would send the agent to re-attest: it is told to retry.
+            now_stored = await self.ds.get_agent(agent.agent_id)
+            if now_stored is not None and not now_stored.banned and now_stored.serial == agent.serial:
+                raise OverloadedError("a renewal of this agent's SVID is already under way", retry_after=1.0)
             raise PermissionDeniedError("agent SVID has been superseded; use the latest one")
         self._events_written()
         return IssuedAgentSvid(record, chain)
@@ -283,7 +308,8 @@ class AgentService:
         if record is None:
             raise NotFoundError(f"no agent {agent_id}")
         await self.ds.put_agent(
-            replace(record, banned=True, serial=""), [ocsf.agent_banned(str(agent_id), self.clock())]
+            replace(record, banned=True, serial="", new_serial="", new_expires_at=0),
+            [ocsf.agent_banned(str(agent_id), self.clock())],
         )
         self._events_written()
 

@@ -9,6 +9,7 @@ at the moment drawn when the SVID was issued instead of drawing again (SPEC-EVEN
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -38,8 +39,8 @@ STATE_FILE = "agent_svid.json"
 BUNDLE_FILE = "bundle.json"
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write a file only the agent can read, atomically."""
+def _stage_private(path: Path, data: bytes) -> Path:
+    """Write `data` to a synced temporary file beside `path`, readable only by the agent."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -47,7 +48,12 @@ def write_private(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    return tmp
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file only the agent can read, atomically."""
+    os.replace(_stage_private(path, data), path)
 
 
 def _x509pop_challenge(answer: dict[str, Any]) -> tuple[bytes, str]:
@@ -108,14 +114,33 @@ class NodeIdentity:
         self.agent_id = spiffe_id_of_cert(chain[0])
         self.client.set_identity(chain, key)
 
-    def _persist(self) -> None:
-        assert self.key is not None and self.schedule is not None
-        write_private(self.dir / KEY_FILE, pem_key(self.key))
-        write_private(self.dir / SVID_FILE, pem_chain(self.chain))
-        write_private(self.dir / STATE_FILE, json.dumps(
-            {"renew_at": self.schedule.renew_at, "drawn_with": self.schedule.drawn_with}).encode())
+    def _persist(
+        self, chain: list[x509.Certificate], key: PrivateKeyTypes, schedule: RenewalSchedule
+    ) -> None:
+        """Every file is written and synced before any replaces its predecessor: a write
+        that fails (disk full) left the new key beside the old SVID, a pair a restarted
+        agent could not use, while the old SVID was still the one the server accepts."""
+        files = {
+            KEY_FILE: pem_key(key),
+            SVID_FILE: pem_chain(chain),
+            STATE_FILE: json.dumps(
+                {"renew_at": schedule.renew_at, "drawn_with": schedule.drawn_with}).encode(),
+        }
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for name, data in files.items():
+                staged.append((_stage_private(self.dir / name, data), self.dir / name))
+        except BaseException:
+            for tmp, _ in staged:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            raise
+        for tmp, path in staged:
+            os.replace(tmp, path)
 
-    def _adopt(self, chain: list[x509.Certificate], key: PrivateKeyTypes, stationary: bool) -> None:
+    def _adopt(
+        self, chain: list[x509.Certificate], key: PrivateKeyTypes, stationary: bool, renewal: bool
+    ) -> None:
         leaf = chain[0]
         # Checked before anything is replaced: a renewed SVID over another key was adopted
         # and persisted, and every mTLS context built from it failed from then on, across
@@ -126,8 +151,17 @@ class NodeIdentity:
         not_before, not_after = leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
         issued_at = effective_issued_at(not_before, not_after, self.clock())
         schedule = self.policy.schedule(issued_at, not_after, self.rng, stationary=stationary)
-        self._set(chain, key, schedule)
-        self._persist()
+        if renewal:
+            # On disk before in use: the server accepts the previous SVID until this one is
+            # presented, so if it cannot be saved the agent goes on with the previous one (a
+            # restart would otherwise bring back an SVID the server then refuses).
+            self._persist(chain, key, schedule)
+            self._set(chain, key, schedule)
+        else:
+            # An attestation has replaced the previous SVID on the server already (and a
+            # join token is spent): the new one is used even if it cannot be saved.
+            self._set(chain, key, schedule)
+            self._persist(chain, key, schedule)
 
     async def attest(self) -> dict[str, Any]:
         """Node-attest with the configured credentials; returns the server's bundle document.
@@ -156,7 +190,7 @@ class NodeIdentity:
         else:  # pragma: no cover - config validation prevents this
             raise ConfigError(f"unknown node attestor {kind}")
         chain = certs_from_json(resp.get("svid"))
-        self._adopt(chain, key, stationary=False)  # checks the SVID is for `key` first
+        self._adopt(chain, key, stationary=False, renewal=False)  # checks the SVID is for `key` first
         log.info("node attested as %s", self.agent_id)
         bundle = resp.get("bundle", {})
         return bundle if isinstance(bundle, dict) else {}
@@ -191,7 +225,7 @@ class NodeIdentity:
         """Renew over mTLS; `stationary` after a mass event (CA taint) so agents do not stay in step."""
         key = new_key()
         chain = await self.client.renew(csr_for(key))
-        self._adopt(chain, key, stationary=stationary)
+        self._adopt(chain, key, stationary=stationary, renewal=True)
         log.info("renewed agent SVID (expires %s)", chain[0].not_valid_after_utc.isoformat())
 
 

@@ -25,6 +25,11 @@ class AgentRecord:
     selectors: tuple[Selector, ...]
     serial: str = ""  # hex serial of the agent's current SVID
     expires_at: int = 0
+    # The SVID of a renewal the agent has not used yet (SPIRE's new_cert_serial_number):
+    # the current one stays accepted until the agent first presents this one, so a reply
+    # lost on its way back does not leave the agent with an SVID the server refuses.
+    new_serial: str = ""
+    new_expires_at: int = 0
     banned: bool = False
     can_reattest: bool = True
     created_at: int = 0
@@ -109,11 +114,19 @@ class DataStore(Protocol):
         """Insert or replace."""
 
     async def renew_agent(
-        self, record: AgentRecord, previous_serial: str, events: Sequence[Event] = ()
+        self, record: AgentRecord, previous: AgentRecord, events: Sequence[Event] = ()
     ) -> bool:
-        """Store `record`'s serial, expiry and update time only if the stored agent still
-        has `previous_serial` and is not banned: one atomic check across every replica
-        sharing the database. False (nothing written, no events) otherwise."""
+        """Store `record`'s new_serial, new_expires_at and update time (a renewal, pending
+        until the agent uses it) only if the stored agent still has `previous`'s serial
+        and new_serial and is not banned: one atomic check across every replica sharing
+        the database. False (nothing written, no events) otherwise."""
+
+    async def promote_agent(
+        self, previous: AgentRecord, updated_at: int, events: Sequence[Event] = ()
+    ) -> bool:
+        """Make the pending SVID current (serial := new_serial, expires_at := new_expires_at,
+        the pending pair cleared) only if the stored agent still has `previous`'s serial and
+        (non-empty) new_serial and is not banned. False (nothing written, no events) otherwise."""
 
     async def list_agents(self) -> list[AgentRecord]: ...
 

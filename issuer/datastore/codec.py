@@ -130,20 +130,46 @@ AGENT_COLUMNS = (
     "can_reattest",
     "created_at",
     "updated_at",
+    "new_serial",
+    "new_expires_at",
 )
 
 
 def agent_renew_sql(param: Callable[[int], str]) -> str:
-    """The conditional write of a renewal: the new SVID's serial and expiry, only over the
-    one the renewal was made from, and never for a banned agent (see DataStore.renew_agent)."""
+    """The conditional write of a renewal: the new SVID's serial and expiry as pending,
+    only over the agent as the renewal read it, and never for a banned agent (see
+    DataStore.renew_agent)."""
     return (
-        f"UPDATE agents SET serial = {param(1)}, expires_at = {param(2)}, updated_at = {param(3)} "
-        f"WHERE agent_id = {param(4)} AND serial = {param(5)} AND NOT banned RETURNING agent_id"
+        f"UPDATE agents SET new_serial = {param(1)}, new_expires_at = {param(2)}, updated_at = {param(3)} "
+        f"WHERE agent_id = {param(4)} AND serial = {param(5)} AND new_serial = {param(6)} AND NOT banned "
+        "RETURNING agent_id"
     )
 
 
-def agent_renew_params(record: AgentRecord, previous_serial: str) -> tuple[Any, ...]:
-    return (record.serial, record.expires_at, record.updated_at, str(record.agent_id), previous_serial)
+def agent_renew_params(record: AgentRecord, previous: AgentRecord) -> tuple[Any, ...]:
+    return (
+        record.new_serial,
+        record.new_expires_at,
+        record.updated_at,
+        str(record.agent_id),
+        previous.serial,
+        previous.new_serial,
+    )
+
+
+def agent_promote_sql(param: Callable[[int], str]) -> str:
+    """The conditional write that makes a pending SVID current (see DataStore.promote_agent);
+    the right-hand sides read the row as it was before the update, in both dialects."""
+    return (
+        "UPDATE agents SET serial = new_serial, expires_at = new_expires_at, new_serial = '', "
+        f"new_expires_at = 0, updated_at = {param(1)} "
+        f"WHERE agent_id = {param(2)} AND serial = {param(3)} AND new_serial = {param(4)} "
+        "AND new_serial <> '' AND NOT banned RETURNING agent_id"
+    )
+
+
+def agent_promote_params(previous: AgentRecord, updated_at: int) -> tuple[Any, ...]:
+    return (updated_at, str(previous.agent_id), previous.serial, previous.new_serial)
 
 
 def agent_params(record: AgentRecord) -> tuple[Any, ...]:
@@ -157,6 +183,8 @@ def agent_params(record: AgentRecord) -> tuple[Any, ...]:
         record.can_reattest,
         record.created_at,
         record.updated_at,
+        record.new_serial,
+        record.new_expires_at,
     )
 
 
@@ -173,6 +201,8 @@ def agent_from_row(row: Row) -> AgentRecord:
         can_reattest=bool(row["can_reattest"]),
         created_at=int(row["created_at"]),
         updated_at=int(row["updated_at"]),
+        new_serial=row["new_serial"],
+        new_expires_at=int(row["new_expires_at"]),
     )
 
 

@@ -55,6 +55,7 @@ _SELECTOR_INSERT = "INSERT INTO entry_selectors (entry_id, type, value) VALUES (
 _AGENT_UPSERT = codec.upsert_sql("agents", codec.AGENT_COLUMNS, "agent_id", _q)
 _AGENT_SELECT = f"SELECT {', '.join(codec.AGENT_COLUMNS)} FROM agents"
 _AGENT_RENEW = codec.agent_renew_sql(_q)
+_AGENT_PROMOTE = codec.agent_promote_sql(_q)
 _CA_KEY_UPSERT = codec.upsert_sql("ca_keys", codec.CA_KEY_COLUMNS, "key_id", _q)
 _CA_KEY_SELECT = f"SELECT {', '.join(codec.CA_KEY_COLUMNS)} FROM ca_keys"
 _META_UPSERT = codec.upsert_sql("meta", ("key", "value"), "key", _q)
@@ -356,13 +357,20 @@ class SqliteDataStore:
             await conn.executemany(_EVENT_INSERT, event_rows)
 
     async def renew_agent(
-        self, record: AgentRecord, previous_serial: str, events: Sequence[Event] = ()
+        self, record: AgentRecord, previous: AgentRecord, events: Sequence[Event] = ()
     ) -> bool:
+        return await self._agent_cas(_AGENT_RENEW, codec.agent_renew_params(record, previous), events)
+
+    async def promote_agent(
+        self, previous: AgentRecord, updated_at: int, events: Sequence[Event] = ()
+    ) -> bool:
+        return await self._agent_cas(_AGENT_PROMOTE, codec.agent_promote_params(previous, updated_at), events)
+
+    async def _agent_cas(self, query: str, params: tuple[object, ...], events: Sequence[Event]) -> bool:
+        """A conditional agent UPDATE ... RETURNING and its events, or nothing at all."""
         event_rows = [codec.event_params(e) for e in events]
         async with self._tx() as conn:
-            rows = await conn.execute_fetchall(
-                _AGENT_RENEW, codec.agent_renew_params(record, previous_serial)
-            )
+            rows = await conn.execute_fetchall(query, params)
             if not list(rows):
                 return False
             await conn.executemany(_EVENT_INSERT, event_rows)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -196,23 +197,93 @@ def _agent_session(attested: Attested, chain: list[x509.Certificate], key: Any) 
 async def test_concurrent_renewals_with_one_svid_sign_once(attested: Attested) -> None:
     """Renewals presenting the same SVID at once all passed authentication, and each one
     minted and stored a new SVID (the last write won, so the agent could keep an SVID the
-    server no longer accepts). Now one is signed; the others are refused and nothing else
-    is minted, and the SVID it returned is the one the server accepts."""
+    server no longer accepts). Now those that overlap are told to retry (429: the SVID
+    presented is still accepted, a 403 would send the agent to re-attest); the stored
+    renewal, pending until used, is the one the last success returned, and it works."""
     assert attested.server.ds is not None
     url = f"{attested.url}/agent/renew"
     key = new_key()
     csr = {"csr": b64(csr_for(key))}
     results = await asyncio.gather(*(_post(attested.session, url, csr) for _ in range(8)))
     ok = [body for status, body in results if status == 200]
-    assert len(ok) == 1, results
+    assert ok, results
     refused = {(status, body["error"]["code"]) for status, body in results if status != 200}
-    assert refused <= {(429, "resource_exhausted"), (403, "permission_denied")}, refused
-    chain = [x509.load_der_x509_certificate(base64.b64decode(c)) for c in ok[0]["svid"]]
+    assert refused <= {(429, "resource_exhausted")}, refused
     record = await attested.server.ds.get_agent(attested.agent_id)
-    assert record is not None and record.serial == f"{chain[0].serial_number:x}"
+    assert record is not None
+    (chain,) = [c for c in map(_chain, ok) if f"{c[0].serial_number:x}" == record.new_serial]
     async with _agent_session(attested, chain, key) as renewed:
         status, body = await _post(renewed, f"{attested.url}/agent/sync", {"known": {}})
         assert status == 200, body
+    record = await attested.server.ds.get_agent(attested.agent_id)
+    assert record is not None and record.serial == f"{chain[0].serial_number:x}"
+
+
+def _chain(body: dict[str, Any]) -> list[x509.Certificate]:
+    return [x509.load_der_x509_certificate(base64.b64decode(c)) for c in body["svid"]]
+
+
+async def test_a_lost_renewal_reply_leaves_the_agent_svid_accepted(attested: Attested) -> None:
+    """The server stored a renewed SVID's serial as the only one it accepted, so when the
+    reply never reached the agent (timeout, reset, agent killed before saving it), the SVID
+    the agent still held was refused as superseded, and a join-token agent could never
+    attest again. As SPIRE: the renewed SVID is pending, the held one stays accepted until
+    the agent first presents the new one, and only then is the old one refused."""
+    ds = attested.server.ds
+    assert ds is not None
+    held = await ds.get_agent(attested.agent_id)
+    assert held is not None
+    renew, sync = f"{attested.url}/agent/renew", f"{attested.url}/agent/sync"
+
+    lost_key = new_key()
+    status, lost = await _post(attested.session, renew, {"csr": b64(csr_for(lost_key))})
+    assert status == 200, lost  # ... and the agent never gets this answer
+    status, body = await _post(attested.session, sync, {"known": {}})
+    assert status == 200, body  # the SVID it holds still works
+
+    key = new_key()
+    status, body = await _post(attested.session, renew, {"csr": b64(csr_for(key))})
+    assert status == 200, body  # renewed again from the held SVID: replaces the lost one
+    chain = _chain(body)
+    record = await ds.get_agent(attested.agent_id)
+    assert record is not None
+    assert (record.serial, record.expires_at) == (held.serial, held.expires_at)
+    assert record.new_serial == f"{chain[0].serial_number:x}"
+    assert record.new_expires_at == int(chain[0].not_valid_after_utc.timestamp())
+
+    async with _agent_session(attested, chain, key) as renewed:
+        status, body = await _post(renewed, sync, {"known": {}})
+        assert status == 200, body
+        record = await ds.get_agent(attested.agent_id)
+        assert record is not None
+        assert (record.serial, record.new_serial) == (f"{chain[0].serial_number:x}", "")
+        assert record.expires_at == int(chain[0].not_valid_after_utc.timestamp())
+        # Now the new SVID is the agent's: the one it held before is refused, and so is the
+        # lost one; the new one goes on working (and renewing).
+        status, body = await _post(attested.session, sync, {"known": {}})
+        assert status == 403 and "superseded" in body["error"]["message"], body
+        status, body = await _post(renewed, sync, {"known": {}})
+        assert status == 200, body
+        status, body = await _post(renewed, renew, {"csr": b64(csr_for(new_key()))})
+        assert status == 200, body
+    async with _agent_session(attested, _chain(lost), lost_key) as replaced:
+        status, body = await _post(replaced, sync, {"known": {}})
+        assert status == 403 and "superseded" in body["error"]["message"], body
+
+
+async def test_a_banned_agent_is_refused_with_a_renewal_pending(attested: Attested) -> None:
+    """Banning clears the pending SVID as well as the current one."""
+    ds = attested.server.ds
+    assert ds is not None
+    key = new_key()
+    status, body = await _post(attested.session, f"{attested.url}/agent/renew", {"csr": b64(csr_for(key))})
+    assert status == 200, body
+    await attested.server.agents.ban(attested.agent_id)
+    record = await ds.get_agent(attested.agent_id)
+    assert record is not None and record.banned and (record.serial, record.new_serial) == ("", "")
+    async with _agent_session(attested, _chain(body), key) as renewed:
+        status, body = await _post(renewed, f"{attested.url}/agent/sync", {"known": {}})
+        assert status == 403 and "banned" in body["error"]["message"], body
 
 
 async def test_renewal_is_a_signing_under_admission(attested: Attested) -> None:
@@ -292,3 +363,28 @@ async def test_expired_agent_svid_is_refused_on_a_kept_alive_connection(attested
     status, body = await _post(attested.session, url, {"known": {}})
     assert status == 401 and body["error"]["code"] == "unauthenticated", body
     assert "expired" in body["error"]["message"]
+
+
+async def test_a_renewal_beaten_by_another_replica_is_retried_not_refused(
+    attested: Attested, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another replica stores a renewal of the same SVID between this one's read and its
+    write (the agent retried one whose answer it did not get, on the next address). The
+    SVID presented is still the current one: the answer is 429 retry, not 403 superseded,
+    which would send the agent to re-attest (for a join-token agent, for good)."""
+    ds = attested.server.ds
+    assert ds is not None
+    real = ds.renew_agent
+
+    async def beaten(record: Any, previous: Any, events: Any = ()) -> bool:
+        other = dataclasses.replace(previous, new_serial="0b0e", new_expires_at=previous.expires_at)
+        assert await real(other, previous)  # the other replica's write lands first
+        return await real(record, previous, events)
+
+    monkeypatch.setattr(ds, "renew_agent", beaten)
+    url = f"{attested.url}/agent/renew"
+    status, body = await _post(attested.session, url, {"csr": b64(csr_for(new_key()))})
+    assert status == 429 and body["error"]["code"] == "resource_exhausted", body
+    monkeypatch.setattr(ds, "renew_agent", real)
+    status, body = await _post(attested.session, url, {"csr": b64(csr_for(new_key()))})
+    assert status == 200, body  # the retry replaces the other replica's pending SVID

@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from grpclib.client import Channel
@@ -20,7 +21,11 @@ from issuer.server import Server
 from meshid.backoff import Backoff
 from meshid.cli.dev import start_dev
 from meshid.der import load_der_certificates
+from meshid.errors import PermissionDeniedError
+from meshid.spiffe_id import SpiffeId
 from workload_api._gen import workload_grpc, workload_pb2
+from workload_api.agent import Agent
+from workload_api.server_client import ServerClient, ServerUnavailableError
 
 pytestmark = pytest.mark.integration
 HEADER = {"workload.spiffe.io": "true"}
@@ -84,6 +89,60 @@ async def test_agent_survives_server_outage_and_catches_up(short_tmp: Path) -> N
             assert time.monotonic() < deadline, "agent did not catch up after the server returned"
             await asyncio.sleep(0.5)
         assert stack.agent.manager.consecutive_failures == 0
+    finally:
+        await stack.stop()
+
+
+async def test_agent_keeps_its_svid_when_a_renewal_answer_is_lost(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server signs and records a renewal, and the answer never reaches the agent (a
+    timeout, a reset, the agent killed). The agent, and the agent restarted from its state
+    directory, go on with the SVID they hold: the server still accepts it (it refused it as
+    superseded, and a join-token agent could never attest again). The next renewal that
+    does arrive is used, and from then on the old SVID is refused."""
+    stack = await start_dev(short_tmp / "d", "example.org", str(short_tmp / "s" / "api.sock"))
+    try:
+        assert stack.server.ds is not None
+        node = stack.agent.node
+        held, held_key, agent_id = node.chain, node.key, node.agent_id
+        assert agent_id is not None and held_key is not None
+        real_renew = node.client.renew
+
+        async def answer_lost(csr: bytes) -> list[Any]:
+            await real_renew(csr)  # signed and recorded by the server...
+            raise ServerUnavailableError("renewal answer lost")  # ...and never received
+
+        monkeypatch.setattr(node.client, "renew", answer_lost)
+        with pytest.raises(ServerUnavailableError):
+            await node.renew()
+        assert node.chain is held
+        await node.client.sync({}, -1)  # still accepted
+
+        # Restarted: the SVID comes back from disk and is accepted (a re-attestation would
+        # fail: the join token is spent).
+        config = stack.agent.config
+        await stack.agent.stop()
+        stack.agent = Agent(config)
+        await stack.agent.start()
+        node = stack.agent.node
+        assert node.chain == held and node.agent_id == agent_id
+        await node.client.sync({}, -1)
+
+        await node.renew()
+        assert node.chain != held
+        await node.client.sync({}, -1)  # presents the new SVID: now the current one
+        record = await stack.server.ds.get_agent(agent_id)
+        assert record is not None
+        assert (record.serial, record.new_serial) == (f"{node.chain[0].serial_number:x}", "")
+        stale = ServerClient(config.server_address, SpiffeId(stack.agent.td, "/meshid/server"))
+        try:
+            stale.set_roots(list(stack.server.ca.bundle.x509_authorities))
+            stale.set_identity(held, held_key)
+            with pytest.raises(PermissionDeniedError, match="superseded"):
+                await stale.sync({}, -1)
+        finally:
+            await stale.close()
     finally:
         await stack.stop()
 

@@ -9,6 +9,7 @@ import os
 import sqlite3
 import stat
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -530,29 +531,89 @@ async def test_agents_put_get_list_delete(store: DataStore) -> None:
     assert [e.subject for e in await outbox_events(store)] == [ev(1).subject, ev(2).subject]
 
 
-async def test_renewal_is_written_only_over_the_serial_it_was_made_from(
+async def test_renewal_is_written_only_over_the_agent_as_read(
     store: DataStore, twin: DataStore
 ) -> None:
-    """Replicas sharing the database: of renewals made from one SVID, one is stored; the
-    others write nothing, events included. Never over a banned or missing agent."""
-    await store.put_agent(agent("/agent/n1", serial="aa", expires_at=1_000, updated_at=10))
-    renewals = [agent("/agent/n1", serial=f"b{i}", expires_at=2_000 + i, updated_at=20) for i in range(10)]
+    """Replicas sharing the database: of renewals made from one reading of the agent, one
+    is stored, as pending (the current serial is untouched); the others write nothing,
+    events included. Never over a banned or missing agent."""
+    read = agent("/agent/n1", serial="aa", expires_at=1_000, updated_at=10)
+    await store.put_agent(read)
+    renewals = [replace(read, new_serial=f"b{i}", new_expires_at=2_000 + i, updated_at=20) for i in range(10)]
     won = await asyncio.gather(
-        *((store, twin)[i % 2].renew_agent(r, "aa", [ev(i)]) for i, r in enumerate(renewals))
+        *((store, twin)[i % 2].renew_agent(r, read, [ev(i)]) for i, r in enumerate(renewals))
     )
     assert won.count(True) == 1
     winner = renewals[won.index(True)]
     stored = await store.get_agent(sid("/agent/n1"))
-    assert stored == winner
+    assert stored == winner and stored.serial == "aa" and stored.expires_at == 1_000
     assert [e.subject for e in await outbox_events(store)] == [ev(won.index(True)).subject]
 
-    next_one = agent("/agent/n1", serial="cc", expires_at=3_000, updated_at=30)
-    assert not await twin.renew_agent(next_one, "aa", [ev(50)])  # from a superseded SVID
-    await store.put_agent(agent("/agent/n1", serial=winner.serial, banned=True))
-    assert not await store.renew_agent(next_one, winner.serial, [ev(51)])  # banned
-    assert not await store.renew_agent(agent("/agent/gone", serial="dd"), "", [ev(52)])  # no such agent
-    assert (await store.get_agent(sid("/agent/n1"))).serial == winner.serial  # type: ignore[union-attr]
+    # The reply was lost: a renewal from the current SVID, reading the pending one,
+    # replaces it; one that read the agent before (nothing pending) does not.
+    again = replace(winner, new_serial="c0", new_expires_at=3_000, updated_at=30)
+    assert not await twin.renew_agent(again, read, [ev(40)])
+    assert await twin.renew_agent(again, winner, [ev(41)])
+    assert await store.get_agent(sid("/agent/n1")) == again
+
+    next_one = replace(again, new_serial="dd", new_expires_at=4_000)
+    assert not await twin.renew_agent(next_one, replace(again, serial="zz"), [ev(50)])  # superseded
+    await store.put_agent(replace(again, banned=True))
+    assert not await store.renew_agent(next_one, replace(again, banned=True), [ev(51)])  # banned
+    gone = agent("/agent/gone", serial="dd")
+    assert not await store.renew_agent(replace(gone, new_serial="ee"), gone, [ev(52)])  # no such agent
+    assert (await store.get_agent(sid("/agent/n1"))).new_serial == "c0"  # type: ignore[union-attr]
+    assert len(await outbox_events(store)) == 2
+
+
+async def test_pending_serial_is_promoted_once_across_replicas(store: DataStore, twin: DataStore) -> None:
+    """The first call made with the pending SVID makes it current; racing promotions on
+    two replicas write once; nothing is promoted over an agent that changed since it was
+    read, has nothing pending, or is banned."""
+    read = agent("/agent/n1", serial="aa", expires_at=1_000, new_serial="bb", new_expires_at=2_000)
+    await store.put_agent(read)
+    assert await store.get_agent(sid("/agent/n1")) == read  # the pending pair round-trips
+    won = await asyncio.gather(*((store, twin)[i % 2].promote_agent(read, 300, [ev(i)]) for i in range(6)))
+    assert won.count(True) == 1
+    promoted = replace(read, serial="bb", expires_at=2_000, new_serial="", new_expires_at=0, updated_at=300)
+    assert await store.get_agent(sid("/agent/n1")) == promoted
     assert len(await outbox_events(store)) == 1
+    assert not await store.promote_agent(promoted, 400)  # nothing pending
+    assert not await store.promote_agent(read, 400)  # as read before: already promoted
+
+    pending = replace(promoted, new_serial="cc", new_expires_at=3_000)
+    await store.put_agent(replace(pending, banned=True, serial=""))
+    assert not await store.promote_agent(replace(pending, serial=""), 500)  # banned
+    assert (await store.get_agent(sid("/agent/n1"))).serial == ""  # type: ignore[union-attr]
+
+
+async def test_upgrade_keeps_agents_with_nothing_pending(fresh_dsn: str) -> None:
+    """Agents stored before migration 0003 come back with no pending SVID."""
+    store = datastore_for(fresh_dsn)
+    await _schema_1_database(store, fresh_dsn)
+    before = agent("/agent/old", serial="aa", expires_at=1_000)
+    columns = codec.AGENT_COLUMNS[: codec.AGENT_COLUMNS.index("new_serial")]
+    params = codec.agent_params(before)[: len(columns)]
+    if isinstance(store, SqliteDataStore):
+
+        def run() -> None:
+            with contextlib.closing(sqlite3.connect(store.path)) as conn, conn:
+                holders = ", ".join("?" * len(columns))
+                conn.execute(f"INSERT INTO agents ({', '.join(columns)}) VALUES ({holders})", params)
+
+        await asyncio.to_thread(run)
+    else:
+        conn = await asyncpg.connect(fresh_dsn)
+        try:
+            holders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+            await conn.execute(f"INSERT INTO agents ({', '.join(columns)}) VALUES ({holders})", *params)
+        finally:
+            await conn.close()
+    await store.open()
+    try:
+        assert await store.get_agent(before.agent_id) == before
+    finally:
+        await store.close()
 
 
 # --- join tokens ------------------------------------------------------------------------------------

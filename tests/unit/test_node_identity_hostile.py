@@ -16,7 +16,7 @@ from test_manager_schedule import AGENT, Ca, Clock
 
 from workload_api.config import agent_config_from_dict
 from workload_api.keys import csr_for, new_key
-from workload_api.node_identity import SVID_FILE, NodeIdentity
+from workload_api.node_identity import KEY_FILE, STATE_FILE, SVID_FILE, NodeIdentity
 from workload_api.rotation import RotationPolicy
 from workload_api.server_client import ServerRejectedError
 
@@ -77,6 +77,32 @@ async def test_a_bad_renewal_leaves_the_agent_svid_in_place(tmp_path: Path, bad:
         await node.renew()
     assert node.chain is held and client.identity[0] is held
     assert (tmp_path / SVID_FILE).read_bytes() == held_file
+
+
+@pytest.mark.parametrize("unwritable", [KEY_FILE, SVID_FILE, STATE_FILE])
+async def test_a_renewal_that_cannot_be_saved_is_not_used(tmp_path: Path, unwritable: str) -> None:
+    """The server accepts the SVID the agent holds until the agent presents the new one.
+    A new SVID that could not be saved was put in use all the same (the first call made it
+    the server's current one) and, written file by file, could leave the new key beside the
+    old SVID: a restart then had no usable pair. Now it is saved whole before use, or not
+    used, and a restart comes back with the SVID held before."""
+    clock = Clock()
+    ca = Ca(clock)
+    node, client = node_for(tmp_path, clock)
+    client.answer = lambda csr: ca.sign(csr, AGENT)
+    await node.renew()
+    held, held_key = node.chain, node.key
+    saved = {name: (tmp_path / name).read_bytes() for name in (KEY_FILE, SVID_FILE, STATE_FILE)}
+    (tmp_path / (unwritable + ".tmp")).mkdir()  # its write fails, as on a full disk
+    with pytest.raises(OSError):
+        await node.renew()
+    assert node.chain is held and client.identity == (held, held_key)
+    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
+    assert not [p.name for p in tmp_path.iterdir() if p.is_file() and p.name.endswith(".tmp")]
+
+    restarted, restarted_client = node_for(tmp_path, clock)
+    assert restarted.load()
+    assert restarted.chain == held and restarted_client.identity[0] == held
 
 
 @pytest.mark.parametrize("first", [
