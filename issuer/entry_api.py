@@ -290,6 +290,11 @@ class EntryApi(entry_grpc.EntryBase):
         cert = peer_certificate(ssl_object)
         if self.known_ca is not None and (cert is None or not self.known_ca(cert)):
             raise PermissionDeniedError("caller SVID was not signed by a CA key this server still trusts")
+        # The handshake checked the validity period once, but a gRPC client keeps its
+        # connection for call after call: one opened just before the SVID expired went on
+        # being served (the agent API checks every call for the same reason).
+        if cert is not None and cert.not_valid_after_utc.timestamp() <= self.entries.clock():
+            raise UnauthenticatedError("caller SVID has expired")
         if caller in self.admin_ids or caller in await self._admin_entry_spiffe_ids():
             return caller
         raise PermissionDeniedError(f"caller {caller} is not an admin")

@@ -385,6 +385,22 @@ async def test_other_trust_domain_is_denied(server: Server, channels: list[Chann
     assert "trust domain" in (err.value.message or "")
 
 
+async def test_expired_caller_svid_is_refused_on_a_kept_alive_connection(
+    server: Server, channels: list[Channel]
+) -> None:
+    """The TLS handshake checks the caller SVID's validity once, and a gRPC client (Cilium's
+    operator) keeps its HTTP/2 connection for every later call: once the SVID has expired
+    those calls are refused (they were served for as long as the connection lived)."""
+    stub = await operator_stub(server, channels)  # the connection is open, the SVID valid
+    assert (await stub.CountEntries(CountReq(), timeout=TIMEOUT)).count == 0
+    monkey_clock = server.entries.clock() + 3600 + 1  # svid_context's SVIDs live an hour
+    server.entries.clock = lambda: monkey_clock
+    with pytest.raises(GRPCError) as err:
+        await stub.CountEntries(CountReq(), timeout=TIMEOUT)
+    assert err.value.status is Status.UNAUTHENTICATED
+    assert "expired" in (err.value.message or "")
+
+
 async def test_tls12_client_is_refused(server: Server) -> None:
     ctx = svid_context(server, OPERATOR)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
