@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -45,7 +46,32 @@ def dumps_event(data: Any) -> str:
     issued SVID and the stdlib takes ~50 µs for an OCSF event (about a third of the
     signature). orjson writes NaN/Infinity as null, on both backends alike; integers
     beyond 64 bits go through json; what neither can write (e.g. an object) is a
-    ValueError, so the act is not recorded without its event."""
+    ValueError, so the act is not recorded without its event. Text PostgreSQL's JSONB
+    cannot hold (NUL, lone surrogates: JSON allows both, so an agent's report may carry
+    them) is stored as U+FFFD on both backends."""
+    try:
+        text = orjson.dumps(data, option=_EVENT_JSON).decode()
+    except orjson.JSONEncodeError:  # lone surrogates, integers beyond 64 bits
+        return _dumps_storable(data)
+    # Also matches an escaped backslash before "u0000": then merely the slower path.
+    return _dumps_storable(data) if "\\u0000" in text else text
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(value: Any) -> Any:
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_storable(v) for v in value]
+    return value
+
+
+def _dumps_storable(data: Any) -> str:
+    data = _storable(data)
     try:
         return orjson.dumps(data, option=_EVENT_JSON).decode()
     except orjson.JSONEncodeError:

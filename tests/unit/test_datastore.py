@@ -432,6 +432,19 @@ async def test_act_and_events_are_written_together(store: DataStore) -> None:
     assert await outbox_events(store) == [ev(1), ev(2), ev(3), ev(4), ev(5)]
 
 
+async def test_events_with_text_jsonb_cannot_hold_are_stored_alike(store: DataStore) -> None:
+    """A NUL or a lone surrogate (JSON allows both, so an agent's report can carry them)
+    was refused by PostgreSQL's JSONB: the act failed, or its events were retried forever.
+    Both backends store U+FFFD in their place."""
+    hostile = "a\x00b\ud800c"
+    event = Event("io.meshid.test.happened", "spiffe://example.org/s", "k", 1_700_000_000.0,
+                  {"reason": hostile, hostile: [hostile], "ok": "\\u0000 stays text"})
+    await store.append_events([event])
+    (row,) = await store.fetch_outbox(0, 10)
+    want = "a\ufffdb\ufffdc"
+    assert row.event.data == {"reason": want, want: [want], "ok": "\\u0000 stays text"}
+
+
 async def test_failing_act_writes_no_events(store: DataStore) -> None:
     await store.create_entry(make_entry())
     failing = [
@@ -453,8 +466,10 @@ def test_event_json_matches_the_stdlib_encoding() -> None:
     big integers included, and NaN is stored as null (PostgreSQL's JSONB has no NaN)."""
     import json
 
-    data = {"b": [1, 2.5, "é", None, True], "a": {"z": "\u0000x", "y": 2**70}, "n": {"1": -0.0}}
+    data = {"b": [1, 2.5, "é", None, True], "a": {"z": "\tx", "y": 2**70}, "n": {"1": -0.0}}
     assert json.loads(codec.dumps_event(data)) == json.loads(codec.dumps(data))
+    # except text JSONB cannot hold (test_events_with_text_jsonb_cannot_hold_are_stored_alike)
+    assert json.loads(codec.dumps_event({"z": "\u0000x", "y": 2**70})) == {"z": "\ufffdx", "y": 2**70}
     assert codec.dumps_event({"x": float("nan")}) == '{"x":null}'
     with pytest.raises(ValueError):
         codec.dumps_event({"x": object()})
