@@ -75,6 +75,10 @@ class EntryService:
         # (refused by the Entry API) was an entry expired from the start.
         if not 0 <= entry.expires_at <= MAX_EXPIRES_AT:
             raise ValueError(f"expires_at must be 0 (never) or a Unix time up to {MAX_EXPIRES_AT}")
+        # A NUL cannot be stored (PostgreSQL: an internal error); other control characters
+        # would forge lines where hints are logged.
+        if any(ord(c) < 0x20 or c == "\x7f" for c in entry.hint):
+            raise ValueError("hint must not contain control characters")
 
     async def create(self, entry: Entry) -> Entry:
         self._check(entry)

@@ -26,6 +26,9 @@ class Selector:
             raise InvalidSelectorError(f"selector is longer than {MAX_SELECTOR_LENGTH} characters")
         if any(ord(c) < 0x20 or c == "\x7f" for c in self.value):
             raise InvalidSelectorError("selector value contains control characters")
+        if any("\ud800" <= c <= "\udfff" for c in self.value):
+            # JSON can carry one (\ud800), but it is not text: no datastore could store it.
+            raise InvalidSelectorError("selector value contains a lone UTF-16 surrogate (not valid Unicode)")
 
     @classmethod
     def parse(cls, text: str) -> Selector:

@@ -78,6 +78,8 @@ async def test_agent_id_must_be_a_string(
     ("id", DEEP), ("id", b"5"),
     ("admin", b'"false"'), ("admin", b"1"), ("downstream", b'"no"'), ("downstream", b"0"),
     ("store_svid", b"[]"), ("hint", DEEP), ("hint", b"5"), ("hint", b"null"),
+    # a NUL no PostgreSQL column stores (a 500 there), a forged log line
+    ("hint", b'"a\\u0000b"'), ("hint", b'"a\\nb"'),
 ])
 async def test_entry_fields_have_their_type(
     admin: aiohttp.ClientSession, field: str, value: bytes, caplog: pytest.LogCaptureFixture
