@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import secrets
 import time
@@ -197,7 +198,10 @@ class AgentService:
         active = self.ca.x509_active
         assert active.minter is not None
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
-        leaf = active.minter.mint_from_csr(csr, agent_id, [], int(self.agent_svid_ttl), now)
+        ttl = int(self.agent_svid_ttl)
+        mint = functools.partial(active.minter.mint_from_csr, csr, agent_id, [], ttl, now)
+        # A signature that waits on an HSM is made off the event loop (as in SigningService).
+        leaf = await asyncio.to_thread(mint) if self.ca.key_manager.signs_on_device else mint()
         self.ca.note_signed(active.key_id, int(leaf.not_valid_after_utc.timestamp()))
         return list(svid_chain(active, leaf))
 
