@@ -143,7 +143,11 @@ class JoinTokenConfig:
 
 @dataclass
 class X509PopConfig:
-    ca_bundle_path: str = doc("PEM CAs that node certificates must chain to; empty = x509pop off", default="")
+    ca_bundle_path: str = doc(
+        "PEM CAs that node certificates must chain to; empty = x509pop off. A changed file is "
+        "picked up at the next attestation; one that cannot be read keeps the CAs loaded before",
+        default="",
+    )
     agent_path_template: str = doc(
         "agent ID path: fingerprint (SHA-1 of the leaf) or subject_cn", default="fingerprint"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,8 @@ from attestors.node.base import AttestationRequest, AttestationResult, Challenge
 from meshid.errors import AttestationError, ConfigError
 from meshid.selector import Selector
 from meshid.spiffe_id import TrustDomain
+
+log = logging.getLogger("meshid.attestors.x509pop")
 
 NAME = "x509pop"
 MAX_CHAIN = 5
@@ -87,13 +90,32 @@ class X509PopAttestor:
         self._bundle_path = Path(ca_bundle_path)
         self._template = path_template
         self._clock = clock
+        # The CAs as last loaded, and the file version they came from: a rotated bundle file is
+        # picked up, and one that cannot be read keeps the last good CAs (an attesting node
+        # was told the server's own read error, file path included).
+        self._loaded: tuple[tuple[int, int, int], list[x509.Certificate]] | None = None
+        self._load_error = ""
         self._roots()  # fail at start-up, not on first attestation
 
     def _roots(self) -> list[x509.Certificate]:
         try:
+            st = self._bundle_path.stat()
+            version = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._loaded is not None and self._loaded[0] == version:
+                return self._loaded[1]
             roots = x509.load_pem_x509_certificates(self._bundle_path.read_bytes())
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"node_attestors.x509pop.ca_bundle_path: cannot load CAs: {exc}") from None
+            problem = f"node_attestors.x509pop.ca_bundle_path: cannot load CAs: {exc}"
+            if self._loaded is None:
+                raise ConfigError(problem) from None
+            if problem != self._load_error:
+                log.warning("%s; keeping the CAs loaded before", problem)
+            self._load_error = problem
+            return self._loaded[1]
+        if self._loaded is not None:
+            log.info("node_attestors.x509pop.ca_bundle_path: %d CA(s) loaded from the changed file",
+                     len(roots))
+        self._loaded, self._load_error = (version, roots), ""
         return roots
 
     def _chain(self, request: AttestationRequest) -> list[x509.Certificate]:

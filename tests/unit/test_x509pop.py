@@ -4,6 +4,7 @@ refused before a challenge is issued when SPIRE would refuse them."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -98,3 +99,32 @@ async def test_a_key_the_proof_cannot_use_gets_no_challenge(pki: Any) -> None:
                  _usage(digital_signature=True))
     with pytest.raises(AttestationError, match="unsupported node key type"):
         await attestor.challenge(AttestationRequest("x509pop", payload_for([leaf]), "10.0.0.1"))
+
+
+async def test_the_ca_bundle_file_is_followed_and_a_bad_one_keeps_the_last_good(
+    pki: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rotated CA file is picked up; one that cannot be read keeps the CAs loaded before
+    (the attesting node was told the server's read error, with the file's path)."""
+    attestor, ca, ca_key = pki
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = _cert("node-1", key.public_key(), ca_key, ca.subject, _usage(digital_signature=True))
+    bundle = tmp_path / "ca.pem"
+    for broken in (b"not a PEM", None):
+        if broken is None:
+            bundle.unlink()
+        else:
+            bundle.write_bytes(broken)
+        with caplog.at_level(logging.WARNING, "meshid.attestors.x509pop"):
+            assert (await _attest(attestor, [leaf], key)).startswith("spiffe://example.org/")
+        assert "keeping the CAs loaded before" in caplog.text
+
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "next node ca")])
+    other = _cert("next node ca", other_key.public_key(), other_key, other_name, _usage(cert_sign=True),
+                  ca=True)
+    bundle.write_bytes(pem_chain([other]))
+    with pytest.raises(AttestationError, match="does not chain"):
+        await _attest(attestor, [leaf], key)
+    next_leaf = _cert("node-2", key.public_key(), other_key, other.subject, _usage(digital_signature=True))
+    assert (await _attest(attestor, [next_leaf], key)).startswith("spiffe://example.org/")
