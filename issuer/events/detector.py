@@ -144,7 +144,12 @@ class Detector:
                     failures = 0
         finally:
             if self.state_path:
-                save_state(self.state_path, self._snapshot)
+                try:
+                    save_state(self.state_path, self._snapshot)
+                except OSError as exc:
+                    # Stopping goes on (the offsets committed match the last saved state);
+                    # raising here made stop() fail with it.
+                    log.error("detector: could not save its state on stopping: %s", exc)
 
     async def _session(self) -> None:
         kw = self.kafka.client_kwargs()

@@ -3,6 +3,7 @@ alert, and each injected anomaly raises its own alert (and only it)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import math
@@ -14,7 +15,7 @@ import pytest
 
 from issuer.events import ocsf
 from issuer.events.cloudevents import CloudEvent, from_outbox, rfc3339
-from issuer.events.detector import load_state, save_state
+from issuer.events.detector import Detector, load_state, save_state
 from issuer.events.detector_rules import Alert, DetectorConfig, RuleEngine
 from issuer.events.model import Event, OutboxRow
 
@@ -293,3 +294,19 @@ def test_detector_settings_from_toml_document() -> None:
     for bad in ({"kafka": {"linger": 1}}, {"detector": {"nope": 1}}, {"kafka": {"mode": "carrier"}}):
         with pytest.raises(ConfigError):
             detector_settings(bad, "k:1", "t")
+
+
+async def test_stopping_goes_on_when_the_state_cannot_be_saved(tmp_path: Path) -> None:
+    """stop() raised the OSError of the last save_state; it is logged, and stopping ends."""
+    import socket
+
+    from issuer.events.relay import KafkaConfig
+
+    with socket.socket() as s:  # a loopback port nobody listens on: the session keeps failing
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "file").write_text("")
+    detector = Detector(KafkaConfig(f"127.0.0.1:{port}"), state_path=tmp_path / "file" / "state.json")
+    await detector.start()
+    await asyncio.sleep(0.2)
+    await detector.stop()  # does not raise
