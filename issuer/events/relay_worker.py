@@ -123,11 +123,17 @@ async def run(channel: Channel) -> int:
     if not line:
         return 0  # the server went away before sending the spec
     spec = WorkerSpec.from_line(line)
-    if spec.nice:
-        os.nice(spec.nice)
     root = logging.getLogger()
     root.handlers[:] = [ForwardingHandler(channel)]
     root.setLevel(spec.log_level)
+    if spec.nice:
+        try:
+            os.nice(spec.nice)
+        except OSError as exc:
+            # A sandbox may refuse setpriority (systemd's SystemCallFilter=~@resources answers
+            # EPERM): relay at the server's priority rather than die and be restarted forever.
+            log.warning("Kafka relay process: could not lower its priority by %d (%s); it runs at "
+                        "the server's", spec.nice, exc.strerror or exc)
     try:
         ds = await open_datastore(spec.datastore)  # the server migrated it: nothing pending
         try:

@@ -287,3 +287,68 @@ async def test_child_exits_when_its_server_is_killed(tansu: TansuBroker, ds: Sql
             await parent.wait()
         if child is not None and not gone(child):
             os.kill(child, signal.SIGKILL)  # do not leave it running if the test failed
+
+
+# The server under a seccomp filter answering setpriority with EPERM, as the systemd unit's
+# SystemCallFilter=~@resources does; the relay child inherits it.
+SANDBOXED_PARENT = """
+import asyncio, ctypes, os, struct, sys
+from issuer.events.relay import KafkaConfig
+from issuer.events.relay_process import RelayProcess
+
+NR_SETPRIORITY = {"x86_64": 141, "aarch64": 140}[os.uname().machine]
+program = b"".join([
+    struct.pack("HBBI", 0x20, 0, 0, 0),                      # load the syscall number
+    struct.pack("HBBI", 0x15, 0, 1, NR_SETPRIORITY),         # setpriority?
+    struct.pack("HBBI", 0x06, 0, 0, 0x00050000 | 1),         #   SECCOMP_RET_ERRNO | EPERM
+    struct.pack("HBBI", 0x06, 0, 0, 0x7FFF0000),             # else SECCOMP_RET_ALLOW
+])
+
+class Fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+buf = ctypes.create_string_buffer(program)
+fprog = Fprog(4, ctypes.addressof(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+try:
+    os.nice(1)
+    sys.exit("the filter did not refuse setpriority")
+except PermissionError:
+    pass
+
+async def main():
+    cfg = KafkaConfig(sys.argv[2], enable_idempotence=False, auto_create_topics=True)
+    relay = RelayProcess(sys.argv[1], cfg, source="meshid://example.org/server/sandboxed",
+                         restart_base=0.1, restart_cap=0.5)
+    await relay.start()
+    try:
+        for _ in range(300):
+            if relay.status()["kafka"] == "ok":
+                break
+            await asyncio.sleep(0.05)
+        print(relay.status()["kafka"], relay.status()["relay_process"]["restarts"], flush=True)
+    finally:
+        await relay.stop()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "aarch64"), reason="syscall number unknown")
+async def test_child_relays_when_a_sandbox_refuses_it_a_lower_priority(
+        tansu: TansuBroker, ds: SqliteDataStore) -> None:
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SANDBOXED_PARENT, ds.path, tansu.bootstrap,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(parent.communicate(), 60)
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
+    assert parent.returncode == 0, err.decode()
+    # Relaying, first time: the child was not restarted over its nice().
+    assert out.decode().split() == ["ok", "0"], err.decode()[-2000:]
+    assert b"could not lower its priority" in err

@@ -384,6 +384,42 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     assert out.returncode == 0 and not problems, out.stderr
 
 
+@cache
+def _syscall_group(name: str) -> frozenset[str]:
+    """The system calls of one systemd syscall group, nested groups expanded."""
+    out = subprocess.run(["systemd-analyze", "syscall-filter", name], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    calls: set[str] = set()
+    for line in out.splitlines()[1:]:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            calls |= _syscall_group(line) if line.startswith("@") else {line}
+    return frozenset(calls)
+
+
+def _allowed_syscalls(filters: list[str]) -> set[str]:
+    """The allow-list systemd builds from SystemCallFilter= lines that start with one: each
+    later `~` line removes from it, each later plain line adds to it (systemd.exec(5))."""
+    allowed: set[str] = set()
+    for i, value in enumerate(filters):
+        deny = value.startswith("~")
+        assert i > 0 or not deny, "the first SystemCallFilter= must be an allow-list"
+        calls: set[str] = set()
+        for name in value.lstrip("~").split():
+            calls |= _syscall_group(name) if name.startswith("@") else {name}
+        allowed = allowed - calls if deny else allowed | calls
+    return allowed
+
+
+def test_systemd_server_unit_lets_the_relay_process_lower_its_priority() -> None:
+    # The Kafka relay's child calls nice(10) (setpriority): @resources alone refused it.
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    allowed = _allowed_syscalls(_unit("meshid-server.service")["SystemCallFilter"])
+    assert {"setpriority", "getpriority"} <= allowed
+    assert "setrlimit" not in allowed and "sched_setscheduler" not in allowed  # the rest stays out
+
+
 def test_systemd_example_configs_load() -> None:
     server = server_config_from_dict(
         tomllib.loads((SYSTEMD / "server.toml").read_text()), "server.toml", env={}
