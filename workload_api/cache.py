@@ -27,6 +27,9 @@ from workload_api.rotation import RenewalSchedule
 log = logging.getLogger("meshid.agent.cache")
 
 _MAX_MATCH_CACHE = 4096
+# How long a stream's first message waits for the SVIDs of all its entries (see
+# Watcher.hold_first_message); then it goes out with those there are.
+FIRST_MESSAGE_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,29 @@ class Watcher:
         self.event = asyncio.Event()
         self._entry_ids: frozenset[str] = frozenset()
         self._index = index
+        self._hold_until = 0.0
+        self._hold_timer: asyncio.TimerHandle | None = None
+
+    def hold_first_message(self, seconds: float | None = None) -> None:
+        """Until the first message is sent, or for `seconds`, it waits for the SVIDs of all
+        the entries it covers, as SPIRE's agent holds a new subscriber: an SVID missing from
+        it says the identity was removed (Cilium drops it), and a workload's X509Source
+        would start without it. The event is set when the time is up."""
+        seconds = FIRST_MESSAGE_WAIT if seconds is None else seconds
+        loop = asyncio.get_running_loop()
+        self._hold_until = loop.time() + seconds
+        self._hold_timer = loop.call_later(seconds, self.event.set)
+
+    def first_message_sent(self) -> None:
+        self._hold_until = 0.0
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+
+    @property
+    def holding_partial(self) -> bool:
+        """Whether a message lacking some of its SVIDs is to be held back now."""
+        return bool(self._hold_until) and asyncio.get_running_loop().time() < self._hold_until
 
     @property
     def entry_ids(self) -> frozenset[str]:
@@ -290,6 +316,7 @@ class SvidCache:
 
     def unwatch(self, w: Watcher) -> None:
         w.entry_ids = ()
+        w.first_message_sent()  # its timer, if any, goes
         if w not in self._watchers:
             return
         self._watchers.discard(w)

@@ -151,14 +151,16 @@ class DelegatedIdentityHandler(delegatedidentity_grpc.DelegatedIdentityBase):
         is re-checked on every update."""
         # Any entry change: the delegate's own authorization is re-checked on every update.
         watcher = self.cache.watch(target, any_entry_change=True)
+        watcher.hold_first_message()
         try:
             last: Any = None
             while True:
                 watcher.event.clear()
                 self._recheck(caller)
                 msg = build(watcher)
-                if msg != last:
+                if msg is not None and msg != last:
                     await stream.send_message(msg)
+                    watcher.first_message_sent()
                     last = msg
                 await watcher.event.wait()
         finally:
@@ -171,10 +173,12 @@ class DelegatedIdentityHandler(delegatedidentity_grpc.DelegatedIdentityBase):
         caller = await self._authorized_caller(stream)
         target = await self._target(req.selectors, req.pid)
 
-        def build(watcher: Watcher) -> pb.SubscribeToX509SVIDsResponse:
+        def build(watcher: Watcher) -> pb.SubscribeToX509SVIDsResponse | None:
             entries = handed_out(self.cache.matching_entries(target))
             # Watch unissued entries too, so their first SVID wakes this stream.
             watcher.entry_ids = {e.id for e in entries}
+            if watcher.holding_partial and any(self.cache.svid_of(e) is None for e in entries):
+                return None
             return x509_svids_response(self.cache, entries)
 
         await self._push_on_change(stream, caller, target, build)

@@ -150,6 +150,7 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
         selectors = await self.id.selectors(stream)
         await self.id.wait_ready()
         watcher = self.cache.watch(selectors)
+        watcher.hold_first_message()
         try:
             last: Any = None
             while True:
@@ -158,6 +159,7 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
                 if msg is not None and msg != last:
                     await stream.send_message(msg)
                     flush_writes(stream)
+                    watcher.first_message_sent()
                     last = msg
                 await watcher.event.wait()
         finally:
@@ -169,6 +171,8 @@ class WorkloadApiHandler(workload_grpc.SpiffeWorkloadAPIBase):
             raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
         watcher.entry_ids = {e.id for e in entries}
         svids = [s for e in entries if (s := self.cache.svid_of(e)) is not None]
+        if len(svids) < len(entries) and watcher.holding_partial:
+            return None
         # Pre-encoded: the server's codec passes bytes through (GuardedProtoCodec, meshid/grpc_base.py).
         return self.x509_response_bytes(svids) if svids else None
 

@@ -242,6 +242,21 @@ async def test_cilium_agent_subscribes_sees_rotation_and_deletion(stack: DevStac
             assert jwks["keys"] and all("kid" in k for k in jwks["keys"])
 
 
+async def test_the_first_message_waits_for_every_svid(stack: DevStack) -> None:
+    """As SPIRE's agent: a subscriber's first message has all its SVIDs (Cilium takes an
+    identity missing from it as removed), not those of the first signing batch."""
+    one = await add(stack, "/identity/1001")
+    two = await add(stack, "/identity/1002")
+    await wait_for(lambda: {one.id, two.id} <= stack.agent.cache.svids.keys(), 30, "both SVIDs")
+    held = stack.agent.cache.svids.pop(two.id)  # as if not signed yet
+    async with delegated(stack) as stub:
+        req = pb.SubscribeToX509SVIDsRequest(selectors=[CILIUM_PB])
+        async with subscribe(stub.SubscribeToX509SVIDs, req) as svids:
+            await svids.quiet(0.3)
+            stack.agent.cache.put_svids([held])
+            assert set(by_path(await svids.next())) == {"/identity/1001", "/identity/1002"}
+
+
 async def test_bundle_streams_push_a_bundle_change(stack: DevStack) -> None:
     """Cilium's bundle subscriptions get the whole new bundle when it changes (a CA
     rotation adds a root or a JWT key), not only the first one."""

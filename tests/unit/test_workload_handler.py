@@ -23,6 +23,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from pki_helpers import make_ca, make_leaf
 
+import workload_api.cache as cache_module
 from attestors.workload.base import Caller
 from meshid.bundle import Bundle
 from meshid.entry import Entry
@@ -621,13 +622,16 @@ async def test_x509_svid_stream_never_sends_a_response_without_svids(api: Api) -
         await st.cancel()
 
 
-async def test_an_svid_is_not_handed_out_once_its_entry_names_another_id(api: Api) -> None:
+async def test_an_svid_is_not_handed_out_once_its_entry_names_another_id(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Entry web is repurposed: another SPIFFE ID and the db workload's selector. Its old SVID
     # stays in the cache until the new one is signed (for good if the server refuses): it and
     # its key went to db, on the Workload API, SDS and to a delegate.
     from workload_api.delegated import x509_svids_response
     from workload_api.sds import CallerView
 
+    monkeypatch.setattr(cache_module, "FIRST_MESSAGE_WAIT", 0.2)  # then db's alone goes out
     ca, ca_key = make_ca("example.org ca")
     web, db = ENTRIES
     api.cache.put_svids([svid_for(web, ca, ca_key), svid_for(db, ca, ca_key)])
@@ -643,6 +647,42 @@ async def test_an_svid_is_not_handed_out_once_its_entry_names_another_id(api: Ap
         api.cache.put_svids([svid_for(guest, ca, ca_key)])  # the new SVID: served at once
         msg = await next_message(st)
         assert sorted(s.spiffe_id for s in msg.svids) == [str(db.spiffe_id), str(guest.spiffe_id)]
+        await st.cancel()
+
+
+async def test_the_first_message_waits_for_every_svid_of_the_caller(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As SPIRE's agent holds a new subscriber until all its SVIDs are cached: a first
+    message without one says that identity is gone (Cilium drops it). After
+    FIRST_MESSAGE_WAIT it goes out with those there are; later changes go out at once."""
+    ca, ca_key = make_ca("example.org ca")
+    web, twin = ENTRIES[0], entry("twin", WEB)
+    api.cache.set_entries([web, twin, ENTRIES[1]], [AGENT])
+    api.cache.put_svids([svid_for(web, ca, ca_key)])
+    api.caller(WEB)
+    ids = lambda msg: sorted(s.spiffe_id for s in msg.svids)  # noqa: E731
+    async with api.stub.FetchX509SVID.open(metadata=HEADER, timeout=30) as st:
+        await st.send_message(workload_pb2.X509SVIDRequest(), end=True)
+        first_message = asyncio.ensure_future(st.recv_message())
+        await asyncio.sleep(0.3)
+        assert not first_message.done()
+        api.cache.put_svids([svid_for(twin, ca, ca_key)])
+        msg = await asyncio.wait_for(first_message, 5)
+        assert msg is not None and ids(msg) == sorted([str(web.spiffe_id), str(twin.spiffe_id)])
+        await st.cancel()
+
+    monkeypatch.setattr(cache_module, "FIRST_MESSAGE_WAIT", 0.3)
+    late = entry("late", WEB)
+    api.cache.set_entries([web, twin, late, ENTRIES[1]], [AGENT])
+    async with api.stub.FetchX509SVID.open(metadata=HEADER, timeout=30) as st:
+        await st.send_message(workload_pb2.X509SVIDRequest(), end=True)
+        t0 = asyncio.get_running_loop().time()
+        msg = await asyncio.wait_for(st.recv_message(), 5)
+        assert msg is not None and asyncio.get_running_loop().time() - t0 >= 0.25
+        assert ids(msg) == sorted([str(web.spiffe_id), str(twin.spiffe_id)])  # the wait is up
+        api.cache.put_svids([svid_for(late, ca, ca_key)])  # and then at once, as every change
+        assert len((await next_message(st)).svids) == 3
         await st.cancel()
 
 
