@@ -157,6 +157,13 @@ class SvidManager:
             except Exception:
                 delay = self.backoff.next()
                 log.exception("unexpected error in sync loop; retry in %.1fs", delay)
+            # Whatever the outcome: rotate() drops expired SVIDs only after a good sync, so
+            # during an outage one past its notAfter went on being served (every peer refuses
+            # it). The wait ends at the next expiry, not a backoff later.
+            now = self.clock()
+            self.cache.drop_expired(now)
+            if self.cache.svids:
+                delay = min(delay, max(0.05, min(s.expires_at for s in self.cache.svids.values()) - now))
             self._wake.clear()
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races
             # with a poke(), and the agent's shutdown would then wait forever.
@@ -442,7 +449,18 @@ class SvidManager:
         cached = self._jwt_cached(key, now)
         if cached is not None:
             return cached
-        token, _ = await self.client.sign_jwt(entry.id, list(key[2]))
+        try:
+            token, _ = await self.client.sign_jwt(entry.id, list(key[2]))
+        except Exception as exc:
+            # Past its renewal time but unexpired, the held token still works: it is
+            # returned while the server cannot renew it (an outage), as SPIRE's agent does;
+            # every FetchJWTSVID failed instead for the second half of the token's life.
+            held = self._jwt.get(key)
+            if held is None or self.clock() >= held.expires_at:
+                raise
+            log.warning("cannot renew the JWT-SVID of %s (%s); returning the cached one",
+                        entry.spiffe_id, exc)
+            return held
         # The token's own exp, not the answer's expires_at: a larger one kept an expired
         # token cached and served.
         expires_at = _jwt_expiry(token, entry.spiffe_id, key[2], now)

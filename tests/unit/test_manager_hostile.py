@@ -18,7 +18,7 @@ from test_manager_schedule import AGENT, T0, TD, Ca, Clock, entry, make
 
 from meshid.spiffe_id import SpiffeId
 from workload_api import manager as manager_mod
-from workload_api.server_client import ServerRejectedError
+from workload_api.server_client import ServerRejectedError, ServerUnavailableError
 
 GOOD = {"workload_parents": [str(AGENT)], "tainted_authorities": [], "taint_window": 600}
 
@@ -259,3 +259,26 @@ async def test_a_jwt_svid_is_cached_until_its_own_exp(tmp_path: Path) -> None:
     assert svid.expires_at == T0 + 300
     clock.t = T0 + 300
     assert mgr.jwt_cached(e0, ["a"]) is None  # was served from the cache for ~19 years
+
+
+async def test_a_cached_jwt_svid_is_served_while_the_server_cannot_renew_it(tmp_path: Path) -> None:
+    """Past its renewal time the agent asks the server for a new token; when that fails (an
+    outage) the cached one, still unexpired, is returned, as SPIRE's agent does. Every
+    FetchJWTSVID failed with UNAVAILABLE for the second half of the token's life."""
+    mgr, clock, _, client, _ = make(tmp_path, 1)
+    e0 = mgr.cache.entries["e0"]
+    down = False
+
+    async def sign_jwt(entry_id: str, audience: list[str]) -> tuple[str, int]:
+        if down:
+            raise ServerUnavailableError("no server reachable")
+        return token("spiffe://example.org/w/0", audience, T0 + 300), int(T0 + 300)
+
+    client.sign_jwt = sign_jwt  # type: ignore[attr-defined]
+    first = await mgr.jwt_svid(e0, ["a"])
+    down = True
+    clock.t = first.schedule.renew_at + 1
+    assert (await mgr.jwt_svid(e0, ["a"])).token == first.token
+    clock.t = T0 + 300  # expired: nothing left to serve
+    with pytest.raises(ServerUnavailableError):
+        await mgr.jwt_svid(e0, ["a"])

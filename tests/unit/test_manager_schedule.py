@@ -519,3 +519,43 @@ def test_agent_tls_contexts_trust_only_the_bundle() -> None:
     for with_identity in (False, True):
         ctx = client._ctx(with_identity)
         assert [int(str(c["serialNumber"]), 16) for c in ctx.get_ca_certs()] == [ca.cert.serial_number]
+
+
+# ---------------------------------------------------------------------------- server outage
+
+
+async def test_an_svid_that_expires_during_an_outage_is_no_longer_served(tmp_path: Path) -> None:
+    """Expired SVIDs were dropped only after a successful sync: while the server was down,
+    an SVID past its notAfter stayed in the cache and was handed to every new caller (and no
+    stream was told), a credential every peer refuses."""
+    mgr, clock, _, client, _ = make(tmp_path, 2)
+    await mgr.rotate()
+    watcher = mgr.cache.watch(frozenset(mgr.cache.entries["e0"].selectors))
+    watcher.entry_ids = {"e0"}
+    clock.t = max(s.expires_at for s in mgr.cache.svids.values()) + 1
+    client.sync_errors = [ServerUnavailableError("down")] * 1000
+    await _run_until(mgr, lambda: mgr.consecutive_failures >= 1)
+    assert mgr.cache.svids == {}
+    assert watcher.event.is_set()  # the stream holding it pushes the state without it
+
+
+async def test_the_outage_loop_wakes_at_the_next_expiry(tmp_path: Path) -> None:
+    """The retry backoff (up to 30 s) must not keep an SVID served past its expiry."""
+    mgr, clock, _, client, _ = make(tmp_path, 1)
+    await mgr.rotate()
+    svid = mgr.cache.svids["e0"]
+    clock.t = svid.expires_at - 0.2
+    client.sync_errors = [ServerUnavailableError("down")] * 1000
+    mgr.backoff.base = mgr.backoff.cap = 30.0
+    mgr.backoff._attempt = 10  # well into the outage: ~30 s waits
+    task = asyncio.create_task(mgr.run())
+    try:
+        await asyncio.sleep(0.05)
+        assert mgr.consecutive_failures == 1 and "e0" in mgr.cache.svids
+        clock.t = svid.expires_at
+        await asyncio.sleep(0.5)  # the loop's own wait, capped at the expiry (0.2 s)
+        assert mgr.cache.svids == {}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
