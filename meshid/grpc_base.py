@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -268,6 +270,15 @@ class GuardedProtocol(H2Protocol):
         self.connection.flush()
         self._close("Too many stream resets")
 
+    def go_away(self) -> None:
+        """Server shutdown: GOAWAY (NO_ERROR), then close the connection."""
+        if self._closed or self._io is None or self._io.is_closing():
+            return
+        with contextlib.suppress(ProtocolError):  # h2 already saw the connection end
+            self.connection._connection.close_connection(error_code=ErrorCodes.NO_ERROR)
+            self.connection.flush()
+        self._close("Server closed")
+
     def _close(self, reason: str) -> None:
         self._closed = True
         self._backlog = b""
@@ -315,6 +326,7 @@ class GuardedServer(grpclib.server.Server):
         kwargs.setdefault("codec", GuardedProtoCodec())
         super().__init__(handlers, **kwargs)
         self._max_message_bytes = max_message_bytes
+        self._connections: weakref.WeakSet[GuardedProtocol] = weakref.WeakSet()
         self._mapping = {
             name: h._replace(func=_answered(h.func)) for name, h in self._mapping.items()
         }
@@ -325,7 +337,19 @@ class GuardedServer(grpclib.server.Server):
         handler = GuardedHandler(self._mapping, self._codec, self._status_details_codec, self.__dispatch__)
         handler.max_message_bytes = self._max_message_bytes
         self._handlers.add(handler)
-        return self._protocol(handler)
+        protocol = self._protocol(handler)
+        if isinstance(protocol, GuardedProtocol):
+            self._connections.add(protocol)
+        return protocol
+
+    def close(self) -> None:
+        """grpclib's close (stop listening, cancel running calls), and every connection
+        told GOAWAY and closed: grpclib leaves them open, so they outlived the server (on
+        Python 3.11) or kept wait_closed() waiting until each client hung up (3.12+, where
+        asyncio.Server.wait_closed waits for its connections)."""
+        super().close()
+        for protocol in list(self._connections):
+            protocol.go_away()
 
     def _protocol(self, handler: GuardedHandler) -> H2Protocol:
         return GuardedProtocol(handler, self._config, self._h2_config)

@@ -426,3 +426,53 @@ async def test_rapid_reset_is_cut_off_and_does_not_hold_the_loop(short_tmp: Path
         assert (await call(ch, "after")).spiffe_id == "after"
         tick.cancel()
         assert max(stalls) < 0.5, f"event loop held {max(stalls) * 1000:.0f} ms"
+
+
+# ----------------------------------------------------------------------------- shutdown
+async def test_closing_the_server_closes_its_connections(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """grpclib's close() stops listening and cancels running calls but leaves every client
+    connection open: on Python 3.11 they outlived the server (sockets left open, clients
+    never told), on 3.12+ wait_closed() waits for clients to hang up, so a SIGTERM'd server
+    with a connected client never finished stopping. They are sent GOAWAY and closed."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    caplog.set_level(logging.INFO)
+    entered = asyncio.Event()
+
+    class Slow(Echo):
+        async def validate(self, stream: Any) -> None:
+            await stream.recv_message()
+            entered.set()
+            await asyncio.sleep(3600)
+
+    path = str(short_tmp / "g.sock")
+    server = GuardedServer([Slow()])
+    await server.start(path=path)
+    ch = Channel(path=path)
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        # One idle connection past its preface, one with a call in flight.
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        await writer.drain()
+        in_flight = asyncio.create_task(call(ch, "slow"))
+        await asyncio.wait_for(entered.wait(), 5)
+
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)
+
+        events: list[Any] = []
+        while data := await asyncio.wait_for(reader.read(65536), 5):  # EOF, not a timeout
+            events.extend(conn.receive_data(data))
+        assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+        with pytest.raises((GRPCError, StreamTerminatedError)):
+            await asyncio.wait_for(in_flight, 5)
+    finally:
+        writer.close()
+        ch.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
