@@ -107,6 +107,9 @@ class SvidManager:
         # Entries the server refused: no new request before the held time (backoff per entry).
         self._hold: dict[str, float] = {}
         self._entry_backoff: dict[str, Backoff] = {}
+        # created_at of the entry version each held SVID was signed for: an entry deleted and
+        # re-created under its id can be back at the revision the SVID records.
+        self._signed_created: dict[str, int] = {}
         self._reattests = 0
         self._startup = True
         self._jwt: dict[tuple[str, str, tuple[str, ...]], JwtSvid] = {}
@@ -213,7 +216,8 @@ class SvidManager:
     # ------------------------------------------------------------------ sync
     async def sync(self) -> None:
         known = {eid: e.revision_number for eid, e in self.cache.entries.items()}
-        data = await self.client.sync(known, self.bundle_sequence, self.cache.federated_digests)
+        created = {eid: e.created_at for eid, e in self.cache.entries.items()}
+        data = await self.client.sync(known, self.bundle_sequence, self.cache.federated_digests, created)
         # Everything is checked before anything is applied: a malformed answer is refused
         # whole (the cache keeps serving, the loop backs off) instead of half-applied or
         # raising TypeError/KeyError with a traceback per loop.
@@ -307,6 +311,8 @@ class SvidManager:
         for eid in [eid for eid in self._hold if eid not in present]:
             del self._hold[eid]
             self._entry_backoff.pop(eid, None)
+        for eid in [eid for eid in self._signed_created if eid not in present]:
+            del self._signed_created[eid]
         taint_due: dict[str, float] = {}
         for entry in entries:
             svid = self.cache.svids.get(entry.id)
@@ -318,7 +324,8 @@ class SvidManager:
                 out.append((entry, "initial"))
             elif svid.expires_at <= now:
                 out.append((entry, "expired"))
-            elif svid.entry_revision != entry.revision_number:
+            elif svid.entry_revision != entry.revision_number or \
+                    self._signed_created.get(entry.id, entry.created_at) != entry.created_at:
                 out.append((entry, "entry_changed"))
             elif authority_key_id(svid.leaf) in self.tainted_akis:
                 # Spread re-issuance uniformly over the taint window, drawn once per SVID;
@@ -408,6 +415,7 @@ class SvidManager:
             self._taint_due.pop(eid, None)
             self._hold.pop(eid, None)
             self._entry_backoff.pop(eid, None)
+            self._signed_created[eid] = entry.created_at
             fresh.append(X509Svid(eid, entry.spiffe_id, chain, key, schedule, entry.revision_number,
                                   entry.hint, chain_der(chain), pkcs8_der(key)))
         # Held like a refusal: a renewal the server left unanswered stayed due, so next_due()

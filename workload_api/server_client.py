@@ -299,9 +299,13 @@ class ServerClient:
         return certs_from_json((await self._post("/v1/agent/renew", {"csr": b64(csr)})).get("svid"))
 
     async def sync(self, known: dict[str, int], bundle_sequence: int,
-                   federated: dict[str, str] | None = None) -> dict[str, Any]:
+                   federated: dict[str, str] | None = None,
+                   known_created: dict[str, int] | None = None) -> dict[str, Any]:
         # `federated`: digests of the federated bundles we hold, so only changed ones come back.
-        return await self._post("/v1/agent/sync", {"known": known, "bundle_sequence": bundle_sequence,
+        # `known_created`: the held entries' created_at, so one re-created under its id (at a
+        # revision the agent may hold) comes back too.
+        return await self._post("/v1/agent/sync", {"known": known, "known_created": known_created or {},
+                                                   "bundle_sequence": bundle_sequence,
                                                    "federated": federated or {}})
 
     async def sign_x509(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -6,8 +6,8 @@ Wire format (JSON bodies, binary fields base64):
                                  or, for challenge attestors,      → {session, challenge}
   POST /v1/agent/attest/answer   {session, response}               → {svid, agent_id, bundle}
   POST /v1/agent/renew           {csr}                             → {svid}
-  POST /v1/agent/sync            {known:{entry_id: revision}, bundle_sequence,
-                                  federated?:{"spiffe://td": digest}}
+  POST /v1/agent/sync            {known:{entry_id: revision}, known_created?:{entry_id: created_at},
+                                  bundle_sequence, federated?:{"spiffe://td": digest}}
                                  → {entries:[...changed], removed:[ids], bundle?, bundle_sequence,
                                     tainted_keys, federated_digests:{"spiffe://td": digest},
                                     federated_bundles?:{"spiffe://td": SPIFFE bundle JSON, if changed}}
@@ -202,6 +202,13 @@ class AgentApi:
         known = body.get("known", {})
         if not isinstance(known, dict) or len(known) > MAX_KNOWN:
             raise ValueError("known must be an object of entry id → revision")
+        # An entry deleted and re-created under its id is at revision 0 again, maybe the
+        # revision the agent holds: compared by revision alone it was never resent, and the
+        # agent kept the old entry's selectors. Its created_at tells them apart (SPIRE's
+        # entryIsStale); agents that do not send it are compared by revision only.
+        known_created = body.get("known_created", {})
+        if not isinstance(known_created, dict) or len(known_created) > MAX_KNOWN:
+            raise ValueError("known_created must be an object of entry id → created_at")
         seq = body.get("bundle_sequence", -1)
         fed_known = body.get("federated", {})
         if (
@@ -213,7 +220,8 @@ class AgentApi:
         index = await self.signing.entries.index()
         now = self.signing.clock()  # expired entries are left out (and so removed)
         allowed = index.authorized(agent.agent_id, agent.selectors, now)
-        changed = [e.to_json() for eid, e in allowed.items() if known.get(eid) != e.revision_number]
+        changed = [e.to_json() for eid, e in allowed.items() if known.get(eid) != e.revision_number
+                   or known_created.get(eid, e.created_at) != e.created_at]
         removed = [eid for eid in known if eid not in allowed]
         bundle = self.ca.bundle
         out: dict[str, Any] = {

@@ -16,12 +16,15 @@ from typing import Any
 
 import pytest
 from grpclib.client import Channel
+from waiting import wait_for
 
 from issuer.server import Server
 from meshid.backoff import Backoff
 from meshid.cli.dev import start_dev
 from meshid.der import load_der_certificates
+from meshid.entry import Entry
 from meshid.errors import PermissionDeniedError
+from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId
 from workload_api._gen import workload_grpc, workload_pb2
 from workload_api.agent import Agent
@@ -143,6 +146,43 @@ async def test_agent_keeps_its_svid_when_a_renewal_answer_is_lost(
                 await stale.sync({}, -1)
         finally:
             await stale.close()
+    finally:
+        await stack.stop()
+
+
+async def test_an_entry_recreated_under_its_id_while_the_agent_was_away_is_resynced(
+    short_tmp: Path,
+) -> None:
+    """Deleted and re-created with the same id between two syncs (the agent cut off, or
+    just slow), an entry is at revision 0 again, the revision the agent holds: compared by
+    revision alone the server never sent it, and the agent kept the old entry's selectors
+    for good, handing the new entry's SVIDs to the workloads the old one matched. As SPIRE
+    (entryIsStale): the creation time is compared too."""
+    stack = await start_dev(short_tmp / "d", "example.org", str(short_tmp / "s" / "api.sock"))
+    try:
+        agent_id = stack.agent.node.agent_id
+        assert agent_id is not None
+        manager = stack.agent.manager
+        manager.sync_interval = 3600  # no sync of its own between the two below
+        db = SpiffeId(stack.server.td, "/db")
+        old = Entry("fixed-id", db, agent_id, (Selector("unix", "uid:4242"),))
+        await stack.server.entries.create(old)
+        manager.poke()
+        await wait_for(lambda: "fixed-id" in stack.agent.cache.svids, 20, "the agent to sign the entry")
+        signed_for_old = stack.agent.cache.svids["fixed-id"]
+
+        await stack.server.entries.delete("fixed-id")
+        await asyncio.sleep(1.1)  # created_at is in whole seconds
+        new = await stack.server.entries.create(
+            Entry("fixed-id", db, agent_id, (Selector("unix", "uid:4343"),)))
+        assert new.revision_number == stack.agent.cache.entries["fixed-id"].revision_number
+        synced = manager.last_sync_ok
+        manager.poke()
+        await wait_for(lambda: manager.last_sync_ok > synced, 20, "the agent to sync again")
+        assert stack.agent.cache.entries["fixed-id"].selectors == new.selectors
+        # ...and its SVID is signed afresh for the new entry, not left to its renewal time.
+        await wait_for(lambda: stack.agent.cache.svids["fixed-id"] is not signed_for_old, 20,
+                       "the agent to re-sign the re-created entry")
     finally:
         await stack.stop()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
 import random
 from pathlib import Path
@@ -172,6 +173,23 @@ async def test_due_reasons(tmp_path: Path) -> None:
     assert ("e2", "scheduled") in {(e.id, r) for e, r in mgr.due(clock())}
     clock.t = svids["e3"].expires_at
     assert ("e3", "expired") in {(e.id, r) for e, r in mgr.due(clock())}
+
+
+async def test_an_entry_recreated_under_its_id_is_reissued_at_once(tmp_path: Path) -> None:
+    """Deleted and re-created under the same id, an entry is at revision 0 again, maybe the
+    revision its held SVID was signed for: by revision alone the SVID (naming the old
+    entry's SPIFFE ID, which the new entry's workloads are not given) waited for its
+    scheduled renewal. Its creation time tells the two apart."""
+    mgr, clock, _, client, _ = make(tmp_path, 2)
+    await mgr.rotate()
+    old = mgr.cache.entries["e1"]
+    recreated = dataclasses.replace(old, spiffe_id=SpiffeId(TD, "/w/new"), created_at=old.created_at + 60)
+    client.entries["e1"] = recreated
+    client.sync_data = {"entries": [recreated.to_json()], "workload_parents": [str(AGENT)]}
+    await mgr.sync()
+    assert [(e.id, r) for e, r in mgr.due(clock())] == [("e1", "entry_changed")]
+    await mgr.rotate()
+    assert mgr.cache.svids["e1"].spiffe_id == recreated.spiffe_id and mgr.due(clock()) == []
 
 
 async def test_schedule_drawn_once_across_checks_and_syncs(tmp_path: Path) -> None:
