@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+import h2.exceptions
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpclib.client import Channel
-from grpclib.exceptions import GRPCError
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from meshid.der import load_der_certificates
 from meshid.errors import ConfigError, MeshidError
@@ -44,15 +49,62 @@ def _pem(certs: list[x509.Certificate]) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
+@contextlib.contextmanager
+def _talking_to(path: str) -> Iterator[None]:
+    """A failure to reach the agent at `path`, or a connection it closed, as one line naming
+    the socket. They escaped as a bare "[Errno 2] No such file or directory" that named no
+    path, or as a traceback: StreamTerminatedError, or grpclib's own AttributeError when the
+    agent closes a connection at once (what it does above max_connections_per_uid)."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, TimeoutError) and exc.errno is None:
+            raise  # grpclib's deadline: "Deadline exceeded" says it
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise MeshidError(
+            f"cannot connect to the Workload API at {path}: {reason} (is the agent running?)"
+        ) from None
+    except (StreamTerminatedError, ProtocolError, h2.exceptions.H2Error, AttributeError) as exc:
+        raise MeshidError(
+            f"the Workload API at {path} closed the connection ({exc or type(exc).__name__})"
+        ) from None
+
+
+def _write_files(out: Path, files: list[tuple[str, bytes, int]]) -> None:
+    """Each file written to a temporary file in `out` and renamed over its name: a reader (a
+    proxy reloading its certificate) never sees a half-written file, and a file has the mode
+    given whatever a file of that name had before. Writing in place with O_TRUNC kept an
+    existing svid.key's mode, so the new private key went into a world-readable file, and
+    followed a symlink planted at the name."""
+    written: list[tuple[str, Path]] = []
+    try:
+        for name, data, mode in files:
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")  # 0600 from the start
+            written.append((tmp, out / name))
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), mode)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, final in written:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
 async def fetch(args: argparse.Namespace) -> int:
-    channel = Channel(path=socket_from(args.socket))
+    path = socket_from(args.socket)
+    channel = Channel(path=path)
     stub = workload_grpc.SpiffeWorkloadAPIStub(channel)
     try:
         if args.fetch_op == "x509":
-            async with stub.FetchX509SVID.open(metadata=HEADER, timeout=TIMEOUT) as stream:
-                await stream.send_message(workload_pb2.X509SVIDRequest(), end=True)
-                resp = await stream.recv_message()
-                await stream.cancel()
+            with _talking_to(path):
+                async with stub.FetchX509SVID.open(metadata=HEADER, timeout=TIMEOUT) as stream:
+                    await stream.send_message(workload_pb2.X509SVIDRequest(), end=True)
+                    resp = await stream.recv_message()
+                    await stream.cancel()
             if resp is None or not resp.svids:
                 raise MeshidError("Workload API returned no SVIDs")
             for s in resp.svids:
@@ -64,30 +116,34 @@ async def fetch(args: argparse.Namespace) -> int:
                 out = Path(args.write)
                 out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - CLI output
                 s = resp.svids[0]
-                (out / "svid.pem").write_bytes(_pem(_der_certs(s.x509_svid)))
                 key = serialization.load_der_private_key(s.x509_svid_key, None)
-                fd = os.open(out / "svid.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(
-                        key.private_bytes(
-                            serialization.Encoding.PEM,
-                            serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption(),
-                        )
-                    )
-                (out / "bundle.pem").write_bytes(_pem(_der_certs(s.bundle)))
+                key_pem = key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+                _write_files(
+                    out,
+                    [
+                        ("svid.key", key_pem, 0o600),
+                        ("svid.pem", _pem(_der_certs(s.x509_svid)), 0o644),
+                        ("bundle.pem", _pem(_der_certs(s.bundle)), 0o644),
+                    ],
+                )
                 print(f"wrote {out}/svid.pem, svid.key, bundle.pem")
         elif args.fetch_op == "jwt":
             req = workload_pb2.JWTSVIDRequest(audience=args.audience, spiffe_id=args.spiffe_id or "")
-            jresp = await stub.FetchJWTSVID(req, metadata=HEADER, timeout=TIMEOUT)
+            with _talking_to(path):
+                jresp = await stub.FetchJWTSVID(req, metadata=HEADER, timeout=TIMEOUT)
             for j in jresp.svids:
                 print(f"SPIFFE ID:  {j.spiffe_id}")
                 print(f"token:      {j.svid}")
         else:
-            async with stub.FetchX509Bundles.open(metadata=HEADER, timeout=TIMEOUT) as stream:
-                await stream.send_message(workload_pb2.X509BundlesRequest(), end=True)
-                bresp = await stream.recv_message()
-                await stream.cancel()
+            with _talking_to(path):
+                async with stub.FetchX509Bundles.open(metadata=HEADER, timeout=TIMEOUT) as stream:
+                    await stream.send_message(workload_pb2.X509BundlesRequest(), end=True)
+                    bresp = await stream.recv_message()
+                    await stream.cancel()
             assert bresp is not None
             for td, der in sorted(bresp.bundles.items()):
                 print(f"# {td}")
@@ -100,16 +156,22 @@ async def fetch(args: argparse.Namespace) -> int:
 
 
 async def validate(args: argparse.Namespace) -> int:
-    channel = Channel(path=socket_from(args.socket))
+    path = socket_from(args.socket)
+    channel = Channel(path=path)
     stub = workload_grpc.SpiffeWorkloadAPIStub(channel)
     try:
-        resp = await stub.ValidateJWTSVID(
-            workload_pb2.ValidateJWTSVIDRequest(audience=args.audience, svid=args.token),
-            metadata=HEADER,
-            timeout=TIMEOUT,
-        )
+        with _talking_to(path):
+            resp = await stub.ValidateJWTSVID(
+                workload_pb2.ValidateJWTSVIDRequest(audience=args.audience, svid=args.token),
+                metadata=HEADER,
+                timeout=TIMEOUT,
+            )
     except GRPCError as exc:
-        raise MeshidError(f"token is not valid: {exc.message}") from None
+        # The agent refuses a token with INVALID_ARGUMENT; anything else (too many streams,
+        # no caller credentials) says nothing about the token.
+        if exc.status is Status.INVALID_ARGUMENT:
+            raise MeshidError(f"token is not valid: {exc.message}") from None
+        raise MeshidError(f"Workload API error {exc.status.name}: {exc.message}") from None
     finally:
         channel.close()
     from google.protobuf import json_format

@@ -361,4 +361,36 @@ async def test_fetch_cli_prints_id_and_expiry(dev_stack: DevStack) -> None:
     assert "expires:" in text
 
 
+
+async def test_fetch_cli_write_gives_the_key_0600_and_replaces_what_was_there(
+    dev_stack: DevStack, short_tmp: Path
+) -> None:
+    out = short_tmp / "out"
+    out.mkdir()
+    old_key = out / "svid.key"
+    old_key.write_text("an old key")
+    old_key.chmod(0o644)  # written in place, the new key kept this mode: world-readable
+    victim = short_tmp / "victim"
+    victim.write_text("not a bundle")
+    (out / "bundle.pem").symlink_to(victim)  # was followed
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshid.cli.main", "fetch", "x509",
+        "--socket", f"unix://{dev_stack.socket_path}", "--write", str(out),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert sorted(p.name for p in out.iterdir()) == ["bundle.pem", "svid.key", "svid.pem"]  # no temp files
+    assert old_key.stat().st_mode & 0o777 == 0o600
+    assert (out / "svid.pem").stat().st_mode & 0o777 == 0o644
+    assert not (out / "bundle.pem").is_symlink() and victim.read_text() == "not a bundle"
+    from cryptography import x509
+
+    key = serialization.load_pem_private_key(old_key.read_bytes(), None)
+    leaf = x509.load_pem_x509_certificates((out / "svid.pem").read_bytes())[0]
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert key.public_key().public_bytes(*spki) == leaf.public_key().public_bytes(*spki)
+    assert x509.load_pem_x509_certificates((out / "bundle.pem").read_bytes())
+
+
 _ = (hashes, os, PySpiffeId)

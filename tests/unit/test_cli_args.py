@@ -90,3 +90,69 @@ def test_spiffe_endpoint_socket_gives_the_path(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "unix:///run/meshid/api.sock")
     assert socket_from(None) == "/run/meshid/api.sock"
     assert socket_from("unix:///tmp/other.sock") == "/tmp/other.sock"  # --socket wins
+
+
+@pytest.fixture
+def closing_agent(tmp_path: Any) -> Any:
+    """A Unix socket that accepts each connection and closes it at once, as the agent does
+    to a uid over max_connections_per_uid."""
+    import socket
+    import threading
+
+    path = str(tmp_path / "api.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(16)
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield path
+    stop.set()
+    thread.join(5)
+    server.close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["fetch", "x509"], ["fetch", "jwt", "--audience", "a"], ["fetch", "bundles"],
+     ["validate", "jwt", "--audience", "a", "--token", "a.b.c"]],
+)
+def test_workload_api_that_closes_the_connection_is_one_line(
+    argv: list[str], closing_agent: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main([*argv, "--socket", closing_agent]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(f"meshid: the Workload API at {closing_agent} closed the connection"), err
+
+
+@pytest.mark.parametrize(
+    "argv", [["fetch", "x509"], ["validate", "jwt", "--audience", "a", "--token", "a.b.c"]]
+)
+def test_no_agent_names_the_socket(
+    argv: list[str], tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    missing = str(tmp_path / "missing.sock")
+    assert cli.main([*argv, "--socket", missing]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"meshid: cannot connect to the Workload API at {missing}: No such file or directory "
+        "(is the agent running?)\n"
+    )
+    dead = str(tmp_path / "dead.sock")  # bound, nobody listening: a stopped agent's socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(dead)
+        assert cli.main([*argv, "--socket", dead]) == 1
+    assert f"at {dead}: Connection refused" in capsys.readouterr().err
