@@ -150,6 +150,7 @@ class ServerClient:
         self._session: aiohttp.ClientSession | None = None
         self._anon_session: aiohttp.ClientSession | None = None
         self._closing: list[aiohttp.ClientSession] = []
+        self._in_use: dict[aiohttp.ClientSession, int] = {}  # requests running on each session
 
     # ------------------------------------------------------------------ TLS material
     def set_roots(self, roots: Sequence[x509.Certificate]) -> None:
@@ -166,7 +167,7 @@ class ServerClient:
         self._reset()
 
     def _reset(self) -> None:
-        # Sessions are rebuilt lazily; the old ones are closed by close() or garbage.
+        # Sessions are rebuilt lazily; the old ones are closed once no request uses them.
         old = [s for s in (self._session, self._anon_session) if s is not None]
         self._session = self._anon_session = None
         for s in old:
@@ -182,8 +183,13 @@ class ServerClient:
         return client_context(self._roots)
 
     async def _get_session(self, with_identity: bool) -> aiohttp.ClientSession:
-        while self._closing:
-            await self._closing.pop().close()
+        # Not one a request is still running on (a workload's JWT-SVID signing while the
+        # sync loop adopts a bundle): closed under it, the request was cut off, and its
+        # retry at the next address raised RuntimeError("Session is closed").
+        idle = [s for s in self._closing if s not in self._in_use]
+        self._closing = [s for s in self._closing if s in self._in_use]
+        for old in idle:
+            await old.close()
         attr = "_session" if with_identity else "_anon_session"
         s = getattr(self, attr)
         if s is None or s.closed:
@@ -201,6 +207,16 @@ class ServerClient:
     async def _request(self, method: str, path: str, body: dict[str, Any] | None, with_identity: bool,
                        ) -> dict[str, Any]:
         session = await self._get_session(with_identity)
+        self._in_use[session] = self._in_use.get(session, 0) + 1
+        try:
+            return await self._request_on(session, method, path, body, with_identity)
+        finally:
+            left = self._in_use.pop(session) - 1
+            if left:
+                self._in_use[session] = left
+
+    async def _request_on(self, session: aiohttp.ClientSession, method: str, path: str,
+                          body: dict[str, Any] | None, with_identity: bool) -> dict[str, Any]:
         last: Exception | None = None
         cert_errors = 0
         for attempt in range(len(self.addresses)):

@@ -214,3 +214,31 @@ async def test_a_gateway_failure_moves_on_to_the_next_address(serve: Any) -> Non
     down.addresses = down.addresses[:1]
     with pytest.raises(ServerRejectedError, match="503"):
         await down.sync({}, -1)
+
+
+async def test_a_request_in_flight_survives_a_change_of_tls_material(serve: Any) -> None:
+    """New roots (a synced bundle) or a renewed agent SVID replace the client's session; the
+    next request closed the old one at once, under a request still using it (a workload's
+    JWT-SVID signing, say): cut off, and with a second address configured the retry on the
+    closed session raised RuntimeError("Session is closed") past every handler."""
+    started = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path == "/v1/agent/sign/jwt":
+            started.set()
+            await asyncio.sleep(0.5)
+            return web.json_response({"token": "t", "expires_at": 1})
+        return web.json_response({})
+
+    client = await serve(handler)
+    with socket.socket() as s:  # a second address nothing listens on
+        s.bind(("127.0.0.1", 0))
+        client.addresses.append(f"127.0.0.1:{s.getsockname()[1]}")
+    slow = asyncio.create_task(client.sign_jwt("e", ["a"]))
+    await started.wait()
+    client.set_roots(list(client._roots))  # same roots: nothing to replace
+    client.set_identity(*client._identity)  # a renewed SVID: a new session
+    assert await client.sync({}, -1) == {}
+    assert await slow == ("t", 1)
+    await client.sync({}, -1)  # and the superseded session is closed once it is idle
+    assert client._closing == []
