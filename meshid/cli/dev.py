@@ -85,7 +85,12 @@ async def start_dev(
     `{"ca": {"taint_rotation_window": 6}}`; empty `upstream.disk` paths give a self-signed
     CA, and the agent then bootstraps from the server's own bundle."""
     td = TrustDomain.parse(trust_domain)
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once, at start-up
+    # Relative paths (`meshid dev --data-dir dev`) are made absolute: the agent takes only an
+    # absolute socket_path, and SPIFFE_ENDPOINT_SOCKET=unix://<relative> names a host.
+    data_dir = data_dir.absolute()  # noqa: ASYNC240 - once, at start-up
+    if socket is not None:
+        socket = os.path.abspath(socket)  # noqa: ASYNC240
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     upstream = ensure_dev_upstream(data_dir / "upstream")
     _master_secret(data_dir / "master.secret")
     ttl = int(svid_ttl)

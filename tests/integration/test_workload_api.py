@@ -394,3 +394,26 @@ async def test_fetch_cli_write_gives_the_key_0600_and_replaces_what_was_there(
 
 
 _ = (hashes, os, PySpiffeId)
+
+
+async def test_dev_takes_a_relative_data_dir_and_socket(short_tmp: Path) -> None:
+    """`meshid dev --data-dir dev` failed with "socket_path: must be an absolute path", a key
+    the user never gave; the socket it prints is absolute and serves."""
+    from meshid.cli.dev import start_dev
+
+    cwd = os.getcwd()
+    os.chdir(short_tmp)
+    try:
+        stack = await start_dev(Path("d"), "example.org", None, svid_ttl=3600)
+        try:
+            assert stack.socket_path == str(short_tmp / "d" / "agent" / "public" / "api.sock")
+        finally:
+            await stack.stop()
+        stack = await start_dev(Path("d"), "example.org", "s/api.sock", svid_ttl=3600)
+    finally:
+        os.chdir(cwd)
+    try:
+        assert stack.socket_path == str(short_tmp / "s" / "api.sock")
+        assert await _status(stack.socket_path, HEADER) == Status.OK
+    finally:
+        await stack.stop()
