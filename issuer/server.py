@@ -269,14 +269,16 @@ class Server:
 
     async def stop(self) -> None:
         await self.tasks.stop()
-        if getattr(self, "signing", None) is not None:
-            self.signing.close()
         if self.grpc is not None:
             self.grpc.close()
             await self.grpc.wait_closed()
             self.grpc = None
         for name in list(self.listeners):
             await self.listeners.pop(name).stop()
+        # Only once the listeners are down: their graceful shutdown lets the requests in
+        # flight finish, and those sign through this executor.
+        if getattr(self, "signing", None) is not None:
+            self.signing.close()
         if self.relay is not None:
             await self.relay.stop()
             self.relay = None

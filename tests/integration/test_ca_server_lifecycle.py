@@ -110,3 +110,65 @@ async def test_ticks_once_the_upstream_and_its_ca_expired_warn_without_traceback
         assert "int.pem" in text and "expired" in text and "server's own SVID" in text
         assert len(warned) <= 4  # once each, not once per tick
         assert srv.ca.jwt_active.record.not_after > clock()  # the JWT key still rotated
+
+
+async def test_signing_requests_in_flight_at_stop_are_answered(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """stop() closed the signing executor before the agent API's graceful shutdown had let
+    the requests in flight finish: each then failed with a 500 and an ERROR traceback
+    ("cannot schedule new futures after shutdown"), on every restart of a busy server."""
+    import base64
+    import random
+
+    from meshid.cli.admin_client import AdminClient
+    from meshid.cli.dev import start_dev
+    from meshid.entry import Entry
+    from meshid.selector import Selector
+    from meshid.spiffe_id import SpiffeId
+    from workload_api.config import agent_config_from_dict
+    from workload_api.keys import csr_for, new_key
+    from workload_api.node_identity import NodeIdentity
+    from workload_api.rotation import RotationPolicy
+    from workload_api.server_client import ServerClient
+
+    limits = {"max_concurrent_signing": 1, "max_queue": 10, "agent_rate": 10_000.0, "agent_burst": 10_000}
+    stack = await start_dev(short_tmp / "d", TD, str(short_tmp / "s" / "api.sock"),
+                            server_overrides={"admission": limits})
+    server = stack.server
+    addr = f"127.0.0.1:{server.agent_api_port}"
+    client = ServerClient([addr], SpiffeId(server.td, "/meshid/server"))
+    try:
+        async with AdminClient(server.config.admin_socket_path) as admin:
+            token = await admin.call("POST", "/v1/tokens", {"ttl": 600})
+        (short_tmp / "agent").mkdir()
+        agent_cfg = agent_config_from_dict({
+            "trust_domain": TD, "data_dir": str(short_tmp / "agent"), "server_address": [addr],
+            "trust_bundle_path": stack.agent.config.trust_bundle_path,
+            "node_attestor": {"join_token": {"token": token["token"]}},
+        })  # fmt: skip
+        client.set_roots(list(server.ca.bundle.x509_authorities))
+        node = NodeIdentity(agent_cfg, client, RotationPolicy(), random.Random(1))
+        await node.attest()
+        assert node.agent_id is not None
+        requests = []
+        for j in range(200):  # a batch large enough for the signing executor
+            selectors = (Selector("unix", f"uid:{5000 + j}"),)
+            entry = Entry("", SpiffeId(server.td, f"/w/{j}"), node.agent_id, selectors)
+            entry = await server.entries.create(entry)
+            requests.append({"entry_id": entry.id, "csr": base64.b64encode(csr_for(new_key())).decode()})
+        calls = [asyncio.create_task(client.sign_x509(requests)) for _ in range(3)]
+        admission = server.admission
+        for _ in range(500):  # one batch signing, the others queued behind it
+            if admission._running == 1 and admission._waiting == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert admission._running == 1 and admission._waiting == 2
+        with caplog.at_level(logging.WARNING):
+            await asyncio.wait_for(stack.stop(), 30)
+        for call in calls:
+            assert len(await call) == 200
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        await client.close()
+        await stack.stop()
