@@ -13,7 +13,7 @@ fetching and parsing it per caller held the event loop for each workload of a st
 
 Selectors (type `k8s`): ns, sa, pod-uid, pod-name, node-name, pod-label:k:v,
 pod-owner:Kind:name, pod-owner-uid:Kind:uid, container-name, container-image, pod-image,
-pod-init-image. A process that is not in a pod gets none.
+pod-init-image, pod-image-count, pod-init-image-count. A process that is not in a pod gets none.
 """
 
 from __future__ import annotations
@@ -114,7 +114,11 @@ def pod_selectors(pod: Mapping[str, Any], status: Mapping[str, Any]) -> list[Sel
     add("container-image", get_str(status, "image"))
     add("container-image", get_str(status, "imageID"))
     for list_name, key in (("containerStatuses", "pod-image"), ("initContainerStatuses", "pod-init-image")):
-        for other in get_list(pod, "status", list_name):
+        others = get_list(pod, "status", list_name)
+        # SPIRE's pod-image-count / pod-init-image-count (0 included): entries written for
+        # SPIRE with them never matched here.
+        values.append(f"{key}-count:{len(others)}")
+        for other in others:
             add(key, get_str(other, "image"))
             add(key, get_str(other, "imageID"))
     selectors = set()

@@ -757,6 +757,8 @@ WEB_SELECTORS = {
     "k8s:pod-image:docker.io/envoyproxy/envoy@sha256:" + "3" * 64,
     "k8s:pod-init-image:registry.example.com/shop/migrate:1.4.0",
     "k8s:pod-init-image:registry.example.com/shop/migrate@sha256:" + "1" * 64,
+    "k8s:pod-image-count:2",  # as SPIRE: the pod's containers and init containers, by status
+    "k8s:pod-init-image-count:1",
 }
 
 
@@ -971,6 +973,14 @@ def test_pod_selectors_skip_unusable_labels() -> None:
     values = {s.value for s in pod_selectors(pod, pod["status"]["containerStatuses"][0])}
     assert "pod-label:app:web" in values
     assert not any(v.startswith(("pod-label:huge", "pod-label:ctl")) for v in values)
+
+
+def test_pod_selectors_count_images_as_spire_does() -> None:
+    pods = load("kubelet-pods.json")
+    pod = pods["items"][0]
+    del pod["status"]["initContainerStatuses"]
+    values = {s.value for s in pod_selectors(pod, pod["status"]["containerStatuses"][0])}
+    assert {"pod-image-count:2", "pod-init-image-count:0"} <= values
 
 
 def test_pod_selectors_leave_out_keys_and_kinds_with_a_colon() -> None:
