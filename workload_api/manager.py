@@ -475,7 +475,14 @@ class SvidManager:
         schedule = self.policy.schedule(now, max(now + 1, expires_at), self.rng)
         svid = JwtSvid(token, entry.spiffe_id, expires_at, schedule)
         if len(self._jwt) >= MAX_JWT_CACHE:
-            self._jwt = {k: v for k, v in self._jwt.items() if v.expires_at > now}
+            kept = {k: v for k, v in self._jwt.items() if v.expires_at > now}
+            if len(kept) >= MAX_JWT_CACHE:
+                # All unexpired (new audiences are new keys): the bound held only for expired
+                # tokens, and each insertion past it copied the cache. The oldest quarter
+                # goes; a token evicted is signed again if asked for.
+                kept = dict(list(kept.items())[len(kept) - MAX_JWT_CACHE * 3 // 4:])
+            self._jwt = kept
+        self._jwt.pop(key, None)  # re-inserted last: insertion order is age
         self._jwt[key] = svid
         return svid
 

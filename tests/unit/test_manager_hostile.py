@@ -282,3 +282,23 @@ async def test_a_cached_jwt_svid_is_served_while_the_server_cannot_renew_it(tmp_
     clock.t = T0 + 300  # expired: nothing left to serve
     with pytest.raises(ServerUnavailableError):
         await mgr.jwt_svid(e0, ["a"])
+
+
+async def test_the_jwt_svid_cache_stays_bounded_with_every_token_unexpired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only expired tokens were pruned at the bound: callers asking for new audiences (each
+    a new cache key; the per-uid mint limit allows 3000 live 5-minute tokens per uid) grew
+    the cache past it without end, and every insertion beyond it copied the whole cache."""
+    monkeypatch.setattr(manager_mod, "MAX_JWT_CACHE", 50)
+    mgr, _, _, client, _ = make(tmp_path, 1)
+    e0 = mgr.cache.entries["e0"]
+
+    async def sign_jwt(entry_id: str, audience: list[str]) -> tuple[str, int]:
+        return token("spiffe://example.org/w/0", audience, T0 + 300), int(T0 + 300)
+
+    client.sign_jwt = sign_jwt  # type: ignore[attr-defined]
+    for i in range(200):
+        await mgr.jwt_svid(e0, [f"aud-{i}"])
+    assert len(mgr._jwt) <= 50
+    assert mgr.jwt_cached(e0, ["aud-199"]) is not None  # the newest are the ones kept
