@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -410,12 +411,28 @@ def read_server_id(config: ServerConfig) -> str | None:
 
 def _persistent_id(path: Path) -> str:
     try:
-        return path.read_text().strip()
+        sid = path.read_text().strip()
     except FileNotFoundError:
-        sid = str(uuid.uuid4())
-        path.write_text(sid + "\n")
-        path.chmod(0o600)
+        sid = ""
+    if sid:
         return sid
+    # Missing, or empty as a crash soon after creating it leaves the file: a new id, made
+    # durable before use (written whole, synced, renamed into place).
+    sid = str(uuid.uuid4())
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, (sid + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return sid
 
 
 def _key_manager(cfg: ServerConfig) -> KeyManager:

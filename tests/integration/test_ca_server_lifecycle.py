@@ -172,3 +172,22 @@ async def test_signing_requests_in_flight_at_stop_are_answered(
     finally:
         await client.close()
         await stack.stop()
+
+
+async def test_an_empty_server_id_file_gets_a_new_id_that_then_sticks(
+    short_tmp: Path, master_secret: str
+) -> None:
+    # What a crash soon after the first start can leave (the file created, its data never
+    # written back): the server ran on as server id "", shared with any replica in the same
+    # state, in its CA keys' ownership and its events' source.
+    from issuer.server import SERVER_ID_FILE, read_server_id
+
+    cfg = config(short_tmp)
+    (short_tmp / "srv").mkdir(mode=0o700)
+    (short_tmp / "srv" / SERVER_ID_FILE).write_text("\n")
+    async with running(cfg, OffsetClock()) as srv:
+        first = srv.server_id
+    assert first and read_server_id(cfg) == first
+    async with running(cfg, OffsetClock()) as srv:
+        assert srv.server_id == first
+    assert (short_tmp / "srv" / SERVER_ID_FILE).stat().st_mode & 0o777 == 0o600
