@@ -26,8 +26,9 @@ def socket_path(explicit: str | None) -> str:
 
 
 class AdminClient:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, timeout: float = 60.0) -> None:
         self.path = path
+        self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AdminClient:
@@ -39,7 +40,7 @@ class AdminClient:
                 f"set --server-socket or {SOCKET_ENV})",
             )
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=self.path), timeout=aiohttp.ClientTimeout(total=60)
+            connector=aiohttp.UnixConnector(path=self.path), timeout=aiohttp.ClientTimeout(total=self.timeout)
         )
         return self
 
@@ -66,4 +67,9 @@ class AdminClient:
         except aiohttp.ClientConnectionError as exc:
             raise AdminError(
                 0, "unavailable", f"cannot reach server admin socket {self.path}: {exc}"
+            ) from None
+        except TimeoutError:
+            # aiohttp's total timeout is a bare TimeoutError: the CLI printed "meshid: " and nothing.
+            raise AdminError(
+                0, "timeout", f"the server did not answer on {self.path} within {self.timeout:g} s"
             ) from None

@@ -156,3 +156,28 @@ def test_no_agent_names_the_socket(
         s.bind(dead)
         assert cli.main([*argv, "--socket", dead]) == 1
     assert f"at {dead}: Connection refused" in capsys.readouterr().err
+
+
+async def test_admin_socket_that_never_answers_is_a_message(tmp_path: Any) -> None:
+    """aiohttp's total timeout is a bare TimeoutError, which `meshid` printed as "meshid: "."""
+    import asyncio
+
+    from meshid.cli.admin_client import AdminClient, AdminError
+
+    path = str(tmp_path / "admin.sock")
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_unix_server(silent, path)
+    try:
+        with pytest.raises(AdminError) as info:
+            async with AdminClient(path, timeout=0.3) as client:
+                await client.call("GET", "/v1/entries")
+        assert str(info.value) == f"the server did not answer on {path} within 0.3 s"
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
