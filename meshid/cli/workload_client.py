@@ -31,14 +31,21 @@ def socket_from(arg: str | None) -> str:
     value = arg or os.environ.get("SPIFFE_ENDPOINT_SOCKET", "")
     if not value:
         raise ConfigError("no Workload API socket: pass --socket or set SPIFFE_ENDPOINT_SOCKET")
+    # Named after where the value came from: a bad --socket was reported as SPIFFE_ENDPOINT_SOCKET.
+    source = "--socket" if arg else "SPIFFE_ENDPOINT_SOCKET"
     if value.startswith("unix:"):
         u = urlparse(value)
         if u.netloc or u.query or u.fragment or not u.path.startswith("/"):
-            raise ConfigError(f"invalid SPIFFE_ENDPOINT_SOCKET {value!r}: expected unix:///absolute/path")
+            raise ConfigError(f"invalid {source} {value!r}: expected unix:///absolute/path")
         return u.path
     if value.startswith("/"):
         return value
-    raise ConfigError(f"invalid socket address {value!r}: expected unix:///absolute/path")
+    if value.startswith("tcp:"):
+        raise ConfigError(
+            f"{source} {value!r}: a meshid agent serves the Workload API on a Unix socket only; "
+            "expected unix:///absolute/path"
+        )
+    raise ConfigError(f"invalid {source} {value!r}: expected unix:///absolute/path")
 
 
 def _der_certs(data: bytes) -> list[x509.Certificate]:

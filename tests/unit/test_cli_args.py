@@ -84,6 +84,18 @@ def test_spiffe_endpoint_socket_must_be_an_absolute_unix_path(
         socket_from(None)
 
 
+def test_a_bad_socket_is_named_after_where_it_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshid.cli.workload_client import socket_from
+    from meshid.errors import ConfigError
+
+    monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "unix:///run/api.sock")
+    with pytest.raises(ConfigError, match=r"^invalid --socket 'unix:run/api\.sock'"):
+        socket_from("unix:run/api.sock")  # was called an invalid SPIFFE_ENDPOINT_SOCKET
+    monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", "tcp://127.0.0.1:8081")
+    with pytest.raises(ConfigError, match=r"^SPIFFE_ENDPOINT_SOCKET 'tcp://127\.0\.0\.1:8081': .* only"):
+        socket_from(None)
+
+
 def test_spiffe_endpoint_socket_gives_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
     from meshid.cli.workload_client import socket_from
 
