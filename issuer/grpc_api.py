@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshid.grpc")
 
+# A connection with no call for this long is sent GOAWAY and closed; its client reconnects
+# when it next calls. grpclib otherwise keeps every connection forever, one whose client
+# vanished without a FIN (its node gone) included: grpc-go's keepalive would find those.
+IDLE_TIMEOUT = 300.0
+
 
 async def start_entry_api(server: Server) -> grpclib.server.Server:
     cfg = server.config.server
@@ -30,7 +35,7 @@ async def start_entry_api(server: Server) -> grpclib.server.Server:
     # client_cert="required": only callers with an X509-SVID from our bundle get a handshake;
     # "h2" ALPN because gRPC clients (Go's included) insist on it over TLS.
     tls = server.tls_context(client_cert="required", alpn=("h2",))
-    grpc = GuardedServer([api])
+    grpc = GuardedServer([api], idle_timeout=IDLE_TIMEOUT)
     await grpc.start(cfg.bind_address, cfg.grpc_port, ssl=tls.outer)
     server.grpc_port_bound = bound_port(grpc)
     log.info("Entry API listening on %s:%d (mutual TLS)", cfg.bind_address, server.grpc_port_bound)

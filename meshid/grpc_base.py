@@ -107,8 +107,10 @@ class GuardedHandler(grpclib.server.Handler):
     connection is freed by reference counting when its last request ends."""
 
     max_message_bytes = MAX_MESSAGE_BYTES
+    accepted = 0  # streams opened on this connection (GuardedProtocol's idle check)
 
     def accept(self, stream: Any, headers: Any, release_stream: Any) -> None:
+        self.accepted += 1
         problem = malformed_request(headers)
         if problem is not None:
             # Debug only: anyone who can connect could otherwise fill the log.
@@ -194,6 +196,9 @@ class GuardedProtocol(H2Protocol):
     (ENHANCE_YOUR_CALM) and closed: HTTP/2 rapid reset."""
 
     _io: Any = None  # the transport given to connection_made
+    idle_timeout: float | None = None  # see GuardedServer
+    _idle_handle: asyncio.TimerHandle | None = None
+    _idle_seen = -1  # streams accepted as of the last idle check
     _write_paused = False
     _backlog = b""  # received, handled up to _pos
     _pos = 0
@@ -203,6 +208,23 @@ class GuardedProtocol(H2Protocol):
         self._io = transport
         self._resets = TokenBucket(RESET_RATE, MAX_RESET_BURST)
         super().connection_made(transport)
+        if self.idle_timeout is not None:
+            self._idle_handle = asyncio.get_running_loop().call_later(self.idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """Sent away after a whole idle_timeout with no call running and none opened."""
+        self._idle_handle = None
+        if self._closed or self.idle_timeout is None:
+            return
+        handler = self.handler
+        busy = any(not task.done() for task in getattr(handler, "_tasks", {}).values())
+        accepted = getattr(handler, "accepted", 0)
+        if not busy and accepted == self._idle_seen:
+            log.debug("gRPC connection idle for %g s; GOAWAY and closed", self.idle_timeout)
+            self.go_away()
+            return
+        self._idle_seen = accepted
+        self._idle_handle = asyncio.get_running_loop().call_later(self.idle_timeout, self._idle_check)
 
     def _update_reading(self) -> None:
         if self._io is None or self._io.is_closing():
@@ -271,7 +293,7 @@ class GuardedProtocol(H2Protocol):
         self._close("Too many stream resets")
 
     def go_away(self) -> None:
-        """Server shutdown: GOAWAY (NO_ERROR), then close the connection."""
+        """Server shutdown or an idle connection: GOAWAY (NO_ERROR), then close it."""
         if self._closed or self._io is None or self._io.is_closing():
             return
         with contextlib.suppress(ProtocolError):  # h2 already saw the connection end
@@ -287,6 +309,9 @@ class GuardedProtocol(H2Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._closed = True
         self._backlog = b""
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
         super().connection_lost(exc)
 
 
@@ -320,12 +345,24 @@ def _answered(func: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitab
 
 
 class GuardedServer(grpclib.server.Server):
-    """grpclib's Server with GuardedHandler and GuardedProtoCodec (see the module's doc)."""
+    """grpclib's Server with GuardedHandler and GuardedProtoCodec (see the module's doc).
 
-    def __init__(self, handlers: Any, *, max_message_bytes: int = MAX_MESSAGE_BYTES, **kwargs: Any) -> None:
+    `idle_timeout`: a connection with no call running or opened for that many seconds is
+    sent GOAWAY and closed (grpc-go's MaxConnectionIdle; clients reconnect when they next
+    call). grpclib keeps one forever, whatever it costs."""
+
+    def __init__(
+        self,
+        handlers: Any,
+        *,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        idle_timeout: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("codec", GuardedProtoCodec())
         super().__init__(handlers, **kwargs)
         self._max_message_bytes = max_message_bytes
+        self._idle_timeout = idle_timeout
         self._connections: weakref.WeakSet[GuardedProtocol] = weakref.WeakSet()
         self._mapping = {
             name: h._replace(func=_answered(h.func)) for name, h in self._mapping.items()
@@ -339,6 +376,7 @@ class GuardedServer(grpclib.server.Server):
         self._handlers.add(handler)
         protocol = self._protocol(handler)
         if isinstance(protocol, GuardedProtocol):
+            protocol.idle_timeout = self._idle_timeout
             self._connections.add(protocol)
         return protocol
 

@@ -543,3 +543,29 @@ async def test_operator_uses_svid_from_workload_api(short_tmp: object) -> None:
         for ch in opened:
             ch.close()
         await stack.stop()
+
+
+async def test_an_idle_connection_is_closed(server: Server) -> None:
+    """Any SVID of the trust domain passes the handshake; a connection then left without a
+    call (or whose client vanished without a FIN) was kept forever. Sent away now, after
+    IDLE_TIMEOUT (shortened here) with no call."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    from issuer.grpc_api import IDLE_TIMEOUT
+
+    assert server.grpc._idle_timeout == IDLE_TIMEOUT
+    server.grpc._idle_timeout = 0.3  # for connections from now on
+    ctx = svid_context(server, f"spiffe://{TD}/some/workload")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.grpc_port_bound, ssl=ctx)
+    try:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        events: list[object] = []
+        while data := await asyncio.wait_for(reader.read(65536), 5):
+            events.extend(conn.receive_data(data))
+        assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+    finally:
+        writer.close()

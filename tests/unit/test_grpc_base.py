@@ -476,3 +476,50 @@ async def test_closing_the_server_closes_its_connections(
         writer.close()
         ch.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_an_idle_connection_is_sent_away_when_asked(short_tmp: Path) -> None:
+    """idle_timeout (the Entry API's, on TCP): a connection with no call for that long is
+    sent GOAWAY and closed, as the HTTP listeners close idle ones; grpclib kept it forever,
+    ~270 KB of TLS buffers each for anyone holding an SVID. Calls keep it open, and a
+    long call is not cut."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    class Slow(Echo):
+        async def validate(self, stream: Any) -> None:
+            req = await stream.recv_message()
+            await asyncio.sleep(float(req.audience))
+            await stream.send_message(Reply(spiffe_id=req.audience))
+
+    path = str(short_tmp / "g.sock")
+    server = GuardedServer([Slow()], idle_timeout=0.3)
+    await server.start(path=path)
+    ch = Channel(path=path)
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        # Past its preface, silent: sent away.
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        events: list[Any] = []
+        while data := await asyncio.wait_for(reader.read(65536), 3):
+            events.extend(conn.receive_data(data))
+        assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+
+        # A call longer than the timeout, then calls more often than it: one connection.
+        assert (await call(ch, "1.0")).spiffe_id == "1.0"
+        protocol: Any = ch._protocol
+        for _ in range(10):
+            assert (await call(ch, "0")).spiffe_id == "0"
+            await asyncio.sleep(0.1)
+        assert ch._protocol is protocol and not protocol.handler.connection_lost
+        await asyncio.sleep(1.0)
+        assert protocol.handler.connection_lost  # then idle: sent away
+        assert (await call(ch, "0")).spiffe_id == "0"  # and the client simply reconnects
+    finally:
+        writer.close()
+        ch.close()
+        server.close()
+        await server.wait_closed()
