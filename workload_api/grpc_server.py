@@ -163,7 +163,14 @@ def bind_unix_socket(path: str | Path, mode: int, dir_mode: int = 0o755) -> sock
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with umask(0o777 & ~mode):
-            sock.bind(str(p))
+            try:
+                sock.bind(str(p))
+            except OSError as exc:
+                if exc.errno is None or exc.filename is not None:
+                    raise
+                # bind() names no path: an agent without write access to the socket's
+                # directory stopped with "[Errno 13] Permission denied" and nothing more.
+                raise type(exc)(exc.errno, exc.strerror, str(p)) from None
         os.chmod(p, mode)
         sock.listen(1024)
     except BaseException:

@@ -165,3 +165,28 @@ def test_caller_limits_per_uid_and_in_all(caplog: pytest.LogCaptureFixture) -> N
     assert caplog.text.count("max_connections_per_uid") == 1
     assert caplog.text.count("file descriptor budget") == 1
     assert caplog.text.count("max_streams_per_uid") == 1
+
+
+def test_a_socket_that_cannot_be_bound_is_named(short_tmp: Any) -> None:
+    """An agent without write access to its socket's directory (run as another user than the
+    directory's owner) stopped with "[Errno 13] Permission denied", naming no path."""
+    import os
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another uid")
+    sock = short_tmp / "api.sock"  # short_tmp: 0755, root's; nobody may look in, not write
+    script = (  # imports first: the interpreter's files may be unreadable to nobody
+        "import os, sys\n"
+        "from workload_api.grpc_server import bind_unix_socket\n"
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        "try:\n"
+        "    bind_unix_socket(sys.argv[1], 0o777)\n"
+        "except OSError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(sock)], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == f"[Errno 13] Permission denied: '{sock}'", out
