@@ -104,6 +104,9 @@ class SvidManager:
         self.taint_window = 600.0
         self._taint_due: dict[str, float] = {}
         self._agent_taint_due: float | None = None
+        # A renewal of the agent SVID that failed is not retried before this (its own backoff).
+        self._node_hold = 0.0
+        self._node_backoff = Backoff(base=1.0, cap=300.0, rng=rng)
         # Entries the server refused: no new request before the held time (backoff per entry).
         self._hold: dict[str, float] = {}
         self._entry_backoff: dict[str, Backoff] = {}
@@ -201,17 +204,36 @@ class SvidManager:
     async def step(self) -> None:
         if not self.node.valid:
             await self._reattest()
-        elif self.node.due():
-            await self.node.renew()
-            self._agent_taint_due = None
+        elif self.node.due() and self.clock() >= self._node_hold:
+            if await self._renew_node(stationary=False):
+                self._agent_taint_due = None
         await self.sync()
         # After the sync, so the slot is drawn as soon as the taint is learnt.
-        if self.node.valid and self.agent_svid_tainted_due(self.clock()):
-            await self.node.renew(stationary=True)
-            self._agent_taint_due = None
+        if self.node.valid and self.agent_svid_tainted_due(self.clock()) and self.clock() >= self._node_hold:
+            if await self._renew_node(stationary=True):
+                self._agent_taint_due = None
         await self.rotate()
         await self._report()
         self.last_sync_ok = self.clock()
+
+    async def _renew_node(self, stationary: bool) -> bool:
+        """Renew the agent SVID; False if it failed in a way that leaves the held one usable
+        (it cannot be saved, the server refused or garbled the renewal). Such a failure
+        ended the whole round before: no sync and no workload renewal while the agent SVID
+        was still good, until the workloads' SVIDs expired. It is retried on a backoff of
+        its own; an outage, an overload or a refused identity still end the round."""
+        try:
+            await self.node.renew(stationary=stationary)
+        except (OSError, ServerRejectedError) as exc:
+            if isinstance(exc, TimeoutError):
+                raise
+            self._node_hold = self.clock() + self._node_backoff.next()
+            log.warning("agent SVID renewal failed (%s); going on with the held one, retry in %.1fs",
+                        exc, self._node_hold - self.clock())
+            return False
+        self._node_backoff.reset()
+        self._node_hold = 0.0
+        return True
 
     # ------------------------------------------------------------------ sync
     async def sync(self) -> None:
@@ -348,9 +370,9 @@ class SvidManager:
         times.extend(max(t, self._hold.get(eid, 0.0)) for eid, t in self._taint_due.items())
         times.extend(t for eid, t in self._hold.items() if eid not in self.cache.svids)
         if self.node.schedule is not None:
-            times.append(self.node.schedule.renew_at)
+            times.append(max(self.node.schedule.renew_at, self._node_hold))
         if self._agent_taint_due is not None:
-            times.append(self._agent_taint_due)
+            times.append(max(self._agent_taint_due, self._node_hold))
         return min(times) if times else self.clock() + self.sync_interval
 
     async def rotate(self) -> None:

@@ -28,6 +28,7 @@ from meshid.selector import Selector
 from meshid.spiffe_id import SpiffeId
 from workload_api._gen import workload_grpc, workload_pb2
 from workload_api.agent import Agent
+from workload_api.rotation import RenewalSchedule
 from workload_api.server_client import ServerClient, ServerUnavailableError
 
 pytestmark = pytest.mark.integration
@@ -183,6 +184,30 @@ async def test_an_entry_recreated_under_its_id_while_the_agent_was_away_is_resyn
         # ...and its SVID is signed afresh for the new entry, not left to its renewal time.
         await wait_for(lambda: stack.agent.cache.svids["fixed-id"] is not signed_for_old, 20,
                        "the agent to re-sign the re-created entry")
+    finally:
+        await stack.stop()
+
+
+async def test_an_agent_svid_that_cannot_be_saved_does_not_stop_the_sync(short_tmp: Path) -> None:
+    """The renewed agent SVID is saved before use; when that fails (here a directory where
+    its temporary file goes, as a full disk would) the agent goes on with the SVID it holds,
+    and its round goes on too: the renewal failure ended every round before the sync, so no
+    workload SVID was renewed until they all expired."""
+    stack = await start_dev(short_tmp / "d", "example.org", str(short_tmp / "s" / "api.sock"))
+    try:
+        manager, node = stack.agent.manager, stack.agent.node
+        manager.sync_interval = 3600  # its own loop stays asleep: the rounds below are ours
+        held = node.chain
+        (node.dir / "agent_svid.key.tmp").mkdir()
+        node.schedule = RenewalSchedule(time.time(), "uniform")
+        synced = manager.last_sync_ok
+        await manager.step()
+        assert node.chain is held and manager.last_sync_ok > synced
+        assert manager.next_due() > time.time()  # the renewal is held, not retried every 50 ms
+        (node.dir / "agent_svid.key.tmp").rmdir()
+        manager._node_hold = 0.0  # its backoff over
+        await manager.step()
+        assert node.chain != held
     finally:
         await stack.stop()
 

@@ -29,7 +29,7 @@ from meshid.spiffe_id import SpiffeId, TrustDomain
 from workload_api.cache import SvidCache
 from workload_api.keys import authority_key_id, csr_for, new_key, subject_key_id
 from workload_api.manager import SvidManager
-from workload_api.rotation import RotationPolicy
+from workload_api.rotation import RenewalSchedule, RotationPolicy
 from workload_api.server_client import IdentityRejectedError, ServerUnavailableError, chain_verifies
 
 TD = TrustDomain.parse("example.org")
@@ -577,3 +577,34 @@ async def test_the_outage_loop_wakes_at_the_next_expiry(tmp_path: Path) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_failed_agent_svid_renewal_does_not_stop_workload_rotation(tmp_path: Path) -> None:
+    """The agent SVID's renewal came first in every round, and a failure the server's
+    availability has nothing to do with (the renewed SVID cannot be saved: a full disk; the
+    server refuses the renewal) ended the round: no sync and no workload renewal while the
+    agent's SVID was still good, until the workloads' SVIDs expired. Now the renewal backs
+    off on its own and the round goes on with the SVID held."""
+    mgr, clock, _, client, node = make(tmp_path, 1)
+    await mgr.rotate()
+    held = mgr.cache.svids["e0"]
+    renew_at = held.schedule.renew_at
+    failures: list[float] = []
+
+    async def renew(stationary: bool = False) -> None:
+        failures.append(clock())
+        raise OSError(28, "No space left on device")
+
+    node.due = lambda: clock() >= renew_at  # type: ignore[method-assign]
+    node.renew = renew  # type: ignore[method-assign]
+    node.schedule = RenewalSchedule(renew_at, "uniform")  # type: ignore[assignment]
+    client.sync_data = {"workload_parents": [str(AGENT)]}
+    clock.t = renew_at
+    await mgr.step()  # did raise OSError
+    assert mgr.cache.svids["e0"] is not held and failures == [renew_at]
+    assert mgr.next_due() > clock()  # the failed renewal is held: no 50 ms loop
+    await mgr.step()
+    assert failures == [renew_at]
+    clock.t = mgr.next_due()
+    await mgr.step()
+    assert len(failures) == 2
