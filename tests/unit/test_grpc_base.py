@@ -510,13 +510,15 @@ async def test_an_idle_connection_is_sent_away_when_asked(short_tmp: Path) -> No
 
         # A call longer than the timeout, then calls more often than it: one connection.
         assert (await call(ch, "1.0")).spiffe_id == "1.0"
-        protocol: Any = ch._protocol
+        protocol = ch._protocol
+        assert protocol is not None
+        client: Any = protocol.handler
         for _ in range(10):
             assert (await call(ch, "0")).spiffe_id == "0"
             await asyncio.sleep(0.1)
-        assert ch._protocol is protocol and not protocol.handler.connection_lost
+        assert ch._protocol is protocol and not client.connection_lost
         await asyncio.sleep(1.0)
-        assert protocol.handler.connection_lost  # then idle: sent away
+        assert client.connection_lost  # then idle: sent away
         assert (await call(ch, "0")).spiffe_id == "0"  # and the client simply reconnects
     finally:
         writer.close()
