@@ -186,6 +186,12 @@ async def validate(args: argparse.Namespace) -> int:
     claims = json_format.MessageToDict(resp.claims)
     print(f"SPIFFE ID:  {resp.spiffe_id}")
     if "exp" in claims:
-        print(f"expires:    {dt.datetime.fromtimestamp(float(claims['exp']), dt.UTC).isoformat()}")
+        try:
+            expires = dt.datetime.fromtimestamp(float(claims["exp"]), dt.UTC).isoformat()
+        except (OverflowError, ValueError, OSError):
+            # A valid token may expire past year 9999 (a federated domain's choice): its
+            # number, not a traceback after the agent said it is valid.
+            expires = str(claims["exp"])
+        print(f"expires:    {expires}")
     print(json.dumps(claims, indent=2, sort_keys=True))
     return 0

@@ -272,6 +272,23 @@ async def test_expired_jwt_refused(dev_stack: DevStack) -> None:
         ch.close()
 
 
+async def test_validate_cli_prints_a_valid_token_that_expires_past_year_9999(dev_stack: DevStack) -> None:
+    active = dev_stack.server.ca.jwt_active
+    from issuer.ca.slots import jwt_kid
+
+    token = _jwt_for(active.key, jwt_kid(active), "ES256", str(dev_stack.spiffe_id), "aud1",
+                     exp_delta=10**12)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshid.cli.main", "validate", "jwt", "--audience", "aud1", "--token", token,
+        "--socket", f"unix://{dev_stack.socket_path}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()  # was a traceback: the date is past datetime's range
+    assert f"SPIFFE ID:  {dev_stack.spiffe_id}" in out.decode()
+    assert "expires:    1" in out.decode()
+
+
 async def test_x509_source_watches_rotation(short_tmp: Path) -> None:
     from meshid.cli.dev import start_dev
 
