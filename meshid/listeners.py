@@ -22,6 +22,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 # handshake, or still trickling headers) is closed after this. aiohttp's default is an
 # hour: anyone who could connect held ~270 KB (asyncio's TLS buffers) per connection for it.
 IDLE_TIMEOUT = 60.0
+# How long stop() lets requests in flight finish before cancelling them. aiohttp's default is
+# 60 s: one caller sending headers and then no body held a stopping server that long, past
+# systemd's TimeoutStopSec and Kubernetes' grace period (30 s), which then SIGKILL it.
+SHUTDOWN_TIMEOUT = 10.0
 
 
 class Listener:
@@ -68,7 +72,8 @@ _SERVER_LOG = cast(logging.Logger, _ServerLog(logging.getLogger("aiohttp.server"
 
 async def _runner(app: web.Application) -> web.AppRunner:
     runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, keepalive_timeout=IDLE_TIMEOUT, logger=_SERVER_LOG
+        app, access_log=None, handle_signals=False, keepalive_timeout=IDLE_TIMEOUT, logger=_SERVER_LOG,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
     )
     await runner.setup()
     return runner

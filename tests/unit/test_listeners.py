@@ -95,3 +95,31 @@ async def test_undecodable_body_is_not_an_error_traceback(caplog: pytest.LogCapt
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     finally:
         await listener.stop()
+
+
+async def test_stop_does_not_wait_long_for_a_request_without_its_body(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """stop() lets requests in flight finish, but for at most SHUTDOWN_TIMEOUT: aiohttp's
+    default is 60 s, so one caller sending headers and no body (nobody needs a client
+    certificate to do that on the agent API) kept a SIGTERM'd server stopping for a minute,
+    past systemd's TimeoutStopSec and Kubernetes' grace period, which then SIGKILL it."""
+    monkeypatch.setattr(listeners, "SHUTDOWN_TIMEOUT", 0.5)
+    started = asyncio.Event()
+
+    async def wants_body(request: web.Request) -> web.Response:
+        started.set()
+        return web.Response(body=await request.read())
+
+    app = web.Application()
+    app.router.add_post("/x", wants_body)
+    listener = await listeners.plain_listener(app, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    try:
+        writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        await asyncio.wait_for(started.wait(), 5)
+        began = time.monotonic()
+        await asyncio.wait_for(listener.stop(), 10)
+        assert time.monotonic() - began < 3
+    finally:
+        writer.close()
