@@ -124,6 +124,8 @@ class Agent:
                 # retrying the same credentials cannot help (a join token is single-use).
                 raise AttestationError(self._refused_message(exc)) from None
             log.warning("initial sync failed (%s); retrying in the background", exc)
+        except TimeoutError:
+            log.warning("initial sync did not finish within 30 s; retrying in the background")
         except Exception as exc:
             log.warning("initial sync failed (%s); retrying in the background", exc)
         self.tasks.spawn("svid-manager", self.manager.run())
