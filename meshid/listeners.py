@@ -99,7 +99,10 @@ def prepare_socket_path(path: str | Path, dir_mode: int = 0o755) -> Path:
     """Create the socket's directory (not group/world writable, so nobody else can replace
     the socket) and remove a stale socket file."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True, mode=dir_mode)
+    # Under umask 022 whatever the process's: the missing parents were made 0777 & ~umask,
+    # so under umask 0 anyone could rename one and put their own socket in its place.
+    with umask(0o022):
+        p.parent.mkdir(parents=True, exist_ok=True, mode=dir_mode)
     if p.is_socket() or p.exists():
         if not p.is_socket():
             raise ValueError(f"{p} exists and is not a socket")

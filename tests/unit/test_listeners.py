@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -123,3 +124,12 @@ async def test_stop_does_not_wait_long_for_a_request_without_its_body(
         assert time.monotonic() - began < 3
     finally:
         writer.close()
+
+
+def test_socket_directories_made_are_not_writable_by_others_whatever_the_umask(tmp_path: Path) -> None:
+    from meshid.listeners import prepare_socket_path, umask
+
+    with umask(0):
+        prepare_socket_path(tmp_path / "a" / "b" / "c" / "api.sock")
+    for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "c"):
+        assert d.stat().st_mode & 0o777 == 0o755, d
