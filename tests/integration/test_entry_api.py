@@ -20,6 +20,7 @@ from google.protobuf.wrappers_pb2 import BytesValue
 from grpclib.client import Channel, UnaryUnaryMethod
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+from h2_client import client_connection, events_until_closed, terminated
 
 from issuer._gen.spire.api.server.entry.v1 import entry_grpc, entry_pb2
 from issuer.ca.slots import svid_chain
@@ -549,9 +550,6 @@ async def test_an_idle_connection_is_closed(server: Server) -> None:
     """Any SVID of the trust domain passes the handshake; a connection then left without a
     call (or whose client vanished without a FIN) was kept forever. Sent away now, after
     IDLE_TIMEOUT (shortened here) with no call."""
-    import h2.config
-    import h2.connection
-    import h2.events
 
     from issuer.grpc_api import IDLE_TIMEOUT
 
@@ -560,12 +558,8 @@ async def test_an_idle_connection_is_closed(server: Server) -> None:
     ctx = svid_context(server, f"spiffe://{TD}/some/workload")
     reader, writer = await asyncio.open_connection("127.0.0.1", server.grpc_port_bound, ssl=ctx)
     try:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
+        conn = client_connection()
         writer.write(conn.data_to_send())
-        events: list[object] = []
-        while data := await asyncio.wait_for(reader.read(65536), 5):
-            events.extend(conn.receive_data(data))
-        assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+        assert terminated(await events_until_closed(reader, conn, 5))
     finally:
         writer.close()

@@ -18,6 +18,7 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from h2.exceptions import StreamClosedError
+from h2_client import client_connection, events_until_closed, terminated
 
 from meshid.grpc_base import MAX_MESSAGE_BYTES, GuardedServer
 from workload_api._gen import workload_pb2
@@ -266,9 +267,6 @@ async def test_a_client_that_never_reads_is_not_read_either(short_tmp: Path) -> 
     back up, and resumes when they are read."""
     import socket
 
-    import h2.config
-    import h2.connection
-    import h2.events
     from hyperframe.frame import PingFrame
 
     async with serving(short_tmp) as (_echo, ch):
@@ -276,8 +274,7 @@ async def test_a_client_that_never_reads_is_not_read_either(short_tmp: Path) -> 
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(str(short_tmp / "g.sock"))
         sock.setblocking(False)
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
+        conn = client_connection()
         ping = PingFrame(0)
         ping.opaque_data = b"floodfld"
         sock.sendall(conn.data_to_send())
@@ -298,8 +295,7 @@ async def test_a_client_that_never_reads_is_not_read_either(short_tmp: Path) -> 
         # Once the client reads, the server reads again: the last PING is answered.
         sock.setblocking(True)
         sock.settimeout(10)
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
+        conn = client_connection()
         conn.ping(b"lastping")
         rest = pings[pos:pos + (-pos) % len(ping.serialize())]  # end the frame cut short
 
@@ -344,13 +340,10 @@ async def test_streams_reset_at_once_and_finished_ones_are_freed(short_tmp: Path
     reference counting, not left in a cycle for the cyclic GC."""
     import gc
 
-    import h2.config
-    import h2.connection
 
     async with serving(short_tmp) as (echo, ch):
         reader, writer = await asyncio.open_unix_connection(str(short_tmp / "g.sock"))
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
+        conn = client_connection()
         for sid in range(1, 1001, 2):
             conn.send_headers(sid, GOOD)
             conn.reset_stream(sid)
@@ -381,8 +374,6 @@ async def test_rapid_reset_is_cut_off_and_does_not_hold_the_loop(short_tmp: Path
     stalled ~2.5 s per read, for every other caller. Now a connection may reset at most
     MAX_RESET_BURST streams (refilled at RESET_RATE/s) before it is sent GOAWAY
     (ENHANCE_YOUR_CALM) and closed, and a large read is handled a slice per loop turn."""
-    import h2.config
-    import h2.connection
     import h2.errors
     import h2.events
 
@@ -399,8 +390,7 @@ async def test_rapid_reset_is_cut_off_and_does_not_hold_the_loop(short_tmp: Path
                 await asyncio.sleep(0.005)
                 stalls.append(loop.time() - t0 - 0.005)
 
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
+        conn = client_connection()
         for sid in range(1, 2 * 6000, 2):
             conn.send_headers(sid, GOOD)
             conn.reset_stream(sid)
@@ -436,9 +426,6 @@ async def test_closing_the_server_closes_its_connections(
     connection open: on Python 3.11 they outlived the server (sockets left open, clients
     never told), on 3.12+ wait_closed() waits for clients to hang up, so a SIGTERM'd server
     with a connected client never finished stopping. They are sent GOAWAY and closed."""
-    import h2.config
-    import h2.connection
-    import h2.events
 
     caplog.set_level(logging.INFO)
     entered = asyncio.Event()
@@ -456,8 +443,7 @@ async def test_closing_the_server_closes_its_connections(
     reader, writer = await asyncio.open_unix_connection(path)
     try:
         # One idle connection past its preface, one with a call in flight.
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
+        conn = client_connection()
         writer.write(conn.data_to_send())
         await writer.drain()
         in_flight = asyncio.create_task(call(ch, "slow"))
@@ -466,10 +452,7 @@ async def test_closing_the_server_closes_its_connections(
         server.close()
         await asyncio.wait_for(server.wait_closed(), 5)
 
-        events: list[Any] = []
-        while data := await asyncio.wait_for(reader.read(65536), 5):  # EOF, not a timeout
-            events.extend(conn.receive_data(data))
-        assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+        assert terminated(await events_until_closed(reader, conn))  # EOF, not a timeout
         with pytest.raises((GRPCError, StreamTerminatedError)):
             await asyncio.wait_for(in_flight, 5)
     finally:
@@ -483,9 +466,6 @@ async def test_an_idle_connection_is_sent_away_when_asked(short_tmp: Path) -> No
     sent GOAWAY and closed, as the HTTP listeners close idle ones; grpclib kept it forever,
     ~270 KB of TLS buffers each for anyone holding an SVID. Calls keep it open, and a
     long call is not cut."""
-    import h2.config
-    import h2.connection
-    import h2.events
 
     class Slow(Echo):
         async def validate(self, stream: Any) -> None:
@@ -500,13 +480,9 @@ async def test_an_idle_connection_is_sent_away_when_asked(short_tmp: Path) -> No
     reader, writer = await asyncio.open_unix_connection(path)
     try:
         # Past its preface, silent: sent away.
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
+        conn = client_connection()
         writer.write(conn.data_to_send())
-        events: list[Any] = []
-        while data := await asyncio.wait_for(reader.read(65536), 3):
-            events.extend(conn.receive_data(data))
-        assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+        assert terminated(await events_until_closed(reader, conn, 3))
 
         # A call longer than the timeout, then calls more often than it: one connection.
         assert (await call(ch, "1.0")).spiffe_id == "1.0"
