@@ -419,6 +419,28 @@ async def test_rapid_reset_is_cut_off_and_does_not_hold_the_loop(short_tmp: Path
 
 
 # ----------------------------------------------------------------------------- shutdown
+@asynccontextmanager
+async def raw_beside_grpc(
+    server: GuardedServer, tmp: Path
+) -> AsyncIterator[tuple[Channel, asyncio.StreamReader, Any]]:
+    """`server` started on a socket under `tmp`, with a gRPC channel to it and a bare HTTP/2
+    connection past its preface; all closed, the server too, on leaving."""
+    path = str(tmp / "g.sock")
+    await server.start(path=path)
+    ch = Channel(path=path)
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        conn = client_connection()
+        writer.write(conn.data_to_send())
+        await writer.drain()
+        yield ch, reader, conn
+    finally:
+        writer.close()
+        ch.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_closing_the_server_closes_its_connections(
     short_tmp: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -436,16 +458,9 @@ async def test_closing_the_server_closes_its_connections(
             entered.set()
             await asyncio.sleep(3600)
 
-    path = str(short_tmp / "g.sock")
     server = GuardedServer([Slow()])
-    await server.start(path=path)
-    ch = Channel(path=path)
-    reader, writer = await asyncio.open_unix_connection(path)
-    try:
+    async with raw_beside_grpc(server, short_tmp) as (ch, reader, conn):
         # One idle connection past its preface, one with a call in flight.
-        conn = client_connection()
-        writer.write(conn.data_to_send())
-        await writer.drain()
         in_flight = asyncio.create_task(call(ch, "slow"))
         await asyncio.wait_for(entered.wait(), 5)
 
@@ -455,9 +470,6 @@ async def test_closing_the_server_closes_its_connections(
         assert terminated(await events_until_closed(reader, conn))  # EOF, not a timeout
         with pytest.raises((GRPCError, StreamTerminatedError)):
             await asyncio.wait_for(in_flight, 5)
-    finally:
-        writer.close()
-        ch.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
@@ -473,15 +485,9 @@ async def test_an_idle_connection_is_sent_away_when_asked(short_tmp: Path) -> No
             await asyncio.sleep(float(req.audience))
             await stream.send_message(Reply(spiffe_id=req.audience))
 
-    path = str(short_tmp / "g.sock")
     server = GuardedServer([Slow()], idle_timeout=0.3)
-    await server.start(path=path)
-    ch = Channel(path=path)
-    reader, writer = await asyncio.open_unix_connection(path)
-    try:
+    async with raw_beside_grpc(server, short_tmp) as (ch, reader, conn):
         # Past its preface, silent: sent away.
-        conn = client_connection()
-        writer.write(conn.data_to_send())
         assert terminated(await events_until_closed(reader, conn, 3))
 
         # A call longer than the timeout, then calls more often than it: one connection.
@@ -496,8 +502,3 @@ async def test_an_idle_connection_is_sent_away_when_asked(short_tmp: Path) -> No
         await asyncio.sleep(1.0)
         assert client.connection_lost  # then idle: sent away
         assert (await call(ch, "0")).spiffe_id == "0"  # and the client simply reconnects
-    finally:
-        writer.close()
-        ch.close()
-        server.close()
-        await server.wait_closed()
