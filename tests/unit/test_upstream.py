@@ -25,33 +25,19 @@ TD = TrustDomain("example.org")
 WORKLOAD = SpiffeId.parse("spiffe://example.org/ns/prod/sa/web")
 PEM = serialization.Encoding.PEM
 
-EXTENSIONS = """
-[v3_int]
-basicConstraints = critical, CA:TRUE, pathlen:1
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-[v3_int_pathlen0]
-basicConstraints = critical, CA:TRUE, pathlen:0
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-[v3_int_pathlen2]
-basicConstraints = critical, CA:TRUE, pathlen:2
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-[v3_sub]
-basicConstraints = critical, CA:TRUE
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-[v3_leafish]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-"""
+def _ext_section(name: str, constraints: str, usage: str = "keyCertSign, cRLSign") -> str:
+    """One openssl -extensions section: CA or not (path length), key usage, key ids."""
+    return (f"[{name}]\nbasicConstraints = critical, {constraints}\nkeyUsage = critical, {usage}\n"
+            "subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n")
+
+
+EXTENSIONS = "".join([
+    _ext_section("v3_int", "CA:TRUE, pathlen:1"),
+    _ext_section("v3_int_pathlen0", "CA:TRUE, pathlen:0"),
+    _ext_section("v3_int_pathlen2", "CA:TRUE, pathlen:2"),
+    _ext_section("v3_sub", "CA:TRUE"),
+    _ext_section("v3_leafish", "CA:FALSE", "digitalSignature"),
+])
 
 
 def _openssl(*args: str, cwd: Path) -> str:
