@@ -65,13 +65,29 @@ async def cmd_server_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_if_running(admin_socket: str) -> None:
+    """MeshidError when a server answers on `admin_socket` (blocking: run it in a thread)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        if probe.connect_ex(admin_socket) == 0:
+            raise MeshidError(f"the server is running (admin socket {admin_socket}); stop it first")
+
+
 async def cmd_server_rewrap(args: argparse.Namespace) -> int:
     from issuer.ca.sealing import load_master_secret
     from issuer.config import load_server_config
     from issuer.server import rewrap
 
     config = load_server_config(args.config)
+    if not (args.new_secret_file or args.new_secret_env):
+        # load_master_secret's own message names the config keys, not these flags.
+        raise MeshidError("no new master secret: pass --new-secret-file or --new-secret-env")
     new_secret = load_master_secret(args.new_secret_file, args.new_secret_env)
+    # A running server keeps sealing the keys it makes under the old secret: afterwards
+    # neither secret opens every key and the server cannot start again.
+    await asyncio.to_thread(_refuse_if_running, config.admin_socket_path)
     n = await rewrap(config, new_secret)
     print(f"re-encrypted {n} CA keys under the new master secret; update the server's secret before restart")
     return 0
@@ -103,8 +119,6 @@ async def cmd_server_backup(args: argparse.Namespace) -> int:
 
 
 async def cmd_server_restore(args: argparse.Namespace) -> int:
-    import socket
-
     from issuer.config import load_server_config
     from issuer.datastore.factory import datastore_for
     from issuer.datastore.sqlite import MEMORY, RestoreError, SqliteDataStore, restore_backup
@@ -119,10 +133,7 @@ async def cmd_server_restore(args: argparse.Namespace) -> int:
 
     def restore() -> None:
         # A server still running on the file would keep writing to the old database's WAL.
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(1.0)
-            if probe.connect_ex(admin_socket) == 0:
-                raise MeshidError(f"the server is running (admin socket {admin_socket}); stop it first")
+        _refuse_if_running(admin_socket)
         if os.path.exists(target) and not args.force:
             raise MeshidError(f"{target} exists; stop the server and pass --force to overwrite it")
         try:
@@ -322,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = server.add_parser("run", help="run the server (CA, agent API, admin socket) until SIGINT/SIGTERM")
     s.add_argument("--config", required=True, help="server TOML (keys: issuer/config.py)")
     s.set_defaults(func=cmd_server_run)
-    s = server.add_parser("rewrap", help="re-encrypt every CA key under a new master secret")
+    s = server.add_parser(
+        "rewrap",
+        help="re-encrypt every CA key under a new master secret (every server on the datastore stopped)",
+    )
     s.add_argument("--config", required=True)
     s.add_argument("--new-secret-file", help="file holding the new master secret")
     s.add_argument("--new-secret-env", help="environment variable holding the new master secret")

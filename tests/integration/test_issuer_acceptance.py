@@ -693,3 +693,37 @@ async def test_master_secret_protects_keys_and_rewrap_changes_it(short_tmp: Path
         assert srv.ca.x509_active.key_id == x509_key_id
         assert srv.ca.bundle.x509_pem() == bundle_pem
         assert {lk.key_id for lk in srv.ca.keys()} == set(keys)
+
+
+async def test_rewrap_refuses_while_the_server_runs(short_tmp: Path) -> None:
+    """A running server seals the CA keys it makes next under the old secret: after a rewrap
+    neither secret would open every key, and the server could not start again."""
+    secret_file, new_file = short_tmp / "master.secret", short_tmp / "new.secret"
+    write_secret(secret_file, SECRET_A)
+    write_secret(new_file, SECRET_C)
+    data = base_config(short_tmp, grpc_enabled=False, master_secret_file=str(secret_file))
+    cfg = server_config_from_dict(data, env={})
+    toml = short_tmp / "server.toml"
+    toml.write_text(textwrap.dedent(f"""\
+        trust_domain = "{TD}"
+        data_dir = "{data['data_dir']}"
+        [server]
+        admin_socket_path = "{data['server']['admin_socket_path']}"
+        master_secret_file = "{secret_file}"
+        """))
+
+    # No new secret given: the message names the flags (it named the config keys).
+    run = await meshid("server", "rewrap", "--config", str(toml))
+    assert run.returncode == 1 and "--new-secret-file or --new-secret-env" in run.stderr, run.stderr
+
+    async with running_server(cfg):
+        run = await meshid("server", "rewrap", "--config", str(toml), "--new-secret-file", str(new_file))
+        assert run.returncode == 1 and "the server is running" in run.stderr, run.stderr
+    ds = await open_datastore(cfg.dsn)
+    try:
+        records = await ds.list_ca_keys()
+    finally:
+        await ds.close()
+    assert records
+    for r in records:  # untouched: still sealed under the server's secret
+        KeySealer(SECRET_A.encode()).unseal(r.sealed_key, r.key_id.encode())
