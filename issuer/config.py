@@ -43,10 +43,15 @@ class ListenConfig:
     )
     master_secret_file: str = doc("file holding the master secret that encrypts CA keys at rest", default="")
     master_secret_env: str = doc(
-        "environment variable holding the master secret (used if set)", default="MESHID_MASTER_SECRET"
+        "environment variable holding the master secret, read when master_secret_file is empty",
+        default="MESHID_MASTER_SECRET",
     )
     server_id: str = doc("this replica's id; default: generated once and kept in data_dir", default="")
-    max_request_bytes: int = doc("largest JSON body the agent API accepts", default=4 * 1024 * 1024)
+    max_request_bytes: int = doc(
+        "largest JSON body the agent API accepts (node attestation, before the caller has an SVID: "
+        "at most 256 KiB whatever this says)",
+        default=4 * 1024 * 1024,
+    )
     attest_rate_per_minute: int = doc(
         "node attestation attempts allowed per source address per minute", default=30
     )

@@ -53,7 +53,10 @@ class NodeAttestorConfig:
 @dataclass
 class UnixAttestorConfig:
     discover_workload_path: bool = doc("add unix:path and unix:sha256 selectors", default=False)
-    workload_size_limit: int = doc("largest binary hashed for unix:sha256 (bytes)", default=64 * 1024 * 1024)
+    workload_size_limit: int = doc(
+        "largest binary hashed for unix:sha256 (bytes); 0 = no limit, negative = never hash",
+        default=64 * 1024 * 1024,
+    )
 
 
 @dataclass
@@ -61,7 +64,9 @@ class WorkloadAttestorsConfig:
     unix: UnixAttestorConfig = field(default_factory=UnixAttestorConfig)
     systemd: bool = doc("add systemd:id selectors", default=True)
     k8s: dict[str, Any] = doc("k8s workload attestor settings (see docs/kubernetes.md)", default_factory=dict)
-    docker: dict[str, Any] = doc("docker workload attestor settings", default_factory=dict)
+    docker: dict[str, Any] = doc(
+        "docker workload attestor settings (see docs/kubernetes.md)", default_factory=dict
+    )
 
 
 @dataclass

@@ -324,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--trust-domain", default="example.org")
     dev.add_argument("--socket", help="Workload API socket path (default <data-dir>/agent/public/api.sock)")
     dev.add_argument("--svid-ttl", default="1h", help="X509-SVID lifetime, e.g. 1h, 10m, 120s")
-    dev.add_argument("--data-dir", help="state directory (default ~/.local/share/meshid/dev)")
+    dev.add_argument(
+        "--data-dir",
+        help="state directory (default $XDG_DATA_HOME/meshid/dev, else ~/.local/share/meshid/dev)",
+    )
     dev.set_defaults(func=cmd_dev)
 
     server = sub.add_parser("server", help="run and maintain the server").add_subparsers(
@@ -438,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = fetch.add_parser("jwt", help="print a JWT-SVID")
     f.add_argument("--socket", help=socket_help)
     f.add_argument("--audience", action="append", required=True, help="audience (repeatable)")
-    f.add_argument("--spiffe-id", help="which of the workload's identities (default: the first)")
+    f.add_argument("--spiffe-id", help="which of the workload's identities (default: one JWT-SVID for each)")
     f.set_defaults(func=cmd_fetch)
     f = fetch.add_parser("bundles", help="print the X.509 and JWT bundles")
     f.add_argument("--socket", help=socket_help)
