@@ -63,9 +63,15 @@ class UnixAttestorConfig:
 class WorkloadAttestorsConfig:
     unix: UnixAttestorConfig = field(default_factory=UnixAttestorConfig)
     systemd: bool = doc("add systemd:id selectors", default=True)
-    k8s: dict[str, Any] = doc("k8s workload attestor settings (see docs/kubernetes.md)", default_factory=dict)
+    k8s: dict[str, Any] = doc(
+        "k8s workload attestor settings (see docs/kubernetes.md); on only when the table sets a key: "
+        "an empty [workload_attestors.k8s] leaves it off",
+        default_factory=dict,
+    )
     docker: dict[str, Any] = doc(
-        "docker workload attestor settings (see docs/kubernetes.md)", default_factory=dict
+        "docker workload attestor settings (see docs/kubernetes.md); on only when the table sets a key: "
+        "an empty [workload_attestors.docker] leaves it off",
+        default_factory=dict,
     )
 
 
