@@ -179,7 +179,9 @@ class Server:
         source = server_source(self.td.name, await event_source_id(ds, self.server_id))
         self.relay = outbox_relay(ds, self.config.dsn, relay_config_from(k), source=source,
                                   owner=self.server_id, child_process=k.relay_process,
-                                  secret_env=(self.config.server.master_secret_env, k.sasl_password_env))
+                                  # Every secret the config names: the child touches no CA key.
+                                  secret_env=(self.config.server.master_secret_env, k.sasl_password_env,
+                                              self.config.ca.pkcs11.pin_env))
         await self.relay.start()
 
     def _events_written(self) -> None:

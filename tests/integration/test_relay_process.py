@@ -251,6 +251,28 @@ async def test_secrets_stay_out_of_argv_and_environment(
         await relay.stop()
 
 
+async def test_the_servers_relay_child_gets_no_pkcs11_pin(
+    tansu: TansuBroker, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server leaves every secret it names out of the child's environment: the HSM PIN
+    (ca.pkcs11.pin_env) was passed on, though the child never touches a CA key."""
+    from meshid.cli.dev import start_dev
+
+    pin = "pkcs11-pin-not-in-relay"
+    monkeypatch.setenv("MESHID_PKCS11_PIN", pin)
+    kafka_on = {"events": {"kafka": {"bootstrap_servers": [tansu.bootstrap], "enable_idempotence": False,
+                                     "auto_create_topics": True}}}
+    stack = await start_dev(short_tmp / "d", "example.org", str(short_tmp / "s" / "api.sock"),
+                            server_overrides=kafka_on)
+    try:
+        relay = stack.server.relay
+        assert isinstance(relay, RelayProcess)
+        await wait_for(lambda: relay.status()["relay_process"]["pid"] is not None, 10, "the child")
+        assert pin.encode() not in Path(f"/proc/{child_pid(relay)}/environ").read_bytes()
+    finally:
+        await stack.stop()
+
+
 ORPHAN_PARENT = """
 import asyncio, sys
 from issuer.events.relay import KafkaConfig
