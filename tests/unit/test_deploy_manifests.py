@@ -40,6 +40,15 @@ def _kubectl() -> str:
     return kubectl
 
 
+def _systemd_analyze() -> str:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-analyze is required in CI to verify deploy/systemd")
+        pytest.skip("systemd-analyze not installed (set CI=1 to make this a failure)")
+    return analyze
+
+
 @cache
 def _render(kubectl: str, directory: str) -> tuple[dict[str, Any], ...]:
     out = subprocess.run(
@@ -366,9 +375,7 @@ def test_systemd_units_are_hardened(name: str) -> None:
 
 
 def test_systemd_units_verify(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze not installed")
+    analyze = _systemd_analyze()
     paths = []
     for name in ("meshid-server.service", "meshid-agent.service"):
         # verify insists the binary exists; the directives are what is checked here.
@@ -413,8 +420,7 @@ def _allowed_syscalls(filters: list[str]) -> set[str]:
 
 def test_systemd_server_unit_lets_the_relay_process_lower_its_priority() -> None:
     # The Kafka relay's child calls nice(10) (setpriority): @resources alone refused it.
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze not installed")
+    _systemd_analyze()
     allowed = _allowed_syscalls(_unit("meshid-server.service")["SystemCallFilter"])
     assert {"setpriority", "getpriority"} <= allowed
     assert "setrlimit" not in allowed and "sched_setscheduler" not in allowed  # the rest stays out
