@@ -16,6 +16,10 @@ from issuer.datastore.sqlite import SqliteDataStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# The PostgreSQL fixtures, registered here once: a module importing them made a session
+# fixture of its own, so each such module started its own cluster, all kept until the end.
+from pg import postgres_cluster, postgres_db, postgres_dsn  # noqa: F401
+
 
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:

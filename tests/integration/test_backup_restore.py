@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from pg import PostgresCluster, _clean_env, postgres_cluster, postgres_db, postgres_dsn  # noqa: F401
+from pg import PostgresCluster, _clean_env
 from spiffe import WorkloadApiClient
 from waiting import wait_for
 
@@ -190,7 +190,7 @@ async def test_sqlite_online_backup_wipe_restore(short_tmp: Path) -> None:
 
 
 async def test_postgres_pg_dump_restore_into_fresh_database(
-    postgres_cluster: PostgresCluster, postgres_db: str, short_tmp: Path,  # noqa: F811
+    postgres_cluster: PostgresCluster, postgres_db: str, short_tmp: Path,
 ) -> None:
     d, sock = short_tmp / "d", str(short_tmp / "s" / "api.sock")
     dump = short_tmp / "meshid.dump"

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from pg import postgres_cluster, postgres_db, postgres_dsn  # noqa: F401  (registers the fixtures)
 from spiffe import WorkloadApiClient
 from waiting import wait_for
 

@@ -20,7 +20,6 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from cryptography import x509
-from pg import postgres_cluster, postgres_db, postgres_dsn  # noqa: F401  (registers the fixtures)
 from spiffe import WorkloadApiClient
 from tansu import TansuBroker, tansu_broker  # noqa: F401  (registers the `tansu` fixture)
 from waiting import wait_for
@@ -159,7 +158,7 @@ async def consume_all(bootstrap: str, want: int, within: float) -> list[Any]:
 
 
 async def test_two_replicas_one_agent_failover_and_events_once(
-    postgres_db: str, kafka_topic: str, short_tmp: Path,  # noqa: F811
+    postgres_db: str, kafka_topic: str, short_tmp: Path,
 ) -> None:
     site = Site(short_tmp, postgres_db, kafka=kafka_topic)
     a, b = await start_replicas(site, "ra", "rb")  # at once: both find no JWT key
@@ -276,7 +275,7 @@ async def _all_seqs(server: Server) -> list[int]:
 
 
 @pytest.fixture
-async def replicas(postgres_db: str, short_tmp: Path) -> AsyncIterator[tuple[Site, Server, Server]]:  # noqa: F811
+async def replicas(postgres_db: str, short_tmp: Path) -> AsyncIterator[tuple[Site, Server, Server]]:
     site = Site(short_tmp, postgres_db)
     a, b = await start_replicas(site, "ra", "rb")
     try:
@@ -363,7 +362,7 @@ async def test_renewals_from_one_svid_through_both_replicas_store_one(
 
 
 async def test_replica_follows_keys_published_by_another(
-    postgres_db: str, short_tmp: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    postgres_db: str, short_tmp: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Self-signed CAs (no upstream): each replica's CA is a root of its own, so A trusts an
     agent whose SVID B signed only once A's periodic tick put B's root in A's bundle and A's

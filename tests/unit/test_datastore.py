@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 # tests/conftest.py puts tests/ on sys.path, where the shared PostgreSQL fixtures live.
-from pg import PostgresCluster, postgres_cluster, postgres_db, postgres_dsn  # noqa: F401
+from pg import PostgresCluster
 
 from issuer.datastore import codec
 from issuer.datastore.base import (
@@ -53,7 +53,7 @@ _TABLES = "entries, entry_selectors, agents, join_tokens, ca_keys, meta, outbox,
 
 
 @pytest.fixture(scope="session")
-def shared_pg_db(postgres_cluster: PostgresCluster) -> str:  # noqa: F811 (fixture)
+def shared_pg_db(postgres_cluster: PostgresCluster) -> str:
     # One database for the suite, emptied before each test: creating and migrating a
     # database per test would cost ~0.3 s each.
     return postgres_cluster.create_database()
