@@ -440,8 +440,15 @@ async def test_a_clean_stop_hands_claimed_rows_to_other_relays_at_once(tansu: Ta
         await wait_for(lambda: relay.status()["kafka"] == "ok", 15, "the relay to connect")
         tansu.pause()
         await Appender(ds, relay).append(20)
-        # Leased to the stopping relay: nobody else may take them.
-        await asyncio.sleep(0.3)
+
+        def claimed() -> int:
+            with contextlib.closing(sqlite3.connect(ds.path)) as conn:
+                return int(conn.execute("SELECT COUNT(*) FROM outbox_state WHERE claimed_by IS NOT NULL"
+                                        " AND delivered_at IS NULL").fetchone()[0])
+
+        # Leased to the stopping relay: nobody else may take them. (A fixed 0.3 s wait here
+        # let "other" claim them first on a loaded machine, before the relay's round ran.)
+        await wait_for(lambda: claimed() == 20, 10, "the relay to claim the rows")
         assert await ds.claim_outbox("other", limit=100, lease_seconds=30, now=time.time()) == []
         await asyncio.wait_for(relay.stop(), 10)
         taken = await ds.claim_outbox("other", limit=100, lease_seconds=30, now=time.time())
