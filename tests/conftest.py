@@ -39,9 +39,15 @@ def master_secret(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture
-async def dev_stack(short_tmp: Path) -> AsyncIterator[object]:
+async def dev_stack(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[object]:
     from meshid.cli.dev import start_dev
+    from workload_api.rotation import RotationPolicy
 
+    # The dev workload's SVID comes from the agent's start-up burst, whose first renewal is
+    # drawn from the stationary residual life: now and then seconds away (~0.4 % per 10 s),
+    # an unforced rotation pushed in the middle of a test that expects quiet or the same
+    # serial. The steady-state draw puts it at least half the lifetime (30 min) away.
+    monkeypatch.setattr(RotationPolicy, "renew_at_stationary", RotationPolicy.renew_at)
     stack = await start_dev(short_tmp / "d", "example.org", str(short_tmp / "s" / "api.sock"), svid_ttl=3600)
     try:
         yield stack
