@@ -615,22 +615,27 @@ SECRET_B = "wrong-master-secret-bbbbbbbbbbbbbbbb"
 SECRET_C = "rewrapped-master-secret-cccccccccccc"
 
 
+def _server_toml(tmp: Path, data: dict[str, Any], secret_file: Path, server_lines: str = "") -> Path:
+    """The server config file the CLI reads for `data`, its secret in `secret_file`."""
+    toml = tmp / "server.toml"
+    toml.write_text(
+        f'trust_domain = "{TD}"\ndata_dir = "{data["data_dir"]}"\n[server]\n{server_lines}'
+        f'admin_socket_path = "{data["server"]["admin_socket_path"]}"\n'
+        f'master_secret_file = "{secret_file}"\n'
+    )
+    return toml
+
+
 async def test_master_secret_protects_keys_and_rewrap_changes_it(short_tmp: Path) -> None:
     secret_file = short_tmp / "master.secret"
     write_secret(secret_file, SECRET_A)
     data = base_config(short_tmp, grpc_enabled=False, master_secret_file=str(secret_file))
     cfg = server_config_from_dict(data, env={})
-    toml = short_tmp / "server.toml"
-    toml.write_text(textwrap.dedent(f"""\
-        trust_domain = "{TD}"
-        data_dir = "{data['data_dir']}"
-        [server]
+    toml = _server_toml(short_tmp, data, secret_file, textwrap.dedent("""\
         bind_address = "127.0.0.1"
         agent_api_port = 0
         grpc_enabled = false
         health_enabled = false
-        admin_socket_path = "{data['server']['admin_socket_path']}"
-        master_secret_file = "{secret_file}"
         """))
 
     async with running_server(cfg) as srv:
@@ -703,14 +708,7 @@ async def test_rewrap_refuses_while_the_server_runs(short_tmp: Path) -> None:
     write_secret(new_file, SECRET_C)
     data = base_config(short_tmp, grpc_enabled=False, master_secret_file=str(secret_file))
     cfg = server_config_from_dict(data, env={})
-    toml = short_tmp / "server.toml"
-    toml.write_text(textwrap.dedent(f"""\
-        trust_domain = "{TD}"
-        data_dir = "{data['data_dir']}"
-        [server]
-        admin_socket_path = "{data['server']['admin_socket_path']}"
-        master_secret_file = "{secret_file}"
-        """))
+    toml = _server_toml(short_tmp, data, secret_file)
 
     # No new secret given: the message names the flags (it named the config keys).
     run = await meshid("server", "rewrap", "--config", str(toml))

@@ -31,22 +31,22 @@ KUSTOMIZATIONS = sorted(p.parent.relative_to(KUBE).as_posix() for p in KUBE.rglo
 OVERLAYS = ["base", "overlays/postgres-kafka", "overlays/cilium"]
 
 
-def _kubectl() -> str:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
+def _tool(name: str, purpose: str) -> str:
+    """The path of command `name`; a failure under CI when it is missing, else a skip."""
+    path = shutil.which(name)
+    if path is None:
         if os.environ.get("CI"):
-            pytest.fail("kubectl is required in CI to render deploy/kubernetes")
-        pytest.skip("kubectl not installed (set CI=1 to make this a failure)")
-    return kubectl
+            pytest.fail(f"{name} is required in CI to {purpose}")
+        pytest.skip(f"{name} not installed (set CI=1 to make this a failure)")
+    return path
+
+
+def _kubectl() -> str:
+    return _tool("kubectl", "render deploy/kubernetes")
 
 
 def _systemd_analyze() -> str:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        if os.environ.get("CI"):
-            pytest.fail("systemd-analyze is required in CI to verify deploy/systemd")
-        pytest.skip("systemd-analyze not installed (set CI=1 to make this a failure)")
-    return analyze
+    return _tool("systemd-analyze", "verify deploy/systemd")
 
 
 @cache
