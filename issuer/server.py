@@ -36,6 +36,7 @@ from issuer.node_attestation import AgentService
 from issuer.signing import SigningService
 from meshid import telemetry
 from meshid.configload import make_state_dir
+from meshid.durable_files import write_atomically
 from meshid.errors import ConfigError, MeshidError
 from meshid.fdlimit import raise_fd_limit
 from meshid.listeners import Listener, health_app, plain_listener, tls_listener, unix_listener
@@ -421,14 +422,7 @@ def _persistent_id(path: Path) -> str:
     # Missing, or empty as a crash soon after creating it leaves the file: a new id, made
     # durable before use (written whole, synced, renamed into place).
     sid = str(uuid.uuid4())
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, (sid + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomically(path, (sid + "\n").encode(), 0o600)
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)

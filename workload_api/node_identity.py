@@ -9,10 +9,8 @@ at the moment drawn when the SVID was issued instead of drawing again (SPEC-EVEN
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -23,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from meshid.durable_files import replace_together, write_atomically
 from meshid.errors import ConfigError
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from meshid.tls import pem_chain, pem_key, spiffe_id_of_cert
@@ -39,21 +38,9 @@ STATE_FILE = "agent_svid.json"
 BUNDLE_FILE = "bundle.json"
 
 
-def _stage_private(path: Path, data: bytes) -> Path:
-    """Write `data` to a synced temporary file beside `path`, readable only by the agent."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return tmp
-
-
 def write_private(path: Path, data: bytes) -> None:
     """Write a file only the agent can read, atomically."""
-    os.replace(_stage_private(path, data), path)
+    write_atomically(path, data, 0o600)
 
 
 def _x509pop_challenge(answer: dict[str, Any]) -> tuple[bytes, str]:
@@ -120,23 +107,12 @@ class NodeIdentity:
         """Every file is written and synced before any replaces its predecessor: a write
         that fails (disk full) left the new key beside the old SVID, a pair a restarted
         agent could not use, while the old SVID was still the one the server accepts."""
-        files = {
-            KEY_FILE: pem_key(key),
-            SVID_FILE: pem_chain(chain),
-            STATE_FILE: json.dumps(
-                {"renew_at": schedule.renew_at, "drawn_with": schedule.drawn_with}).encode(),
-        }
-        staged: list[tuple[Path, Path]] = []
-        try:
-            for name, data in files.items():
-                staged.append((_stage_private(self.dir / name, data), self.dir / name))
-        except BaseException:
-            for tmp, _ in staged:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-            raise
-        for tmp, path in staged:
-            os.replace(tmp, path)
+        state = json.dumps({"renew_at": schedule.renew_at, "drawn_with": schedule.drawn_with}).encode()
+        replace_together([
+            (self.dir / KEY_FILE, pem_key(key), 0o600),
+            (self.dir / SVID_FILE, pem_chain(chain), 0o600),
+            (self.dir / STATE_FILE, state, 0o600),
+        ])
 
     def _adopt(
         self, chain: list[x509.Certificate], key: PrivateKeyTypes, stationary: bool, renewal: bool

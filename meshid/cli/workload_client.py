@@ -7,7 +7,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -20,6 +19,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from meshid.der import load_der_certificates
+from meshid.durable_files import replace_together
 from meshid.errors import ConfigError, MeshidError
 from workload_api._gen import workload_grpc, workload_pb2
 
@@ -77,30 +77,6 @@ def _talking_to(path: str) -> Iterator[None]:
         ) from None
 
 
-def _write_files(out: Path, files: list[tuple[str, bytes, int]]) -> None:
-    """Each file written to a temporary file in `out` and renamed over its name: a reader (a
-    proxy reloading its certificate) never sees a half-written file, and a file has the mode
-    given whatever a file of that name had before. Writing in place with O_TRUNC kept an
-    existing svid.key's mode, so the new private key went into a world-readable file, and
-    followed a symlink planted at the name."""
-    written: list[tuple[str, Path]] = []
-    try:
-        for name, data, mode in files:
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")  # 0600 from the start
-            written.append((tmp, out / name))
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), mode)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, final in written:
-            os.replace(tmp, final)
-    finally:
-        for tmp, _ in written:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-
-
 async def fetch(args: argparse.Namespace) -> int:
     path = socket_from(args.socket)
     channel = Channel(path=path)
@@ -129,13 +105,15 @@ async def fetch(args: argparse.Namespace) -> int:
                     serialization.PrivateFormat.PKCS8,
                     serialization.NoEncryption(),
                 )
-                _write_files(
-                    out,
+                # Replaced whole, each with its mode: written in place, an existing 0644
+                # svid.key kept its mode (the new key world-readable) and a symlink at a
+                # name was followed.
+                replace_together(
                     [
-                        ("svid.key", key_pem, 0o600),
-                        ("svid.pem", _pem(_der_certs(s.x509_svid)), 0o644),
-                        ("bundle.pem", _pem(_der_certs(s.bundle)), 0o644),
-                    ],
+                        (out / "svid.key", key_pem, 0o600),
+                        (out / "svid.pem", _pem(_der_certs(s.x509_svid)), 0o644),
+                        (out / "bundle.pem", _pem(_der_certs(s.bundle)), 0o644),
+                    ]
                 )
                 print(f"wrote {out}/svid.pem, svid.key, bundle.pem")
         elif args.fetch_op == "jwt":

@@ -1,0 +1,55 @@
+"""Files replaced whole: written to a synced temporary file beside the target, then renamed
+over it, so a reader (a restarted agent, a proxy reloading its certificate) never sees a
+half-written file, and the file has the mode asked for whatever one of that name had."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def stage(path: Path, data: bytes, mode: int = 0o600) -> Path:
+    """`data` in a new, synced `<path>.tmp` with `mode`. A leftover temporary file is removed
+    first and the new one made with O_EXCL|O_NOFOLLOW: in a directory others can write (a
+    `--write` target), one they planted as a symlink or hard link is never written through."""
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def replace_together(files: Sequence[tuple[Path, bytes, int]]) -> None:
+    """Each (path, data, mode) staged, and only once all are, each renamed into place: a write
+    that fails (disk full) leaves every old file as it was, not a new key beside an old
+    certificate."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, data, mode in files:
+            staged.append((stage(path, data, mode), path))
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """One file replaced whole (see replace_together)."""
+    replace_together([(path, data, mode)])
