@@ -198,6 +198,28 @@ def agent_promote_params(previous: AgentRecord, updated_at: int) -> tuple[Any, .
     return (updated_at, str(previous.agent_id), previous.serial, previous.new_serial)
 
 
+class AgentSerialWrites:
+    """renew_agent and promote_agent, alike on both backends: the conditional SQL above, run
+    by the backend's _agent_cas (UPDATE ... RETURNING and the events, in one transaction)."""
+
+    agent_renew_sql: str
+    agent_promote_sql: str
+
+    async def _agent_cas(self, query: str, params: tuple[object, ...], events: Sequence[Event]) -> bool:
+        raise NotImplementedError
+
+    async def renew_agent(
+        self, record: AgentRecord, previous: AgentRecord, events: Sequence[Event] = ()
+    ) -> bool:
+        return await self._agent_cas(self.agent_renew_sql, agent_renew_params(record, previous), events)
+
+    async def promote_agent(
+        self, previous: AgentRecord, updated_at: int, events: Sequence[Event] = ()
+    ) -> bool:
+        params = agent_promote_params(previous, updated_at)
+        return await self._agent_cas(self.agent_promote_sql, params, events)
+
+
 def agent_params(record: AgentRecord) -> tuple[Any, ...]:
     return (
         str(record.agent_id),

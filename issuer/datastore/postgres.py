@@ -95,8 +95,11 @@ WITH gone AS (DELETE FROM outbox_state WHERE delivered_at < $1 RETURNING seq)
 DELETE FROM outbox WHERE seq IN (SELECT seq FROM gone)
 """
 
-class PostgresDataStore:
+class PostgresDataStore(codec.AgentSerialWrites):
     """DataStore on a PostgreSQL database shared by every server replica."""
+
+    agent_renew_sql = _AGENT_RENEW
+    agent_promote_sql = _AGENT_PROMOTE
 
     def __init__(
         self,
@@ -279,16 +282,6 @@ class PostgresDataStore:
         async with self._tx() as conn:
             await conn.execute(_AGENT_UPSERT, *params)
             await _insert_many(conn, _EVENT_INSERT, event_rows)
-
-    async def renew_agent(
-        self, record: AgentRecord, previous: AgentRecord, events: Sequence[Event] = ()
-    ) -> bool:
-        return await self._agent_cas(_AGENT_RENEW, codec.agent_renew_params(record, previous), events)
-
-    async def promote_agent(
-        self, previous: AgentRecord, updated_at: int, events: Sequence[Event] = ()
-    ) -> bool:
-        return await self._agent_cas(_AGENT_PROMOTE, codec.agent_promote_params(previous, updated_at), events)
 
     async def _agent_cas(self, query: str, params: tuple[object, ...], events: Sequence[Event]) -> bool:
         """A conditional agent UPDATE ... RETURNING and its events, or nothing at all."""

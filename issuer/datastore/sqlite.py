@@ -94,8 +94,11 @@ _DELIVER = (
 )
 
 
-class SqliteDataStore:
+class SqliteDataStore(codec.AgentSerialWrites):
     """DataStore on one SQLite file (or `:memory:`, for throw-away use)."""
+
+    agent_renew_sql = _AGENT_RENEW
+    agent_promote_sql = _AGENT_PROMOTE
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 10_000) -> None:
         self._path = os.fspath(path)
@@ -355,16 +358,6 @@ class SqliteDataStore:
         async with self._tx() as conn:
             await conn.execute(_AGENT_UPSERT, params)
             await conn.executemany(_EVENT_INSERT, event_rows)
-
-    async def renew_agent(
-        self, record: AgentRecord, previous: AgentRecord, events: Sequence[Event] = ()
-    ) -> bool:
-        return await self._agent_cas(_AGENT_RENEW, codec.agent_renew_params(record, previous), events)
-
-    async def promote_agent(
-        self, previous: AgentRecord, updated_at: int, events: Sequence[Event] = ()
-    ) -> bool:
-        return await self._agent_cas(_AGENT_PROMOTE, codec.agent_promote_params(previous, updated_at), events)
 
     async def _agent_cas(self, query: str, params: tuple[object, ...], events: Sequence[Event]) -> bool:
         """A conditional agent UPDATE ... RETURNING and its events, or nothing at all."""
