@@ -14,6 +14,7 @@ from issuer.datastore.base import DataStore, EntryChangedError
 from issuer.events import ocsf
 from meshid.entry import MIN_SVID_TTL, Entry
 from meshid.errors import NotFoundError
+from meshid.selector import has_control_characters
 from meshid.spiffe_id import SpiffeId, TrustDomain
 
 ENTRIES_REVISION = "entries_revision"
@@ -77,7 +78,7 @@ class EntryService:
             raise ValueError(f"expires_at must be 0 (never) or a Unix time up to {MAX_EXPIRES_AT}")
         # A NUL cannot be stored (PostgreSQL: an internal error); other control characters
         # would forge lines where hints are logged.
-        if any(ord(c) < 0x20 or c == "\x7f" for c in entry.hint):
+        if has_control_characters(entry.hint):
             raise ValueError("hint must not contain control characters")
 
     async def create(self, entry: Entry) -> Entry:

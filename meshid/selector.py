@@ -10,6 +10,11 @@ from meshid.errors import InvalidSelectorError
 MAX_SELECTOR_LENGTH = 1024
 
 
+def has_control_characters(text: str) -> bool:
+    """C0 controls or DEL: a NUL no datastore column stores, a newline that forges log lines."""
+    return any(ord(c) < 0x20 or c == "\x7f" for c in text)
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class Selector:
     type: str
@@ -24,7 +29,7 @@ class Selector:
             raise InvalidSelectorError(f"selector {self.type!r} has an empty value")
         if len(self.type) + 1 + len(self.value) > MAX_SELECTOR_LENGTH:
             raise InvalidSelectorError(f"selector is longer than {MAX_SELECTOR_LENGTH} characters")
-        if any(ord(c) < 0x20 or c == "\x7f" for c in self.value):
+        if has_control_characters(self.value):
             raise InvalidSelectorError("selector value contains control characters")
         if any("\ud800" <= c <= "\udfff" for c in self.value):
             # JSON can carry one (\ud800), but it is not text: no datastore could store it.
