@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -67,6 +68,21 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+def _ignore_read() -> None:
+    pass
+
+
+def release_read_callback(transport: Any) -> None:
+    """Break the cycle a closed socket transport keeps on Python < 3.12: its cached bound read
+    callback refers back to it (CPython gh-100348, fixed in 3.12). Left to the cyclic GC, every
+    closed workload connection left its transport and socket behind, and the collections
+    (0.5-1.7 ms with 1000 streams open) fell on new streams' first messages. The callback is
+    not called again: closing removed the reader, and a replacement that does nothing keeps
+    even a stray call harmless."""
+    if sys.version_info < (3, 12) and getattr(transport, "_read_ready_cb", None) is not None:
+        transport._read_ready_cb = _ignore_read
+
+
 class _PeerCredProtocol(GuardedProtocol):
     """grpclib's HTTP/2 protocol, with the peer's credentials read at accept time, the
     connection counted against its uid's caps (CallerLimits) and the transport's writes
@@ -77,8 +93,10 @@ class _PeerCredProtocol(GuardedProtocol):
         self._limits = limits
         self._counted = False
         self._uid: int | None = None
+        self._socket_transport: Any = None
 
     def connection_made(self, transport: Any) -> None:
+        self._socket_transport = transport
         sock = transport.get_extra_info("socket")
         caller: Caller | None
         try:
@@ -101,6 +119,8 @@ class _PeerCredProtocol(GuardedProtocol):
         _CALLERS[coalescing] = caller
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        release_read_callback(self._socket_transport)
+        self._socket_transport = None
         if self._limits is not None:
             if not self._counted:
                 return  # refused in connection_made: grpclib never saw this connection

@@ -136,6 +136,9 @@ async def test_a_finished_stream_leaves_no_cycle_for_the_gc(tmp_path: Any) -> No
         ours = (_PeerCredProtocol, GuardedHandler, grpclib.server.Stream)
         left = [o for o in gc.garbage if isinstance(o, ours)]
         assert left == []
+        # Nor the server side's socket transport (the client's is grpclib's business).
+        transports = [o for o in gc.garbage if isinstance(o, asyncio.Transport)]
+        assert [t for t in transports if t.get_extra_info("sockname") == str(tmp_path / "api.sock")] == []
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
