@@ -341,6 +341,27 @@ async def test_https_web_uses_the_configured_ca(ds: DataStore, tmp_path: Path) -
         await listener.stop()
 
 
+async def test_https_web_reads_the_ca_store_off_the_event_loop(
+    ds: DataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Loading the system CA store is ~50 ms of CPU, on every poll of an https_web endpoint:
+    # on the loop, it held every agent's sync and signing that long.
+    import threading
+
+    threads: list[threading.Thread] = []
+    real = ssl.create_default_context
+
+    def recording(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        threads.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", recording)
+    poller = FederationPoller(ds, [Relationship(TWO, "https://127.0.0.1:9/", "https_web")], 0.05, 1.0,
+                              fetch_timeout=2)
+    assert not await poller.poll(TWO)  # nothing listens there; the context was still made
+    assert threads and threading.main_thread() not in threads
+
+
 async def test_bundle_endpoint_refuses_tls12(foreign: Foreign) -> None:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
