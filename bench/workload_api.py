@@ -85,6 +85,8 @@ def p99(values: list[float]) -> float:
 
 def summary(seconds: list[float]) -> str:
     ms = sorted(x * 1000 for x in seconds)
+    if not ms:
+        return "n=0"
     return f"n={len(ms)} p50={ms[len(ms) // 2]:.2f} ms p99={p99(ms):.2f} ms max={ms[-1]:.2f} ms"
 
 
