@@ -538,17 +538,12 @@ async def measure(
         await p.wait()
     for t in readers:
         t.cancel()
-    first_ms = [f * 1000 for f in firsts]
     burst_ms = [f * 1000 for f in burst_firsts]
     print(
         f"establishing {streams} streams in bursts: p50={sorted(burst_ms)[len(burst_ms) // 2]:.1f} ms "
         f"p99={p99(burst_ms):.1f} ms (queueing while {len(per)} processes open streams at once)"
     )
-    print(
-        f"new stream with {streams} established, first message: n={len(first_ms)} "
-        f"p50={sorted(first_ms)[len(first_ms) // 2]:.2f} ms "
-        f"p99={p99(first_ms):.2f} ms max={max(first_ms):.2f} ms"
-    )
+    print(f"new stream with {streams} established, first message: {summary(firsts)}")
     lo, hi = min(per[:uids]), max(per[:uids])
     group = f"{lo}" if lo == hi else f"{lo}-{hi}"
     for label, landed_to_client, landed_to_sent in (
@@ -563,7 +558,7 @@ async def measure(
     # than a few percent had both p99s at 10-50 ms with the same code, so say how much.
     print(f"CPU time stolen by the hypervisor while new streams and pushes were timed: {steal:.1%}")
     print(
-        f"streams={streams} p99_first_ms={p99(first_ms):.2f} p99_push_ms={p99([x * 1000 for x in push]):.2f} "
+        f"streams={streams} p99_first_ms={p99(firsts) * 1000:.2f} p99_push_ms={p99(push) * 1000:.2f} "
         f"fanout_ms={fanout * 1000:.1f}"
     )
 
