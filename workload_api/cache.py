@@ -44,6 +44,9 @@ class X509Svid:
     # DER forms, computed once per SVID rather than on every response.
     chain_der: bytes = b""
     key_der: bytes = field(default=b"", repr=False)
+    # created_at of the entry version it was signed for (None: unknown): an entry deleted and
+    # re-created under its id can be back at the revision the SVID records.
+    entry_created_at: int | None = None
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -74,21 +77,16 @@ class Watcher:
         self.event = asyncio.Event()
         self._entry_ids: frozenset[str] = frozenset()
         self._index = index
-        self._hold_until = 0.0
         self._hold_timer: asyncio.TimerHandle | None = None
 
-    def hold_first_message(self, seconds: float | None = None) -> None:
-        """Until the first message is sent, or for `seconds`, it waits for the SVIDs of all
-        the entries it covers, as SPIRE's agent holds a new subscriber: an SVID missing from
-        it says the identity was removed (Cilium drops it), and a workload's X509Source
+    def hold_first_message(self) -> None:
+        """Until the first message is sent, or for FIRST_MESSAGE_WAIT, it waits for the SVIDs
+        of all the entries it covers, as SPIRE's agent holds a new subscriber: an SVID missing
+        from it says the identity was removed (Cilium drops it), and a workload's X509Source
         would start without it. The event is set when the time is up."""
-        seconds = FIRST_MESSAGE_WAIT if seconds is None else seconds
-        loop = asyncio.get_running_loop()
-        self._hold_until = loop.time() + seconds
-        self._hold_timer = loop.call_later(seconds, self.event.set)
+        self._hold_timer = asyncio.get_running_loop().call_later(FIRST_MESSAGE_WAIT, self.event.set)
 
     def first_message_sent(self) -> None:
-        self._hold_until = 0.0
         if self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None
@@ -96,7 +94,8 @@ class Watcher:
     @property
     def holding_partial(self) -> bool:
         """Whether a message lacking some of its SVIDs is to be held back now."""
-        return bool(self._hold_until) and asyncio.get_running_loop().time() < self._hold_until
+        timer = self._hold_timer
+        return timer is not None and asyncio.get_running_loop().time() < timer.when()
 
     @property
     def entry_ids(self) -> frozenset[str]:
@@ -217,9 +216,6 @@ class SvidCache:
         no longer the entry's to hand out, to the workloads it now matches or any other."""
         s = self.svids.get(entry.id)
         return s if s is not None and s.spiffe_id == entry.spiffe_id else None
-
-    def svids_for(self, selectors: frozenset[Selector]) -> list[X509Svid]:
-        return [s for e in self.matching_entries(selectors) if (s := self.svid_of(e)) is not None]
 
     # ------------------------------------------------------------------ updates
     def set_entries(self, entries: Iterable[Entry], parents: Iterable[SpiffeId]) -> None:

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from meshid.backoff import Backoff, jittered
 from meshid.bundle import Bundle
 from meshid.certs import ChainWalker
+from meshid.durable_files import write_atomically
 from meshid.entry import Entry
 from meshid.errors import (
     ConfigError,
@@ -51,7 +52,7 @@ from meshid.json_number import finite_number
 from meshid.spiffe_id import SpiffeId
 from workload_api.cache import SvidCache, X509Svid
 from workload_api.keys import authority_key_id, chain_der, csr_for, issued_svid_problem, new_key, pkcs8_der
-from workload_api.node_identity import BUNDLE_FILE, NodeIdentity, write_private
+from workload_api.node_identity import BUNDLE_FILE, NodeIdentity
 from workload_api.rotation import RenewalSchedule, RotationPolicy, effective_issued_at
 from workload_api.server_client import (
     IdentityRejectedError,
@@ -110,9 +111,6 @@ class SvidManager:
         # Entries the server refused: no new request before the held time (backoff per entry).
         self._hold: dict[str, float] = {}
         self._entry_backoff: dict[str, Backoff] = {}
-        # created_at of the entry version each held SVID was signed for: an entry deleted and
-        # re-created under its id can be back at the revision the SVID records.
-        self._signed_created: dict[str, int] = {}
         self._reattests = 0
         self._startup = True
         self._jwt: dict[tuple[str, str, tuple[str, ...]], JwtSvid] = {}
@@ -318,7 +316,7 @@ class SvidManager:
         self.bundle_sequence = bundle.sequence
         self.client.set_roots(bundle.x509_authorities)
         self.cache.set_bundle(bundle)
-        write_private(self.node.dir / BUNDLE_FILE, bundle.to_spiffe_bytes())
+        write_atomically(self.node.dir / BUNDLE_FILE, bundle.to_spiffe_bytes())
 
     # ------------------------------------------------------------------ rotation
     def _workload_entries(self) -> list[Entry]:
@@ -333,8 +331,6 @@ class SvidManager:
         for eid in [eid for eid in self._hold if eid not in present]:
             del self._hold[eid]
             self._entry_backoff.pop(eid, None)
-        for eid in [eid for eid in self._signed_created if eid not in present]:
-            del self._signed_created[eid]
         taint_due: dict[str, float] = {}
         for entry in entries:
             svid = self.cache.svids.get(entry.id)
@@ -347,7 +343,7 @@ class SvidManager:
             elif svid.expires_at <= now:
                 out.append((entry, "expired"))
             elif svid.entry_revision != entry.revision_number or \
-                    self._signed_created.get(entry.id, entry.created_at) != entry.created_at:
+                    svid.entry_created_at not in (None, entry.created_at):
                 out.append((entry, "entry_changed"))
             elif authority_key_id(svid.leaf) in self.tainted_akis:
                 # Spread re-issuance uniformly over the taint window, drawn once per SVID;
@@ -437,9 +433,8 @@ class SvidManager:
             self._taint_due.pop(eid, None)
             self._hold.pop(eid, None)
             self._entry_backoff.pop(eid, None)
-            self._signed_created[eid] = entry.created_at
             fresh.append(X509Svid(eid, entry.spiffe_id, chain, key, schedule, entry.revision_number,
-                                  entry.hint, chain_der(chain), pkcs8_der(key)))
+                                  entry.hint, chain_der(chain), pkcs8_der(key), entry.created_at))
         # Held like a refusal: a renewal the server left unanswered stayed due, so next_due()
         # lay in the past and the loop synced and signed again every 50 ms.
         for eid in by_entry.keys() - answered:

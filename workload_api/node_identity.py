@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from meshid.durable_files import replace_together, write_atomically
+from meshid.durable_files import replace_together
 from meshid.errors import ConfigError
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from meshid.tls import pem_chain, pem_key, spiffe_id_of_cert
@@ -36,11 +36,6 @@ SVID_FILE = "agent_svid.pem"
 KEY_FILE = "agent_svid.key"
 STATE_FILE = "agent_svid.json"
 BUNDLE_FILE = "bundle.json"
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a file only the agent can read, atomically."""
-    write_atomically(path, data, 0o600)
 
 
 def _x509pop_challenge(answer: dict[str, Any]) -> tuple[bytes, str]:
