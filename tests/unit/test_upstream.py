@@ -54,20 +54,22 @@ def _openssl_fails(*args: str, cwd: Path) -> bool:
     return subprocess.run(["openssl", *args], cwd=cwd, capture_output=True).returncode != 0
 
 
-def _make_root(d: Path) -> None:
-    """P-384 root."""
+def _make_root(d: Path, constraints: str = "CA:TRUE") -> None:
+    """P-384 root, with basicConstraints `constraints`."""
     _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384", "-out", "root.key", cwd=d)
     _openssl(
         "req", "-x509", "-new", "-key", "root.key", "-sha384", "-days", "30", "-subj", "/O=Test/CN=Test Root",
-        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", f"basicConstraints=critical,{constraints}",
         "-addext", "keyUsage=critical,keyCertSign,cRLSign",
         "-out", "root.pem",
         cwd=d,
     )  # fmt: skip
 
 
-def _make_intermediate(d: Path, name: str, days: int = 10, section: str = "v3_int") -> None:
-    """P-256 intermediate `name`.pem/.key signed by the root."""
+def _make_intermediate(
+    d: Path, name: str, days: int = 10, section: str = "v3_int", signer: str = "root"
+) -> None:
+    """P-256 CA `name`.pem/.key signed by `signer` (the root unless told)."""
     (d / "ext.cnf").write_text(EXTENSIONS)
     _openssl(
         "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", f"{name}.key", cwd=d
@@ -76,8 +78,9 @@ def _make_intermediate(d: Path, name: str, days: int = 10, section: str = "v3_in
         "req", "-new", "-key", f"{name}.key", "-subj", f"/O=Test/CN={name}", "-out", f"{name}.csr", cwd=d
     )
     _openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", "root.pem", "-CAkey", "root.key", "-CAcreateserial",
-        "-days", str(days), "-sha384", "-extfile", "ext.cnf", "-extensions", section, "-out", f"{name}.pem",
+        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{signer}.pem", "-CAkey", f"{signer}.key",
+        "-CAcreateserial", "-days", str(days), "-sha384", "-extfile", "ext.cnf", "-extensions", section,
+        "-out", f"{name}.pem",
         cwd=d,
     )  # fmt: skip
 
@@ -306,14 +309,7 @@ def test_pathlen_zero_upstream_refused(pki: Path):
 
 def _make_sub(d: Path, parent: str) -> None:
     """CA `sub` (no pathlen of its own) signed by the intermediate `parent`."""
-    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "sub.key", cwd=d)
-    _openssl("req", "-new", "-key", "sub.key", "-subj", "/O=Test/CN=sub", "-out", "sub.csr", cwd=d)
-    _openssl(
-        "x509", "-req", "-in", "sub.csr", "-CA", f"{parent}.pem", "-CAkey", f"{parent}.key",
-        "-CAcreateserial", "-days", "5", "-sha256", "-extfile", "ext.cnf", "-extensions", "v3_sub",
-        "-out", "sub.pem",
-        cwd=d,
-    )  # fmt: skip
+    _make_intermediate(d, "sub", section="v3_sub", signer=parent)
     (d / "sub-chain.pem").write_bytes((d / "sub.pem").read_bytes() + (d / f"{parent}.pem").read_bytes())
 
 
@@ -325,19 +321,11 @@ def test_pathlen_above_the_signer_is_checked(pki: Path):
         _upstream(pki, cert="sub-chain.pem", key="sub.key").mint_x509_ca_sync(_csr(), 3600, _now())
 
 
-def test_pathlen_of_the_root_is_checked(pki: Path, tmp_path_factory):
-    d = tmp_path_factory.mktemp("tight-root")
-    (d / "ext.cnf").write_text(EXTENSIONS)
-    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "root.key", cwd=d)
-    _openssl(
-        "req", "-x509", "-new", "-key", "root.key", "-days", "30", "-subj", "/O=Test/CN=Tight Root",
-        "-addext", "basicConstraints=critical,CA:TRUE,pathlen:1",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", "root.pem",
-        cwd=d,
-    )  # fmt: skip
-    _make_intermediate(d, "int")
+def test_pathlen_of_the_root_is_checked(tmp_path: Path):
+    _make_root(tmp_path, "CA:TRUE,pathlen:1")
+    _make_intermediate(tmp_path, "int")
     with pytest.raises(ConfigError, match=r"bundle_file .* has pathLenConstraint 1, but 2"):
-        _upstream(d).mint_x509_ca_sync(_csr(), 3600, _now())
+        _upstream(tmp_path).mint_x509_ca_sync(_csr(), 3600, _now())
 
 
 async def test_deeper_chain_within_pathlen_verifies_with_openssl(pki: Path):
