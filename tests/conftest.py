@@ -39,15 +39,21 @@ def master_secret(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture
-async def dev_stack(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[object]:
-    from meshid.cli.dev import start_dev
+def steady_renewals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """First renewals drawn as in the steady state. The SVIDs of the agent's start-up burst
+    draw theirs from the stationary residual life: now and then seconds away (~0.4 % per 10 s
+    of a 1 h SVID), an unforced rotation (and issuance event) in the middle of a test that
+    expects quiet, the same serial or each SVID issued once. The steady-state draw puts it at
+    least half the lifetime away."""
     from workload_api.rotation import RotationPolicy
 
-    # The dev workload's SVID comes from the agent's start-up burst, whose first renewal is
-    # drawn from the stationary residual life: now and then seconds away (~0.4 % per 10 s),
-    # an unforced rotation pushed in the middle of a test that expects quiet or the same
-    # serial. The steady-state draw puts it at least half the lifetime (30 min) away.
     monkeypatch.setattr(RotationPolicy, "renew_at_stationary", RotationPolicy.renew_at)
+
+
+@pytest.fixture
+async def dev_stack(short_tmp: Path, steady_renewals: None) -> AsyncIterator[object]:
+    from meshid.cli.dev import start_dev
+
     stack = await start_dev(short_tmp / "d", "example.org", str(short_tmp / "s" / "api.sock"), svid_ttl=3600)
     try:
         yield stack

@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pki_helpers import ca_cert
+from waiting import wait_for
 
 from issuer.config import ServerConfig, server_config_from_dict
 from issuer.server import Server
@@ -159,11 +160,9 @@ async def test_signing_requests_in_flight_at_stop_are_answered(
             requests.append({"entry_id": entry.id, "csr": base64.b64encode(csr_for(new_key())).decode()})
         calls = [asyncio.create_task(client.sign_x509(requests)) for _ in range(3)]
         admission = server.admission
-        for _ in range(500):  # one batch signing, the others queued behind it
-            if admission._running == 1 and admission._waiting == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert admission._running == 1 and admission._waiting == 2
+        # Polled often: the state lasts only as long as one batch signs.
+        await wait_for(lambda: admission._running == 1 and admission._waiting == 2, 5,
+                       "one batch signing, the others queued behind it", interval=0.01)
         with caplog.at_level(logging.WARNING):
             await asyncio.wait_for(stack.stop(), 30)
         for call in calls:

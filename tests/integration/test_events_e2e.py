@@ -49,7 +49,6 @@ from meshid.spiffe_id import SpiffeId
 from workload_api._gen import workload_grpc, workload_pb2
 from workload_api.agent import Agent
 from workload_api.config import agent_config_from_dict
-from workload_api.rotation import RotationPolicy
 
 pytestmark = pytest.mark.integration
 
@@ -144,13 +143,9 @@ def kafka_overrides(bootstrap: str) -> dict[str, Any]:
 
 
 async def test_issued_svids_match_their_kafka_events(
-        tansu: TansuBroker, short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The dev workload's SVID is issued in the agent's start-up burst, whose first renewal is
-    # drawn from the stationary residual life: seconds away now and then (~0.4 % per 10 s of
-    # a 1 h SVID), and the renewal is a second issuance event for that SPIFFE ID (the test
-    # failed so, 1 run in ~30). Renewals are not what this test is about: the steady-state
-    # draw (at least half the lifetime away) keeps every SVID here issued exactly once.
-    monkeypatch.setattr(RotationPolicy, "renew_at_stationary", RotationPolicy.renew_at)
+        tansu: TansuBroker, short_tmp: Path, steady_renewals: None) -> None:
+    # steady_renewals: a start-up SVID's renewal would be a second issuance event for its
+    # SPIFFE ID (the test failed so, 1 run in ~30).
     stack = await start_dev(short_tmp / "d", TD, str(short_tmp / "s" / "api.sock"), svid_ttl=3600,
                             server_overrides=kafka_overrides(tansu.bootstrap))
     try:
