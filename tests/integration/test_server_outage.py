@@ -20,7 +20,7 @@ from waiting import wait_for
 
 from issuer.server import Server
 from meshid.backoff import Backoff
-from meshid.cli.dev import start_dev
+from meshid.cli.dev import DevStack, start_dev
 from meshid.der import load_der_certificates
 from meshid.entry import Entry
 from meshid.errors import PermissionDeniedError
@@ -98,118 +98,109 @@ async def test_agent_survives_server_outage_and_catches_up(short_tmp: Path) -> N
 
 
 async def test_agent_keeps_its_svid_when_a_renewal_answer_is_lost(
-    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+    dev_stack: DevStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The server signs and records a renewal, and the answer never reaches the agent (a
     timeout, a reset, the agent killed). The agent, and the agent restarted from its state
     directory, go on with the SVID they hold: the server still accepts it (it refused it as
     superseded, and a join-token agent could never attest again). The next renewal that
     does arrive is used, and from then on the old SVID is refused."""
-    stack = await start_dev(short_tmp / "d", "example.org", str(short_tmp / "s" / "api.sock"))
-    try:
-        assert stack.server.ds is not None
-        node = stack.agent.node
-        held, held_key, agent_id = node.chain, node.key, node.agent_id
-        assert agent_id is not None and held_key is not None
-        real_renew = node.client.renew
+    stack = dev_stack
+    assert stack.server.ds is not None
+    node = stack.agent.node
+    held, held_key, agent_id = node.chain, node.key, node.agent_id
+    assert agent_id is not None and held_key is not None
+    real_renew = node.client.renew
 
-        async def answer_lost(csr: bytes) -> list[Any]:
-            await real_renew(csr)  # signed and recorded by the server...
-            raise ServerUnavailableError("renewal answer lost")  # ...and never received
+    async def answer_lost(csr: bytes) -> list[Any]:
+        await real_renew(csr)  # signed and recorded by the server...
+        raise ServerUnavailableError("renewal answer lost")  # ...and never received
 
-        monkeypatch.setattr(node.client, "renew", answer_lost)
-        with pytest.raises(ServerUnavailableError):
-            await node.renew()
-        assert node.chain is held
-        await node.client.sync({}, -1)  # still accepted
-
-        # Restarted: the SVID comes back from disk and is accepted (a re-attestation would
-        # fail: the join token is spent).
-        config = stack.agent.config
-        await stack.agent.stop()
-        stack.agent = Agent(config)
-        await stack.agent.start()
-        node = stack.agent.node
-        assert node.chain == held and node.agent_id == agent_id
-        await node.client.sync({}, -1)
-
+    monkeypatch.setattr(node.client, "renew", answer_lost)
+    with pytest.raises(ServerUnavailableError):
         await node.renew()
-        assert node.chain != held
-        await node.client.sync({}, -1)  # presents the new SVID: now the current one
-        record = await stack.server.ds.get_agent(agent_id)
-        assert record is not None
-        assert (record.serial, record.new_serial) == (f"{node.chain[0].serial_number:x}", "")
-        stale = ServerClient(config.server_address, SpiffeId(stack.agent.td, "/meshid/server"))
-        try:
-            stale.set_roots(list(stack.server.ca.bundle.x509_authorities))
-            stale.set_identity(held, held_key)
-            with pytest.raises(PermissionDeniedError, match="superseded"):
-                await stale.sync({}, -1)
-        finally:
-            await stale.close()
+    assert node.chain is held
+    await node.client.sync({}, -1)  # still accepted
+
+    # Restarted: the SVID comes back from disk and is accepted (a re-attestation would
+    # fail: the join token is spent).
+    config = stack.agent.config
+    await stack.agent.stop()
+    stack.agent = Agent(config)
+    await stack.agent.start()
+    node = stack.agent.node
+    assert node.chain == held and node.agent_id == agent_id
+    await node.client.sync({}, -1)
+
+    await node.renew()
+    assert node.chain != held
+    await node.client.sync({}, -1)  # presents the new SVID: now the current one
+    record = await stack.server.ds.get_agent(agent_id)
+    assert record is not None
+    assert (record.serial, record.new_serial) == (f"{node.chain[0].serial_number:x}", "")
+    stale = ServerClient(config.server_address, SpiffeId(stack.agent.td, "/meshid/server"))
+    try:
+        stale.set_roots(list(stack.server.ca.bundle.x509_authorities))
+        stale.set_identity(held, held_key)
+        with pytest.raises(PermissionDeniedError, match="superseded"):
+            await stale.sync({}, -1)
     finally:
-        await stack.stop()
+        await stale.close()
 
 
 async def test_an_entry_recreated_under_its_id_while_the_agent_was_away_is_resynced(
-    short_tmp: Path,
+    dev_stack: DevStack,
 ) -> None:
     """Deleted and re-created with the same id between two syncs (the agent cut off, or
     just slow), an entry is at revision 0 again, the revision the agent holds: compared by
     revision alone the server never sent it, and the agent kept the old entry's selectors
     for good, handing the new entry's SVIDs to the workloads the old one matched. As SPIRE
     (entryIsStale): the creation time is compared too."""
-    stack = await start_dev(short_tmp / "d", "example.org", str(short_tmp / "s" / "api.sock"))
-    try:
-        agent_id = stack.agent.node.agent_id
-        assert agent_id is not None
-        manager = stack.agent.manager
-        manager.sync_interval = 3600  # no sync of its own between the two below
-        db = SpiffeId(stack.server.td, "/db")
-        old = Entry("fixed-id", db, agent_id, (Selector("unix", "uid:4242"),))
-        await stack.server.entries.create(old)
-        manager.poke()
-        await wait_for(lambda: "fixed-id" in stack.agent.cache.svids, 20, "the agent to sign the entry")
-        signed_for_old = stack.agent.cache.svids["fixed-id"]
+    stack = dev_stack
+    agent_id = stack.agent.node.agent_id
+    assert agent_id is not None
+    manager = stack.agent.manager
+    manager.sync_interval = 3600  # no sync of its own between the two below
+    db = SpiffeId(stack.server.td, "/db")
+    old = Entry("fixed-id", db, agent_id, (Selector("unix", "uid:4242"),))
+    await stack.server.entries.create(old)
+    manager.poke()
+    await wait_for(lambda: "fixed-id" in stack.agent.cache.svids, 20, "the agent to sign the entry")
+    signed_for_old = stack.agent.cache.svids["fixed-id"]
 
-        await stack.server.entries.delete("fixed-id")
-        await asyncio.sleep(1.1)  # created_at is in whole seconds
-        new = await stack.server.entries.create(
-            Entry("fixed-id", db, agent_id, (Selector("unix", "uid:4343"),)))
-        assert new.revision_number == stack.agent.cache.entries["fixed-id"].revision_number
-        synced = manager.last_sync_ok
-        manager.poke()
-        await wait_for(lambda: manager.last_sync_ok > synced, 20, "the agent to sync again")
-        assert stack.agent.cache.entries["fixed-id"].selectors == new.selectors
-        # ...and its SVID is signed afresh for the new entry, not left to its renewal time.
-        await wait_for(lambda: stack.agent.cache.svids["fixed-id"] is not signed_for_old, 20,
-                       "the agent to re-sign the re-created entry")
-    finally:
-        await stack.stop()
+    await stack.server.entries.delete("fixed-id")
+    await asyncio.sleep(1.1)  # created_at is in whole seconds
+    new = await stack.server.entries.create(
+        Entry("fixed-id", db, agent_id, (Selector("unix", "uid:4343"),)))
+    assert new.revision_number == stack.agent.cache.entries["fixed-id"].revision_number
+    synced = manager.last_sync_ok
+    manager.poke()
+    await wait_for(lambda: manager.last_sync_ok > synced, 20, "the agent to sync again")
+    assert stack.agent.cache.entries["fixed-id"].selectors == new.selectors
+    # ...and its SVID is signed afresh for the new entry, not left to its renewal time.
+    await wait_for(lambda: stack.agent.cache.svids["fixed-id"] is not signed_for_old, 20,
+                   "the agent to re-sign the re-created entry")
 
 
-async def test_an_agent_svid_that_cannot_be_saved_does_not_stop_the_sync(short_tmp: Path) -> None:
+async def test_an_agent_svid_that_cannot_be_saved_does_not_stop_the_sync(dev_stack: DevStack) -> None:
     """The renewed agent SVID is saved before use; when that fails (here a directory where
     its temporary file goes, as a full disk would) the agent goes on with the SVID it holds,
     and its round goes on too: the renewal failure ended every round before the sync, so no
     workload SVID was renewed until they all expired."""
-    stack = await start_dev(short_tmp / "d", "example.org", str(short_tmp / "s" / "api.sock"))
-    try:
-        manager, node = stack.agent.manager, stack.agent.node
-        manager.sync_interval = 3600  # its own loop stays asleep: the rounds below are ours
-        held = node.chain
-        (node.dir / "agent_svid.key.tmp").mkdir()
-        node.schedule = RenewalSchedule(time.time(), "uniform")
-        synced = manager.last_sync_ok
-        await manager.step()
-        assert node.chain is held and manager.last_sync_ok > synced
-        assert manager.next_due() > time.time()  # the renewal is held, not retried every 50 ms
-        (node.dir / "agent_svid.key.tmp").rmdir()
-        manager._node_hold = 0.0  # its backoff over
-        await manager.step()
-        assert node.chain != held
-    finally:
-        await stack.stop()
+    stack = dev_stack
+    manager, node = stack.agent.manager, stack.agent.node
+    manager.sync_interval = 3600  # its own loop stays asleep: the rounds below are ours
+    held = node.chain
+    (node.dir / "agent_svid.key.tmp").mkdir()
+    node.schedule = RenewalSchedule(time.time(), "uniform")
+    synced = manager.last_sync_ok
+    await manager.step()
+    assert node.chain is held and manager.last_sync_ok > synced
+    assert manager.next_due() > time.time()  # the renewal is held, not retried every 50 ms
+    (node.dir / "agent_svid.key.tmp").rmdir()
+    manager._node_hold = 0.0  # its backoff over
+    await manager.step()
+    assert node.chain != held
 
 
 async def test_meshid_dev_command_serves_and_stops_on_sigint(short_tmp: Path) -> None:
