@@ -22,6 +22,7 @@ from issuer.ca import minting
 from issuer.ca.slots import CaManager, svid_chain
 from issuer.datastore.base import AgentRecord, DataStore
 from issuer.events import ocsf
+from issuer.signing_thread import SigningThread
 from meshid import telemetry
 from meshid.errors import AttestationError, NotFoundError, OverloadedError, PermissionDeniedError
 from meshid.selector import Selector
@@ -61,9 +62,11 @@ class AgentService:
         attest_rate_per_minute: int = 30,
         clock: Callable[[], float] = time.time,
         on_events: Callable[[], None] | None = None,
+        signer: SigningThread | None = None,
     ) -> None:
         self.ds = ds
         self.ca = ca
+        self.signer = signer or SigningThread()
         self.td = trust_domain
         self.attestors = attestors
         self.agent_svid_ttl = agent_svid_ttl
@@ -200,8 +203,7 @@ class AgentService:
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
         ttl = int(self.agent_svid_ttl)
         mint = functools.partial(active.minter.mint_from_csr, csr, agent_id, [], ttl, now)
-        # A signature that waits on an HSM is made off the event loop (as in SigningService).
-        leaf = await asyncio.to_thread(mint) if self.ca.key_manager.signs_on_device else mint()
+        leaf = await self.signer.run(mint, self.ca.key_manager.signs_on_device)
         self.ca.note_signed(active.key_id, int(leaf.not_valid_after_utc.timestamp()))
         return list(svid_chain(active, leaf))
 

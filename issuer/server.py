@@ -34,6 +34,7 @@ from issuer.events.cloudevents import server_source
 from issuer.federation import FederationPoller, Relationship
 from issuer.node_attestation import AgentService
 from issuer.signing import SigningService
+from issuer.signing_thread import SigningThread
 from meshid import telemetry
 from meshid.configload import make_state_dir
 from meshid.durable_files import write_atomically
@@ -124,6 +125,7 @@ class Server:
             from attestors.node.k8s_psat import K8sPsatAttestor
 
             attestors["k8s_psat"] = K8sPsatAttestor.from_config(cfg.node_attestors.k8s_psat)
+        signer = SigningThread()  # closed by self.signing.close()
         self.agents = AgentService(
             ds,
             self.ca,
@@ -133,6 +135,7 @@ class Server:
             cfg.server.attest_rate_per_minute,
             self.clock,
             on_events=self._events_written,
+            signer=signer,
         )
         a = cfg.admission
         self.admission = Admission(
@@ -148,6 +151,7 @@ class Server:
             cfg.ca.jwt_issuer,
             self.clock,
             on_events=self._events_written,
+            signer=signer,
         )
         self.signing.taint_window = cfg.ca.taint_rotation_window
         await self._renew_identity()
@@ -280,7 +284,7 @@ class Server:
         for name in list(self.listeners):
             await self.listeners.pop(name).stop()
         # Only once the listeners are down: their graceful shutdown lets the requests in
-        # flight finish, and those sign through this executor.
+        # flight finish, and those sign on the signing thread (agent attestation's too).
         if getattr(self, "signing", None) is not None:
             self.signing.close()
         if self.relay is not None:

@@ -7,14 +7,12 @@ events are written to the outbox in one transaction.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from issuer.admission import Admission
@@ -25,6 +23,7 @@ from issuer.datastore.base import AgentRecord, DataStore
 from issuer.entries import EntryService
 from issuer.events import ocsf
 from issuer.events.model import Event
+from issuer.signing_thread import SigningThread
 from meshid import telemetry
 from meshid.entry import Entry
 from meshid.errors import OverloadedError, PermissionDeniedError
@@ -69,6 +68,7 @@ class SigningService:
         jwt_issuer: str = "",
         clock: Callable[[], float] = time.time,
         on_events: Callable[[], None] | None = None,
+        signer: SigningThread | None = None,
     ) -> None:
         self.ds = ds
         self.ca = ca
@@ -79,9 +79,7 @@ class SigningService:
         self.jwt_issuer = jwt_issuer or None
         self.clock = clock
         self.taint_window = 600.0
-        # One signing thread: minting is mostly GIL-bound Python, so more threads add no
-        # throughput and only starve the event loop (health checks, other agents).
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshid-signing")
+        self.signer = signer or SigningThread()
         # Called once events are in the outbox (the server wakes its relay): sync and cheap.
         self.on_events = on_events
         # (agent ID, kind) -> (time of its last overload event, refusals since then)
@@ -190,7 +188,7 @@ class SigningService:
             return [r for r in results if r is not None]
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.signer.close()
 
     async def _mint_all(
         self, active: LoadedKey, agent: AgentRecord, jobs: list[tuple[int, X509Request, Entry]], now: float
@@ -251,9 +249,8 @@ class SigningService:
                 )
             return out
 
-        if len(jobs) >= EXECUTOR_THRESHOLD or self.ca.key_manager.signs_on_device:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, run)
-        return run()
+        off_loop = len(jobs) >= EXECUTOR_THRESHOLD or self.ca.key_manager.signs_on_device
+        return await self.signer.run(run, off_loop)
 
     async def sign_jwt(self, agent: AgentRecord, entry_id: str, audience: list[str]) -> tuple[str, int]:
         if not audience or not all(isinstance(a, str) and a for a in audience):
@@ -293,10 +290,7 @@ class SigningService:
                 dt.datetime.fromtimestamp(iat, dt.UTC),
                 issuer=self.jwt_issuer,
             )
-            if self.ca.key_manager.signs_on_device:
-                token = await asyncio.get_running_loop().run_in_executor(self._executor, mint)
-            else:
-                token = mint()
+            token = await self.signer.run(mint, self.ca.key_manager.signs_on_device)
             self.ca.note_signed(active.key_id, expires)
             await self.ds.append_events(
                 [
