@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from issuer.signing import SigningService
 from issuer.signing_thread import SigningThread
 from meshid import telemetry
 from meshid.configload import make_state_dir
-from meshid.durable_files import write_atomically
+from meshid.durable_files import sync_directory, write_atomically
 from meshid.errors import ConfigError, MeshidError
 from meshid.fdlimit import raise_fd_limit
 from meshid.listeners import Listener, health_app, plain_listener, tls_listener, unix_listener
@@ -427,11 +426,7 @@ def _persistent_id(path: Path) -> str:
     # durable before use (written whole, synced, renamed into place).
     sid = str(uuid.uuid4())
     write_atomically(path, (sid + "\n").encode(), 0o600)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    sync_directory(path.parent)
     return sid
 
 

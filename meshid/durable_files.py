@@ -53,3 +53,12 @@ def replace_together(files: Sequence[tuple[Path, bytes, int]]) -> None:
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     """One file replaced whole (see replace_together)."""
     replace_together([(path, data, mode)])
+
+
+def sync_directory(path: Path) -> None:
+    """Sync the directory `path`, so a rename into it survives a power cut."""
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

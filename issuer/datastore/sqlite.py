@@ -27,6 +27,7 @@ from issuer.datastore import codec
 from issuer.datastore.base import AgentRecord, CaKeyRecord, EntryAlreadyExistsError, EntryChangedError
 from issuer.datastore.migrations import CREATE_VERSION_TABLE, load_migrations, pending, split_statements
 from issuer.events.model import Event, OutboxRow, StoredEvent
+from meshid.durable_files import sync_directory
 from meshid.entry import Entry
 from meshid.errors import AlreadyExistsError, NotFoundError
 from meshid.spiffe_id import SpiffeId
@@ -684,8 +685,4 @@ def restore_backup(source: str | os.PathLike[str], dest: str | os.PathLike[str])
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
+    sync_directory(target.parent)
