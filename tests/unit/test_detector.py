@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tansu import free_port
 
 from issuer.events import ocsf
 from issuer.events.cloudevents import CloudEvent, from_outbox, rfc3339
@@ -300,13 +301,9 @@ async def test_stopping_goes_on_when_the_state_cannot_be_saved(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """stop() raised the OSError of the last save_state; it is logged, and stopping ends."""
-    import socket
-
     from issuer.events.relay import KafkaConfig
 
-    with socket.socket() as s:  # a loopback port nobody listens on: the session keeps failing
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a loopback port nobody listens on: the session keeps failing
     (tmp_path / "file").write_text("")
     detector = Detector(KafkaConfig(f"127.0.0.1:{port}"), state_path=tmp_path / "file" / "state.json")
     await detector.start()

@@ -346,8 +346,6 @@ async def test_https_web_reads_the_ca_store_off_the_event_loop(
 ) -> None:
     # Loading the system CA store is ~50 ms of CPU, on every poll of an https_web endpoint:
     # on the loop, it held every agent's sync and signing that long.
-    import threading
-
     threads: list[threading.Thread] = []
     real = ssl.create_default_context
 

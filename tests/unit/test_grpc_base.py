@@ -340,7 +340,6 @@ async def test_streams_reset_at_once_and_finished_ones_are_freed(short_tmp: Path
     reference counting, not left in a cycle for the cyclic GC."""
     import gc
 
-
     async with serving(short_tmp) as (echo, ch):
         reader, writer = await asyncio.open_unix_connection(str(short_tmp / "g.sock"))
         conn = client_connection()

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from pki_helpers import make_ca, make_leaf
+from tansu import free_port
 
 from meshid.errors import OverloadedError
 from meshid.spiffe_id import SpiffeId, TrustDomain
@@ -231,9 +232,7 @@ async def test_a_request_in_flight_survives_a_change_of_tls_material(serve: Any)
         return web.json_response({})
 
     client = await serve(handler)
-    with socket.socket() as s:  # a second address nothing listens on
-        s.bind(("127.0.0.1", 0))
-        client.addresses.append(f"127.0.0.1:{s.getsockname()[1]}")
+    client.addresses.append(f"127.0.0.1:{free_port()}")  # a second address nothing listens on
     slow = asyncio.create_task(client.sign_jwt("e", ["a"]))
     await started.wait()
     client.set_roots(list(client._roots))  # same roots: nothing to replace
