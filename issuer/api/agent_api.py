@@ -37,7 +37,7 @@ from issuer.ca.slots import CaManager
 from issuer.datastore.base import AgentRecord
 from issuer.federation import FederationPoller, federated_for_agent
 from issuer.node_attestation import AgentService, IssuedAgentSvid
-from issuer.signing import MAX_BATCH, SigningService, X509Request
+from issuer.signing import MAX_BATCH, SigningService, X509Request, X509Result
 from meshid.errors import UnauthenticatedError
 from meshid.tls import peer_certificate, spiffe_id_of_cert
 
@@ -251,6 +251,9 @@ class AgentApi:
         if len(raw) > MAX_BATCH:
             raise ValueError(f"at most {MAX_BATCH} CSRs per call")
         reqs: list[X509Request] = []
+        # A CSR that is not base64 fails its own item, as one that is not a CSR does in
+        # signing, rather than the whole batch it came with.
+        undecodable: dict[int, str] = {}
         for i, item in enumerate(raw):
             if not isinstance(item, dict) or not isinstance(item.get("entry_id"), str):
                 raise ValueError(f"requests[{i}] needs entry_id and csr")
@@ -260,15 +263,23 @@ class AgentApi:
             reason = item.get("rotation_reason", "initial")
             if not isinstance(reason, str):
                 raise ValueError(f"requests[{i}].rotation_reason must be a string")
+            try:
+                csr = unb64(item.get("csr"), f"requests[{i}].csr")
+            except ValueError as exc:
+                undecodable[i] = str(exc)
+                continue
             reqs.append(
                 X509Request(
-                    item["entry_id"],
-                    unb64(item.get("csr"), f"requests[{i}].csr"),
-                    reason,
-                    float(sched) if isinstance(sched, (int, float)) else None,
+                    item["entry_id"], csr, reason, float(sched) if isinstance(sched, (int, float)) else None
                 )
             )
-        results = await self.signing.sign_x509(request[AGENT_KEY], reqs)
+        signed = iter(await self.signing.sign_x509(request[AGENT_KEY], reqs) if reqs else [])
+        results = [
+            X509Result(item["entry_id"], error_code="invalid_argument", error=undecodable[i])
+            if i in undecodable
+            else next(signed)
+            for i, item in enumerate(raw)
+        ]
         out: list[dict[str, Any]] = []
         ca_b64: dict[bytes, str] = {}
         for r in results:

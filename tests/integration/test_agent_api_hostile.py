@@ -173,6 +173,31 @@ async def test_sign_x509_rotation_reason_must_be_a_string(
     assert "internal error" not in caplog.text
 
 
+async def test_a_csr_that_is_not_base64_fails_its_own_item_only(attested: Attested) -> None:
+    """One undecodable CSR in a batch used to refuse the whole batch with a 400: the other
+    workloads' CSRs were lost with it. Now it fails alone, in its place, as a CSR that
+    decodes but is not a CSR does."""
+    good = b64(csr_for(new_key()))
+    entry_id = attested.entry.id
+    status, body = await _post(attested.session, f"{attested.url}/agent/sign/x509", {"requests": [
+        {"entry_id": entry_id, "csr": good},
+        {"entry_id": entry_id, "csr": "not base64!"},
+        {"entry_id": entry_id, "csr": b64(b"not a CSR")},
+        {"entry_id": entry_id, "csr": good},
+    ]})
+    assert status == 200, body
+    results = body["results"]
+    assert [r["entry_id"] for r in results] == [entry_id] * 4
+    assert "svid" in results[0] and "svid" in results[3], results
+    assert results[1]["error"]["code"] == "invalid_argument"
+    assert "requests[1].csr is not valid base64" in results[1]["error"]["message"]
+    assert results[2]["error"]["code"] == "invalid_argument"
+    # A batch of nothing but undecodable CSRs is answered the same way, item by item.
+    status, body = await _post(attested.session, f"{attested.url}/agent/sign/x509", {
+        "requests": [{"entry_id": entry_id, "csr": ""}]})
+    assert status == 200 and body["results"][0]["error"]["code"] == "invalid_argument", body
+
+
 async def test_sign_jwt_audience_is_bounded(attested: Attested) -> None:
     """A 4 MB audience made a 5.5 MB token and a 4 MB issuance event."""
     url = f"{attested.url}/agent/sign/jwt"
