@@ -62,7 +62,8 @@ class Agent:
         self._roots_from_config = False  # set when trust_bundle_path, not a persisted bundle, is used
         self.node = NodeIdentity(config, self.client, self.policy, self.rng, clock)
         self.manager = SvidManager(
-            self.cache, self.client, self.node, self.policy, self.rng, config.sync_interval, clock
+            self.cache, self.client, self.node, self.policy, self.rng, config.sync_interval, clock,
+            key_type=config.workload_x509_svid_key_type,
         )
         self.grpc: list[PeerCredServer] = []
         self.attestation: WorkloadAttestation | None = None

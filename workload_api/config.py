@@ -9,6 +9,7 @@ from typing import Any
 from meshid.configload import Duration, Port, build, check_identity_basics, check_spiffe_ids, doc, load_file
 from meshid.errors import ConfigError
 from meshid.spiffe_id import TrustDomain
+from workload_api.keys import WORKLOAD_KEY_TYPES
 
 
 @dataclass
@@ -125,6 +126,9 @@ class AgentConfig:
         "signing budget there) one caller uid may ask for per second; beyond, RESOURCE_EXHAUSTED",
         default=10.0)
     jwt_svid_mint_burst_per_uid: int = doc("new JWT-SVIDs one caller uid may ask for at once", default=100)
+    workload_x509_svid_key_type: str = doc(
+        f"key type of workload X509-SVIDs: {', '.join(WORKLOAD_KEY_TYPES)} (SPIRE's option of the "
+        "same name); RSA keys are made on a thread, one at a time", default="ec-p256")
     node_attestor: NodeAttestorConfig = field(default_factory=NodeAttestorConfig)
     workload_attestors: WorkloadAttestorsConfig = field(default_factory=WorkloadAttestorsConfig)
     rotation: RotationConfig = field(default_factory=RotationConfig)
@@ -148,6 +152,11 @@ class AgentConfig:
         for name in ("max_connections_per_uid", "max_streams_per_uid", "jwt_svid_mint_burst_per_uid"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
+        if self.workload_x509_svid_key_type not in WORKLOAD_KEY_TYPES:
+            raise ConfigError(
+                f"workload_x509_svid_key_type: {self.workload_x509_svid_key_type!r} is not one of "
+                f"{', '.join(WORKLOAD_KEY_TYPES)}"
+            )
         if not self.jwt_svid_mint_rate_per_uid > 0:
             raise ConfigError("jwt_svid_mint_rate_per_uid: must be above 0")
 

@@ -51,7 +51,15 @@ from meshid.errors import (
 from meshid.json_number import finite_number
 from meshid.spiffe_id import SpiffeId
 from workload_api.cache import SvidCache, X509Svid
-from workload_api.keys import authority_key_id, chain_der, csr_for, issued_svid_problem, new_key, pkcs8_der
+from workload_api.keys import (
+    WORKLOAD_KEY_TYPES,
+    authority_key_id,
+    chain_der,
+    csr_for,
+    issued_svid_problem,
+    pkcs8_der,
+    slow_to_generate,
+)
 from workload_api.node_identity import BUNDLE_FILE, NodeIdentity
 from workload_api.rotation import RenewalSchedule, RotationPolicy, effective_issued_at
 from workload_api.server_client import (
@@ -91,8 +99,11 @@ class SvidManager:
         rng: random.Random,
         sync_interval: float,
         clock: Callable[[], float] = time.time,
+        key_type: str = "ec-p256",
     ) -> None:
         self.cache = cache
+        self._make_key = WORKLOAD_KEY_TYPES[key_type]
+        self._slow_keys = slow_to_generate(key_type)
         self.client = client
         self.node = node
         self.policy = policy
@@ -389,12 +400,17 @@ class SvidManager:
         self.cache.drop_expired(self.clock())
 
     async def _sign_batch(self, batch: list[tuple[Entry, str]], mass: bool) -> None:
-        keys = {entry.id: new_key() for entry, _ in batch}
+        keys: dict[str, PrivateKeyTypes] = {}
         requests = []
         for entry, reason in batch:
+            if self._slow_keys:  # one at a time, so a shutdown waits for one key at most
+                key, csr = await asyncio.to_thread(_key_and_csr, self._make_key)
+            else:
+                key, csr = _key_and_csr(self._make_key)
+            keys[entry.id] = key
             old = self.cache.svids.get(entry.id)
             requests.append({
-                "entry_id": entry.id, "csr": _b64(csr_for(keys[entry.id])), "rotation_reason": reason,
+                "entry_id": entry.id, "csr": _b64(csr), "rotation_reason": reason,
                 "scheduled_rotation_at": old.schedule.renew_at if old is not None else None,
             })
         sent_at = self.clock()
@@ -519,6 +535,11 @@ class SvidManager:
             for k, c in pending.items():
                 self.failures[k] = self.failures.get(k, 0) + c
             raise
+
+
+def _key_and_csr(make: Callable[[], PrivateKeyTypes]) -> tuple[PrivateKeyTypes, bytes]:
+    key = make()
+    return key, csr_for(key)
 
 
 def _b64(data: bytes) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -125,6 +125,38 @@ async def test_py_spiffe_client_gets_verified_identity(dev_stack: DevStack, shor
     assert str(got["jwt"].spiffe_id) == str(dev_stack.spiffe_id)
     assert str(got["validated"].spiffe_id) == str(dev_stack.spiffe_id)
     assert got["jwt_bundles"].get_bundle_for_trust_domain(svid.spiffe_id.trust_domain) is not None
+
+
+@pytest.mark.parametrize("key_type", ["rsa-2048", "ec-p384"])
+async def test_workload_key_type_is_the_configured_one(short_tmp: Path, key_type: str) -> None:
+    """`workload_x509_svid_key_type` (SPIRE's option): py-spiffe gets an SVID over a key of
+    that type, its own, and openssl verifies the chain."""
+    from meshid.cli.dev import start_dev
+
+    stack = await start_dev(short_tmp / "d", socket=str(short_tmp / "s" / "api.sock"),
+                            agent_overrides={"workload_x509_svid_key_type": key_type})
+    try:
+        def fetch() -> Any:
+            client = WorkloadApiClient(socket_path=f"unix://{stack.socket_path}")
+            try:
+                return client.fetch_x509_context()
+            finally:
+                client.close()
+
+        ctx = await asyncio.to_thread(fetch)
+    finally:
+        await stack.stop()
+    svid = ctx.default_svid
+    key = svid.private_key
+    if key_type == "rsa-2048":
+        assert isinstance(key, rsa.RSAPrivateKey) and key.key_size == 2048
+    else:
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert svid.leaf.public_key().public_numbers() == key.public_key().public_numbers()
+    roots = ctx.x509_bundle_set.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain).x509_authorities
+    chain_der = b"".join(c.public_bytes(serialization.Encoding.DER) for c in svid.cert_chain)
+    res = openssl_verify(short_tmp, chain_der, next(iter(roots)).public_bytes(serialization.Encoding.DER))
+    assert res.returncode == 0, res.stderr
 
 
 async def _status(sock: str, metadata: Any) -> Status:

@@ -219,3 +219,17 @@ def test_agent_health_port_out_of_range_names_the_key() -> None:
             "trust_bundle_path": "/tmp/b.pem", "health": {"port": 100000},
         })
     assert "health.port" in str(info.value) and "65535" in str(info.value)
+
+
+def test_agent_workload_key_type_is_one_of_the_listed() -> None:
+    from workload_api.config import agent_config_from_dict
+
+    base = {"trust_domain": "example.org", "data_dir": "/tmp/x", "server_address": ["127.0.0.1:8443"],
+            "trust_bundle_path": "/tmp/b.pem"}
+    assert agent_config_from_dict(base).workload_x509_svid_key_type == "ec-p256"
+    assert agent_config_from_dict({**base, "workload_x509_svid_key_type": "rsa-2048"}
+                                  ).workload_x509_svid_key_type == "rsa-2048"
+    with pytest.raises(ConfigError) as info:
+        agent_config_from_dict({**base, "workload_x509_svid_key_type": "rsa-1024"})
+    assert "workload_x509_svid_key_type" in str(info.value) and "'rsa-1024'" in str(info.value)
+    assert "ec-p256, ec-p384, rsa-2048, rsa-4096" in str(info.value)
