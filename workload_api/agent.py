@@ -76,11 +76,11 @@ class Agent:
         ]
         if wa.systemd:
             out.append(SystemdAttestor())
-        if wa.k8s:
+        if wa.k8s is not None:
             from attestors.workload.k8s import K8sWorkloadAttestor
 
             out.append(K8sWorkloadAttestor.from_config(wa.k8s))
-        if wa.docker:
+        if wa.docker is not None:
             from attestors.workload.docker import DockerWorkloadAttestor
 
             out.append(DockerWorkloadAttestor.from_config(wa.docker))

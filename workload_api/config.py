@@ -64,15 +64,17 @@ class UnixAttestorConfig:
 class WorkloadAttestorsConfig:
     unix: UnixAttestorConfig = field(default_factory=UnixAttestorConfig)
     systemd: bool = doc("add systemd:id selectors", default=True)
-    k8s: dict[str, Any] = doc(
-        "k8s workload attestor settings (see docs/kubernetes.md); on only when the table sets a key: "
-        "an empty [workload_attestors.k8s] leaves it off",
-        default_factory=dict,
+    # A table's presence turns its attestor on, as a plugin block does in SPIRE: an empty
+    # [workload_attestors.docker] means "on, with the defaults", not "off".
+    k8s: dict[str, Any] | None = doc(
+        "k8s workload attestor settings (see docs/kubernetes.md); on when the table is present, "
+        "even empty (all defaults)",
+        default=None,
     )
-    docker: dict[str, Any] = doc(
-        "docker workload attestor settings (see docs/kubernetes.md); on only when the table sets a key: "
-        "an empty [workload_attestors.docker] leaves it off",
-        default_factory=dict,
+    docker: dict[str, Any] | None = doc(
+        "docker workload attestor settings (see docs/kubernetes.md); on when the table is present, "
+        "even empty (all defaults)",
+        default=None,
     )
 
 

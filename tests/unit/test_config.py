@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -233,3 +234,22 @@ def test_agent_workload_key_type_is_one_of_the_listed() -> None:
         agent_config_from_dict({**base, "workload_x509_svid_key_type": "rsa-1024"})
     assert "workload_x509_svid_key_type" in str(info.value) and "'rsa-1024'" in str(info.value)
     assert "ec-p256, ec-p384, rsa-2048, rsa-4096" in str(info.value)
+
+
+async def test_an_empty_attestor_table_turns_the_attestor_on_with_defaults(tmp_path: Path) -> None:
+    """As a plugin block in SPIRE: `[workload_attestors.docker]` with nothing in it used to
+    leave the attestor off, silently."""
+    from attestors.workload.docker import DockerWorkloadAttestor
+    from workload_api.agent import Agent
+    from workload_api.config import agent_config_from_dict
+
+    base = {"trust_domain": "example.org", "data_dir": str(tmp_path / "d"), "server_address": ["127.0.0.1:1"],
+            "trust_bundle_path": str(tmp_path / "root.pem"), "socket_path": str(tmp_path / "api.sock")}
+    cases: list[tuple[dict[str, Any], bool]] = [({}, False), ({"docker": {}}, True)]
+    for tables, expected in cases:
+        agent = Agent(agent_config_from_dict({**base, "workload_attestors": tables}))
+        try:
+            kinds = [type(a) for a in agent._attestors()]
+        finally:
+            await agent.stop()
+        assert (DockerWorkloadAttestor in kinds) is expected, (tables, kinds)

@@ -202,6 +202,7 @@ def test_agent_wiring(directory: str, tmp_path: Path) -> None:
 
     # Workload attestor config builds; the kubelet host comes from the downward API.
     env_names = {e["name"] for e in agent["env"]}
+    assert cfg.workload_attestors.k8s is not None
     k8s_cfg = dict(cfg.workload_attestors.k8s)
     assert k8s_cfg["kubelet_host_env"] in env_names
     ca = tmp_path / "ca.pem"
