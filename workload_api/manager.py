@@ -119,6 +119,7 @@ class SvidManager:
         # A renewal of the agent SVID that failed is not retried before this (its own backoff).
         self._node_hold = 0.0
         self._node_backoff = Backoff(base=1.0, cap=300.0, rng=rng)
+        self._unsaved_bundle: Bundle | None = None  # adopted, but its write to disk failed
         # Entries the server refused: no new request before the held time (backoff per entry).
         self._hold: dict[str, float] = {}
         self._entry_backoff: dict[str, Backoff] = {}
@@ -313,6 +314,8 @@ class SvidManager:
         bundle = Bundle.from_spiffe_json(self.cache.td, doc)
         held = self.cache.bundle
         if held is not None and bundle.sequence == held.sequence:
+            if self._unsaved_bundle is not None:
+                self._save_bundle(self._unsaved_bundle)
             return
         if not bundle.x509_authorities:
             # With no root the agent could authenticate no server again: wedged for good.
@@ -327,7 +330,23 @@ class SvidManager:
         self.bundle_sequence = bundle.sequence
         self.client.set_roots(bundle.x509_authorities)
         self.cache.set_bundle(bundle)
-        write_atomically(self.node.dir / BUNDLE_FILE, bundle.to_spiffe_bytes())
+        self._save_bundle(bundle)
+
+    def _save_bundle(self, bundle: Bundle) -> None:
+        """Persist the adopted bundle for the next start. A failed write (disk full) is retried
+        at each sync rather than raised: the bundle is in use already, and the next sync of the
+        same sequence would otherwise never write it, leaving a restart with the old roots."""
+        path = self.node.dir / BUNDLE_FILE
+        try:
+            write_atomically(path, bundle.to_spiffe_bytes())
+        except OSError as exc:
+            if self._unsaved_bundle is None:
+                log.warning("could not save the bundle to %s (%s); retrying at each sync", path, exc)
+            self._unsaved_bundle = bundle
+        else:
+            if self._unsaved_bundle is not None:
+                log.info("bundle saved to %s", path)
+            self._unsaved_bundle = None
 
     # ------------------------------------------------------------------ rotation
     def _workload_entries(self) -> list[Entry]:

@@ -608,3 +608,29 @@ async def test_a_failed_agent_svid_renewal_does_not_stop_workload_rotation(tmp_p
     clock.t = mgr.next_due()
     await mgr.step()
     assert len(failures) == 2
+
+
+async def test_a_bundle_that_could_not_be_saved_is_saved_at_a_later_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed write of bundle.json (disk full) raised out of the sync after the bundle was
+    adopted, and the next syncs of the same sequence returned early: the file kept the old
+    roots for the next start. Now the bundle is in use at once and written when it can be."""
+    from workload_api import manager as manager_module
+
+    mgr, _, ca, _, node = make(tmp_path, 1)
+    doc = Bundle(TD, (ca.cert,), sequence=2).to_spiffe_json()
+    real_write = manager_module.write_atomically
+
+    def disk_full(path: Path, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(manager_module, "write_atomically", disk_full)
+    mgr._try_bundle(doc, "sync")
+    mgr._try_bundle(doc, "sync")
+    assert mgr.cache.bundle is not None and mgr.cache.bundle.sequence == 2
+    assert not (node.dir / "bundle.json").exists()
+    assert caplog.text.count("could not save the bundle") == 1  # not once per sync
+    monkeypatch.setattr(manager_module, "write_atomically", real_write)
+    mgr._try_bundle(doc, "sync")
+    assert Bundle.from_spiffe_json(TD, (node.dir / "bundle.json").read_bytes()).sequence == 2
