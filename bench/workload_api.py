@@ -83,6 +83,10 @@ def p99(values: list[float]) -> float:
     return v[min(len(v) - 1, round(0.99 * (len(v) - 1)))]
 
 
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else float("nan")
+
+
 def summary(seconds: list[float]) -> str:
     ms = sorted(x * 1000 for x in seconds)
     if not ms:
@@ -245,16 +249,53 @@ async def client_main(lib: str, uid: int, sock: str, n: int) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def probe_main(lib: str, uid: int, sock: str, count: int) -> None:
-    """New streams opened one at a time while the N streams are established."""
+async def probe_main(lib: str, uid: int, socks: list[str], count: int) -> None:
+    """New streams opened one at a time while the N streams are established: `count` to each
+    socket, interleaved (the agent's, then the floor's, then the other way round), so that
+    both see the same moments of the host."""
     await drop_to(uid, lib)
-    lat: list[float] = []
-    for _ in range(count):
-        t0 = time.perf_counter()
-        async with Stream(lib, sock) as st:
-            await st.recv()
-            lat.append(time.perf_counter() - t0)
-    print(json.dumps({"probe": lat}), flush=True)
+    lat: dict[str, list[float]] = {sock: [] for sock in socks}
+    for i in range(count):
+        for sock in socks if i % 2 == 0 else socks[::-1]:
+            t0 = time.perf_counter()
+            async with Stream(lib, sock) as st:
+                await st.recv()
+                lat[sock].append(time.perf_counter() - t0)
+    print(json.dumps({"probe": [lat[sock] for sock in socks]}), flush=True)
+
+
+def floor_server_main(sock: str, payload_file: str) -> None:
+    """The floor for a new stream's first message: a gRPC C-core server (grpcio, threads)
+    answering FetchX509SVID with canned bytes, the agent's own response to the probing
+    workload. No attestation, no cache, no Python HTTP/2: what is left is the client, the
+    kernel and the host. The stream then stays open until the client ends it, as the
+    agent's does."""
+    import threading
+    from concurrent import futures
+
+    import grpc
+
+    payload = Path(payload_file).read_bytes()
+
+    def fetch(_request: bytes, context: Any) -> Any:
+        ended = threading.Event()
+        context.add_callback(ended.set)
+        yield payload
+        ended.wait()
+
+    rpc = grpc.unary_stream_rpc_method_handler(
+        fetch, request_deserializer=lambda b: b, response_serializer=lambda b: b
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("SpiffeWorkloadAPI", {"FetchX509SVID": rpc}),)
+    )
+    server.add_insecure_port(f"unix:{sock}")
+    server.start()
+    os.chmod(sock, 0o777)  # the probe runs as a workload uid
+    print("ready", flush=True)
+    sys.stdin.read()  # until the controller closes our stdin
+    server.stop(0)
 
 
 # ----------------------------------------------------------------------------- controller
@@ -329,6 +370,31 @@ class Plan:
     shared_rotations: int  # timed rotations of one shared SVID, round robin
     probes: int  # new streams opened one at a time
     lib: str  # the workloads' gRPC library
+
+
+async def start_floor_server(
+    agent: Any, entry: Any, tmp: Path, procs: list[asyncio.subprocess.Process]
+) -> str:
+    """Start floor_server_main answering with the agent's own encoded response to `entry`'s
+    workload; returns its socket."""
+    from workload_api._gen import workload_pb2
+
+    svid = agent.cache.svids[entry.id]
+    payload = workload_pb2.X509SVIDResponse(svids=[workload_pb2.X509SVID(
+        spiffe_id=str(svid.spiffe_id), x509_svid=svid.chain_der, x509_svid_key=svid.key_der,
+        bundle=agent.cache.bundle.x509_der(),
+    )]).SerializeToString()
+    (tmp / "floor.bin").write_bytes(payload)
+    sock = str(tmp / "floor.sock")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--floor-server", sock, str(tmp / "floor.bin"),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )
+    procs.append(proc)
+    assert proc.stdout is not None
+    if await asyncio.wait_for(proc.stdout.readline(), 60) != b"ready\n":
+        raise SystemExit("the floor server did not start")
+    return sock
 
 
 async def controller(plan: Plan) -> None:
@@ -473,6 +539,7 @@ async def measure(
     await asyncio.wait_for(all_ready.wait(), 300)
     await asyncio.sleep(0.5)
     burst_firsts = firsts
+    floor_sock = await start_floor_server(agent, entries[BASE_UID], tmp, procs)
     cpu_before = cpu_times()
     probe = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -480,12 +547,12 @@ async def measure(
         "--probe",
         lib,
         str(BASE_UID),
-        socket_path,
+        f"{socket_path},{floor_sock}",
         str(plan.probes),
         stdout=asyncio.subprocess.PIPE,
     )
     pout, _ = await asyncio.wait_for(probe.communicate(), 300)
-    firsts = json.loads(pout.decode().strip().splitlines()[-1])["probe"]
+    firsts, floor = json.loads(pout.decode().strip().splitlines()[-1])["probe"]
 
     async def rotate(r: int, uid: int, push: list[float], push_sent: list[float]) -> None:
         """Bump `uid`'s entry (re-signed by the server) and wait for its streams' pushes."""
@@ -544,6 +611,9 @@ async def measure(
         f"p99={p99(burst_ms):.1f} ms (queueing while {len(per)} processes open streams at once)"
     )
     print(f"new stream with {streams} established, first message: {summary(firsts)}")
+    print(f"  the same client, interleaved, against a C-core gRPC server sending the same bytes "
+          f"(the client's and host's floor): {summary(floor)}")
+    print(f"  agent / floor: p50 {median(firsts) / median(floor):.2f}x p99 {p99(firsts) / p99(floor):.2f}x")
     lo, hi = min(per[:uids]), max(per[:uids])
     group = f"{lo}" if lo == hi else f"{lo}-{hi}"
     for label, landed_to_client, landed_to_sent in (
@@ -568,7 +638,10 @@ def main() -> None:
         asyncio.run(client_main(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--probe":
-        asyncio.run(probe_main(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])))
+        asyncio.run(probe_main(sys.argv[2], int(sys.argv[3]), sys.argv[4].split(","), int(sys.argv[5])))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--floor-server":
+        floor_server_main(sys.argv[2], sys.argv[3])
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", type=int, default=1000)
