@@ -52,8 +52,8 @@ New streams are opened back to back, each as soon as the one before has its firs
 Spacing them 10 ms apart was tried: p50 rose from ~2.3 to ~3.2 ms and p99 by 1-3 ms, as
 each new stream then starts on idle CPUs and every hand-off above waits for one to wake.
 
-Measured so (2026-11-24, 10 runs under 1% steal): the floor is p50 1.8-2.0 ms and p99
-2.9-5.4 ms; the agent is 1.3-1.4x the floor at p50 (+0.55-0.8 ms) and 1.1-1.5x at p99. Of
+Measured so (2026-11-24, 8 runs under 1% steal): the floor is p50 1.8-2.0 ms and p99
+3.0-5.4 ms; the agent is 1.3-1.4x the floor at p50 (+0.55-0.85 ms) and 1.0-1.5x at p99. Of
 the agent's own time on a new stream's path (instrumented bench copy, p50), h2/grpclib
 parse the request in ~0.27 ms, attestation takes ~0.12 ms (/proc reads and the PID-reuse
 check) and encoding and sending the response ~0.2 ms.
