@@ -74,6 +74,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -416,6 +417,11 @@ async def controller(plan: Plan) -> None:
     from workload_api.config import agent_config_from_dict
 
     raise_nofile(plan.streams * 2 + 256)
+    # A SIGTERM (a run stopped from outside) ends the run through the finally blocks below,
+    # so the server and the client processes are stopped too rather than left running.
+    this = asyncio.current_task()
+    assert this is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
     tmp = Path(tempfile.mkdtemp(prefix="mb", dir="/tmp"))
     os.chmod(tmp, 0o755)
     import logging
@@ -670,8 +676,11 @@ def main() -> None:
         raise SystemExit("run as root: client processes drop to distinct uids to get distinct identities")
     if not 0 < a.workloads < a.streams or a.uids < 1:
         raise SystemExit("need 0 < --workloads < --streams and --uids >= 1")
-    asyncio.run(controller(Plan(a.streams, a.uids, a.workloads, a.rotations, a.shared_rotations,
-                                a.probes, a.client_lib)))
+    try:
+        asyncio.run(controller(Plan(a.streams, a.uids, a.workloads, a.rotations, a.shared_rotations,
+                                    a.probes, a.client_lib)))
+    except asyncio.CancelledError:
+        raise SystemExit("stopped by SIGTERM; server and clients stopped") from None
 
 
 if __name__ == "__main__":
