@@ -103,7 +103,7 @@ def summary(seconds: list[float]) -> str:
     ms = sorted(x * 1000 for x in seconds)
     if not ms:
         return "n=0"
-    return f"n={len(ms)} p50={ms[len(ms) // 2]:.2f} ms p99={p99(ms):.2f} ms max={ms[-1]:.2f} ms"
+    return f"n={len(ms)} p50={median(ms):.2f} ms p99={p99(ms):.2f} ms max={ms[-1]:.2f} ms"
 
 
 def cpu_times() -> list[int]:
@@ -389,13 +389,11 @@ async def start_floor_server(
 ) -> str:
     """Start floor_server_main answering with the agent's own encoded response to `entry`'s
     workload; returns its socket."""
-    from workload_api._gen import workload_pb2
+    from workload_api.workload_handler import Identity, WorkloadApiHandler
 
-    svid = agent.cache.svids[entry.id]
-    payload = workload_pb2.X509SVIDResponse(svids=[workload_pb2.X509SVID(
-        spiffe_id=str(svid.spiffe_id), x509_svid=svid.chain_der, x509_svid_key=svid.key_der,
-        bundle=agent.cache.bundle.x509_der(),
-    )]).SerializeToString()
+    # Encoded by the agent's own handler code, as its streams send it.
+    handler = WorkloadApiHandler(Identity(agent.cache, agent.manager, agent.attestation))
+    payload = handler.x509_response_bytes([agent.cache.svids[entry.id]])
     (tmp / "floor.bin").write_bytes(payload)
     sock = str(tmp / "floor.sock")
     proc = await asyncio.create_subprocess_exec(
@@ -624,7 +622,7 @@ async def measure(
         t.cancel()
     burst_ms = [f * 1000 for f in burst_firsts]
     print(
-        f"establishing {streams} streams in bursts: p50={sorted(burst_ms)[len(burst_ms) // 2]:.1f} ms "
+        f"establishing {streams} streams in bursts: p50={median(burst_ms):.1f} ms "
         f"p99={p99(burst_ms):.1f} ms (queueing while {len(per)} processes open streams at once)"
     )
     print(f"new stream with {streams} established, first message: {summary(firsts)}")
