@@ -189,6 +189,12 @@ def test_from_dict_names_the_given_source() -> None:
     assert cfg.server.agent_api_port == 1234
 
 
+def _agent_dict(tmp: Path, **over: Any) -> dict[str, Any]:
+    """A valid agent config dict under `tmp` (nothing is created), with `over` on top."""
+    return {"trust_domain": "example.org", "data_dir": str(tmp / "d"), "server_address": ["127.0.0.1:1"],
+            "trust_bundle_path": str(tmp / "root.pem"), "socket_path": str(tmp / "api.sock"), **over}
+
+
 async def test_data_dir_that_is_a_file_fails_the_start_naming_it(tmp_path: Path) -> None:
     from issuer.server import Server
     from workload_api.agent import Agent
@@ -200,10 +206,7 @@ async def test_data_dir_that_is_a_file_fails_the_start_naming_it(tmp_path: Path)
     server = Server(server_config_from_dict({"trust_domain": "example.org", "data_dir": str(not_a_dir)}))
     with pytest.raises(ConfigError, match=refused):
         await server.start()
-    agent = Agent(agent_config_from_dict({
-        "trust_domain": "example.org", "data_dir": str(not_a_dir), "server_address": ["127.0.0.1:1"],
-        "trust_bundle_path": str(tmp_path / "root.pem"), "socket_path": str(tmp_path / "api.sock"),
-    }))
+    agent = Agent(agent_config_from_dict(_agent_dict(tmp_path, data_dir=str(not_a_dir))))
     try:
         with pytest.raises(ConfigError, match=refused):
             await agent.start()
@@ -211,22 +214,18 @@ async def test_data_dir_that_is_a_file_fails_the_start_naming_it(tmp_path: Path)
         await agent.stop()
 
 
-def test_agent_health_port_out_of_range_names_the_key() -> None:
+def test_agent_health_port_out_of_range_names_the_key(tmp_path: Path) -> None:
     from workload_api.config import agent_config_from_dict
 
     with pytest.raises(ConfigError) as info:
-        agent_config_from_dict({
-            "trust_domain": "example.org", "data_dir": "/tmp/x", "server_address": ["127.0.0.1:8443"],
-            "trust_bundle_path": "/tmp/b.pem", "health": {"port": 100000},
-        })
+        agent_config_from_dict(_agent_dict(tmp_path, health={"port": 100000}))
     assert "health.port" in str(info.value) and "65535" in str(info.value)
 
 
-def test_agent_workload_key_type_is_one_of_the_listed() -> None:
+def test_agent_workload_key_type_is_one_of_the_listed(tmp_path: Path) -> None:
     from workload_api.config import agent_config_from_dict
 
-    base = {"trust_domain": "example.org", "data_dir": "/tmp/x", "server_address": ["127.0.0.1:8443"],
-            "trust_bundle_path": "/tmp/b.pem"}
+    base = _agent_dict(tmp_path)
     assert agent_config_from_dict(base).workload_x509_svid_key_type == "ec-p256"
     assert agent_config_from_dict({**base, "workload_x509_svid_key_type": "rsa-2048"}
                                   ).workload_x509_svid_key_type == "rsa-2048"
@@ -243,11 +242,9 @@ async def test_an_empty_attestor_table_turns_the_attestor_on_with_defaults(tmp_p
     from workload_api.agent import Agent
     from workload_api.config import agent_config_from_dict
 
-    base = {"trust_domain": "example.org", "data_dir": str(tmp_path / "d"), "server_address": ["127.0.0.1:1"],
-            "trust_bundle_path": str(tmp_path / "root.pem"), "socket_path": str(tmp_path / "api.sock")}
     cases: list[tuple[dict[str, Any], bool]] = [({}, False), ({"docker": {}}, True)]
     for tables, expected in cases:
-        agent = Agent(agent_config_from_dict({**base, "workload_attestors": tables}))
+        agent = Agent(agent_config_from_dict(_agent_dict(tmp_path, workload_attestors=tables)))
         try:
             kinds = [type(a) for a in agent._attestors()]
         finally:
