@@ -9,11 +9,15 @@ processes, each dropping to its own uid so each has its own identity (entry
 workload holding an X509Source is. The rest are load, 10 streams to a process (1000
 processes of a gRPC library do not fit in this machine's memory), and the streams of one
 process share its identity. Measured, all in one run:
-  - first: a new stream's first message latency (connect + attestation + cache hit). The
-    same probe client, interleaved probe by probe, also opens streams to a C-core gRPC
-    server (grpcio) that answers with the agent's own response bytes and does nothing else:
-    the floor this client and host give any server. Printed beside the agent's figures with
-    the ratio agent / floor, so a run on a noisy host shows where its time went;
+  - first: a new stream's first message latency (connect + attestation + cache hit),
+    opened by a probe process that fetches as py-spiffe's WorkloadApiClient.fetch_x509_svid
+    does (grpcio's blocking API: call, next(), cancel). The same probe client, interleaved
+    probe by probe, also opens streams to a C-core gRPC server (grpcio) that answers with
+    the agent's own response bytes and does nothing else: the floor this client and host
+    give any server. Printed beside the agent's figures with the ratio agent / floor, so a
+    run on a noisy host shows where its time went. Printed after it, the same for a new
+    stream on a connection the probe keeps open (a client's later calls on its channel:
+    attestation + cache hit, no connect);
   - push: after one workload's own SVID rotated (entry bumped, re-signed by the server),
     time from the new SVID landing in the agent cache to the workload receiving it; printed
     beside it, the agent's part (landing to the message handed to the kernel). The rest is
@@ -48,15 +52,27 @@ Pinning the clients to one core and the agent and server to the other brought th
 part under 1 ms at p99, but made the end-to-end push worse (p50 2-4 ms), so the bench does
 not pin.
 
+Until 2026-11-24 the probe used grpcio's asyncio API, as the N streams do. That API adds a
+hand-off from grpcio's poller thread to the event loop to each message, which the blocking
+API that py-spiffe uses does not have: side by side on this host (quiet runs), the first
+message's p99 was 4.3-6.1 ms through it (20 of 24 runs under 5 ms the day before) and
+3.8-4.6 ms with the blocking API (8 of 8), with agent / floor the same (~1.3x at p50)
+either way. The probe is one stream at a time, as a workload's fetch is, so it fetches as
+py-spiffe does. The N streams keep the asyncio API (1000 blocking streams need 1000
+threads, see above).
+
 New streams are opened back to back, each as soon as the one before has its first message.
 Spacing them 10 ms apart was tried: p50 rose from ~2.3 to ~3.2 ms and p99 by 1-3 ms, as
 each new stream then starts on idle CPUs and every hand-off above waits for one to wake.
 
-Measured so (2026-11-24, 8 runs under 1% steal): the floor is p50 1.8-2.0 ms and p99
-3.0-5.4 ms; the agent is 1.3-1.4x the floor at p50 (+0.55-0.85 ms) and 1.0-1.5x at p99. Of
-the agent's own time on a new stream's path (instrumented bench copy, p50), h2/grpclib
-parse the request in ~0.27 ms, attestation takes ~0.12 ms (/proc reads and the PID-reuse
-check) and encoding and sending the response ~0.2 ms.
+Measured so (2026-11-24, 8 runs under 1% steal, blocking probe): the first message's p99
+was 3.8-4.6 ms, the floor's p50 1.7-2.0 ms and p99 2.8-4.0 ms; the agent is 1.3-1.4x the
+floor at p50 (+0.55-0.75 ms) and 1.1-1.6x at p99. On a kept connection, p50 1.25-1.5 ms and
+p99 2.3-3.7 ms (floor p50 ~1.0-1.1 ms). Of the agent's own time on a new stream's path
+(instrumented bench copy, p50), h2/grpclib parse the request in ~0.27 ms, attestation takes
+~0.12 ms (/proc reads and the PID-reuse check) and encoding and sending the response
+~0.2 ms. Swapping in uvloop for asyncio's loop was tried: agent / floor stayed ~1.3x at p50,
+the time is h2's and grpclib's Python, not the loop's.
 
 Sample sizes: 500 new streams (and 500 to the floor server), 300 rotations of the
 workloads' own SVIDs (round robin) and 30 of shared ones (300 pushes; a rotation's ten
@@ -78,6 +94,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,8 +159,10 @@ async def drop_to(uid: int, lib: str) -> None:
         import grpc
         import grpc.aio
 
-        # grpcio imports more on first use: make one channel (it connects only when used).
+        # grpcio imports more on first use: make one channel of each API (they connect only
+        # when used).
         await grpc.aio.insecure_channel("unix:/nonexistent").close()
+        grpc.insecure_channel("unix:/nonexistent").close()
     else:
         import grpclib.client  # noqa: F401
     os.setgroups([])
@@ -261,19 +280,82 @@ async def client_main(lib: str, uid: int, sock: str, n: int) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def probe_main(lib: str, uid: int, socks: list[str], count: int) -> None:
-    """New streams opened one at a time while the N streams are established: `count` to each
-    socket, interleaved (the agent's, then the floor's, then the other way round), so that
-    both see the same moments of the host."""
-    await drop_to(uid, lib)
-    lat: dict[str, list[float]] = {sock: [] for sock in socks}
+def probe_main(lib: str, uid: int, socks: list[str], count: int) -> None:
+    """New streams opened one at a time while the N streams are established, `count` to each
+    socket, interleaved (the agent's, then the floor's, then the other way round) so that
+    both see the same moments of the host. Each probe is a stream on a connection of its own
+    (a process's first call: connect, attestation, cache hit), then a stream on a connection
+    the probe keeps open (every later call of a client that keeps its channel, as py-spiffe's
+    WorkloadApiClient does: attestation, cache hit). Prints {"new": [...], "open": [...]},
+    one list of seconds per socket."""
+    asyncio.run(drop_to(uid, lib))
+    fetch, close = _blocking_grpcio() if lib == "grpcio" else _grpclib_in_loop()
+    new: dict[str, list[float]] = {sock: [] for sock in socks}
+    kept: dict[str, list[float]] = {sock: [] for sock in socks}
+    held = {sock: fetch(sock, None) for sock in socks}  # connected, and one call made
     for i in range(count):
         for sock in socks if i % 2 == 0 else socks[::-1]:
             t0 = time.perf_counter()
-            async with Stream(lib, sock) as st:
-                await st.recv()
-                lat[sock].append(time.perf_counter() - t0)
-    print(json.dumps({"probe": [lat[sock] for sock in socks]}), flush=True)
+            channel = fetch(sock, None)
+            new[sock].append(time.perf_counter() - t0)
+            close(channel)
+            t0 = time.perf_counter()
+            fetch(sock, held[sock])
+            kept[sock].append(time.perf_counter() - t0)
+    for channel in held.values():
+        close(channel)
+    print(json.dumps({"new": [new[s] for s in socks], "open": [kept[s] for s in socks]}), flush=True)
+
+
+Fetch = Callable[[str, Any], Any]
+
+
+def _blocking_grpcio() -> tuple[Fetch, Callable[[Any], None]]:
+    """py-spiffe's own way to fetch: grpcio's blocking API, FetchX509SVID, the first
+    response taken with next(), the call cancelled (WorkloadApiClient.fetch_x509_svid,
+    without its parsing of the certificates, which is the client's own CPU). Why not the
+    asyncio API of the N streams: see the module's doc."""
+    import grpc
+
+    from workload_api._gen import workload_pb2
+
+    def fetch(sock: str, channel: Any) -> Any:
+        if channel is None:
+            # A local subchannel pool: a connection of its own, as a new process would have.
+            channel = grpc.insecure_channel(f"unix:{sock}", options=[("grpc.use_local_subchannel_pool", 1)])
+        call = channel.unary_stream(
+            METHOD,
+            request_serializer=workload_pb2.X509SVIDRequest.SerializeToString,
+            response_deserializer=workload_pb2.X509SVIDResponse.FromString,
+        )(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+        next(call)
+        call.cancel()
+        return channel
+
+    return fetch, lambda channel: channel.close()
+
+
+def _grpclib_in_loop() -> tuple[Fetch, Callable[[Any], None]]:
+    """The same with grpclib (pure Python), on an event loop of the probe's own."""
+    from grpclib.client import Channel
+
+    from workload_api._gen import workload_grpc, workload_pb2
+
+    loop = asyncio.new_event_loop()
+
+    async def call(sock: str, channel: Channel | None) -> Channel:
+        channel = channel or Channel(path=sock)  # made on the loop it will run on
+        stub = workload_grpc.SpiffeWorkloadAPIStub(channel)
+        async with stub.FetchX509SVID.open(metadata=dict(HEADER)) as stream:
+            await stream.send_message(workload_pb2.X509SVIDRequest(), end=True)
+            await stream.recv_message()
+            await stream.cancel()
+        return channel
+
+    def fetch(sock: str, channel: Any) -> Any:
+        return loop.run_until_complete(call(sock, channel))
+
+    return fetch, lambda channel: channel.close()
 
 
 def floor_server_main(sock: str, payload_file: str) -> None:
@@ -567,7 +649,8 @@ async def measure(
         stdout=asyncio.subprocess.PIPE,
     )
     pout, _ = await asyncio.wait_for(probe.communicate(), 300)
-    firsts, floor = json.loads(pout.decode().strip().splitlines()[-1])["probe"]
+    probed = json.loads(pout.decode().strip().splitlines()[-1])
+    (firsts, floor), (kept, kept_floor) = probed["new"], probed["open"]
 
     async def rotate(r: int, uid: int, push: list[float], push_sent: list[float]) -> None:
         """Bump `uid`'s entry (re-signed by the server) and wait for its streams' pushes."""
@@ -625,10 +708,15 @@ async def measure(
         f"establishing {streams} streams in bursts: p50={median(burst_ms):.1f} ms "
         f"p99={p99(burst_ms):.1f} ms (queueing while {len(per)} processes open streams at once)"
     )
-    print(f"new stream with {streams} established, first message: {summary(firsts)}")
-    print(f"  the same client, interleaved, against a C-core gRPC server sending the same bytes "
-          f"(the client's and host's floor): {summary(floor)}")
-    print(f"  agent / floor: p50 {median(firsts) / median(floor):.2f}x p99 {p99(firsts) / p99(floor):.2f}x")
+    for label, agent_s, floor_s in (
+        (f"new stream with {streams} established, first message", firsts, floor),
+        ("the same on a connection the client keeps open", kept, kept_floor),
+    ):
+        print(f"{label}: {summary(agent_s)}")
+        print(f"  the same client, interleaved, against a C-core gRPC server sending the same bytes "
+              f"(the client's and host's floor): {summary(floor_s)}")
+        print(f"  agent / floor: p50 {median(agent_s) / median(floor_s):.2f}x "
+              f"p99 {p99(agent_s) / p99(floor_s):.2f}x")
     lo, hi = min(per[:uids]), max(per[:uids])
     group = f"{lo}" if lo == hi else f"{lo}-{hi}"
     for label, landed_to_client, landed_to_sent in (
@@ -653,7 +741,7 @@ def main() -> None:
         asyncio.run(client_main(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--probe":
-        asyncio.run(probe_main(sys.argv[2], int(sys.argv[3]), sys.argv[4].split(","), int(sys.argv[5])))
+        probe_main(sys.argv[2], int(sys.argv[3]), sys.argv[4].split(","), int(sys.argv[5]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--floor-server":
         floor_server_main(sys.argv[2], sys.argv[3])
