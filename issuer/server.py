@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import time
 import uuid
@@ -333,13 +334,16 @@ class Server:
         active = self.ca.x509_active
         assert active.minter is not None
         now = self.clock()
-        leaf = active.minter.mint_from_public_key(
+        mint = functools.partial(
+            active.minter.mint_from_public_key,
             self.identity.key.public_key(),
             self.config.server_spiffe_id,
             [],
             int(self.config.ca.agent_svid_ttl),
             dt.datetime.fromtimestamp(now, dt.UTC),
         )
+        # On the signing thread when the CA key is on a device, as every other signature.
+        leaf = await self.signing.signer.run(mint, self.ca.key_manager.signs_on_device)
         self.identity.chain = list(svid_chain(active, leaf))
         not_after = leaf.not_valid_after_utc.timestamp()
         self.identity.renew_at = now + (not_after - now) / 2

@@ -296,6 +296,9 @@ async def test_server_with_pkcs11_key_manager_issues_svids(
         first_ca = await _issue_and_check(stack, short_tmp)
         await stack.agent.client.renew(csr_for(new_key()))  # an agent SVID too
         assert len(signed_on) >= 3 and loop_thread not in signed_on
+        signed_on.clear()
+        await stack.server._renew_identity()  # and the server's own SVID
+        assert len(signed_on) == 1 and loop_thread not in signed_on
     finally:
         await stack.stop()
 
