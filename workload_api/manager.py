@@ -155,7 +155,7 @@ class SvidManager:
                 log.warning("server refused the agent SVID (%s); re-attesting", exc)
                 if isinstance(exc, IdentityRejectedError):
                     # Fetched over server-authenticated TLS, so as trustworthy as a synced bundle.
-                    self._try_bundle(exc.bundle, "probed")
+                    await self._try_bundle(exc.bundle, "probed")
                 try:
                     await self._reattest()
                     self._reattests += 1
@@ -195,7 +195,7 @@ class SvidManager:
     async def _reattest(self) -> None:
         bundle = await self.node.attest()
         if bundle:
-            self._try_bundle(bundle, "attestation's")
+            await self._try_bundle(bundle, "attestation's")
 
     def agent_svid_tainted_due(self, now: float) -> bool:
         """Whether the agent's own SVID, signed by a tainted CA key, is due for re-issue.
@@ -295,7 +295,7 @@ class SvidManager:
             log.warning("ignored %d malformed item(s) of the server's sync answer (first: %s)",
                         len(skipped), skipped[0][:300])
         if "bundle" in data:
-            self._try_bundle(data["bundle"], "synced")
+            await self._try_bundle(data["bundle"], "synced")
         if digests is not None:  # absent from servers without federation
             self.cache.apply_federated(digests, fed_docs)
         self.tainted_akis = set(tainted)
@@ -303,19 +303,19 @@ class SvidManager:
         if raw_entries or removed or set(parents) != self.cache.workload_parents:
             self.cache.set_entries(entries.values(), parents)
 
-    def _try_bundle(self, doc: Any, source: str) -> None:
+    async def _try_bundle(self, doc: Any, source: str) -> None:
         """Adopt a bundle from the server if usable; otherwise keep the held one and say why."""
         try:
-            self._apply_bundle(doc)
+            await self._apply_bundle(doc)
         except (MeshidError, ValueError) as exc:
             log.warning("%s server bundle refused, keeping the held one: %s", source, exc)
 
-    def _apply_bundle(self, doc: dict[str, Any]) -> None:
+    async def _apply_bundle(self, doc: dict[str, Any]) -> None:
         bundle = Bundle.from_spiffe_json(self.cache.td, doc)
         held = self.cache.bundle
         if held is not None and bundle.sequence == held.sequence:
             if self._unsaved_bundle is not None:
-                self._save_bundle(self._unsaved_bundle)
+                await self._save_bundle(self._unsaved_bundle)
             return
         if not bundle.x509_authorities:
             # With no root the agent could authenticate no server again: wedged for good.
@@ -330,15 +330,16 @@ class SvidManager:
         self.bundle_sequence = bundle.sequence
         self.client.set_roots(bundle.x509_authorities)
         self.cache.set_bundle(bundle)
-        self._save_bundle(bundle)
+        await self._save_bundle(bundle)
 
-    def _save_bundle(self, bundle: Bundle) -> None:
+    async def _save_bundle(self, bundle: Bundle) -> None:
         """Persist the adopted bundle for the next start. A failed write (disk full) is retried
         at each sync rather than raised: the bundle is in use already, and the next sync of the
-        same sequence would otherwise never write it, leaving a restart with the old roots."""
+        same sequence would otherwise never write it, leaving a restart with the old roots.
+        Written on a thread: its fsyncs on a slow disk would hold every workload's stream."""
         path = self.node.dir / BUNDLE_FILE
         try:
-            write_atomically(path, bundle.to_spiffe_bytes())
+            await asyncio.to_thread(write_atomically, path, bundle.to_spiffe_bytes())
         except OSError as exc:
             if self._unsaved_bundle is None:
                 log.warning("could not save the bundle to %s (%s); retrying at each sync", path, exc)

@@ -8,6 +8,7 @@ at the moment drawn when the SVID was issued instead of drawing again (SPEC-EVEN
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -96,20 +97,21 @@ class NodeIdentity:
         self.agent_id = spiffe_id_of_cert(chain[0])
         self.client.set_identity(chain, key)
 
-    def _persist(
+    async def _persist(
         self, chain: list[x509.Certificate], key: PrivateKeyTypes, schedule: RenewalSchedule
     ) -> None:
         """Every file is written and synced before any replaces its predecessor: a write
         that fails (disk full) left the new key beside the old SVID, a pair a restarted
-        agent could not use, while the old SVID was still the one the server accepts."""
+        agent could not use, while the old SVID was still the one the server accepts.
+        Written on a thread: its fsyncs on a slow disk would hold every workload's stream."""
         state = json.dumps({"renew_at": schedule.renew_at, "drawn_with": schedule.drawn_with}).encode()
-        replace_together([
+        await asyncio.to_thread(replace_together, [
             (self.dir / KEY_FILE, pem_key(key), 0o600),
             (self.dir / SVID_FILE, pem_chain(chain), 0o600),
             (self.dir / STATE_FILE, state, 0o600),
         ])
 
-    def _adopt(
+    async def _adopt(
         self, chain: list[x509.Certificate], key: PrivateKeyTypes, stationary: bool, renewal: bool
     ) -> None:
         leaf = chain[0]
@@ -126,13 +128,13 @@ class NodeIdentity:
             # On disk before in use: the server accepts the previous SVID until this one is
             # presented, so if it cannot be saved the agent goes on with the previous one (a
             # restart would otherwise bring back an SVID the server then refuses).
-            self._persist(chain, key, schedule)
+            await self._persist(chain, key, schedule)
             self._set(chain, key, schedule)
         else:
             # An attestation has replaced the previous SVID on the server already (and a
             # join token is spent): the new one is used even if it cannot be saved.
             self._set(chain, key, schedule)
-            self._persist(chain, key, schedule)
+            await self._persist(chain, key, schedule)
 
     async def attest(self) -> dict[str, Any]:
         """Node-attest with the configured credentials; returns the server's bundle document.
@@ -161,7 +163,7 @@ class NodeIdentity:
         else:  # pragma: no cover - config validation prevents this
             raise ConfigError(f"unknown node attestor {kind}")
         chain = certs_from_json(resp.get("svid"))
-        self._adopt(chain, key, stationary=False, renewal=False)  # checks the SVID is for `key` first
+        await self._adopt(chain, key, stationary=False, renewal=False)  # checks the SVID is for `key` first
         log.info("node attested as %s", self.agent_id)
         bundle = resp.get("bundle", {})
         return bundle if isinstance(bundle, dict) else {}
@@ -196,7 +198,7 @@ class NodeIdentity:
         """Renew over mTLS; `stationary` after a mass event (CA taint) so agents do not stay in step."""
         key = new_key()
         chain = await self.client.renew(csr_for(key))
-        self._adopt(chain, key, stationary=stationary, renewal=True)
+        await self._adopt(chain, key, stationary=stationary, renewal=True)
         log.info("renewed agent SVID (expires %s)", chain[0].not_valid_after_utc.isoformat())
 
 

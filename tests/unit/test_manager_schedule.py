@@ -626,11 +626,11 @@ async def test_a_bundle_that_could_not_be_saved_is_saved_at_a_later_sync(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(manager_module, "write_atomically", disk_full)
-    mgr._try_bundle(doc, "sync")
-    mgr._try_bundle(doc, "sync")
+    await mgr._try_bundle(doc, "sync")
+    await mgr._try_bundle(doc, "sync")
     assert mgr.cache.bundle is not None and mgr.cache.bundle.sequence == 2
     assert not (node.dir / "bundle.json").exists()
     assert caplog.text.count("could not save the bundle") == 1  # not once per sync
     monkeypatch.setattr(manager_module, "write_atomically", real_write)
-    mgr._try_bundle(doc, "sync")
+    await mgr._try_bundle(doc, "sync")
     assert Bundle.from_spiffe_json(TD, (node.dir / "bundle.json").read_bytes()).sequence == 2
