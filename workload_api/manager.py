@@ -67,6 +67,7 @@ from workload_api.server_client import (
     ServerClient,
     ServerRejectedError,
     ServerUnavailableError,
+    b64,
     bad_response,
     bounded_retry_after,
     certs_from_json,
@@ -430,7 +431,7 @@ class SvidManager:
             keys[entry.id] = key
             old = self.cache.svids.get(entry.id)
             requests.append({
-                "entry_id": entry.id, "csr": _b64(csr), "rotation_reason": reason,
+                "entry_id": entry.id, "csr": b64(csr), "rotation_reason": reason,
                 "scheduled_rotation_at": old.schedule.renew_at if old is not None else None,
             })
         sent_at = self.clock()
@@ -560,12 +561,6 @@ class SvidManager:
 def _key_and_csr(make: Callable[[], PrivateKeyTypes]) -> tuple[PrivateKeyTypes, bytes]:
     key = make()
     return key, csr_for(key)
-
-
-def _b64(data: bytes) -> str:
-    import base64
-
-    return base64.b64encode(data).decode()
 
 
 def _str_list(data: dict[str, Any], name: str) -> list[str]:
