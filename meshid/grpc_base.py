@@ -287,19 +287,19 @@ class GuardedProtocol(H2Protocol):
 
     def _calm_down(self, stream_id: int) -> None:
         log.debug("client reset streams faster than %d/s; GOAWAY and closed", RESET_RATE)
-        h2_conn = self.connection._connection
-        h2_conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=stream_id)
-        self.connection.flush()
-        self._close("Too many stream resets")
+        self._go_away(ErrorCodes.ENHANCE_YOUR_CALM, "Too many stream resets", last_stream_id=stream_id)
 
     def go_away(self) -> None:
         """Server shutdown or an idle connection: GOAWAY (NO_ERROR), then close it."""
         if self._closed or self._io is None or self._io.is_closing():
             return
+        self._go_away(ErrorCodes.NO_ERROR, "Server closed")
+
+    def _go_away(self, code: ErrorCodes, reason: str, last_stream_id: int | None = None) -> None:
         with contextlib.suppress(ProtocolError):  # h2 already saw the connection end
-            self.connection._connection.close_connection(error_code=ErrorCodes.NO_ERROR)
+            self.connection._connection.close_connection(error_code=code, last_stream_id=last_stream_id)
             self.connection.flush()
-        self._close("Server closed")
+        self._close(reason)
 
     def _close(self, reason: str) -> None:
         self._closed = True
