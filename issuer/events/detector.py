@@ -29,6 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from issuer.events.cloudevents import CloudEvent, CloudEventError, from_kafka, to_kafka
 from issuer.events.detector_rules import Alert, DetectorConfig, RuleEngine
 from issuer.events.relay import KafkaConfig, ensure_topic, full_jitter
+from meshid.durable_files import write_atomically
 from meshid.errors import ConfigError
 from meshid.telemetry import Telemetry, default_telemetry
 
@@ -56,15 +57,10 @@ def load_state(path: Path, config: DetectorConfig) -> RuleEngine:
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Atomically: write a temporary file, fsync, rename over the old one."""
+    """Atomically (write_atomically): a crash mid-save leaves the previous state whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     data = json.dumps({"saved_at": time.time(), "engine": state}, separators=(",", ":"))
-    with open(tmp, "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, data.encode())
 
 
 class Detector:
@@ -208,7 +204,7 @@ class Detector:
         """Save state, then commit offsets (a crash in between replays; never skips)."""
         state = self.engine.to_state()
         if self.state_path:
-            save_state(self.state_path, state)
+            await asyncio.to_thread(save_state, self.state_path, state)
         self._snapshot = state
         await consumer.commit()
 
