@@ -55,7 +55,7 @@ not pin.
 Until 2026-11-24 the probe used grpcio's asyncio API, as the N streams do. That API adds a
 hand-off from grpcio's poller thread to the event loop to each message, which the blocking
 API that py-spiffe uses does not have: side by side on this host (quiet runs), the first
-message's p99 was 4.3-6.1 ms through it (20 of 24 runs under 5 ms the day before) and
+message's p99 was 4.3-6.1 ms through it (20 of 24 earlier runs under 5 ms) and
 3.8-4.6 ms with the blocking API (8 of 8), with agent / floor the same (~1.3x at p50)
 either way. The probe is one stream at a time, as a workload's fetch is, so it fetches as
 py-spiffe does. The N streams keep the asyncio API (1000 blocking streams need 1000
