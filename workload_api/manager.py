@@ -120,7 +120,8 @@ class SvidManager:
         # A renewal of the agent SVID that failed is not retried before this (its own backoff).
         self._node_hold = 0.0
         self._node_backoff = Backoff(base=1.0, cap=300.0, rng=rng)
-        self._unsaved_bundle: Bundle | None = None  # adopted, but its write to disk failed
+        self._unsaved_bundle: Bundle | None = None  # adopted, not yet on disk
+        self._bundle_save_failed = False
         # Entries the server refused: no new request before the held time (backoff per entry).
         self._hold: dict[str, float] = {}
         self._entry_backoff: dict[str, Backoff] = {}
@@ -156,7 +157,7 @@ class SvidManager:
                 log.warning("server refused the agent SVID (%s); re-attesting", exc)
                 if isinstance(exc, IdentityRejectedError):
                     # Fetched over server-authenticated TLS, so as trustworthy as a synced bundle.
-                    await self._try_bundle(exc.bundle, "probed")
+                    self._try_bundle(exc.bundle, "probed")  # saved by the attestation below
                 try:
                     await self._reattest()
                     self._reattests += 1
@@ -196,7 +197,8 @@ class SvidManager:
     async def _reattest(self) -> None:
         bundle = await self.node.attest()
         if bundle:
-            await self._try_bundle(bundle, "attestation's")
+            self._try_bundle(bundle, "attestation's")
+        await self._save_bundle()
 
     def agent_svid_tainted_due(self, now: float) -> bool:
         """Whether the agent's own SVID, signed by a tainted CA key, is due for re-issue.
@@ -296,27 +298,27 @@ class SvidManager:
             log.warning("ignored %d malformed item(s) of the server's sync answer (first: %s)",
                         len(skipped), skipped[0][:300])
         if "bundle" in data:
-            await self._try_bundle(data["bundle"], "synced")
+            self._try_bundle(data["bundle"], "synced")
         if digests is not None:  # absent from servers without federation
             self.cache.apply_federated(digests, fed_docs)
         self.tainted_akis = set(tainted)
         self.taint_window = window
         if raw_entries or removed or set(parents) != self.cache.workload_parents:
             self.cache.set_entries(entries.values(), parents)
+        await self._save_bundle()
 
-    async def _try_bundle(self, doc: Any, source: str) -> None:
-        """Adopt a bundle from the server if usable; otherwise keep the held one and say why."""
+    def _try_bundle(self, doc: Any, source: str) -> None:
+        """Adopt a bundle from the server if usable; otherwise keep the held one and say why.
+        Written to disk later, by _save_bundle."""
         try:
-            await self._apply_bundle(doc)
+            self._apply_bundle(doc)
         except (MeshidError, ValueError) as exc:
             log.warning("%s server bundle refused, keeping the held one: %s", source, exc)
 
-    async def _apply_bundle(self, doc: dict[str, Any]) -> None:
+    def _apply_bundle(self, doc: dict[str, Any]) -> None:
         bundle = Bundle.from_spiffe_json(self.cache.td, doc)
         held = self.cache.bundle
         if held is not None and bundle.sequence == held.sequence:
-            if self._unsaved_bundle is not None:
-                await self._save_bundle(self._unsaved_bundle)
             return
         if not bundle.x509_authorities:
             # With no root the agent could authenticate no server again: wedged for good.
@@ -331,23 +333,29 @@ class SvidManager:
         self.bundle_sequence = bundle.sequence
         self.client.set_roots(bundle.x509_authorities)
         self.cache.set_bundle(bundle)
-        await self._save_bundle(bundle)
+        self._unsaved_bundle = bundle
 
-    async def _save_bundle(self, bundle: Bundle) -> None:
-        """Persist the adopted bundle for the next start. A failed write (disk full) is retried
-        at each sync rather than raised: the bundle is in use already, and the next sync of the
-        same sequence would otherwise never write it, leaving a restart with the old roots.
-        Written on a thread: its fsyncs on a slow disk would hold every workload's stream."""
+    async def _save_bundle(self) -> None:
+        """Persist the adopted bundle for the next start, once what came with it is applied.
+        On a thread: its fsyncs on a slow disk would hold every workload's stream; and not
+        in the middle of a sync, where the workloads would be served the new bundle with the
+        old entries meanwhile. A failed write (disk full) is retried at each sync rather
+        than raised: the bundle is in use already."""
+        bundle = self._unsaved_bundle
+        if bundle is None:
+            return
         path = self.node.dir / BUNDLE_FILE
         try:
             await asyncio.to_thread(write_atomically, path, bundle.to_spiffe_bytes())
         except OSError as exc:
-            if self._unsaved_bundle is None:
+            if not self._bundle_save_failed:
                 log.warning("could not save the bundle to %s (%s); retrying at each sync", path, exc)
-            self._unsaved_bundle = bundle
-        else:
-            if self._unsaved_bundle is not None:
-                log.info("bundle saved to %s", path)
+            self._bundle_save_failed = True
+            return
+        if self._bundle_save_failed:
+            log.info("bundle saved to %s", path)
+        self._bundle_save_failed = False
+        if self._unsaved_bundle is bundle:  # not replaced by a newer one meanwhile
             self._unsaved_bundle = None
 
     # ------------------------------------------------------------------ rotation

@@ -626,11 +626,43 @@ async def test_a_bundle_that_could_not_be_saved_is_saved_at_a_later_sync(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(manager_module, "write_atomically", disk_full)
-    await mgr._try_bundle(doc, "sync")
-    await mgr._try_bundle(doc, "sync")
+    for _ in range(2):  # two syncs bringing the same bundle
+        mgr._try_bundle(doc, "sync")
+        await mgr._save_bundle()
     assert mgr.cache.bundle is not None and mgr.cache.bundle.sequence == 2
     assert not (node.dir / "bundle.json").exists()
     assert caplog.text.count("could not save the bundle") == 1  # not once per sync
     monkeypatch.setattr(manager_module, "write_atomically", real_write)
-    await mgr._try_bundle(doc, "sync")
+    mgr._try_bundle(doc, "sync")
+    await mgr._save_bundle()
     assert Bundle.from_spiffe_json(TD, (node.dir / "bundle.json").read_bytes()).sequence == 2
+
+
+async def test_a_synced_bundle_is_written_once_the_whole_sync_is_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bundle.json is written on a thread, so the sync waits for it: the wait comes after the
+    entries of the same answer are in the cache, or workloads would meanwhile be served the
+    new bundle with the old entries."""
+    from workload_api import manager as manager_module
+
+    mgr, _, ca, client, node = make(tmp_path, 1)
+    new_entry = entry(7)
+    client.sync_data = {
+        "bundle": Bundle(TD, (ca.cert,), sequence=5).to_spiffe_json(),
+        "entries": [new_entry.to_json()],
+        "workload_parents": [str(AGENT)],
+    }
+    real_write = manager_module.write_atomically
+    seen: list[set[str]] = []
+
+    def recording_write(path: Path, data: bytes) -> None:
+        seen.append(set(mgr.cache.entries))
+        real_write(path, data)
+
+    monkeypatch.setattr(manager_module, "write_atomically", recording_write)
+    await mgr.sync()
+    assert seen == [{"e0", new_entry.id}]
+    assert Bundle.from_spiffe_json(TD, (node.dir / "bundle.json").read_bytes()).sequence == 5
+    await mgr.sync()  # the same sequence again: nothing more to write
+    assert len(seen) == 1
