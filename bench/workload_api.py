@@ -361,9 +361,9 @@ def _grpclib_in_loop() -> tuple[Fetch, Callable[[Any], None]]:
 def floor_server_main(sock: str, payload_file: str) -> None:
     """The floor for a new stream's first message: a gRPC C-core server (grpcio, threads)
     answering FetchX509SVID with canned bytes, the agent's own response to the probing
-    workload. No attestation, no cache, no Python HTTP/2: what is left is the client, the
-    kernel and the host. The stream then stays open until the client ends it, as the
-    agent's does."""
+    workload, once the security header is there. No attestation, no cache, no Python
+    HTTP/2: what is left is the client, the kernel and the host. The stream then stays open
+    until the client ends it, as the agent's does."""
     import threading
     from concurrent import futures
 
@@ -372,6 +372,9 @@ def floor_server_main(sock: str, payload_file: str) -> None:
     payload = Path(payload_file).read_bytes()
 
     def fetch(_request: bytes, context: Any) -> Any:
+        # The security header, checked as the agent checks it (and as cheaply).
+        if ("workload.spiffe.io", "true") not in context.invocation_metadata():
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request")
         ended = threading.Event()
         context.add_callback(ended.set)
         yield payload
