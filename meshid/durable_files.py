@@ -4,10 +4,12 @@ half-written file, and the file has the mode asked for whatever one of that name
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def stage(path: Path, data: bytes, mode: int = 0o600) -> Path:
@@ -62,3 +64,18 @@ def sync_directory(path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+async def off_loop(write: Callable[..., None], *args: Any) -> None:
+    """`write(*args)` on a thread, so its fsyncs on a slow disk do not hold the event loop.
+    A cancellation of the caller (a stop) waits for the write to end before it goes on: the
+    thread cannot be stopped midway, and a restart that read the file meanwhile (in the same
+    process, or a stop() that returned) found the previous content."""
+    done = asyncio.ensure_future(asyncio.to_thread(write, *args))
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        await asyncio.wait([done])  # asyncio.wait leaves `done` running if cancelled again
+        if not done.cancelled():
+            done.exception()  # the caller is going away: nothing left to act on a failure
+        raise

@@ -3,13 +3,16 @@ link planted at the temporary name."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from meshid.durable_files import replace_together, write_atomically
+from meshid.durable_files import off_loop, replace_together, write_atomically
 
 
 def test_a_file_is_replaced_whole_with_the_mode_asked(tmp_path: Path) -> None:
@@ -40,3 +43,28 @@ def test_a_failed_write_leaves_every_old_file_as_it_was(tmp_path: Path) -> None:
         replace_together([(tmp_path / "key", b"new key", 0o600), (tmp_path / "cert", b"new cert", 0o644)])
     assert (tmp_path / "key").read_bytes() == b"old key" and (tmp_path / "cert").read_bytes() == b"old cert"
     assert not (tmp_path / "key.tmp").exists()
+
+
+async def test_a_write_off_the_loop_ends_before_a_cancellation_goes_on(tmp_path: Path) -> None:
+    """The agent wrote bundle.json on a thread; a stop() right after a bundle change returned
+    while the thread was still writing, and an agent started then read the old bundle (seen
+    under CPU steal in test_taint_flow). A cancelled caller now waits for the write."""
+    started = threading.Event()
+    target = tmp_path / "bundle.json"
+
+    def slow_write(path: Path, data: bytes) -> None:
+        started.set()
+        time.sleep(0.3)
+        write_atomically(path, data)
+
+    task = asyncio.create_task(off_loop(slow_write, target, b"new"))
+    await asyncio.to_thread(started.wait, 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert target.read_bytes() == b"new"  # written by the time the cancellation went on
+
+
+async def test_a_write_off_the_loop_raises_its_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        await off_loop(write_atomically, tmp_path / "missing" / "bundle.json", b"x")
