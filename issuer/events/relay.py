@@ -185,7 +185,8 @@ async def ensure_topic(cfg: KafkaConfig, topic: str) -> None:
 
 
 class OutboxRelay:
-    """Owned by the server: `start()` spawns the one task, `stop()` cancels and awaits it.
+    """Owned by the server: `start()` spawns its two tasks (publishing, and the backlog
+    gauges while publishing fails), `stop()` cancels and awaits them.
 
     With `kafka=None` (no broker configured) nothing is published; the task only keeps
     the backlog gauge current and `meshid events tail` reads the outbox.
@@ -228,6 +229,7 @@ class OutboxRelay:
         self._partitions_seen: list[int] = []
         self._encoder = StoredEncoder(source, kafka.mode if kafka else "structured")
         self._task: asyncio.Task[None] | None = None
+        self._gauge_task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
         self._isolate_rows = 0  # > 0 after a size error: send one row per round
@@ -251,8 +253,12 @@ class OutboxRelay:
         if self._task is not None:
             return
         self._task = asyncio.create_task(self._run(), name="meshid-outbox-relay")
+        self._gauge_task = asyncio.create_task(self._gauges_while_failing(), name="meshid-outbox-gauges")
 
     async def stop(self) -> None:
+        gauges, self._gauge_task = self._gauge_task, None
+        if gauges is not None:
+            await cancel_and_wait(gauges)
         task, self._task = self._task, None
         if task is not None:
             await cancel_and_wait(task)
@@ -326,6 +332,17 @@ class OutboxRelay:
                     await self._refresh_backlog(force=True)
                 delay = full_jitter(self._failures, self._backoff_base, self._backoff_cap, self._rng)
                 await asyncio.sleep(delay)
+
+    async def _gauges_while_failing(self) -> None:
+        """The backlog gauges (and status()) kept current, once a second, while publishing
+        fails. The publishing task then spends its time in backoffs and request timeouts (up
+        to 30 s each) while the outbox grows, and the gauges stood at their figure of the
+        last failure: 0 for an outage that began right after a drain."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self._state == "error":
+                with contextlib.suppress(Exception):  # the publishing task reports these
+                    await self._refresh_backlog()
 
     async def _sleep_or_wakeup(self, seconds: float) -> None:
         # asyncio.timeout, not wait_for: a notify() racing stop() must not eat the cancel.

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from tansu import TansuBroker, tansu_broker  # noqa: F401  (registers the `tansu` fixture)
+from tansu import TansuBroker, free_port, tansu_broker  # noqa: F401  (registers the `tansu` fixture)
 from waiting import wait_for
 
 from issuer.datastore.sqlite import SqliteDataStore
@@ -234,8 +234,10 @@ async def test_outage_loses_nothing(tansu: TansuBroker, ds: SqliteDataStore) -> 
             running.set()
             await wait_for(lambda: relay.status()["kafka"].startswith("error"), 10, "the relay to notice")
             await wait_for(lambda: len(appender.uids) > before + 150, 10, "appends during the outage")
+            # The gauges are refreshed once a second while publishing fails.
+            await wait_for(lambda: relay.status()["backlog"] > 0, 5, "the backlog gauge to show the outage")
             status = relay.status()
-            assert status["backlog"] > 0 and "unreachable" in status["kafka"]
+            assert "unreachable" in status["kafka"]
             assert status["oldest_pending_age_seconds"] > 0
             tansu.start()
             await wait_for(lambda: relay.status()["kafka"] == "ok", 15, "the relay to reconnect")
@@ -416,6 +418,25 @@ async def test_detector_skips_hostile_records_and_keeps_going(tansu: TansuBroker
     assert detector.status()["undecodable"] == 2
     assert detector.status()["consumed"] == len(good)
     assert detector.status()["state"] == "ok"
+
+
+async def test_the_backlog_gauge_stays_current_through_a_long_backoff(ds: SqliteDataStore) -> None:
+    """During an outage the publishing task waits in backoffs and request timeouts (up to
+    30 s each) while events land in the outbox; the backlog status and gauge stood at their
+    figure of the last failure meanwhile (seen as backlog 0 with hundreds waiting)."""
+    tel = Telemetry()
+    nobody = KafkaConfig(f"127.0.0.1:{free_port()}", topic=TOPIC, request_timeout=2.0)
+    relay = OutboxRelay(ds, nobody, source=SOURCE, telemetry=tel, poll_interval=0.05,
+                        backoff_base=60.0, backoff_cap=60.0)
+    await relay.start()
+    try:
+        await wait_for(lambda: relay.status()["kafka"].startswith("error"), 15, "the relay to fail")
+        assert relay.status()["backlog"] == 0
+        await Appender(ds, relay).append(25)  # while the relay waits out a backoff of up to 60 s
+        await wait_for(lambda: relay.status()["backlog"] == 25, 5, "the backlog to show the new events")
+    finally:
+        await asyncio.wait_for(relay.stop(), 10)
+    assert not relay.running
 
 
 async def test_stop_is_prompt_even_when_notified_at_the_same_moment(ds: SqliteDataStore) -> None:
