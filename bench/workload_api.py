@@ -170,14 +170,31 @@ async def drop_to(uid: int, lib: str) -> None:
     os.setuid(uid)
 
 
-class Stream:
-    """One FetchX509SVID stream on its own connection, with the client library chosen:
-    grpcio (gRPC C-core, what py-spiffe and most SPIFFE clients sit on; the default) or
-    grpclib (pure Python)."""
+# A local subchannel pool: a connection of its own, as a separate workload process has,
+# rather than one shared by every channel of this process.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
-    def __init__(self, lib: str, sock: str) -> None:
+
+def fetch_x509_call(channel: Any) -> Any:
+    """FetchX509SVID on a grpcio channel, of either API (asyncio or blocking)."""
+    from workload_api._gen import workload_pb2
+
+    return channel.unary_stream(
+        METHOD,
+        request_serializer=workload_pb2.X509SVIDRequest.SerializeToString,
+        response_deserializer=workload_pb2.X509SVIDResponse.FromString,
+    )
+
+
+class Stream:
+    """One FetchX509SVID stream on its own connection (or, with grpclib, on `channel`, which
+    the caller keeps open), with the client library chosen: grpcio (gRPC C-core, what
+    py-spiffe and most SPIFFE clients sit on; the default) or grpclib (pure Python)."""
+
+    def __init__(self, lib: str, sock: str, channel: Any = None) -> None:
         self.lib = lib
         self.sock = sock
+        self._shared = channel  # a grpclib channel kept open by the caller, or None
 
     async def __aenter__(self) -> Stream:
         from workload_api._gen import workload_pb2
@@ -185,23 +202,14 @@ class Stream:
         if self.lib == "grpcio":
             import grpc
 
-            # A local subchannel pool: each stream gets its own connection, as separate
-            # workload processes would, rather than sharing one inside this process.
-            self._ch: Any = grpc.aio.insecure_channel(
-                f"unix:{self.sock}", options=[("grpc.use_local_subchannel_pool", 1)]
-            )
-            call = self._ch.unary_stream(
-                METHOD,
-                request_serializer=workload_pb2.X509SVIDRequest.SerializeToString,
-                response_deserializer=workload_pb2.X509SVIDResponse.FromString,
-            )
-            self._call = call(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+            self._ch: Any = grpc.aio.insecure_channel(f"unix:{self.sock}", options=OWN_CONNECTION)
+            self._call = fetch_x509_call(self._ch)(workload_pb2.X509SVIDRequest(), metadata=HEADER)
             return self
         from grpclib.client import Channel
 
         from workload_api._gen import workload_grpc
 
-        self._ch = Channel(path=self.sock)
+        self._ch = self._shared or Channel(path=self.sock)
         self._cm = workload_grpc.SpiffeWorkloadAPIStub(self._ch).FetchX509SVID.open(metadata=dict(HEADER))
         self._call = await self._cm.__aenter__()
         await self._call.send_message(workload_pb2.X509SVIDRequest(), end=True)
@@ -225,7 +233,8 @@ class Stream:
             await self._call.cancel()
             await self._cm.__aexit__(None, None, None)
         finally:
-            self._ch.close()
+            if self._shared is None:
+                self._ch.close()
 
 
 async def client_main(lib: str, uid: int, sock: str, n: int) -> None:
@@ -320,14 +329,8 @@ def _blocking_grpcio() -> tuple[Fetch, Callable[[Any], None]]:
     from workload_api._gen import workload_pb2
 
     def fetch(sock: str, channel: Any) -> Any:
-        if channel is None:
-            # A local subchannel pool: a connection of its own, as a new process would have.
-            channel = grpc.insecure_channel(f"unix:{sock}", options=[("grpc.use_local_subchannel_pool", 1)])
-        call = channel.unary_stream(
-            METHOD,
-            request_serializer=workload_pb2.X509SVIDRequest.SerializeToString,
-            response_deserializer=workload_pb2.X509SVIDResponse.FromString,
-        )(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+        channel = channel or grpc.insecure_channel(f"unix:{sock}", options=OWN_CONNECTION)
+        call = fetch_x509_call(channel)(workload_pb2.X509SVIDRequest(), metadata=HEADER)
         next(call)
         call.cancel()
         return channel
@@ -339,17 +342,12 @@ def _grpclib_in_loop() -> tuple[Fetch, Callable[[Any], None]]:
     """The same with grpclib (pure Python), on an event loop of the probe's own."""
     from grpclib.client import Channel
 
-    from workload_api._gen import workload_grpc, workload_pb2
-
     loop = asyncio.new_event_loop()
 
     async def call(sock: str, channel: Channel | None) -> Channel:
         channel = channel or Channel(path=sock)  # made on the loop it will run on
-        stub = workload_grpc.SpiffeWorkloadAPIStub(channel)
-        async with stub.FetchX509SVID.open(metadata=dict(HEADER)) as stream:
-            await stream.send_message(workload_pb2.X509SVIDRequest(), end=True)
-            await stream.recv_message()
-            await stream.cancel()
+        async with Stream("grpclib", sock, channel) as stream:
+            await stream.recv()
         return channel
 
     def fetch(sock: str, channel: Any) -> Any:
