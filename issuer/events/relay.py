@@ -185,8 +185,8 @@ async def ensure_topic(cfg: KafkaConfig, topic: str) -> None:
 
 
 class OutboxRelay:
-    """Owned by the server: `start()` spawns its two tasks (publishing, and the backlog
-    gauges while publishing fails), `stop()` cancels and awaits them.
+    """Owned by the server: `start()` spawns its tasks (publishing, and with a broker the
+    backlog gauges while publishing fails), `stop()` cancels and awaits them.
 
     With `kafka=None` (no broker configured) nothing is published; the task only keeps
     the backlog gauge current and `meshid events tail` reads the outbox.
@@ -253,7 +253,8 @@ class OutboxRelay:
         if self._task is not None:
             return
         self._task = asyncio.create_task(self._run(), name="meshid-outbox-relay")
-        self._gauge_task = asyncio.create_task(self._gauges_while_failing(), name="meshid-outbox-gauges")
+        if self._kafka is not None:  # with none, _run keeps the gauges current itself
+            self._gauge_task = asyncio.create_task(self._gauges_while_failing(), name="meshid-outbox-gauges")
 
     async def stop(self) -> None:
         gauges, self._gauge_task = self._gauge_task, None
