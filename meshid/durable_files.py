@@ -66,7 +66,7 @@ def sync_directory(path: Path) -> None:
         os.close(dir_fd)
 
 
-async def off_loop(write: Callable[..., None], *args: Any) -> None:
+async def write_off_loop(write: Callable[..., None], *args: Any) -> None:
     """`write(*args)` on a thread, so its fsyncs on a slow disk do not hold the event loop.
     A cancellation of the caller (a stop) waits for the write to end before it goes on: the
     thread cannot be stopped midway, and a restart that read the file meanwhile (in the same

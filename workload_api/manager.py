@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from meshid.backoff import Backoff, jittered
 from meshid.bundle import Bundle
 from meshid.certs import ChainWalker
-from meshid.durable_files import off_loop, write_atomically
+from meshid.durable_files import write_atomically, write_off_loop
 from meshid.entry import Entry
 from meshid.errors import (
     ConfigError,
@@ -346,7 +346,7 @@ class SvidManager:
             return
         path = self.node.dir / BUNDLE_FILE
         try:
-            await off_loop(write_atomically, path, bundle.to_spiffe_bytes())
+            await write_off_loop(write_atomically, path, bundle.to_spiffe_bytes())
         except OSError as exc:
             if not self._bundle_save_failed:
                 log.warning("could not save the bundle to %s (%s); retrying at each sync", path, exc)

@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from meshid.durable_files import off_loop, replace_together
+from meshid.durable_files import replace_together, write_off_loop
 from meshid.errors import ConfigError
 from meshid.spiffe_id import SpiffeId, TrustDomain
 from meshid.tls import pem_chain, pem_key, spiffe_id_of_cert
@@ -104,7 +104,7 @@ class NodeIdentity:
         agent could not use, while the old SVID was still the one the server accepts.
         Written on a thread: its fsyncs on a slow disk would hold every workload's stream."""
         state = json.dumps({"renew_at": schedule.renew_at, "drawn_with": schedule.drawn_with}).encode()
-        await off_loop(replace_together, [
+        await write_off_loop(replace_together, [
             (self.dir / KEY_FILE, pem_key(key), 0o600),
             (self.dir / SVID_FILE, pem_chain(chain), 0o600),
             (self.dir / STATE_FILE, state, 0o600),

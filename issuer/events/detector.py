@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from issuer.events.cloudevents import CloudEvent, CloudEventError, from_kafka, to_kafka
 from issuer.events.detector_rules import Alert, DetectorConfig, RuleEngine
 from issuer.events.relay import KafkaConfig, ensure_topic, full_jitter
-from meshid.durable_files import off_loop, write_atomically
+from meshid.durable_files import write_atomically, write_off_loop
 from meshid.errors import ConfigError
 from meshid.telemetry import Telemetry, default_telemetry
 
@@ -204,7 +204,7 @@ class Detector:
         """Save state, then commit offsets (a crash in between replays; never skips)."""
         state = self.engine.to_state()
         if self.state_path:
-            await off_loop(save_state, self.state_path, state)
+            await write_off_loop(save_state, self.state_path, state)
         self._snapshot = state
         await consumer.commit()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from meshid.durable_files import off_loop, replace_together, write_atomically
+from meshid.durable_files import replace_together, write_atomically, write_off_loop
 
 
 def test_a_file_is_replaced_whole_with_the_mode_asked(tmp_path: Path) -> None:
@@ -57,7 +57,7 @@ async def test_a_write_off_the_loop_ends_before_a_cancellation_goes_on(tmp_path:
         time.sleep(0.3)
         write_atomically(path, data)
 
-    task = asyncio.create_task(off_loop(slow_write, target, b"new"))
+    task = asyncio.create_task(write_off_loop(slow_write, target, b"new"))
     await asyncio.to_thread(started.wait, 5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -67,4 +67,4 @@ async def test_a_write_off_the_loop_ends_before_a_cancellation_goes_on(tmp_path:
 
 async def test_a_write_off_the_loop_raises_its_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        await off_loop(write_atomically, tmp_path / "missing" / "bundle.json", b"x")
+        await write_off_loop(write_atomically, tmp_path / "missing" / "bundle.json", b"x")
